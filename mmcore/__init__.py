@@ -1,0 +1,33 @@
+"""mmcore: the performance core for long-document and multimodal transformers.
+
+Sliding-window attention with global tokens, fused cross-modal attention and fused LoRA,
+as Triton / C++ / CUDA kernels behind one functional API (mmcore.ops)."""
+from __future__ import annotations
+
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+__version__ = "0.1.0"
+
+
+def _map_kernels():
+    """setup.py installs kernels/ as mmcore.kernels; in a source tree (setup.py beside it),
+    map the tree's own kernels/ the same way, whatever else is installed."""
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    path = _os.path.join(root, "kernels", "__init__.py")
+    if not (_os.path.exists(path) and _os.path.exists(_os.path.join(root, "setup.py"))):
+        return
+    spec = _ilu.spec_from_file_location("mmcore.kernels", path,
+                                        submodule_search_locations=[_os.path.dirname(path)])
+    mod = _ilu.module_from_spec(spec)
+    _sys.modules["mmcore.kernels"] = mod
+    spec.loader.exec_module(mod)
+    globals()["kernels"] = mod
+
+
+_map_kernels()
+
+from .ops import cross_attention, lora_linear, window_attention  # noqa: E402
+
+__all__ = ["window_attention", "cross_attention", "lora_linear", "__version__"]

@@ -1,0 +1,13 @@
+"""Backends of window_attention and what each declares it can serve."""
+import torch
+
+from .. import registry
+from ..reference import attention as ref
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+registry.register(registry.OpImpl(
+    op="window_attention", backend="torch", priority=0,
+    devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
+    forward=ref.window_fwd, backward=ref.window_bwd,
+))

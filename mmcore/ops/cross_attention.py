@@ -1,0 +1,104 @@
+"""cross_attention: text <-> image attention with per-sample lengths and no positional mask.
+
+Public function -> validation -> backend selection -> custom op ``mmcore::cross_attention_fwd``
+(+ fake + autograd via ``mmcore::cross_attention_bwd``).
+
+Backend implementations take normalised arguments:
+
+    forward(q, k, v, seqlens_q, seqlens_k, scale) -> (out (B, Hq, Sq, D), lse (B, Hq, Sq) fp32)
+    backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale) -> (dq, dk, dv)
+
+seqlens are int64 (B,) or None; tensors have a contiguous last dim, other strides arbitrary.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _validate as V
+from . import registry
+from .window_attention import _scale
+
+
+def cross_attention(q, k, v, *, seqlens_q=None, seqlens_k=None, scale=None, return_lse=False,
+                    backend="auto"):
+    """Attention of q over a short k/v set (text over image tokens, or the reverse).
+
+    Args:
+        q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D), Hq % Hkv == 0.  Any strides, last dim
+            contiguous (copied if not).
+        seqlens_q, seqlens_k: int (B,) valid lengths (right padding).  allowed(i, j) =
+            i < Lq_b and j < Lk_b.  A sample with Lk_b = 0 (no image) returns 0, lse -inf.
+        scale: default 1/sqrt(D).  return_lse: also return lse (B, Hq, Sq) fp32.
+    Returns out (B, Hq, Sq, D) [, lse].  Padded query rows are 0.
+    """
+    V.attention_qkv(q, k, v)
+    B, Hq, Sq, D = q.shape
+    seqlens_q = V.seqlens("seqlens_q", seqlens_q, B, q)
+    seqlens_k = V.seqlens("seqlens_k", seqlens_k, B, q)
+    scale = _scale(scale, D)
+    q, k, v = (V.last_dim_contiguous(t) for t in (q, k, v))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    p = registry.Problem("cross_attention", q.device.type, q.dtype, head_dim=D,
+                         gqa=Hq != k.shape[1], needs_grad=needs_grad,
+                         seqlens=seqlens_q is not None or seqlens_k is not None,
+                         extra={"Sq": Sq, "Sk": k.shape[2]})
+    impl = registry.select("cross_attention", p, backend)
+    out, lse = torch.ops.mmcore.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale,
+                                                    impl.backend)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("mmcore::cross_attention_fwd", mutates_args=())
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Optional[torch.Tensor],
+         seqlens_k: Optional[torch.Tensor], scale: float, backend: str
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    V.seqlens_values("seqlens_q", seqlens_q, q.shape[2])
+    V.seqlens_values("seqlens_k", seqlens_k, k.shape[2])
+    out, lse = registry.get("cross_attention", backend).forward(q, k, v, seqlens_q, seqlens_k,
+                                                                scale)
+    return out.contiguous(), lse.contiguous()
+
+
+@_fwd.register_fake
+def _(q, k, v, seqlens_q, seqlens_k, scale, backend):
+    B, Hq, Sq, D = q.shape
+    return q.new_empty(B, Hq, Sq, v.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
+
+
+@torch.library.custom_op("mmcore::cross_attention_bwd", mutates_args=())
+def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+         out: torch.Tensor, lse: torch.Tensor, seqlens_q: Optional[torch.Tensor],
+         seqlens_k: Optional[torch.Tensor], scale: float, backend: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = registry.get("cross_attention", backend)
+    if impl.backward is None:
+        raise RuntimeError(f"cross_attention backend {backend!r} has no backward")
+    dq, dk, dv = impl.backward(V.last_dim_contiguous(dout), q, k, v, out, lse, seqlens_q,
+                               seqlens_k, scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_bwd.register_fake
+def _(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, backend):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, sq, sk, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, sq, sk)
+    ctx.args = (scale, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, sq, sk = ctx.saved_tensors
+    scale, backend = ctx.args
+    dq, dk, dv = torch.ops.mmcore.cross_attention_bwd(dout, q, k, v, out, lse, sq, sk, scale,
+                                                      backend)
+    return dq, dk, dv, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup)

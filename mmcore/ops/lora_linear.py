@@ -1,0 +1,183 @@
+"""lora_linear: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, single- or multi-adapter, frozen base weight.
+
+Public function -> validation -> backend selection -> custom op ``mmcore::lora_linear_fwd``
+(+ fake + autograd via ``mmcore::lora_linear_bwd``; no gradient ever flows to weight/bias).
+
+Backend implementations take normalised arguments:
+
+    forward(x (M, K), weight (N, K), bias (N,) | None, lora_a (A, r, K), lora_b (A, N, r),
+            scaling (A,) fp32, adapter_ids (M,) int64 | None) -> y (M, N) contiguous, x.dtype
+    backward(dy (M, N), x, weight, lora_a, lora_b, scaling, adapter_ids,
+             need_dx, need_da, need_db) -> (dx | None, d lora_a | None, d lora_b | None)
+
+adapter_ids None means every row uses adapter 0; -1 means base only.  All tensors have a
+contiguous last dim.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _validate as V
+from . import registry
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, backend="auto"):
+    """Linear layer plus a LoRA term, in one pass over x and weight.
+
+    Args:
+        x: (..., K).  weight: (N, K) (frozen: no gradient).  bias: (N,) or None.
+        lora_a: (r, K) or stacked (A, r, K); lora_b: (N, r) or (A, N, r) (peft's shapes).
+        scaling: float (single adapter) or tensor (A,) (stacked).
+        adapter_ids: with stacked adapters, int tensor shaped x.shape[:-1] (per token) or
+            x.shape[:1] (per sequence, broadcast); -1 = base only.  None = adapter 0 for all.
+    Returns y (..., N) in x's dtype.
+    """
+    V.tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dim (..., K)")
+    V.tensor("weight", weight, ndim=2)
+    V.float_dtype("x", x)
+    V.same_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    V.same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    K = x.shape[-1]
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"weight must have shape (N, {K}) to match x's last dim, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        V.tensor("bias", bias, ndim=1)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    V.tensor("lora_a", lora_a, ndims=(2, 3))
+    V.tensor("lora_b", lora_b, ndims=(2, 3))
+    if lora_a.dim() != lora_b.dim():
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} must "
+                         f"both be single (2 dims) or both stacked (3 dims)")
+    stacked = lora_a.dim() == 3
+    A_ = lora_a.shape[0] if stacked else 1
+    r = lora_a.shape[-2]
+    if lora_a.shape[-1] != K:
+        raise ValueError(f"lora_a must have shape ({'A, ' if stacked else ''}r, {K}), "
+                         f"got {tuple(lora_a.shape)}")
+    want_b = (A_, N, r) if stacked else (N, r)
+    if tuple(lora_b.shape) != want_b:
+        raise ValueError(f"lora_b must have shape {want_b} to match lora_a {tuple(lora_a.shape)}"
+                         f" and weight {tuple(weight.shape)}, got {tuple(lora_b.shape)}")
+    if r < 1:
+        raise ValueError("lora rank r must be >= 1")
+    scaling = _scaling(scaling, A_, stacked, x.device)
+    if not stacked:
+        lora_a, lora_b = lora_a.unsqueeze(0), lora_b.unsqueeze(0)
+    lead = x.shape[:-1]
+    ids = _ids(adapter_ids, lead, x.device)
+    x2 = x.reshape(-1, K)
+    x2, weight, lora_a, lora_b = (V.last_dim_contiguous(t) for t in (x2, weight, lora_a, lora_b))
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, lora_a, lora_b))
+    p = registry.Problem("lora_linear", x.device.type, x.dtype, head_dim=K, rank=r,
+                         adapters=A_, needs_grad=needs_grad, extra={"M": x2.shape[0], "N": N})
+    impl = registry.select("lora_linear", p, backend)
+    y = torch.ops.mmcore.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, scaling, ids,
+                                         impl.backend)
+    return y.reshape(*lead, N)
+
+
+def _scaling(scaling, A, stacked, device):
+    if isinstance(scaling, torch.Tensor):
+        if scaling.numel() != A or scaling.dim() > 1:
+            raise ValueError(f"scaling must be a float or a tensor of shape ({A},), "
+                             f"got shape {tuple(scaling.shape)}")
+        return scaling.reshape(A).to(device=device, dtype=torch.float32)
+    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
+        if stacked and A != 1:
+            return torch.full((A,), float(scaling), dtype=torch.float32, device=device)
+        return torch.tensor([float(scaling)], dtype=torch.float32, device=device)
+    raise TypeError(f"scaling must be a float or a tensor, got {type(scaling).__name__}")
+
+
+def _ids(adapter_ids, lead, device):
+    """adapter_ids shaped lead (per token) or lead[:1] (per sequence) -> (M,) int64."""
+    if adapter_ids is None:
+        return None
+    V.tensor("adapter_ids", adapter_ids)
+    if adapter_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"adapter_ids must be an int32/int64 tensor, got {adapter_ids.dtype}")
+    if adapter_ids.device != device:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {device}")
+    if tuple(adapter_ids.shape) == tuple(lead):
+        ids = adapter_ids
+    elif len(lead) >= 1 and tuple(adapter_ids.shape) == tuple(lead[:1]):
+        ids = adapter_ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
+    else:
+        raise ValueError(f"adapter_ids must have shape {tuple(lead)} (per token) or "
+                         f"{tuple(lead[:1])} (per sequence), got {tuple(adapter_ids.shape)}")
+    return ids.reshape(-1).long().contiguous()
+
+
+def _check_ids(ids, A):
+    if ids is None or not V.checks_enabled() or ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < -1 or hi >= A:
+        raise ValueError(f"adapter_ids must lie in [-1, {A}) (A = {A} adapters), "
+                         f"got min {lo} max {hi}")
+
+
+@torch.library.custom_op("mmcore::lora_linear_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+         lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
+         adapter_ids: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    _check_ids(adapter_ids, lora_a.shape[0])
+    y = registry.get("lora_linear", backend).forward(x, weight, bias, lora_a, lora_b, scaling,
+                                                     adapter_ids)
+    return y.contiguous()
+
+
+@_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("mmcore::lora_linear_bwd", mutates_args=())
+def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+         lora_b: torch.Tensor, scaling: torch.Tensor, adapter_ids: Optional[torch.Tensor],
+         need_dx: bool, need_da: bool, need_db: bool, backend: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = registry.get("lora_linear", backend)
+    if impl.backward is None:
+        raise RuntimeError(f"lora_linear backend {backend!r} has no backward")
+    dx, da, db = impl.backward(V.last_dim_contiguous(dy), x, weight, lora_a, lora_b, scaling,
+                               adapter_ids, need_dx, need_da, need_db)
+    # custom ops cannot return None: unrequested grads come back as empty tensors
+    e = x.new_empty(0)
+    return (dx.contiguous() if need_dx else e, da.contiguous() if need_da else e,
+            db.contiguous() if need_db else e)
+
+
+@_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, scaling, adapter_ids, need_dx, need_da, need_db, backend):
+    e = x.new_empty(0)
+    return (torch.empty_like(x) if need_dx else e, torch.empty_like(lora_a) if need_da else e,
+            torch.empty_like(lora_b) if need_db else e)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, ids, backend = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, scaling, ids)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy):
+    x, weight, lora_a, lora_b, scaling, ids = ctx.saved_tensors
+    nx, _, _, na, nb = ctx.needs_input_grad[:5]
+    if not (nx or na or nb):
+        return (None,) * 8
+    dx, da, db = torch.ops.mmcore.lora_linear_bwd(dy, x, weight, lora_a, lora_b, scaling, ids,
+                                                  nx, na, nb, ctx.backend)
+    return (dx if nx else None, None, None, da if na else None, db if nb else None,
+            None, None, None)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup)

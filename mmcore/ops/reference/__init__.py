@@ -1,0 +1,1 @@
+"""The `torch` backend: pure-PyTorch, chunked, always available; the oracle's twin."""

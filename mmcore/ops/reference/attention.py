@@ -1,0 +1,163 @@
+"""Pure-PyTorch reference for window_attention and cross_attention (the `torch` backend).
+
+Chunked over queries: a chunk of C queries only ever sees the keys of its window plus the
+global prefix, so no (Sq, Sk) matrix exists; the few global queries (position < G) are done
+as dense rows over all keys.  Memory beyond inputs/outputs is O(C·(left+right+G)) per chunk.
+Computation is in fp32 (fp64 for fp64 inputs) whatever the input dtype.
+
+Conventions (DESIGN.md): q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); left/right = -1 means
+unbounded; causal forces right = 0 and also restricts global rows to j <= p; lse is the
+natural-log sum-exp of the scaled scores, -inf (and output 0) for a row that sees no key.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_CHUNK = 256
+
+
+def _cdt(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _lengths(seqlens, S, B):
+    return [S] * B if seqlens is None else [int(x) for x in seqlens.tolist()]
+
+
+def _row_blocks(Lq, Lk, left, right, causal, G):
+    """Yield (i0, i1, key_index LongTensor-or-range, dense) query blocks for one sample.
+
+    Global query rows (position p < G) come first as one dense block over all keys."""
+    off = Lk - Lq
+    ig = min(Lq, max(0, G - off))  # rows [0, ig) have p < G: global queries
+    if ig > 0:
+        yield 0, ig, (0, Lk), None
+    for i0 in range(ig, Lq, _CHUNK):
+        i1 = min(Lq, i0 + _CHUNK)
+        p0, p1 = i0 + off, i1 - 1 + off
+        lo = 0 if left < 0 else max(0, p0 - left)
+        hi = Lk if right < 0 else min(Lk, p1 + right + 1)
+        gk = min(G, Lk)
+        if lo <= gk:
+            yield i0, i1, (0, max(hi, gk)), None
+        else:
+            yield i0, i1, (lo, hi), (0, gk)
+
+
+def _key_index(rng, glob, device):
+    idx = torch.arange(rng[0], rng[1], device=device)
+    if glob is not None and glob[1] > glob[0]:
+        idx = torch.cat([torch.arange(glob[0], glob[1], device=device), idx])
+    return idx
+
+
+def _mask(i0, i1, kidx, off, Lk, left, right, causal, G):
+    """allowed(i, j) of DESIGN.md for rows [i0, i1) and keys kidx -> (C, nk) bool."""
+    p = torch.arange(i0, i1, device=kidx.device)[:, None] + off
+    j = kidx[None, :]
+    inwin = torch.ones_like(p, dtype=torch.bool) & (j < Lk)
+    if left >= 0:
+        inwin = inwin & (j >= p - left)
+    if right >= 0:
+        inwin = inwin & (j <= p + right)
+    glob = (j < G) | (p < G)
+    if causal:
+        glob = glob & (j <= p)
+    return (inwin | glob) & (j < Lk)
+
+
+def _scores(qc, kc, scale, mask, g):
+    """qc (Hq, C, D), kc (Hkv, nk, D) -> scores (Hkv, g, C, nk) with -inf where masked."""
+    Hkv = kc.shape[0]
+    C = qc.shape[1]
+    s = torch.matmul(qc.reshape(Hkv, g * C, -1), kc.transpose(-1, -2)) * scale
+    s = s.view(Hkv, g, C, -1)
+    return s.masked_fill(~mask, float("-inf"))
+
+
+def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
+    """-> out (B, Hq, Sq, D) in q.dtype, lse (B, Hq, Sq) fp32."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    cdt = _cdt(q.dtype)
+    if causal:
+        right = 0
+    out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    for b, (Lq, Lk) in enumerate(zip(_lengths(seqlens_q, Sq, B), _lengths(seqlens_k, Sk, B))):
+        if Lq <= 0 or Lk <= 0:
+            continue
+        off = Lk - Lq
+        for i0, i1, rng, glob in _row_blocks(Lq, Lk, left, right, causal, global_tokens):
+            kidx = _key_index(rng, glob, q.device)
+            if kidx.numel() == 0:
+                continue
+            mask = _mask(i0, i1, kidx, off, Lk, left, right, causal, global_tokens)
+            qc = q[b, :, i0:i1].to(cdt)  # (Hq, C, D)
+            kc = k[b][:, kidx].to(cdt)  # (Hkv, nk, D)
+            vc = v[b][:, kidx].to(cdt)
+            s = _scores(qc, kc, scale, mask, g)  # (Hkv, g, C, nk)
+            m = torch.logsumexp(s, dim=-1, keepdim=True)  # (Hkv, g, C, 1)
+            p = torch.where(torch.isinf(m), torch.zeros_like(s), torch.exp(s - m))
+            o = torch.matmul(p, vc[:, None])  # (Hkv, g, C, D)
+            out[b, :, i0:i1] = o.reshape(Hq, i1 - i0, -1).to(q.dtype)
+            lse[b, :, i0:i1] = m.reshape(Hq, i1 - i0).float()
+    return out, lse
+
+
+def window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
+               global_tokens, scale):
+    """-> dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D) in the input dtypes.
+
+    Recomputes P per block from the saved lse: dV += Pᵀ dO; dS = P ∘ (dP − rowsum(P∘dP)), dP = dO Vᵀ;
+    dQ = scale·dS K; dK += scale·dSᵀ Q."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    cdt = _cdt(q.dtype)
+    if causal:
+        right = 0
+    dq = torch.zeros(B, Hq, Sq, D, dtype=cdt, device=q.device)
+    dk = torch.zeros(B, Hkv, Sk, D, dtype=cdt, device=q.device)
+    dv = torch.zeros(B, Hkv, Sk, v.shape[-1], dtype=cdt, device=q.device)
+    for b, (Lq, Lk) in enumerate(zip(_lengths(seqlens_q, Sq, B), _lengths(seqlens_k, Sk, B))):
+        if Lq <= 0 or Lk <= 0:
+            continue
+        off = Lk - Lq
+        for i0, i1, rng, glob in _row_blocks(Lq, Lk, left, right, causal, global_tokens):
+            kidx = _key_index(rng, glob, q.device)
+            if kidx.numel() == 0:
+                continue
+            C = i1 - i0
+            mask = _mask(i0, i1, kidx, off, Lk, left, right, causal, global_tokens)
+            qc = q[b, :, i0:i1].to(cdt)
+            kc = k[b][:, kidx].to(cdt)
+            vc = v[b][:, kidx].to(cdt)
+            doc = dout[b, :, i0:i1].to(cdt).reshape(Hkv, g, C, -1)
+            m = lse[b, :, i0:i1].to(cdt).reshape(Hkv, g, C, 1)
+            s = _scores(qc, kc, scale, mask, g)
+            p = torch.where(torch.isinf(m), torch.zeros_like(s), torch.exp(s - m))
+            dv[b].index_add_(1, kidx, torch.matmul(p.transpose(-1, -2), doc).sum(1))
+            dp = torch.matmul(doc, vc[:, None].transpose(-1, -2))  # (Hkv, g, C, nk)
+            # rowsum(P∘dP) == rowsum(dO∘O); this form is exact when a row sees one key
+            delta = (p * dp).sum(-1, keepdim=True)
+            ds = p * (dp - delta) * scale
+            dq[b, :, i0:i1] = torch.matmul(ds, kc[:, None]).reshape(Hq, C, D)
+            dk[b].index_add_(1, kidx, torch.matmul(ds.transpose(-1, -2),
+                                                   qc.reshape(Hkv, g, C, D)).sum(1))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def cross_fwd(q, k, v, seqlens_q, seqlens_k, scale):
+    return window_fwd(q, k, v, seqlens_q, seqlens_k, -1, -1, False, 0, scale)
+
+
+def cross_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
+    return window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, -1, -1, False, 0, scale)
+
+
+def default_scale(D: int) -> float:
+    return 1.0 / math.sqrt(D)

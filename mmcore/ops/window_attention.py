@@ -1,0 +1,167 @@
+"""window_attention: sliding-window / chunked attention with global tokens.
+
+Public function -> validation -> backend selection (registry) -> torch.library custom op
+``mmcore::window_attention_fwd`` (+ fake + autograd through ``mmcore::window_attention_bwd``).
+
+Backend implementations (registry.OpImpl) take normalised arguments:
+
+    forward(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale)
+        -> (out (B, Hq, Sq, D) q.dtype contiguous, lse (B, Hq, Sq) float32 contiguous)
+    backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
+             global_tokens, scale) -> (dq, dk, dv) shaped like q, k, v
+
+where left/right are ints >= -1 (-1 = unbounded; right is already 0 when causal), seqlens are
+int64 (B,) or None, and every tensor has a contiguous last dim (other strides arbitrary).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _validate as V
+from . import registry
+from .reference.attention import default_scale
+
+
+def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seqlens_q=None,
+                     seqlens_k=None, scale=None, return_lse=False, backend="auto"):
+    """Sliding-window attention with a global-token prefix (Longformer / attention sinks).
+
+    Args:
+        q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D), Hq % Hkv == 0 (GQA: query head h uses kv
+            head h // (Hq // Hkv)).  Any strides; only the last dim must be contiguous (copied
+            if not).  A flash-attn layout (B, S, H, D) passes as ``x.transpose(1, 2)``.
+        window: (left, right) ints >= 0, or -1 / None for unbounded.  Key j is in the window
+            of query i iff ``p - left <= j <= p + right`` with ``p = i + Lk_b - Lq_b``
+            (bottom-right alignment, as flash-attn).
+        causal: right = 0, and the global part is causal too (j <= p).
+        global_tokens: G; keys j < G are seen by every query, and queries with p < G see
+            every key (subject to causal).
+        seqlens_q, seqlens_k: int (B,) valid lengths (right padding); rows i >= Lq_b give 0,
+            keys j >= Lk_b are never seen.
+        scale: softmax scale, default 1/sqrt(D).
+        return_lse: also return lse (B, Hq, Sq) float32 (natural log; not differentiable).
+
+    Alignment, Sq=3, Sk=6, window=(1, 0) (x = allowed)::
+
+        keys   0 1 2 3 4 5
+        q0     . . . x x .      p = 3
+        q1     . . . . x x      p = 4
+        q2     . . . . . x x    p = 5  (only j <= 5 exist)
+
+    A row that sees no key returns 0 with lse -inf and zero gradients, never NaN.
+    Returns out (B, Hq, Sq, D) in q's dtype [, lse].
+    """
+    V.attention_qkv(q, k, v)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    left, right = _window(window)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal:
+        right = 0
+    if not isinstance(global_tokens, int) or isinstance(global_tokens, bool) or global_tokens < 0:
+        raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
+    if global_tokens > Sk:
+        raise ValueError(f"global_tokens ({global_tokens}) must be <= Sk ({Sk})")
+    seqlens_q = V.seqlens("seqlens_q", seqlens_q, B, q)
+    seqlens_k = V.seqlens("seqlens_k", seqlens_k, B, q)
+    scale = _scale(scale, D)
+    q, k, v = (V.last_dim_contiguous(t) for t in (q, k, v))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    p = registry.Problem("window_attention", q.device.type, q.dtype, head_dim=D,
+                         gqa=Hq != Hkv, needs_grad=needs_grad, global_tokens=global_tokens,
+                         seqlens=seqlens_q is not None or seqlens_k is not None,
+                         extra={"Sq": Sq, "Sk": Sk, "window": (left, right)})
+    impl = registry.select("window_attention", p, backend)
+    out, lse = torch.ops.mmcore.window_attention_fwd(
+        q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, impl.backend)
+    return (out, lse) if return_lse else out
+
+
+def _window(window):
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be None or a (left, right) pair, got {window!r}")
+    out = []
+    for side, w in zip(("window[0] (left)", "window[1] (right)"), window):
+        if w is None:
+            w = -1
+        if not isinstance(w, int) or isinstance(w, bool):
+            raise TypeError(f"{side} must be an int, got {type(w).__name__}")
+        if w < -1:
+            raise ValueError(f"{side} must be >= -1 (-1 = unbounded), got {w}")
+        out.append(w)
+    return out[0], out[1]
+
+
+def _scale(scale, D):
+    if scale is None:
+        return default_scale(D)
+    scale = float(scale)
+    if not scale == scale or scale in (float("inf"), float("-inf")):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+# ---------------------------------------------------------------- torch.library custom op
+@torch.library.custom_op("mmcore::window_attention_fwd", mutates_args=())
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Optional[torch.Tensor],
+         seqlens_k: Optional[torch.Tensor], left: int, right: int, causal: bool,
+         global_tokens: int, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    V.seqlens_values("seqlens_q", seqlens_q, q.shape[2])
+    V.seqlens_values("seqlens_k", seqlens_k, k.shape[2])
+    impl = registry.get("window_attention", backend)
+    out, lse = impl.forward(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
+                            scale)
+    return out.contiguous(), lse.contiguous()
+
+
+@_fwd.register_fake
+def _(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, backend):
+    B, Hq, Sq, D = q.shape
+    return q.new_empty(B, Hq, Sq, v.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
+
+
+@torch.library.custom_op("mmcore::window_attention_bwd", mutates_args=())
+def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+         out: torch.Tensor, lse: torch.Tensor, seqlens_q: Optional[torch.Tensor],
+         seqlens_k: Optional[torch.Tensor], left: int, right: int, causal: bool,
+         global_tokens: int, scale: float, backend: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = registry.get("window_attention", backend)
+    if impl.backward is None:
+        raise RuntimeError(f"window_attention backend {backend!r} has no backward")
+    dout = V.last_dim_contiguous(dout)
+    dq, dk, dv = impl.backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right,
+                               causal, global_tokens, scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_bwd.register_fake
+def _(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal, global_tokens,
+      scale, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, sq, sk, left, right, causal, G, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, sq, sk)
+    ctx.args = (left, right, causal, G, scale, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, sq, sk = ctx.saved_tensors
+    left, right, causal, G, scale, backend = ctx.args
+    dq, dk, dv = torch.ops.mmcore.window_attention_bwd(
+        dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale, backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,62 @@
+"""Build mmcore and its extension mmcore._C.
+
+C++ CPU sources (csrc/cpu/*.cpp, csrc/ops.cpp) are always built, with OpenMP and -O3 (no
+-march=native: the binary must run on other CPUs; kernels pick their vector ISA at run time).
+CUDA sources (csrc/cuda/*.cu) are added when torch is a CUDA build and nvcc is found, or when
+MMCORE_CUDA=1; TORCH_CUDA_ARCH_LIST is honoured by torch's build helpers.  MMCORE_CUDA=0 skips
+them.  Install against the torch already present:
+
+    pip install --no-build-isolation --use-pep517 -e .
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    flag = os.environ.get("MMCORE_CUDA")
+    if flag is not None:
+        return flag == "1"
+    has_nvcc = CUDA_HOME is not None or shutil.which("nvcc") is not None
+    return torch.version.cuda is not None and has_nvcc
+
+
+def _extension():
+    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
+    cpp = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cpp = [rel(os.path.join(ROOT, "csrc", "ops.cpp"))] + [rel(p) for p in cpp]
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    link = ["-fopenmp"]
+    if _want_cuda():
+        cu = [rel(p) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+        nvcc = ["-O3", "--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr"]
+        return CUDAExtension("mmcore._C", cpp + cu, include_dirs=[os.path.join(ROOT, "csrc")],
+                             extra_compile_args={"cxx": cxx + ["-DMMCORE_WITH_CUDA"],
+                                                 "nvcc": nvcc + ["-DMMCORE_WITH_CUDA"]},
+                             extra_link_args=link)
+    return CppExtension("mmcore._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")],
+                        extra_compile_args={"cxx": cxx}, extra_link_args=link)
+
+
+setup(
+    name="mmcore",
+    version="0.1.0",
+    description="Sliding-window, cross-modal and LoRA kernels for long-document multimodal models",
+    python_requires=">=3.10",
+    packages=["mmcore", "mmcore.ops", "mmcore.ops.backends", "mmcore.ops.reference",
+              "mmcore.nn", "mmcore.patch", "mmcore.models", "mmcore.train", "mmcore.kernels"],
+    package_dir={"mmcore.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    install_requires=["torch>=2.4", "safetensors", "numpy"],
+    extras_require={"triton": ["triton"], "hf": ["transformers", "peft", "tokenizers"],
+                    "test": ["pytest"]},
+    entry_points={"console_scripts": ["mmcore=mmcore.cli:main"]},
+)

@@ -51,7 +51,7 @@ setup(
     description="Sliding-window, cross-modal and LoRA kernels for long-document multimodal models",
     python_requires=">=3.10",
     packages=["mmcore", "mmcore.ops", "mmcore.ops.backends", "mmcore.ops.reference",
-              "mmcore.nn", "mmcore.patch", "mmcore.models", "mmcore.train", "mmcore.kernels"],
+              "mmcore.nn", "mmcore.patch", "mmcore.models", "mmcore.kernels"],
     package_dir={"mmcore.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

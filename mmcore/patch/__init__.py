@@ -1,0 +1,1 @@
+"""mmcore.patch(model): swap the attention and LoRA layers of Hugging Face models."""

@@ -68,6 +68,12 @@ def cpu_peak_rss(fn):
     """Peak resident-set growth (bytes) while fn() runs, on Linux: reset the high-water mark
     (write 5 to /proc/self/clear_refs), run, read VmHWM.  Large tensors are mmap-backed and
     returned on free, so this tracks tensor memory closely."""
+    try:  # hand freed heap memory back first, so that reusing it counts as growth
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")

@@ -1,0 +1,66 @@
+"""Turn benchmark JSON lines into markdown tables (per op and device) and a log-log plot of
+time vs sequence length for rows whose shape has "N".
+
+    python benchmarks/report.py results.jsonl [--plot out.png]
+"""
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(__file__))
+from harness import markdown_table  # noqa: E402
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def tables(rows):
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["op"], r["device_name"])].append(r)
+    out = []
+    for (op, dev), rs in groups.items():
+        v = rs[0]["versions"]
+        out.append(f"### {op} — {dev}\n\nversions: " +
+                   ", ".join(f"{k} {x}" for k, x in v.items()) + "\n\n" + markdown_table(rs))
+    return "\n\n".join(out)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = defaultdict(list)
+    for r in rows:
+        n = r.get("shape", {}).get("N")
+        if n and "median_ms" in r:
+            series[(r["op"], r["impl"], r["case"].split(" N=")[0])].append((n, r["median_ms"]))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (op, impl, case), pts in sorted(series.items()):
+        if len(pts) < 2:
+            continue
+        pts.sort()
+        ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{impl} {case}")
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("median ms")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("jsonl")
+    ap.add_argument("--plot", default=None)
+    a = ap.parse_args()
+    rows = load(a.jsonl)
+    print(tables(rows))
+    if a.plot:
+        plot(rows, a.plot)

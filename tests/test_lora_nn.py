@@ -363,7 +363,8 @@ def test_peft_saved_adapter_loads_into_plain_model(tmp_path):
     rep = load_adapter(plain, str(tmp_path))
     assert rep["modules"] == ["blocks.0.q", "blocks.0.v", "blocks.1.q", "blocks.1.v"]
     assert rep["other_keys"] == ["head.bias", "head.weight"]
-    assert plain.blocks[1]["v"].r["default"] == 6 and plain.blocks[0]["q"].lora_alpha["default"] == 3
+    assert plain.blocks[1]["v"].r["default"] == 6
+    assert plain.blocks[0]["q"].lora_alpha["default"] == 3
     assert not plain.blocks[0]["q"].lora_A["default"].weight.requires_grad  # inference, as peft
     pm.eval()
     _model_rule("loaded", plain, pm, torch.randn(3, 5, 24))
@@ -513,3 +514,39 @@ def test_adapter_management():
         LoRALinear(nn.Conv1d(3, 3, 1))
     with pytest.raises(ValueError, match="matched no"):
         add_lora(Toy(), ["nothing"])
+
+
+# --------------------------------------------------------------------- on the device
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_equals_peft(dtype):
+    """Single adapter (fwd + grads) and a mixed batch on CUDA, backend="auto"."""
+    pm, pl = _peft_layer(r=16, alpha=32, dtype=dtype, seed=5)
+    pm.add_adapter("b", LoraConfig(r=8, lora_alpha=8, target_modules=["proj"]))
+    _randomize(pm, 6)
+    pm.cuda().eval()
+    ours = _ours_from(pl).cuda().eval()
+    x = torch.randn(3, 77, K, device="cuda").to(dtype)
+    dy = torch.randn(3, 77, N, device="cuda").to(dtype)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    y, yp = ours(xs[0]), pl(xs[1])
+    A, B, s = pl.lora_A["default"].weight, pl.lora_B["default"].weight, pl.scaling["default"]
+    ref = _oracle(x.cpu(), pl.base_layer.weight.cpu(), pl.base_layer.bias.cpu(),
+                  [(A.cpu(), B.cpu(), s, None)], dy.cpu())
+    assert_close("y", y, ref[0], yp)
+    got = _grads(y, [xs[0], ours.lora_A["default"].weight, ours.lora_B["default"].weight], dy)
+    base = _grads(yp, [xs[1], A, B], dy)
+    for n, g, r_, b_ in zip(("dx", "dA", "dB"), got, ref[1:], base):
+        assert_close(n, g, r_, b_, grad=True)
+    names = ["b", "__base__", "default"]
+    with torch.no_grad():
+        y = ours(x, adapter_ids=names)
+        yp = pm(x, adapter_names=names)
+    terms = [(pl.lora_A[n].weight.cpu(), pl.lora_B[n].weight.cpu(), pl.scaling[n],
+              torch.tensor([m == n for m in names])[:, None].expand(3, 77))
+             for n in ("default", "b")]
+    ref = _oracle(x.cpu(), pl.base_layer.weight.cpu(), pl.base_layer.bias.cpu(), terms,
+                  dy.cpu())[0]
+    assert_close("mixed", y, ref, yp)

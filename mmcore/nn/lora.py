@@ -342,8 +342,8 @@ class LoRALinear(nn.Module):
         params = [p for n in names for p in (self.lora_A[n].weight, self.lora_B[n].weight)]
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         dev = self.base_layer.weight.device
-        key = (dtype, str(dev), tuple((id(p), p._version) for p in params),
-               tuple(float(self.scaling[n]) for n in names))
+        key = (dtype, str(dev), tuple(float(self.scaling[n]) for n in names),
+               tuple((id(p), p.data_ptr(), p.dtype, p._version) for p in params))
         if not grad and self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1]
         rmax = max(self.r[n] for n in names)

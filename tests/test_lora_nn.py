@@ -334,6 +334,29 @@ def test_dropout_only_on_lora_path():
     assert torch.equal(ours(x), F.linear(x, ours.weight, ours.bias))
 
 
+def test_dropout_multi_adapter_training():
+    """Training a mixed batch with dropout: each row gets its own adapter's term on dropped x
+    (per-adapter loop, as peft), the base term sees x itself."""
+    pm, pl, ours = _multi(seed=57)
+    for n in ours.adapter_names:
+        ours.lora_dropout[n] = nn.Dropout(0.3)
+    ours.train()
+    x = torch.randn(4, 5, K)
+    ids = torch.tensor([2, -1, 0, 2])
+    torch.manual_seed(9)
+    y = ours(x, adapter_ids=ids)
+    torch.manual_seed(9)
+    want = F.linear(x, ours.weight, ours.bias).double()
+    for i, n in enumerate(ours.adapter_names):
+        rows = (ids == i).nonzero().squeeze(1)
+        if rows.numel():
+            xd = F.dropout(x[rows], 0.3, True).double()
+            want[rows] += (xd @ ours.lora_A[n].weight.double().t()
+                           @ ours.lora_B[n].weight.double().t()) * ours.scaling[n]
+    assert torch.allclose(y.double(), want, atol=1e-5)
+    assert torch.equal(y[1], F.linear(x, ours.weight, ours.bias)[1])
+
+
 # --------------------------------------------------------------------- peft file format
 
 
@@ -401,6 +424,43 @@ def test_load_adapter_round_trip_and_peft_state_dict(tmp_path):
     x = torch.randn(2, 3, 24)
     with torch.no_grad():
         assert torch.equal(back(x), mine(x))
+
+
+def test_single_layer_save_load_and_bare_linear(tmp_path):
+    torch.manual_seed(0)
+    lin = LoRALinear(nn.Linear(K, N), r=3, lora_alpha=5, init_lora_weights=False)
+    save_adapter(lin, str(tmp_path))
+    other = LoRALinear(copy.deepcopy(lin.base_layer), adapter_name=None)
+    assert load_adapter(other, str(tmp_path))["modules"] == [""]
+    x = torch.randn(4, K)
+    with torch.no_grad():
+        assert torch.equal(other(x), lin(x))
+    with pytest.raises(ValueError, match="bare nn.Linear"):
+        load_adapter(nn.Linear(K, N), str(tmp_path))
+
+
+def test_hf_bert_adapter_from_peft(tmp_path):
+    """A peft adapter saved from a (tiny, random) HF BertModel loads into a plain BertModel."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, vocab_size=50)
+    plain = BertModel(cfg).eval()
+    pm = get_peft_model(copy.deepcopy(plain), LoraConfig(r=4, lora_alpha=8,
+                                                         target_modules=["query", "value",
+                                                                         "dense"]))
+    _randomize(pm, 1)
+    pm.save_pretrained(tmp_path)
+    rep = load_adapter(plain, str(tmp_path))
+    assert len(rep["modules"]) == 2 * 5 + 1  # query, value, 3 dense per layer; pooler.dense
+    pm.eval()
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        got = plain(ids).last_hidden_state
+        base = pm(input_ids=ids).last_hidden_state
+        ref = copy.deepcopy(pm).double()(input_ids=ids).last_hidden_state
+    assert_close("bert", got, ref, base)
 
 
 def test_pickle_refused(tmp_path):

@@ -296,11 +296,12 @@ class LoRALinear(nn.Module):
     def _forward_dropout(self, x, active):
         """Training with dropout on the LoRA path: base on x, LoRA on drop(x) (plain torch)."""
         y = F.linear(x, self.base_layer.weight, self.base_layer.bias)
+        dt = y.dtype
         for n in active:
             a, b = self.lora_A[n], self.lora_B[n]
             xd = self.lora_dropout[n](x.to(a.weight.dtype))
-            y = y + (b(a(xd)) * self.scaling[n]).to(y.dtype)
-        return y
+            y = y + b(a(xd)) * self.scaling[n]  # promoted, rounded once at the end (as peft)
+        return y.to(dt)
 
     def _concat(self, names, dtype):
         """Active adapters -> one (r_total, K) / (N, r_total) pair and a float scaling."""

@@ -159,8 +159,11 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
             if adapter_name in mod.lora_A:
                 raise ValueError(f"module {path!r} already has an adapter named "
                                  f"{adapter_name!r}; pick another adapter_name")
-        elif isinstance(mod, nn.Linear):
+        elif isinstance(mod, nn.Linear) and path:
             base = mod
+        elif isinstance(mod, nn.Linear):
+            raise ValueError("load_adapter on a bare nn.Linear: wrap it in LoRALinear first "
+                             "(LoRALinear(linear, adapter_name=None))")
         else:
             raise ValueError(f"{directory}: the adapter targets {path!r}, a "
                              f"{type(mod).__name__}; only nn.Linear is supported")
@@ -199,10 +202,7 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     for path, mod, r, alpha in plan:
         if not isinstance(mod, LoRALinear):
             mod = LoRALinear(mod, adapter_name=None, backend=backend)
-            if path:
-                _set_submodule(model, path, mod)
-            else:
-                raise ValueError("load_adapter on a bare nn.Linear: wrap it in LoRALinear first")
+            _set_submodule(model, path, mod)
         had = bool(mod.adapter_names)
         mod.add_adapter(adapter_name, r, alpha, lora_dropout=float(cfg.get("lora_dropout", 0.0)),
                         use_rslora=bool(cfg.get("use_rslora", False)), init_lora_weights=None,

@@ -39,6 +39,12 @@ from ..ops import lora_linear
 BASE = "__base__"  # peft's name for "no adapter" in mixed batches
 
 
+def _plain_float_weight(linear) -> bool:
+    w = linear.weight
+    return (type(w) in (nn.Parameter, torch.Tensor) and w.dtype.is_floating_point
+            and (linear.bias is None or linear.bias.dtype == w.dtype))
+
+
 def _scale(alpha, r, use_rslora):
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
@@ -64,6 +70,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
+        if not _plain_float_weight(base):
+            raise TypeError(f"base {type(base).__name__} has a {base.weight.dtype} "
+                            f"{type(base.weight).__name__} weight; LoRALinear needs a plain "
+                            f"float weight (quantised bases are not supported)")
         self.base_layer = base
         base.weight.requires_grad_(False)
         if base.bias is not None:

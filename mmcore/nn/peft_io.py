@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .lora import LoRALinear, _set_submodule, lora_modules
+from .lora import LoRALinear, _plain_float_weight, _set_submodule, lora_modules
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -338,8 +338,9 @@ def convert_peft_model(peft_model: nn.Module, backend: str = "auto") -> dict:
 def _why_not(mod) -> Optional[str]:
     if type(mod).__name__ != "Linear" or not hasattr(mod, "fan_in_fan_out"):
         return f"{type(mod).__name__} LoRA layer (only Linear is converted)"
-    if type(mod.base_layer) is not nn.Linear:
-        return f"base layer is {type(mod.base_layer).__name__}, not a plain nn.Linear"
+    if not isinstance(mod.base_layer, nn.Linear) or not _plain_float_weight(mod.base_layer):
+        return (f"base layer is {type(mod.base_layer).__name__}, not an nn.Linear with a "
+                f"float weight")
     if mod.fan_in_fan_out:
         return "fan_in_fan_out=True (Conv1D-style weight)"
     if getattr(mod, "lora_variant", None):

@@ -298,9 +298,14 @@ def test_merged_adapter_is_skipped_and_disable():
         assert torch.allclose(ours(x), y0, atol=1e-5)
         with pytest.raises(ValueError, match="merged"):
             ours(x, adapter_ids=torch.zeros(3, dtype=torch.long))
+        ours.set_adapter("b")
+        ours.lora_A["b"].requires_grad_(False)  # frozen (e.g. loaded for inference)
+        ours.merge()
         with disable_adapters(ours):
             assert not ours.merged  # disabling unmerges, as peft
             assert torch.equal(ours(x), F.linear(x, ours.weight, ours.bias))
+        assert not ours.lora_A["b"].weight.requires_grad and ours.lora_B["b"].weight.requires_grad
+        ours.set_adapter("default")
         assert torch.allclose(ours(x), y0, atol=1e-6)
 
 

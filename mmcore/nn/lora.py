@@ -472,13 +472,17 @@ def disable_adapters(model: nn.Module):
     """Context: every LoRALinear of model runs its base layer only."""
     mods = [m for _, m in lora_modules(model)]
     before = [m.disable_adapters for m in mods]
+    grads = [(p, p.requires_grad) for m in mods for d in (m.lora_A, m.lora_B)
+             for p in d.parameters()]
     for m in mods:
         m.enable_adapters(False)
     try:
         yield model
     finally:
         for m, was in zip(mods, before):
-            m.enable_adapters(not was)
+            m._disable_adapters = was
+        for p, g in grads:  # trainability exactly as before
+            p.requires_grad_(g)
 
 
 @contextlib.contextmanager

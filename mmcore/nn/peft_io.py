@@ -1,0 +1,361 @@
+"""peft's LoRA adapter format without peft: load, save, and in-place conversion.
+
+On disk (what ``PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained`` reads):
+
+    <dir>/adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "target_modules",
+                                      "rank_pattern", "alpha_pattern", "use_rslora", ...}
+    <dir>/adapter_model.safetensors  base_model.model.<module path>.lora_A.weight  (r, K)
+                                     base_model.model.<module path>.lora_B.weight  (N, r)
+                                     (no adapter name in the keys) + modules_to_save weights
+
+Only safetensors is read: pickle checkpoints (adapter_model.bin, or a pickle/zip renamed to
+.safetensors) are refused, since unpickling runs arbitrary code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .lora import LoRALinear, _plain_float_weight, _set_submodule, lora_modules
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth",
+                 "adapter_model.pkl", "pytorch_model.bin")
+_LORA_KEY = re.compile(r"^(?P<path>.*?)\.?(?P<which>lora_A|lora_B)\.weight$")
+
+# LoraConfig fields whose non-default values change the math: refused, not ignored
+_UNSUPPORTED = {
+    "use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "use_qalora": False,
+    "layer_replication": None, "arrow_config": None, "alora_invocation_tokens": None,
+    "use_bdlora": None, "velora_config": None, "monteclora_config": None,
+    "kasa_config": None, "trainable_token_indices": None, "target_parameters": None,
+}
+
+
+def _pattern_key(patterns, key):
+    """peft.utils.other.get_pattern_key: the first pattern p with (.*\\.)?(p)$ matching key."""
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return p
+    return None
+
+
+def _config_value(cfg, name, key, default):
+    pat = cfg.get(name) or {}
+    p = _pattern_key(pat.keys(), key)
+    return pat[p] if p is not None else default
+
+
+def _read_config(directory):
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"directory {directory!r} has no {CONFIG_NAME} (not a peft "
+                                f"adapter directory)")
+    with open(path) as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only 'LORA' adapters "
+                         f"can be loaded into LoRALinear")
+    for k, ok in _UNSUPPORTED.items():
+        v = cfg.get(k, ok)
+        if v not in (ok, None, False, {}, []) and v != ok:
+            raise ValueError(f"{path}: {k}={v!r} is not supported by mmcore's LoRALinear "
+                             f"(plain LoRA on nn.Linear only)")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(
+            ("pissa", "olora", "corda", "loftq", "mica", "lora_ga")):
+        # these inits rewrite the base weight: the adapter alone does not fit the original base
+        raise ValueError(f"{path}: init_lora_weights={init!r} changes the base weight; convert "
+                         f"the adapter to plain LoRA with peft first "
+                         f"(path_initial_model_for_weight_conversion)")
+    if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise ValueError(f"{path}: bias={cfg.get('bias')!r} is not a known peft bias mode")
+    return cfg
+
+
+def _read_weights(directory):
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        pick = [n for n in _PICKLE_NAMES if os.path.isfile(os.path.join(directory, n))]
+        if pick:
+            raise ValueError(f"{directory!r} holds only a pickle checkpoint ({pick[0]}); mmcore "
+                             f"refuses pickle files (loading them can run arbitrary code). "
+                             f"Convert it to {WEIGHTS_NAME} with a trusted peft install "
+                             f"(PeftModel.save_pretrained(..., safe_serialization=True)).")
+        raise FileNotFoundError(f"directory {directory!r} has no {WEIGHTS_NAME}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise ValueError(f"{path} is a pickle/zip (torch.save) file, not safetensors; mmcore "
+                         f"refuses pickle files (loading them can run arbitrary code)")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default", *,
+                 is_trainable: bool = False, activate: bool = True,
+                 dtype: Optional[torch.dtype] = None, backend: str = "auto") -> dict:
+    """Load a peft LoRA adapter directory into a plain torch / HF model (or one already holding
+    LoRALinear layers), wrapping each target nn.Linear in LoRALinear as needed.
+
+    Keys are checked strictly: every LoRA key must name an nn.Linear / LoRALinear of model
+    with matching shapes, A and B must come in pairs, and other keys are accepted only as
+    peft's modules_to_save (copied into the model's own module) or saved biases
+    (``bias="all"/"lora_only"``).  The adapter gets r from the tensors, lora_alpha and
+    use_rslora from the config (rank_pattern / alpha_pattern honoured), dtype = the base
+    weight's unless given.  is_trainable=False (peft's default) freezes it.
+    Returns a report: {"adapter_name", "modules": [paths], "other_keys": [keys], "config"}.
+    """
+    cfg = _read_config(directory)
+    sd = _read_weights(directory)
+    pairs, other = {}, {}
+    for k, v in sd.items():
+        if not k.startswith(PREFIX):
+            raise ValueError(f"{directory}: key {k!r} lacks peft's {PREFIX!r} prefix; not a "
+                             f"peft adapter file")
+        rel = k[len(PREFIX):]
+        if ".lora_embedding_" in "." + rel or ".lora_magnitude_vector" in "." + rel:
+            raise ValueError(f"{directory}: key {k!r} is an Embedding-LoRA / DoRA weight, which "
+                             f"mmcore's LoRALinear does not support")
+        m = _LORA_KEY.match(rel)
+        if m and (m.group("path") + "." + m.group("which") + ".weight" == rel
+                  or (not m.group("path") and rel == m.group("which") + ".weight")):
+            pairs.setdefault(m.group("path"), {})[m.group("which")] = v
+        elif re.search(r"(^|\.)lora_[AB]\.", rel):
+            raise ValueError(f"{directory}: unexpected LoRA key {k!r} (expected "
+                             f"'<module>.lora_A.weight' / '<module>.lora_B.weight')")
+        else:
+            other[rel] = v
+    if not pairs:
+        raise ValueError(f"{directory}: {WEIGHTS_NAME} holds no lora_A/lora_B weights")
+    # check everything before touching the model
+    plan = []
+    for path, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            miss = ({"lora_A", "lora_B"} - set(ab)).pop()
+            raise ValueError(f"{directory}: module {path!r} has no {miss}.weight")
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            raise ValueError(f"{directory}: the adapter targets module {path!r}, which the model "
+                             f"({type(model).__name__}) does not have") from None
+        if isinstance(mod, LoRALinear):
+            base = mod.base_layer
+            if adapter_name in mod.lora_A:
+                raise ValueError(f"module {path!r} already has an adapter named "
+                                 f"{adapter_name!r}; pick another adapter_name")
+        elif isinstance(mod, nn.Linear) and path:
+            base = mod
+        elif isinstance(mod, nn.Linear):
+            raise ValueError("load_adapter on a bare nn.Linear: wrap it in LoRALinear first "
+                             "(LoRALinear(linear, adapter_name=None))")
+        else:
+            raise ValueError(f"{directory}: the adapter targets {path!r}, a "
+                             f"{type(mod).__name__}; only nn.Linear is supported")
+        a, b = ab["lora_A"], ab["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != base.in_features \
+                or b.shape[0] != base.out_features or b.shape[1] != a.shape[0]:
+            raise ValueError(f"{directory}: {path!r} lora_A {tuple(a.shape)} / lora_B "
+                             f"{tuple(b.shape)} do not fit nn.Linear(in={base.in_features}, "
+                             f"out={base.out_features}) (want (r, in) and (out, r))")
+        r = a.shape[0]
+        want_r = _config_value(cfg, "rank_pattern", path, cfg.get("r", r))
+        if want_r != r:
+            raise ValueError(f"{directory}: {path!r} has rank {r} in the weights but the config "
+                             f"says r={want_r}")
+        alpha = _config_value(cfg, "alpha_pattern", path, cfg.get("lora_alpha", 8))
+        plan.append((path, mod, r, alpha))
+    extras = []
+    for rel, v in other.items():
+        mpath, _, pname = rel.rpartition(".")
+        allowed = (_in_modules_to_save(cfg, mpath) or
+                   (pname == "bias" and cfg.get("bias", "none") != "none"))
+        if not allowed:
+            raise ValueError(f"{directory}: unexpected key {PREFIX + rel!r}: not a LoRA weight, "
+                             f"not in modules_to_save {cfg.get('modules_to_save')}, and bias is "
+                             f"{cfg.get('bias', 'none')!r}")
+        target = _find_tensor(model, rel)
+        if target is None:
+            raise ValueError(f"{directory}: key {PREFIX + rel!r} names no parameter or buffer of "
+                             f"the model")
+        if tuple(target.shape) != tuple(v.shape):
+            raise ValueError(f"{directory}: {PREFIX + rel!r} has shape {tuple(v.shape)}, the "
+                             f"model's tensor {tuple(target.shape)}")
+        extras.append((rel, target, v))
+    # apply
+    names = []
+    for path, mod, r, alpha in plan:
+        if not isinstance(mod, LoRALinear):
+            mod = LoRALinear(mod, adapter_name=None, backend=backend)
+            _set_submodule(model, path, mod)
+        had = bool(mod.adapter_names)
+        mod.add_adapter(adapter_name, r, alpha, lora_dropout=float(cfg.get("lora_dropout", 0.0)),
+                        use_rslora=bool(cfg.get("use_rslora", False)), init_lora_weights=None,
+                        dtype=dtype)
+        with torch.no_grad():
+            mod.lora_A[adapter_name].weight.copy_(pairs[path]["lora_A"])
+            mod.lora_B[adapter_name].weight.copy_(pairs[path]["lora_B"])
+        if activate or not had:
+            mod.set_adapter(adapter_name)
+        if not is_trainable:
+            mod.lora_A[adapter_name].requires_grad_(False)
+            mod.lora_B[adapter_name].requires_grad_(False)
+        names.append(path)
+    with torch.no_grad():
+        for rel, target, v in extras:
+            target.copy_(v)
+    return {"adapter_name": adapter_name, "modules": sorted(names),
+            "other_keys": sorted(rel for rel, _, _ in extras), "config": cfg}
+
+
+def _in_modules_to_save(cfg, mpath):
+    mts = cfg.get("modules_to_save") or []
+    return any(mpath == m or mpath.endswith("." + m) for m in mts)
+
+
+def _find_tensor(model, rel):
+    mpath, _, pname = rel.rpartition(".")
+    try:
+        mod = model.get_submodule(mpath) if mpath else model
+    except AttributeError:
+        return None
+    if isinstance(mod, LoRALinear):
+        mod = mod.base_layer
+    t = getattr(mod, pname, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default", *,
+                 base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None,
+                 modules_to_save: Optional[list] = None) -> dict:
+    """Write adapter `adapter_name` of every LoRALinear in model in peft's format
+    (adapter_config.json + adapter_model.safetensors) so that ``PeftModel.from_pretrained``
+    (or load_adapter) reads it.  Per-module ranks / alphas that differ from the most common
+    go to rank_pattern / alpha_pattern.  modules_to_save: names of other modules whose
+    tensors are saved too (peft's modules_to_save, e.g. a classifier head).
+    Returns the config written."""
+    from safetensors.torch import save_file
+
+    mods = [(n, m) for n, m in lora_modules(model) if adapter_name in m.lora_A]
+    if not mods:
+        raise ValueError(f"model has no LoRALinear holding adapter {adapter_name!r}")
+    for n, m in mods:
+        if adapter_name in m.merged_adapters:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged in {n or '<root>'}; "
+                               f"unmerge() before saving")
+    rs = [m.r[adapter_name] for _, m in mods]
+    alphas = [m.lora_alpha[adapter_name] for _, m in mods]
+    rsl = {m.use_rslora[adapter_name] for _, m in mods}
+    if len(rsl) != 1:
+        raise ValueError("use_rslora differs between modules; peft's config has one flag")
+    r0 = max(set(rs), key=rs.count)
+    a0 = max(set(alphas), key=alphas.count)
+    sd = {}
+    for n, m in mods:
+        pre = PREFIX + (n + "." if n else "")
+        sd[pre + "lora_A.weight"] = m.lora_A[adapter_name].weight.detach().cpu().contiguous()
+        sd[pre + "lora_B.weight"] = m.lora_B[adapter_name].weight.detach().cpu().contiguous()
+    for name in modules_to_save or []:
+        sub = model.get_submodule(name)
+        for k, v in sub.state_dict().items():
+            sd[PREFIX + name + "." + k] = v.detach().cpu().contiguous()
+    drop = [m._p(adapter_name) for _, m in mods]
+    cfg = {
+        "peft_type": "LORA", "task_type": task_type, "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path, "revision": None,
+        "inference_mode": True, "r": r0, "lora_alpha": a0,
+        "lora_dropout": max(set(drop), key=drop.count),
+        "target_modules": sorted(n for n, _ in mods), "exclude_modules": None,
+        "rank_pattern": {re.escape(n): r for (n, _), r in zip(mods, rs) if r != r0},
+        "alpha_pattern": {re.escape(n): a for (n, _), a in zip(mods, alphas) if a != a0},
+        "use_rslora": rsl.pop(), "bias": "none", "fan_in_fan_out": False,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,
+        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "use_dora": False, "lora_bias": False, "layer_replication": None,
+        "megatron_config": None, "megatron_core": "megatron.core", "loftq_config": {},
+    }
+    os.makedirs(directory, exist_ok=True)
+    save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    return cfg
+
+
+def convert_peft_model(peft_model: nn.Module, backend: str = "auto") -> dict:
+    """Swap, in place, every peft ``lora.Linear`` (on an nn.Linear base) of a loaded peft model
+    for an mmcore LoRALinear holding the same tensors (shared, not copied): all adapters,
+    their r / alpha / scaling (including set_scale changes) / rsLoRA / dropout, the active
+    adapter(s), the merged list and the disabled flag.
+
+    Layers using things LoRALinear does not do (DoRA and other variants, lora_bias,
+    fan_in_fan_out / Conv1D, Embedding and Conv LoRA, quantised bases) are left as peft
+    layers and listed under "skipped" with the reason.  After conversion, drive the adapters
+    through mmcore (``mmcore.nn.set_adapter`` / ``adapter_batch``): peft's model-level calls
+    no longer reach the converted layers.
+    Returns {"converted": [names], "skipped": {name: reason}}.
+    """
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:  # no peft: nothing can be a peft layer
+        return {"converted": [], "skipped": {}}
+    converted, skipped = [], {}
+    for name, mod in list(peft_model.named_modules()):
+        if not isinstance(mod, LoraLayer):
+            continue
+        why = _why_not(mod)
+        if why:
+            skipped[name] = why
+            continue
+        new = LoRALinear(mod.base_layer, adapter_name=None, backend=backend)
+        new.lora_A, new.lora_B, new.lora_dropout = mod.lora_A, mod.lora_B, mod.lora_dropout
+        new.r, new.lora_alpha = dict(mod.r), dict(mod.lora_alpha)
+        new.scaling = {k: float(v) for k, v in mod.scaling.items()}
+        new.use_rslora = {k: bool(mod.use_rslora.get(k, False)) for k in mod.lora_A}
+        new.merged_adapters = list(mod.merged_adapters)
+        new._active_adapter = [a for a in mod.active_adapters if a in mod.lora_A]
+        new._disable_adapters = bool(mod.disable_adapters)
+        new.train(mod.training)
+        _set_submodule(peft_model, name, new)
+        converted.append(name)
+    return {"converted": converted, "skipped": skipped}
+
+
+def _why_not(mod) -> Optional[str]:
+    if type(mod).__name__ != "Linear" or not hasattr(mod, "fan_in_fan_out"):
+        return f"{type(mod).__name__} LoRA layer (only Linear is converted)"
+    if not isinstance(mod.base_layer, nn.Linear) or not _plain_float_weight(mod.base_layer):
+        return (f"base layer is {type(mod.base_layer).__name__}, not an nn.Linear with a "
+                f"float weight")
+    if mod.fan_in_fan_out:
+        return "fan_in_fan_out=True (Conv1D-style weight)"
+    if getattr(mod, "lora_variant", None):
+        return f"LoRA variant(s) {sorted(mod.lora_variant)} (e.g. DoRA)"
+    if any(getattr(mod, "lora_bias", {}).values()):
+        return "lora_bias=True"
+    if len(getattr(mod, "lora_embedding_A", {})) or len(getattr(mod, "lora_magnitude_vector",
+                                                                {})):
+        return "embedding / magnitude weights present"
+    for a in mod.lora_A:
+        if not isinstance(mod.lora_A[a], nn.Linear) or not isinstance(mod.lora_B[a], nn.Linear):
+            return f"adapter {a!r} is not a pair of nn.Linear"
+        if mod.lora_B[a].bias is not None:
+            return f"adapter {a!r} has a lora_B bias"
+        d = mod.lora_dropout[a]
+        if not isinstance(d, (nn.Dropout, nn.Identity)):
+            return f"adapter {a!r} dropout is {type(d).__name__}"
+    return None

@@ -22,3 +22,7 @@ def default_text_model() -> str:
 
 __all__ = ["Checkpoint", "CheckpointError", "load_into", "read_config", "validate_safetensors",
            "TextConfig", "TextEncoder", "mean_pool", "default_text_model"]
+
+from .vision_encoder import VisionConfig, VisionEncoder  # noqa: E402
+
+__all__ += ["VisionConfig", "VisionEncoder"]

@@ -26,3 +26,7 @@ __all__ = ["Checkpoint", "CheckpointError", "load_into", "read_config", "validat
 from .vision_encoder import VisionConfig, VisionEncoder  # noqa: E402
 
 __all__ += ["VisionConfig", "VisionEncoder"]
+
+from .reader import MultimodalReader, ReaderConfig, ReaderOutput, is_reader_dir  # noqa: E402
+
+__all__ += ["MultimodalReader", "ReaderConfig", "ReaderOutput", "is_reader_dir"]

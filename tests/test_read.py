@@ -43,6 +43,7 @@ def test_split_passages_offsets(minilm):
     assert spans[0][0] == 1 and spans[-1][1] == len(ids) - 1
 
 
+@pytest.mark.slow
 def test_needle_found_at_rank_1_8k(minilm):
     """The demo's claim at 8k tokens: long-document mode finds the needle at rank 1; reading
     only the first 512 tokens cannot (the needle sits past token 512 by construction)."""

@@ -16,6 +16,7 @@ are O(N·hidden), so peak memory grows linearly with N, never with N².
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
@@ -84,8 +85,6 @@ def split_passages(text: str, offsets, min_tokens: int = 8, max_tokens: int = 96
     `offsets` are the document tokens' char offsets (index 0 = CLS).  Sentences shorter than
     `min_tokens` are merged into the next one; longer than `max_tokens` are cut."""
     starts = [o[0] for o in offsets[1:-1]]
-    import bisect
-
     spans, cur = [], None
     for m in _SENT.finditer(text):
         a, b = m.start(), m.end()

@@ -1,7 +1,6 @@
 """mmcore.read / `mmcore read`: the needle demo, passages, the CLI, images and reader heads."""
 import json
 import os
-import shutil
 
 import pytest
 import torch

@@ -42,7 +42,7 @@ class _CoAttention(nn.Module):
     def _heads(self, x):  # (B, S, d) -> (B, h, S, d/h)
         return x.view(x.shape[0], x.shape[1], self.h, -1).transpose(1, 2)
 
-    def _one(self, hq, hk, lq, lk, return_lse):
+    def _one(self, hq, hk, lq, lk):
         q, k, v = self._heads(self.q_proj(hq)), self._heads(self.k_proj(hk)), \
             self._heads(self.v_proj(hk))
         o, lse = cross_attention(q, k, v, seqlens_q=lq, seqlens_k=lk, return_lse=True)
@@ -51,15 +51,18 @@ class _CoAttention(nn.Module):
 
     def forward(self, h_t, h_v, text_lengths=None, image_lengths=None, return_lse=False):
         """h_t (B, St, d), h_v (B, Sv, d) -> f_t (B, St, d), f_v (B, Sv, d) [, lse_t, lse_v]."""
-        f_t, lse_t = self._one(h_t, h_v, text_lengths, image_lengths, return_lse)
-        f_v, lse_v = self._one(h_v, h_t, image_lengths, text_lengths, return_lse)
+        f_t, lse_t = self._one(h_t, h_v, text_lengths, image_lengths)
+        f_v, lse_v = self._one(h_v, h_t, image_lengths, text_lengths)
         return (f_t, f_v, lse_t, lse_v) if return_lse else (f_t, f_v)
 
 
-try:  # the fused module, when mmcore.nn provides it
+try:  # the fused module, when mmcore.nn provides it (swap-in at merge, same signature)
     from ..nn import CoAttention  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - depends on what is merged
-    CoAttention = _CoAttention
+    try:
+        from ..nn.cross_modal import CoAttention  # type: ignore[no-redef]
+    except ImportError:
+        CoAttention = _CoAttention
 
 
 @dataclass

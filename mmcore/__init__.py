@@ -31,3 +31,11 @@ _map_kernels()
 from .ops import cross_attention, lora_linear, window_attention  # noqa: E402
 
 __all__ = ["window_attention", "cross_attention", "lora_linear", "__version__"]
+
+
+def __getattr__(name):  # lazy: `mmcore.read(...)` without importing the model layer up front
+    if name == "read":
+        from .reading import read
+
+        return read
+    raise AttributeError(f"module 'mmcore' has no attribute {name!r}")

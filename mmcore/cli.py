@@ -107,12 +107,9 @@ def main(argv=None) -> int:
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     b.add_argument("--out", default=None, help="JSON-lines file to append rows to")
     b.add_argument("--no-save", action="store_true", help="print only")
-    try:
-        from .cli_read import add_read_parser
-    except ImportError:
-        add_read_parser = None
-    if add_read_parser is not None:
-        add_read_parser(sub)
+    from .cli_read import add_read_parser, run_read
+
+    add_read_parser(sub).set_defaults(func=run_read)
     args = ap.parse_args(argv)
     if args.cmd == "info":
         return cmd_info(args)

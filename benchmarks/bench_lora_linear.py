@@ -165,7 +165,8 @@ def _cpu(rows, quick, device):
         impls = {"naive (F.linear + 2 matmuls + add)":
                  lambda: F.linear(x, w, b) + (x @ a2.t()) @ (b2.t() * 2.0),
                  "mmcore:cpu": lambda: mmcore.lora_linear(x, w, b, a2, b2, 2.0, backend="cpu")}
-        if hasattr(torch.ops.mmcore_C, "lora_linear_fwd_variant"):
+        from mmcore.ops.backends import _loaders
+        if _loaders.ext_error() is None:  # loads mmcore._C: its ops appear in torch.ops
             for v, name in ((0, "two-pass"), (1, "aug-K"), (2, "merged")):
                 impls[f"mmcore:cpu variant {name}"] = (
                     lambda v=v: torch.ops.mmcore_C.lora_linear_fwd_variant(x, w, b, la, lb, s, v))

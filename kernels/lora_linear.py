@@ -104,12 +104,12 @@ def _tile_rows(TILES, PERM, pid_m, M, BLOCK_M: tl.constexpr, HAS_MAP: tl.constex
 
 @triton.jit
 def _lora_mm_kernel(
-    X, W, BIAS, AOP, LOP, S, OUT, T_BUF, PERM, TILES,
+    X, W, BIAS, AOP, LOP, S, OUT, T_BUF, PERM, TILES, IDS,
     M, N, K, R, NUM_TILES,
     sxm, sxk, swk, swn, saa, sak, sar, sla, slr, sln, som, son, stm,
     M_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MAP: tl.constexpr, FUSE_T: tl.constexpr,
-    WRITE_T: tl.constexpr, IEEE: tl.constexpr,
+    WRITE_T: tl.constexpr, PER_ROW: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -153,7 +153,19 @@ def _lora_mm_kernel(
 
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    if lora:
+    if PER_ROW:
+        # few rows, many adapters: rows in natural order, each row's own B gathered in the
+        # epilogue (T = x Aᵀ per row precomputed by _rows_gather_kernel)
+        rid = tl.load(IDS + rows, mask=rmask, other=-1)
+        ok = rmask & (rid >= 0)
+        ridc = tl.maximum(rid, 0).to(tl.int64)
+        srow = tl.load(S + ridc, mask=ok, other=0.0)
+        for r in range(0, R):
+            tt = tl.load(T_BUF + rows * stm + r, mask=ok, other=0.0) * srow
+            bt = tl.load(LOP + ridc[:, None] * sla + r * slr + offs_n[None, :] * sln,
+                         mask=ok[:, None] & nmask[None, :], other=0.0)
+            acc += tt[:, None] * bt.to(tl.float32)
+    elif lora:
         s = tl.load(S + a64)
         if FUSE_T:
             if WRITE_T:
@@ -207,6 +219,29 @@ def _rows_lowrank_kernel(
         a_ptrs += BLOCK_K * sak
     tl.store(T_BUF + rows[:, None] * stm + offs_r[None, :], t,
              mask=rmask[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _rows_gather_kernel(
+    X, AOP, IDS, T_BUF, K, R, sxm, sxk, saa, sak, sar, stm,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """T[m, r] = sum_k X[m, k] Aop_{ids[m]}[k, r] (fp32), one row per program (few rows)."""
+    m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    a = tl.load(IDS + m)
+    if a < 0:
+        return
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        xt = tl.load(X + m * sxm + kk * sxk, mask=kk < K, other=0.0).to(tl.float32)
+        at = tl.load(AOP + a.to(tl.int64) * saa + kk[None, :] * sak + offs_r[:, None] * sar,
+                     mask=(kk[None, :] < K) & (offs_r[:, None] < R), other=0.0)
+        acc += at.to(tl.float32) * xt[None, :]
+    tl.store(T_BUF + m * stm + offs_r, tl.sum(acc, 1), mask=offs_r < R)
 
 
 @triton.jit
@@ -291,7 +326,7 @@ def _prune(configs, named_args, **kwargs):
 
 _lora_mm = triton.autotune(
     configs=_mm_configs(),
-    key=["N", "K", "M_BUCKET", "BLOCK_M", "BLOCK_R", "FUSE_T", "HAS_MAP", "WRITE_T"],
+    key=["N", "K", "M_BUCKET", "BLOCK_M", "BLOCK_R", "FUSE_T", "HAS_MAP", "WRITE_T", "PER_ROW"],
     prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune},
 )(_lora_mm_kernel)
 
@@ -342,7 +377,8 @@ class Segments:
         if ids is None:
             return
         _, perm = torch.sort(ids, stable=True)
-        counts = torch.bincount(ids + 1, minlength=A + 1)[: A + 1]  # (A + 1,)
+        counts = torch.zeros(A + 1, dtype=torch.int64, device=device).scatter_add_(
+            0, ids + 1, torch.ones_like(ids))  # (A + 1,) (bincount would sync on CUDA)
         start = torch.cumsum(counts, 0) - counts
         ntile = (counts + block_m - 1) // block_m
         tile_end = torch.cumsum(ntile, 0)
@@ -378,7 +414,7 @@ def _lowrank_rows(X, aop, a_strides, R, seg, M, Kdim):
 
 
 def _fused_mm(X, Wop, w_strides, bias, aop, a_strides, lop, l_strides, scaling, seg,
-              M, Nout, Kdim, R, want_t=False):
+              M, Nout, Kdim, R, want_t=False, per_row_ids=None):
     """out (M, Nout) = X @ Wop (+ bias) + s_a (X @ Aop_a) @ Lop_a per row; also returns
     T = X @ Aop (fp32, (M, R)) when want_t (for the backward's dA)."""
     # the numpy interpreter (triton 3.9) casts fp32 -> bf16 by truncation, the GPU rounds to
@@ -387,8 +423,19 @@ def _fused_mm(X, Wop, w_strides, bias, aop, a_strides, lop, l_strides, scaling, 
     out = torch.empty(M, Nout, device=X.device, dtype=torch.float32 if trunc else X.dtype)
     br = _block_r(R)
     fuse = br <= MAX_FUSED_RANK
+    force = os.environ.get("MMCORE_LORA_FUSE")  # "0" / "1": force a path (measurements)
+    if force in ("0", "1"):
+        fuse = force == "1" and br <= 128
     T = None
-    if not fuse:
+    if per_row_ids is not None:
+        fuse = False
+        T = torch.empty(M, R, device=X.device, dtype=torch.float32)
+        brr = min(_block_r(R), 64)
+        _rows_gather_kernel[(M, triton.cdiv(R, brr))](
+            X, aop, per_row_ids, T, Kdim, R, X.stride(0), X.stride(1), *a_strides,
+            T.stride(0), BLOCK_K=64 if brr <= 32 else 32, BLOCK_R=brr, num_warps=4)
+        br = 16
+    elif not fuse:
         T = _lowrank_rows(X, aop, a_strides, R, seg, M, Kdim)
         br = 64
     elif want_t:
@@ -403,12 +450,14 @@ def _fused_mm(X, Wop, w_strides, bias, aop, a_strides, lop, l_strides, scaling, 
         X, Wop, bias if bias is not None else dummy, aop, lop, scaling, out,
         T if T is not None else dummy, seg.perm if seg.has_map else dummy,
         seg.tiles if seg.has_map else dummy,
+        per_row_ids if per_row_ids is not None else dummy,
         M, Nout, Kdim, R, seg.n_tiles,
         X.stride(0), X.stride(1), *w_strides, *a_strides, *l_strides,
         out.stride(0), out.stride(1), T.stride(0) if T is not None else 0,
         triton.next_power_of_2(max(M, 16)) if M < 4096 else 4096,
         HAS_BIAS=bias is not None, HAS_MAP=seg.has_map, FUSE_T=fuse,
-        WRITE_T=bool(fuse and want_t), IEEE=_ieee(X.dtype),
+        WRITE_T=bool(fuse and want_t), PER_ROW=per_row_ids is not None,
+        IEEE=_ieee(X.dtype),
         BLOCK_M=bm, BLOCK_R=br, **extra,
     )
     return (out.to(X.dtype) if trunc else out), T
@@ -447,6 +496,12 @@ def _seg_outer(P, Q, scaling, seg, M, I, J, NA, cast_p, cast_q, out_dtype):
     return out.to(out_dtype)
 
 
+def _per_row_max_m():
+    """Forward with ids and at most this many rows: per-row adapters (decoding batches of
+    many adapters), else SGMV segments.  MMCORE_LORA_PER_ROW_M overrides (measurements)."""
+    return int(os.environ.get("MMCORE_LORA_PER_ROW_M", "64"))
+
+
 def _pad_adapters(g, A):
     """Gradients of adapters past the first are 0 when every row uses adapter 0."""
     if g.shape[0] == A:
@@ -468,12 +523,15 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
     if K == 0:
         y = torch.zeros(M, N, device=x.device, dtype=x.dtype)
         return y + bias if bias is not None else y
+    per_row = None
+    if adapter_ids is not None and A > 1 and M <= _per_row_max_m():
+        per_row, adapter_ids = adapter_ids, None  # natural row tiles, ids read per row
     seg = _segments(adapter_ids, A, M, x.device)
     y, _ = _fused_mm(
         x, weight, (weight.stride(1), weight.stride(0)), bias,
         lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
         lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
-        scaling, seg, M, N, K, R)
+        scaling, seg, M, N, K, R, per_row_ids=per_row)
     return y
 
 

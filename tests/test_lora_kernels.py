@@ -121,6 +121,14 @@ def test_single_row(backend, bias):
     _run(name, dev, M=1, K=40, N=70, r=8, bias=bias)
 
 
+@pytest.fixture(params=["per-row", "segments"])
+def fwd_mode(request, monkeypatch):
+    """The triton forward serves few-row multi-adapter batches per row and larger ones by
+    SGMV segments: run both on the same (small) inputs."""
+    monkeypatch.setenv("MMCORE_LORA_PER_ROW_M", "100000" if request.param == "per-row" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_dtypes(backend, dtype):
     name, dev = backend
@@ -144,11 +152,21 @@ def test_per_sequence_ids(backend):
 
 
 def test_64_distinct_adapters(backend):
-    """64 rows, each its own adapter (SGMV segments of one row each)."""
+    """64 rows, each its own adapter."""
     name, dev = backend
     g = torch.Generator().manual_seed(3)
     ids = torch.randperm(64, generator=g).to(dev)
     _run(name, dev, M=64, K=20, N=24, r=4, A=64, ids=ids, bias=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_forward_modes(interpret, fwd_mode, dtype):
+    """Per-row B gather and SGMV segments (one row each, and several rows each)."""
+    ids = torch.randperm(12, generator=torch.Generator().manual_seed(5)).to(interpret)
+    _run("triton", interpret, M=12, K=20, N=24, r=4, A=12, ids=ids, dtype=dtype,
+         grads=())
+    ids = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2] * 5).to(interpret)
+    _run("triton", interpret, M=40, K=48, N=36, r=8, A=3, dtype=dtype, ids=ids, grads=())
 
 
 def test_noncontiguous_x(backend):

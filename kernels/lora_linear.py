@@ -174,16 +174,19 @@ def _lora_mm_kernel(
                              mask=rmask[:, None] & (offs_r[None, :] < R))
             lt = tl.load(LOP + a64 * sla + offs_r[:, None] * slr + offs_n[None, :] * sln,
                          mask=(offs_r[:, None] < R) & nmask[None, :], other=0.0)
-            acc += _dot_hi_lo_a(t * s, lt, IEEE)
+            # the low-rank sum apart, scaled, then added (the order of the plain computation)
+            acc += _dot_hi_lo_a(t, lt, IEEE) * s
         else:
             # T precomputed (M, R) fp32: the epilogue walks the rank in BLOCK_R chunks
+            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for r0 in range(0, R, BLOCK_R):
                 rr = r0 + offs_r
                 tt = tl.load(T_BUF + rows[:, None] * stm + rr[None, :],
                              mask=rmask[:, None] & (rr[None, :] < R), other=0.0)
                 lt = tl.load(LOP + a64 * sla + rr[:, None] * slr + offs_n[None, :] * sln,
                              mask=(rr[:, None] < R) & nmask[None, :], other=0.0)
-                acc += _dot_hi_lo_a(tt * s, lt, IEEE)
+                low += _dot_hi_lo_a(tt, lt, IEEE)
+            acc += low * s
     tl.store(OUT + rows[:, None] * som + offs_n[None, :] * son,
              acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
@@ -342,11 +345,12 @@ def _autotune():
     return os.environ.get("MMCORE_AUTOTUNE", "1") != "0"
 
 
-def _default_config(bm, dtype):
+def _default_config(bm, dtype, br=16):
     if dtype == torch.float32:
         return dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    return dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8 if bm >= 128 else 4,
-                num_stages=3)
+    if bm >= 128 and br <= 32:  # what the autotuner picked on an H100 at M=8192 (4096², 768x3072)
+        return dict(BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
 
 
 def _block_r(r):
@@ -445,7 +449,7 @@ def _fused_mm(X, Wop, w_strides, bias, aop, a_strides, lop, l_strides, scaling, 
     dummy = out
     kernel, extra = _lora_mm, {}
     if not _INTERPRET and not _autotune():
-        kernel, extra = _lora_mm_kernel, _default_config(bm, X.dtype)
+        kernel, extra = _lora_mm_kernel, _default_config(bm, X.dtype, br)
     kernel[grid](
         X, Wop, bias if bias is not None else dummy, aop, lop, scaling, out,
         T if T is not None else dummy, seg.perm if seg.has_map else dummy,
@@ -547,19 +551,23 @@ def lora_backward(dy, x, weight, lora_a, lora_b, scaling, adapter_ids,
                 torch.zeros_like(lora_a) if need_da else None,
                 torch.zeros_like(lora_b) if need_db else None)
     seg = _segments(adapter_ids, A, M, x.device)
-    b_as_aop = (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2))  # Aop[n, r] = B[n, r]
+    # Aop[n, r] = B[n, r], read from a (A, r, N) copy of B (small): the n-contiguous layout
+    # of the forward's A operand.  Reading B (A, N, r) in place (rows of r elements) hit an
+    # illegal address on an H100 (triton 3.6) for r = 2, bf16, 128-row tiles.
+    lora_bt = lora_b.transpose(1, 2).contiguous()
+    b_as_aop = (lora_bt.stride(0), lora_bt.stride(2), lora_bt.stride(1))
     T = None  # dy @ B (M, r) fp32
     if need_dx:
         dx, T = _fused_mm(
             dy, weight, (weight.stride(0), weight.stride(1)), None,
-            lora_b, b_as_aop,
+            lora_bt, b_as_aop,
             lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
             scaling, seg, M, K, N, R, want_t=need_da)
     low = dy.dtype != torch.float32
     NA = A if seg.has_map else 1  # without ids only adapter 0 has rows
     if need_da:
         if T is None:
-            T = _lowrank_rows(dy, lora_b, b_as_aop, R, seg, M, N)
+            T = _lowrank_rows(dy, lora_bt, b_as_aop, R, seg, M, N)
         da = _pad_adapters(_seg_outer(T, x, scaling, seg, M, R, K, NA, low, False, x.dtype), A)
     if need_db:
         XA = _lowrank_rows(x, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),

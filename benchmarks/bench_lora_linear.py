@@ -152,13 +152,13 @@ def _gpu_multi(rows, quick, device):
 def _cpu(rows, quick, device):
     dtype = torch.float32
     M, K, N, r = 2048, 768, 3072, 16
-    rep = 5 if quick else 10
+    rep, warm = (3, 1) if quick else (10, 2)
     for M in ((2048,) if quick else (16, 256, 2048)):
         x, w, b, la, lb, s, dy = _operands(M, K, N, r, 1, dtype, "cpu")
         a2, b2 = la[0], lb[0]
         shape = {"M": M, "K": K, "N": N, "r": r, "threads": torch.get_num_threads()}
         case = f"fwd cpu 768x3072 M={M} r={r}"
-        t_lin = time_fn(lambda: F.linear(x, w, b), "cpu", warmup=2, rep=rep)
+        t_lin = time_fn(lambda: F.linear(x, w, b), "cpu", warmup=warm, rep=rep)
         rows.append(row(OP, case, "F.linear (floor)", shape, dtype, device, t_lin,
                         flops=2 * M * N * K))
         base = t_lin["median_ms"]
@@ -172,7 +172,7 @@ def _cpu(rows, quick, device):
                     lambda v=v: torch.ops.mmcore_C.lora_linear_fwd_variant(x, w, b, la, lb, s, v))
         for name, fn in impls.items():
             rows.append(row(OP, case, name, shape, dtype, device,
-                            time_fn(fn, "cpu", warmup=2, rep=rep),
+                            time_fn(fn, "cpu", warmup=warm, rep=rep),
                             flops=_flops(M, K, N, r), baseline_ms=base))
         if M == 2048:
             case = f"fwd+bwd cpu 768x3072 M={M} r={r}"

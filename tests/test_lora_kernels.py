@@ -273,6 +273,16 @@ def test_triton_multi_tile_segments(interpret):
     _run("triton", interpret, M=150, K=40, N=70, r=8, A=3, ids=ids)
 
 
+def test_triton_regression_rank2_multi_adapter_bf16(interpret):
+    """Regression: on an H100 (triton 3.6) the backward's dx kernel hit an illegal address for
+    this case (128-row tiles there) while reading B in place as (N, r) rows of r = 2; B is now
+    read from an (A, r, N) copy.  Under the interpreter it checks the values; compiled on a
+    GPU (`interpret` yields "cuda") it checks the fix."""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(-1, 5, (65,), generator=g).to(interpret)
+    _run("triton", interpret, M=65, K=38, N=30, r=2, A=5, dtype=torch.bfloat16, ids=ids)
+
+
 # ------------------------------------------------------------------ GPU, real shapes
 
 

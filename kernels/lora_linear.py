@@ -565,13 +565,16 @@ def lora_backward(dy, x, weight, lora_a, lora_b, scaling, adapter_ids,
             scaling, seg, M, K, N, R, want_t=need_da)
     low = dy.dtype != torch.float32
     NA = A if seg.has_map else 1  # without ids only adapter 0 has rows
+    # the (M, r) low-rank products are memory bound: 32-row tiles give the GPU 4x the
+    # programs of the GEMM's 128-row tiles (not re-measured; see docs/lora_kernels.md)
+    seg_lr = seg if seg.block_m <= 32 else Segments(adapter_ids, A, M, 32, x.device)
     if need_da:
         if T is None:
-            T = _lowrank_rows(dy, lora_bt, b_as_aop, R, seg, M, N)
+            T = _lowrank_rows(dy, lora_bt, b_as_aop, R, seg_lr, M, N)
         da = _pad_adapters(_seg_outer(T, x, scaling, seg, M, R, K, NA, low, False, x.dtype), A)
     if need_db:
         XA = _lowrank_rows(x, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
-                           R, seg, M, K)
+                           R, seg_lr, M, K)
         db = _pad_adapters(_seg_outer(dy, XA, scaling, seg, M, N, R, NA, False, low, x.dtype),
                            A)
     return dx, da, db

@@ -150,17 +150,18 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.
         raise RuntimeError(f"lora_linear backend {backend!r} has no backward")
     dx, da, db = impl.backward(V.last_dim_contiguous(dy), x, weight, lora_a, lora_b, scaling,
                                adapter_ids, need_dx, need_da, need_db)
-    # custom ops cannot return None: unrequested grads come back as empty tensors
-    e = x.new_empty(0)
-    return (dx.contiguous() if need_dx else e, da.contiguous() if need_da else e,
-            db.contiguous() if need_db else e)
+    # custom ops cannot return None: unrequested grads come back as empty tensors (one each:
+    # outputs of a custom op may not alias each other)
+    e = lambda: x.new_empty(0)  # noqa: E731
+    return (dx.contiguous() if need_dx else e(), da.contiguous() if need_da else e(),
+            db.contiguous() if need_db else e())
 
 
 @_bwd.register_fake
 def _(dy, x, weight, lora_a, lora_b, scaling, adapter_ids, need_dx, need_da, need_db, backend):
-    e = x.new_empty(0)
-    return (torch.empty_like(x) if need_dx else e, torch.empty_like(lora_a) if need_da else e,
-            torch.empty_like(lora_b) if need_db else e)
+    e = lambda: x.new_empty(0)  # noqa: E731
+    return (torch.empty_like(x) if need_dx else e(), torch.empty_like(lora_a) if need_da else e(),
+            torch.empty_like(lora_b) if need_db else e())
 
 
 def _setup(ctx, inputs, output):

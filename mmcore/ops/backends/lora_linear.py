@@ -3,6 +3,7 @@ import torch
 
 from .. import registry
 from ..reference import lora as ref
+from . import _loaders
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -10,4 +11,47 @@ registry.register(registry.OpImpl(
     op="lora_linear", backend="torch", priority=0,
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=ref.lora_fwd, backward=ref.lora_bwd,
+))
+
+
+# ---------------------------------------------------------------- triton (kernels/lora_linear.py)
+
+def _triton_fwd(*args):
+    from mmcore.kernels import lora_linear as K
+    return K.lora_forward(*args)
+
+
+def _triton_bwd(*args):
+    from mmcore.kernels import lora_linear as K
+    return K.lora_backward(*args)
+
+
+registry.register(registry.OpImpl(
+    op="lora_linear", backend="triton", priority=40,
+    devices=_loaders.triton_devices(), auto_devices=frozenset({"cuda"}),
+    dtypes=frozenset({F16, BF16, F32}),
+    forward=_triton_fwd, backward=_triton_bwd,
+    max_rank=256, supports_multi_adapter=True,
+    available=_loaders.triton_error,
+))
+
+
+# ---------------------------------------------------------------- cpu (csrc/cpu/lora_linear.cpp)
+
+def _cpu_fwd(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
+    return torch.ops.mmcore_C.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling,
+                                              adapter_ids)
+
+
+def _cpu_bwd(dy, x, weight, lora_a, lora_b, scaling, adapter_ids, need_dx, need_da, need_db):
+    dx, da, db = torch.ops.mmcore_C.lora_linear_bwd(dy, x, weight, lora_a, lora_b, scaling,
+                                                    adapter_ids, need_dx, need_da, need_db)
+    return (dx if need_dx else None, da if need_da else None, db if need_db else None)
+
+
+registry.register(registry.OpImpl(
+    op="lora_linear", backend="cpu", priority=20,
+    devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32}),
+    forward=_cpu_fwd, backward=_cpu_bwd, supports_multi_adapter=True,
+    available=lambda: _loaders.cpp_error("lora_linear_fwd"),
 ))

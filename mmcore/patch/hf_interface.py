@@ -182,6 +182,10 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
                 attention_mask=None, local_size=None, use_vmap=False, device="cpu", **kwargs):
     """AttentionMaskInterface function: a tagged 2-D padding mask (or HF's dense bool mask
     for patterns that cannot be expressed exactly)."""
+    if getattr(attention_mask, "_mmcore_spec", None) is not None:
+        # one of our own masks handed back in (generate() prepares the mask before the
+        # forward, which builds it again): start from the 2-D mask it was made from
+        attention_mask = attention_mask._mmcore_source
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function
         mask_function = causal_mask_function
@@ -207,6 +211,7 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
             am = torch.nn.functional.pad(am, (0, need - am.shape[-1]))
         pm = am[:, kv_offset:kv_offset + kv_length].contiguous()
     pm._mmcore_spec = MaskSpec(cls[0], cls[1], q_offset, kv_offset)
+    pm._mmcore_source = attention_mask
     return pm
 
 

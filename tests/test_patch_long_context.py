@@ -134,7 +134,7 @@ def test_long_context_8k_tokens_memory():
                        num_attention_heads=H, intermediate_size=37,
                        max_position_embeddings=64)
     m = T.BertModel(cfg).eval()
-    mmcore.patch(m, long_context=mmcore.LongContext(window=64, global_tokens=1,
+    mmcore.patch(m, long_context=mmcore.LongContext(window=32, global_tokens=1,
                                                      max_length=S))
     ids = torch.randint(3, K.V, (1, S))
     with torch.no_grad():

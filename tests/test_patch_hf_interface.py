@@ -102,3 +102,18 @@ def test_mask_function_unknown_pattern_gives_dense_mask():
         return (q + kv) % 3 != 0
     m = hfi.mmcore_mask(2, 5, 5, mask_function=and_masks(causal_mask_function, odd))
     assert m.dim() == 4 and m.dtype == torch.bool
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_mmcore_equals_eager_cuda_bf16(family):
+    """On the device: bf16 patched model (backend auto -> the fastest GPU kernel) vs the
+    unpatched bf16 sdpa/eager model; oracle fp64 on the CPU."""
+    eager, ours = _pair(family)
+    oracle = K.load(family, "sdpa")[0].double()
+    kw = K.inputs("decoder", B=3, S=300, padding="left")
+    valid = kw["attention_mask"].bool()
+    kwc = {k: v.cuda() for k, v in kw.items()}
+    out = ours.cuda().to(torch.bfloat16)(**kwc).logits.float().cpu()
+    base = eager.cuda().to(torch.bfloat16)(**kwc).logits.float().cpu()
+    assert_close(f"{family}/cuda", out[valid], oracle(**kw).logits[valid], base[valid])

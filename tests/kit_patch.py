@@ -49,6 +49,10 @@ def build(family):
     if family == "xlm-roberta":
         return T.XLMRobertaConfig(**_enc_kw(pad_token_id=1, max_position_embeddings=66)), \
             T.XLMRobertaModel, "encoder"
+    if family == "longformer":
+        cfg = T.LongformerConfig(**_enc_kw(pad_token_id=1, max_position_embeddings=70,
+                                           attention_window=8))
+        return cfg, T.LongformerModel, "encoder"
     if family == "modernbert":
         cfg = T.ModernBertConfig(vocab_size=V, hidden_size=32, intermediate_size=40,
                                  num_hidden_layers=3, num_attention_heads=4, local_attention=8,
@@ -163,7 +167,10 @@ def compare(family, patched, kind, kw, grads=True, params=3):
     base, _ = load(family, "eager")
     # the fp64 oracle is the unpatched model on HF's sdpa path (CPU fp64 sdpa is exact math;
     # HF's eager path gives NaN in fp64 for ModernBERT)
-    oracle = load(family, "sdpa")[0].double()
+    try:
+        oracle = load(family, "sdpa")[0].double()
+    except ValueError:  # no sdpa path for this family (Longformer, Gemma2): eager fp64
+        oracle = load(family, "eager")[0].double()
     kw64 = {k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}
     res = {}
     for name, m, args in (("patched", patched, kw), ("base", base, kw), ("oracle", oracle, kw64)):

@@ -88,18 +88,40 @@ def test_output_attentions_config_left():
     assert isinstance(cfg, T.BertConfig)
 
 
-def test_longformer_reported_unsupported():
-    import transformers as T
-    cfg = T.LongformerConfig(vocab_size=K.V, hidden_size=32, num_hidden_layers=1,
-                             num_attention_heads=4, intermediate_size=37,
-                             max_position_embeddings=70, attention_window=8)
-    m = T.LongformerModel(cfg).eval()
-    ids = torch.randint(3, K.V, (1, 16))
-    ref = m(ids).last_hidden_state
+@pytest.mark.parametrize("G", [0, 2])
+def test_longformer_window_and_global_projections(G):
+    """Longformer: window attention_window/2 each side + a global prefix whose rows use the
+    query/key/value_global projections -- exact, forward and gradients."""
+    m, kind = K.load("longformer")
     rep = mmcore.patch(m)
-    assert not rep.replaced
-    assert any("Longformer" in r for _, r in rep.left)
-    assert torch.equal(m(ids).last_hidden_state, ref)
+    assert len(rep.replaced) == 2 and all("longformer" in w for _, w in rep.replaced)
+    kw = K.inputs(kind, B=3, S=21)
+    kw["global_attention_mask"] = torch.zeros_like(kw["attention_mask"])
+    kw["global_attention_mask"][:, :G] = 1
+    hfi.STATS.reset()
+    m.train()
+    K.compare("longformer", m, kind, kw, grads=False)
+    # gradients without padding: HF's Longformer gives NaN gradients in float64 when the
+    # batch is padded (finfo(float64).min sums overflow in its diagonal mask), so the fp64
+    # oracle only exists for unpadded batches
+    kw["attention_mask"][:] = 1
+    K.compare("longformer", m, kind, kw)
+    assert hfi.STATS.op_calls == 4 and hfi.STATS.fallback_calls == 0
+
+
+def test_longformer_scattered_globals_fall_back_exactly():
+    m, kind = K.load("longformer")
+    ref, _ = K.load("longformer")
+    mmcore.patch(m)
+    kw = K.inputs(kind, B=2, S=16)
+    kw["global_attention_mask"] = torch.zeros_like(kw["attention_mask"])
+    kw["global_attention_mask"][:, 5] = 1  # not a prefix: HF's own forward
+    hfi.STATS.reset()
+    out = m(**kw).last_hidden_state
+    assert hfi.STATS.fallback_calls == 2
+    torch.testing.assert_close(out, ref(**kw).last_hidden_state)
+    mmcore.unpatch(m)
+    assert not any("forward" in x.__dict__ for x in m.modules())
 
 
 def test_siglip_pooling_head_reported():

@@ -7,6 +7,7 @@ from torch import nn
 
 from . import hf_interface as hfi
 from . import lora as _lora
+from . import longformer as _longformer
 from .long_context import LongContext, extend_embeddings, restore_embeddings
 from .report import PatchReport
 
@@ -24,14 +25,9 @@ FAMILIES = {
     "Gemma3Attention": "gemma3", "Gemma2Attention": "gemma2",
 }
 
-# Attention modules with their own code path (no AttentionInterface) and why they are left.
-UNSUPPORTED = {
-    "LongformerSelfAttention": (
-        "Longformer attention is its own implementation (chunked local attention plus "
-        "separate query/key/value_global projections for global tokens), not HF's "
-        "AttentionInterface; not mapped to mmcore ops in this version -- left unchanged "
-        "(use LongContext on a BERT/RoBERTa encoder for the same window+global pattern)"),
-}
+# Attention modules with their own code path (no AttentionInterface) that mmcore maps itself.
+OWN_MAPPING = {"LongformerSelfAttention": "longformer"}
+UNSUPPORTED: dict = {}
 
 _SOFTCAP_ATTRS = ("attn_logit_softcapping",)
 
@@ -70,6 +66,9 @@ def _attention_modules(model):
     out = []
     for name, mod in model.named_modules():
         cname = type(mod).__name__
+        if cname in OWN_MAPPING:
+            out.append((name, mod, "own"))
+            continue
         if cname in UNSUPPORTED:
             out.append((name, mod, "unsupported"))
             continue
@@ -146,7 +145,7 @@ def patch(model, *, attention=True, lora=True, long_context=None, backend="auto"
     hfi.register()
     report = PatchReport()
     state = {"configs": [], "modules": [], "embeddings": [], "lora_wrap": [],
-             "lora_convert": []}
+             "lora_convert": [], "longformer": []}
 
     if attention:
         _patch_attention(model, report, state, long_context, backend)
@@ -175,7 +174,19 @@ def _patch_attention(model, report, state, long_context, backend):
     mods = _attention_modules(model)
     by_config = {}
     for name, mod, kind in mods:
-        if kind == "unsupported":
+        if kind == "own":
+            why = _config_problem(mod.config)
+            if why is not None:
+                report.left.append((name, why))
+                continue
+            state["longformer"].append(_longformer.wrap(mod, backend))
+            report.replaced.append((name, f"{type(mod).__name__} (longformer) forward -> "
+                                          "mmcore window_attention (window + global prefix; "
+                                          "global rows on the *_global projections)"))
+            if long_context is not None:
+                report.notes.append(f"{name}: LongContext not applied (Longformer already "
+                                    "has its own window and position table)")
+        elif kind == "unsupported":
             report.left.append((name, UNSUPPORTED[type(mod).__name__]))
         elif kind == "opaque":
             report.left.append((name, f"{type(mod).__name__} does not dispatch through HF's "
@@ -250,6 +261,8 @@ def unpatch(model):
     if state["lora_convert"]:
         _lora.unconvert(model, state["lora_convert"])
     _lora.unwrap(state["lora_wrap"])
+    for undo in state.get("longformer", []):
+        _longformer.unwrap(undo)
     for undo in reversed(state["embeddings"]):
         restore_embeddings(undo)
     for mod, override, backend in state["modules"]:

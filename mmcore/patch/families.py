@@ -32,19 +32,18 @@ UNSUPPORTED: dict = {}
 _SOFTCAP_ATTRS = ("attn_logit_softcapping",)
 
 
+_USES_INTERFACE: dict = {}
+
+
 def _uses_interface(cls) -> bool:
-    cache = cls.__dict__.get("_mmcore_uses_interface")
-    if isinstance(cache, bool):
-        return cache
-    try:
-        src = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        src = ""
-    ok = "ALL_ATTENTION_FUNCTIONS" in src
-    try:
-        setattr(cls, "_mmcore_uses_interface", ok)
-    except (TypeError, AttributeError):
-        pass
+    """Does this attention class dispatch through transformers' AttentionInterface?"""
+    ok = _USES_INTERFACE.get(cls)
+    if ok is None:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        ok = _USES_INTERFACE[cls] = "ALL_ATTENTION_FUNCTIONS" in src
     return ok
 
 

@@ -150,10 +150,7 @@ def _bench(rows, name, kind, base_model, S, B, train, device, dtype, quick):
             results[impl] = t
         else:
             t, peak = None, None
-        base_ms = (results.get("hf-sdpa") or {}).get("median_ms") if impl != "hf-sdpa" \
-            else None
-        rows.append(harness.row(OP, case, impl, shape, dtype, device, t, peak=peak,
-                                baseline_ms=None, note=note))
+        rows.append(harness.row(OP, case, impl, shape, dtype, device, t, peak=peak, note=note))
         del m
         gc.collect()
         if device.startswith("cuda"):

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from . import _validate as V
-from . import registry
+from . import _eager, registry
 from .window_attention import _scale
 
 
@@ -45,20 +45,29 @@ def cross_attention(q, k, v, *, seqlens_q=None, seqlens_k=None, scale=None, retu
                          seqlens=seqlens_q is not None or seqlens_k is not None,
                          extra={"Sq": Sq, "Sk": k.shape[2]})
     impl = registry.select("cross_attention", p, backend)
-    out, lse = torch.ops.mmcore.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale,
+    out, lse = _call(q, k, v, seqlens_q, seqlens_k, scale,
                                                     impl.backend)
     return (out, lse) if return_lse else out
 
 
-@torch.library.custom_op("mmcore::cross_attention_fwd", mutates_args=())
-def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Optional[torch.Tensor],
-         seqlens_k: Optional[torch.Tensor], scale: float, backend: str
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+def _call(*args):
+    """Eager fast path for plain tensors, else the registered custom op."""
+    if _eager.plain(*args[:7]):
+        return _Eager.apply(*args)
+    return torch.ops.mmcore.cross_attention_fwd(*args)
+
+
+def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Optional[torch.Tensor],
+              seqlens_k: Optional[torch.Tensor], scale: float, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     V.seqlens_values("seqlens_q", seqlens_q, q.shape[2])
     V.seqlens_values("seqlens_k", seqlens_k, k.shape[2])
     out, lse = registry.get("cross_attention", backend).forward(q, k, v, seqlens_q, seqlens_k,
                                                                 scale)
     return out.contiguous(), lse.contiguous()
+
+
+_fwd = torch.library.custom_op("mmcore::cross_attention_fwd", _fwd_impl, mutates_args=())
 
 
 @_fwd.register_fake
@@ -67,17 +76,19 @@ def _(q, k, v, seqlens_q, seqlens_k, scale, backend):
     return q.new_empty(B, Hq, Sq, v.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
 
 
-@torch.library.custom_op("mmcore::cross_attention_bwd", mutates_args=())
-def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         out: torch.Tensor, lse: torch.Tensor, seqlens_q: Optional[torch.Tensor],
-         seqlens_k: Optional[torch.Tensor], scale: float, backend: str
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              out: torch.Tensor, lse: torch.Tensor, seqlens_q: Optional[torch.Tensor],
+              seqlens_k: Optional[torch.Tensor], scale: float, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = registry.get("cross_attention", backend)
     if impl.backward is None:
         raise RuntimeError(f"cross_attention backend {backend!r} has no backward")
     dq, dk, dv = impl.backward(V.last_dim_contiguous(dout), q, k, v, out, lse, seqlens_q,
                                seqlens_k, scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+_bwd = torch.library.custom_op("mmcore::cross_attention_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd.register_fake
@@ -93,12 +104,14 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, bwd=None):
     q, k, v, out, lse, sq, sk = ctx.saved_tensors
     scale, backend = ctx.args
-    dq, dk, dv = torch.ops.mmcore.cross_attention_bwd(dout, q, k, v, out, lse, sq, sk, scale,
-                                                      backend)
+    bwd = bwd or torch.ops.mmcore.cross_attention_bwd
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, sq, sk, scale,
+                 backend)
     return dq, dk, dv, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
+_Eager = _eager.function("_CrossAttentionEager", _fwd_impl, _bwd_impl, _setup, _backward)

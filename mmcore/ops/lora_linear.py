@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import _validate as V
-from . import registry
+from . import _eager, registry
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, backend="auto"):
@@ -79,7 +79,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, b
     p = registry.Problem("lora_linear", x.device.type, x.dtype, head_dim=K, rank=r,
                          adapters=A_, needs_grad=needs_grad, extra={"M": x2.shape[0], "N": N})
     impl = registry.select("lora_linear", p, backend)
-    y = torch.ops.mmcore.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, scaling, ids,
+    y = _call(x2, weight, bias, lora_a, lora_b, scaling, ids,
                                          impl.backend)
     return y.reshape(*lead, N)
 
@@ -125,14 +125,23 @@ def _check_ids(ids, A):
                          f"got min {lo} max {hi}")
 
 
-@torch.library.custom_op("mmcore::lora_linear_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-         lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
-         adapter_ids: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+def _call(*args):
+    """Eager fast path for plain tensors, else the registered custom op."""
+    if _eager.plain(*args[:7]):
+        return _Eager.apply(*args)
+    return torch.ops.mmcore.lora_linear_fwd(*args)
+
+
+def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
+              adapter_ids: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     _check_ids(adapter_ids, lora_a.shape[0])
     y = registry.get("lora_linear", backend).forward(x, weight, bias, lora_a, lora_b, scaling,
                                                      adapter_ids)
     return y.contiguous()
+
+
+_fwd = torch.library.custom_op("mmcore::lora_linear_fwd", _fwd_impl, mutates_args=())
 
 
 @_fwd.register_fake
@@ -140,11 +149,10 @@ def _(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("mmcore::lora_linear_bwd", mutates_args=())
-def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-         lora_b: torch.Tensor, scaling: torch.Tensor, adapter_ids: Optional[torch.Tensor],
-         need_dx: bool, need_da: bool, need_db: bool, backend: str
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+              lora_b: torch.Tensor, scaling: torch.Tensor, adapter_ids: Optional[torch.Tensor],
+              need_dx: bool, need_da: bool, need_db: bool, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = registry.get("lora_linear", backend)
     if impl.backward is None:
         raise RuntimeError(f"lora_linear backend {backend!r} has no backward")
@@ -155,6 +163,9 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.
     e = lambda: x.new_empty(0)  # noqa: E731
     return (dx.contiguous() if need_dx else e(), da.contiguous() if need_da else e(),
             db.contiguous() if need_db else e())
+
+
+_bwd = torch.library.custom_op("mmcore::lora_linear_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd.register_fake
@@ -170,15 +181,17 @@ def _setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, bwd=None):
     x, weight, lora_a, lora_b, scaling, ids = ctx.saved_tensors
     nx, _, _, na, nb = ctx.needs_input_grad[:5]
     if not (nx or na or nb):
         return (None,) * 8
-    dx, da, db = torch.ops.mmcore.lora_linear_bwd(dy, x, weight, lora_a, lora_b, scaling, ids,
-                                                  nx, na, nb, ctx.backend)
+    bwd = bwd or torch.ops.mmcore.lora_linear_bwd
+    dx, da, db = bwd(dy, x, weight, lora_a, lora_b, scaling, ids,
+                     nx, na, nb, ctx.backend)
     return (dx if nx else None, None, None, da if na else None, db if nb else None,
             None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
+_Eager = _eager.function("_LoraLinearEager", _fwd_impl, _bwd_impl, _setup, _backward)

@@ -74,8 +74,11 @@ class OpImpl:
         return self.backward is not None
 
     def refuse(self, p: Problem) -> list:
-        """Reasons this implementation cannot serve ``p`` (empty list: it can)."""
-        why = self.available()
+        """Reasons this implementation cannot serve ``p`` (empty list: it can).
+
+        Availability is probed once when the backends load (a probe may call into the
+        dispatcher, which torch.compile cannot trace); `mmcore info` probes afresh."""
+        why = self.__dict__.get("_why", None) if "_why" in self.__dict__ else self.available()
         if why:
             return [f"not available: {why}"]
         r = []
@@ -170,6 +173,10 @@ def _load_backends() -> None:
         return
     _loaded = True
     from .backends import window_attention, cross_attention, lora_linear  # noqa: F401
+
+    for impls in _REGISTRY.values():
+        for impl in impls.values():
+            impl._why = impl.available()
 
 
 def report() -> dict:

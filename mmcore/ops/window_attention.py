@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import _validate as V
-from . import registry
+from . import _eager, registry
 from .reference.attention import default_scale
 
 
@@ -75,9 +75,16 @@ def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seq
                          seqlens=seqlens_q is not None or seqlens_k is not None,
                          extra={"Sq": Sq, "Sk": Sk, "window": (left, right)})
     impl = registry.select("window_attention", p, backend)
-    out, lse = torch.ops.mmcore.window_attention_fwd(
+    out, lse = _call(
         q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, impl.backend)
     return (out, lse) if return_lse else out
+
+
+def _call(*args):
+    """Eager fast path for plain tensors, else the registered custom op."""
+    if _eager.plain(*args[:7]):
+        return _Eager.apply(*args)
+    return torch.ops.mmcore.window_attention_fwd(*args)
 
 
 def _window(window):
@@ -107,10 +114,9 @@ def _scale(scale, D):
 
 
 # ---------------------------------------------------------------- torch.library custom op
-@torch.library.custom_op("mmcore::window_attention_fwd", mutates_args=())
-def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Optional[torch.Tensor],
-         seqlens_k: Optional[torch.Tensor], left: int, right: int, causal: bool,
-         global_tokens: int, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Optional[torch.Tensor],
+              seqlens_k: Optional[torch.Tensor], left: int, right: int, causal: bool,
+              global_tokens: int, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     V.seqlens_values("seqlens_q", seqlens_q, q.shape[2])
     V.seqlens_values("seqlens_k", seqlens_k, k.shape[2])
     impl = registry.get("window_attention", backend)
@@ -119,18 +125,20 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Optional[
     return out.contiguous(), lse.contiguous()
 
 
+_fwd = torch.library.custom_op("mmcore::window_attention_fwd", _fwd_impl, mutates_args=())
+
+
 @_fwd.register_fake
 def _(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, backend):
     B, Hq, Sq, D = q.shape
     return q.new_empty(B, Hq, Sq, v.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
 
 
-@torch.library.custom_op("mmcore::window_attention_bwd", mutates_args=())
-def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         out: torch.Tensor, lse: torch.Tensor, seqlens_q: Optional[torch.Tensor],
-         seqlens_k: Optional[torch.Tensor], left: int, right: int, causal: bool,
-         global_tokens: int, scale: float, backend: str
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              out: torch.Tensor, lse: torch.Tensor, seqlens_q: Optional[torch.Tensor],
+              seqlens_k: Optional[torch.Tensor], left: int, right: int, causal: bool,
+              global_tokens: int, scale: float, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = registry.get("window_attention", backend)
     if impl.backward is None:
         raise RuntimeError(f"window_attention backend {backend!r} has no backward")
@@ -138,6 +146,9 @@ def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dq, dk, dv = impl.backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right,
                                causal, global_tokens, scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+_bwd = torch.library.custom_op("mmcore::window_attention_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd.register_fake
@@ -156,12 +167,14 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, bwd=None):
     q, k, v, out, lse, sq, sk = ctx.saved_tensors
     left, right, causal, G, scale, backend = ctx.args
-    dq, dk, dv = torch.ops.mmcore.window_attention_bwd(
+    bwd = bwd or torch.ops.mmcore.window_attention_bwd
+    dq, dk, dv = bwd(
         dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale, backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
+_Eager = _eager.function("_WindowAttentionEager", _fwd_impl, _bwd_impl, _setup, _backward)

@@ -29,5 +29,6 @@ def _map_kernels():
 _map_kernels()
 
 from .ops import cross_attention, lora_linear, window_attention  # noqa: E402
+from .nn.kv_cache import RollingKVCache  # noqa: E402
 
-__all__ = ["window_attention", "cross_attention", "lora_linear", "__version__"]
+__all__ = ["window_attention", "cross_attention", "lora_linear", "RollingKVCache", "__version__"]

@@ -6,9 +6,11 @@ B=1, H=12, D=64, fp32, window (256, 256).  Impls: mmcore cpu backend, a hand-wri
 SDPA (query chunks of 256 calling F.scaled_dot_product_attention on the keys they need with a
 bool mask), dense-mask SDPA (N x N bool mask; skipped above --dense-max), and mmcore's torch
 reference backend.  Time: median of --rep runs after one warm-up; GFLOP/s count useful FLOPs
-only (fwd 4*B*H*pairs*D, bwd 2.5x that).  Peak memory: ru_maxrss growth of a fresh process per
-(impl, N) would be cleaner; here we report tracemalloc-free torch CPU allocator peak via
-torch.profiler-free bookkeeping: the max RSS delta observed around the call.
+only (fwd 4*B*H*pairs*D, bwd 2.5x that).  Besides wall time, the process CPU time (all
+threads) is recorded: on a machine shared with other jobs, GFLOP per CPU-second x threads is the
+steadier measure of what the code would do on idle cores.  Peak memory: growth of the process
+peak RSS during the first call of each (impl, N) (run impls in increasing memory order, or one
+impl per process with --impl, for clean numbers).
 """
 from __future__ import annotations
 
@@ -76,15 +78,22 @@ def measure(fn, q, k, v, left, right, bwd, rep):
         else:
             with torch.no_grad():
                 fn(q, k, v, left, right)
+    small = [t[:, :, :64] for t in (q, k, v)]
+    if bwd:
+        qq, kk, vv = (t.detach().requires_grad_() for t in small)
+        fn(qq, kk, vv, left, right).sum().backward()
+    else:
+        fn(*small, left, right)  # load libraries before taking the RSS baseline
     r0 = rss_mb()
     call()  # warm-up
     peak = rss_mb() - r0
-    ts = []
+    ts, cs = [], []
     for _ in range(rep):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         call()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), peak
+        cs.append(time.process_time() - c0)
+    return statistics.median(ts), statistics.median(cs), peak
 
 
 def main():
@@ -105,9 +114,11 @@ def main():
         for name in a.impl:
             if name == "dense-sdpa" and N > a.dense_max:
                 continue
-            t, peak = measure(IMPLS[name], q, k, v, left, right, a.bwd, a.rep)
+            t, c, peak = measure(IMPLS[name], q, k, v, left, right, a.bwd, a.rep)
             print(json.dumps(dict(impl=name, N=N, pass_="fwd+bwd" if a.bwd else "fwd",
                                   ms=round(t * 1e3, 1), gflops=round(flops / t / 1e9, 1),
+                                  cpu_ms=round(c * 1e3, 1),
+                                  gflops_per_cpu_s=round(flops / c / 1e9, 1),
                                   rss_growth_mb=round(peak, 1), threads=a.threads)), flush=True)
 
 

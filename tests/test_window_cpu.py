@@ -181,3 +181,25 @@ def test_expanded_kv_stride0():
     out = mmcore.window_attention(q, k, v, window=(2, 2), backend="cpu")
     ref = mmcore.window_attention(q, k.contiguous(), v, window=(2, 2), backend="torch")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_aten_gemm_fallback():
+    """The at::mm path (used when torch's BLAS exports no sgemm_/dgemm_) gives the same
+    answers: a few cases in a subprocess with MMCORE_CPU_GEMM=aten."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        "import sys, torch; sys.path.insert(0, %r)\n"
+        "from kit import check_attention_case\n"
+        "from test_window_cpu import EDGE\n"
+        "for name in ['GQA 6/2', 'global noncausal two key segments', 'fp64', 'bf16',\n"
+        "             'non-contiguous']:\n"
+        "    check_attention_case('window_attention', 'cpu', EDGE[name])\n"
+        "print('ok')\n" % here)
+    env = dict(os.environ, MMCORE_CPU_GEMM="aten")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr

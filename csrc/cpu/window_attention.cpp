@@ -25,6 +25,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -163,6 +165,16 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const int*) __attribute__((weak));
 }
 
+// MMCORE_CPU_GEMM=aten forces the at::mm path (tests use it to cover torch builds without
+// exported BLAS symbols).
+inline bool force_aten_gemm() {
+  static const bool force = [] {
+    const char* e = std::getenv("MMCORE_CPU_GEMM");
+    return e != nullptr && std::string(e) == "aten";
+  }();
+  return force;
+}
+
 // C (M x N, ldc) = alpha * op(A) op(B) + beta * C, all row-major; op(A) is M x K, op(B) K x N.
 template <typename acc_t>
 void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, acc_t alpha, const acc_t* A,
@@ -171,7 +183,7 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, acc_t alpha, con
   const bool small = std::max({M, N, K, lda, ldb, ldc}) <= kMax;
   auto blas = std::is_same_v<acc_t, float> ? reinterpret_cast<void*>(&sgemm_)
                                            : reinterpret_cast<void*>(&dgemm_);
-  if (small && blas != nullptr) {
+  if (small && blas != nullptr && !force_aten_gemm()) {
     // row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T
     const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);

@@ -30,9 +30,12 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define MMCORE_X86 1
+#define MMCORE_X86 1  // AVX2 paths via __attribute__((target)), chosen at run time
+#endif
+#if defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define MMCORE_WEAK_BLAS 1  // call the BLAS symbols torch exports, when it does
 #endif
 
 #include "common.h"
@@ -156,6 +159,7 @@ acc_t exp_sum(acc_t* s, int64_t n, acc_t m) {
 
 // The BLAS that torch links (MKL / OpenBLAS) usually exports the Fortran symbols; they are
 // weak here, so a torch without them still loads mmcore._C and takes the at::mm path.
+#ifdef MMCORE_WEAK_BLAS
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
             const float*, const int*, const float*, const int*, const float*, float*,
@@ -164,6 +168,7 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const double*, const int*, const double*, const int*, const double*, double*,
             const int*) __attribute__((weak));
 }
+#endif
 
 // MMCORE_CPU_GEMM=aten forces the at::mm path (tests use it to cover torch builds without
 // exported BLAS symbols).
@@ -179,6 +184,7 @@ inline bool force_aten_gemm() {
 template <typename acc_t>
 void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, acc_t alpha, const acc_t* A,
              int64_t lda, const acc_t* B, int64_t ldb, acc_t beta, acc_t* C, int64_t ldc) {
+#ifdef MMCORE_WEAK_BLAS
   constexpr int64_t kMax = std::numeric_limits<int>::max();
   const bool small = std::max({M, N, K, lda, ldb, ldc}) <= kMax;
   auto blas = std::is_same_v<acc_t, float> ? reinterpret_cast<void*>(&sgemm_)
@@ -194,6 +200,7 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, acc_t alpha, con
       dgemm_(&tA, &tB, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
     return;
   }
+#endif
   const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor a = ta ? at::from_blob(const_cast<acc_t*>(A), {K, M}, {lda, 1}, opt).t()
                     : at::from_blob(const_cast<acc_t*>(A), {M, K}, {lda, 1}, opt);
@@ -265,6 +272,12 @@ inline RowKeys row_keys(const Problem& P, const Sample& s, int64_t i) {
     r.whi = std::max(r.whi, r.wlo);
   }
   return r;
+}
+
+// How many keys row keys rk hold: |[0, ghi) U [wlo, whi)|.
+inline int64_t row_count(const RowKeys& rk) {
+  const int64_t overlap = std::max<int64_t>(0, std::min(rk.ghi, rk.whi) - rk.wlo);
+  return rk.ghi + (rk.whi - rk.wlo) - overlap;
 }
 
 // Masks row `s` holding keys [c0, c0 + n) of query row with keys rk: masked entries -> -inf,
@@ -489,14 +502,22 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
   // delta = rowsum(dO * O), written by pass 1, read by pass 2: (B, Hq, Sq) fp32/fp64
   std::vector<acc_t> delta(static_cast<size_t>(P.B * P.Hq * P.Sq), acc_t(0));
 
-  // P = exp(scale * S - lse) on the allowed entries, 0 elsewhere (and for rows with lse -inf)
+  // P = exp(scale * S - lse) on the allowed entries, 0 elsewhere (and for rows with lse -inf).
+  // A row that sees a single key has P = 1 and dS = 0 exactly; recomputed scores would give
+  // 1 +- ulp and dP - delta = +-ulp, i.e. nonzero gradients where the exact ones are 0.
+  // Returns whether the row sees a single key (the caller then zeroes its dS).
   auto probs = [&](acc_t* sr, int64_t c0, int64_t n, const RowKeys& rk, acc_t L) {
     if (L == ninf) {
       std::fill(sr, sr + n, acc_t(0));
-      return;
+      return false;
     }
     mask_scale_max(sr, c0, n, rk, scale);
+    if (row_count(rk) == 1) {
+      for (int64_t j = 0; j < n; ++j) sr[j] = sr[j] == ninf ? acc_t(0) : acc_t(1);
+      return true;
+    }
     exp_sum(sr, n, L);
+    return false;
   };
 
   // ---- pass 1: delta and dQ over (b, query head, query block)
@@ -557,7 +578,10 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
           gemm_rm<acc_t>(false, true, nq, n, D, acc_t(1), dO, ldd, V, ldv, acc_t(0), dP, n);
           for (int64_t r = 0; r < nq; ++r) {
             acc_t *sr = S + r * n, *dr = dP + r * n;
-            probs(sr, c0, n, rks[r], L[r]);
+            if (probs(sr, c0, n, rks[r], L[r])) {
+              std::fill(sr, sr + n, acc_t(0));
+              continue;
+            }
             const acc_t dlt = dl[r];
             for (int64_t j = 0; j < n; ++j) sr[j] = sr[j] * (dr[j] - dlt) * scale;
           }
@@ -621,8 +645,11 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
             for (int64_t r = 0; r < nq; ++r) {
               const int64_t i = r0 + r;
               acc_t *sr = S + r * nk, *dr = dP + r * nk;
-              probs(sr, j0, nk, row_keys(P, s, i),
-                    static_cast<acc_t>(lp[b * ls0 + h * ls1 + i * ls2]));
+              if (probs(sr, j0, nk, row_keys(P, s, i),
+                        static_cast<acc_t>(lp[b * ls0 + h * ls1 + i * ls2]))) {
+                std::fill(dr, dr + nk, acc_t(0));
+                continue;
+              }
               const acc_t dlt = dl[i];
               // dr <- dS (scaled); sr keeps P for dV
               for (int64_t j = 0; j < nk; ++j) dr[j] = sr[j] * (dr[j] - dlt) * scale;

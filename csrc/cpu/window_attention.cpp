@@ -15,7 +15,7 @@
 // Global query rows form their own blocks and visit every key.
 //
 // Backward (deterministic, no atomics):
-//   pass 1, one task per (b, query head, query block): delta = rowsum(dO * O), dQ.
+//   pass 1, one task per (b, query head, query block): delta = rowsum(P * dP), dQ.
 //   pass 2, one task per (b, kv head, key block): dK, dV summed over the query heads of the
 //   group and over exactly the query rows that can see the block's keys.
 // Tasks are handed out dynamically (an atomic counter) to the at::parallel_for workers.
@@ -499,7 +499,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
   const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
   const acc_t scale = static_cast<acc_t>(P.scale);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  // delta = rowsum(dO * O), written by pass 1, read by pass 2: (B, Hq, Sq) fp32/fp64
+  // delta = rowsum(P * dP) = rowsum(dO * O), written by pass 1, read by pass 2: (B, Hq, Sq)
   std::vector<acc_t> delta(static_cast<size_t>(P.B * P.Hq * P.Sq), acc_t(0));
 
   // P = exp(scale * S - lse) on the allowed entries, 0 elsewhere (and for rows with lse -inf).
@@ -555,38 +555,74 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
       acc_t L[BQ];
       RowKeys rks[BQ];
       for (int64_t r = 0; r < nq; ++r) {
-        const scalar_t* orow = op + b * os0 + h * os1 + (i0 + r) * os2;
-        acc_t sum = 0;
-        for (int64_t d = 0; d < D; ++d) sum += dO[r * ldd + d] * static_cast<acc_t>(orow[d]);
-        dl[r] = sum;
         L[r] = static_cast<acc_t>(lp[b * ls0 + h * ls1 + (i0 + r) * ls2]);
         rks[r] = row_keys(P, s, i0 + r);
       }
       Seg segs[2];
       const int nseg = key_segments(P, s, i0, blk.i1, segs);
+      std::vector<Seg> chunks;  // (c0, n) of each key chunk
+      for (int si = 0; si < nseg; ++si)
+        for (int64_t c0 = segs[si].lo; c0 < segs[si].hi; c0 += KC)
+          chunks.push_back({c0, std::min(KC, segs[si].hi - c0)});
       acc_t *acc = w.acc.data(), *S = w.s.data(), *dP = w.dp.data();
-      std::fill(acc, acc + nq * D, acc_t(0));
-      for (int si = 0; si < nseg; ++si) {
-        for (int64_t c0 = segs[si].lo; c0 < segs[si].hi; c0 += KC) {
-          const int64_t n = std::min(KC, segs[si].hi - c0);
-          int64_t ldk, ldv;
-          const acc_t* K = tile<scalar_t, acc_t>(kp + b * ks0 + hk * ks1 + c0 * ks2, ks2, n, D,
-                                                 w.k.data(), &ldk);
-          const acc_t* V = tile<scalar_t, acc_t>(vp + b * vs0 + hk * vs1 + c0 * vs2, vs2, n, D,
-                                                 w.v.data(), &ldv);
-          gemm_rm<acc_t>(false, true, nq, n, D, acc_t(1), Q, ldq, K, ldk, acc_t(0), S, n);
-          gemm_rm<acc_t>(false, true, nq, n, D, acc_t(1), dO, ldd, V, ldv, acc_t(0), dP, n);
+      // S = Q K^T and dP = dO V^T of one chunk; S becomes P.  Returns K's tile (for dQ).
+      auto scores = [&](const Seg& c, int64_t* ldk_out) {
+        int64_t ldv;
+        const acc_t* K = tile<scalar_t, acc_t>(kp + b * ks0 + hk * ks1 + c.lo * ks2, ks2, c.hi,
+                                               D, w.k.data(), ldk_out);
+        const acc_t* V = tile<scalar_t, acc_t>(vp + b * vs0 + hk * vs1 + c.lo * vs2, vs2, c.hi,
+                                               D, w.v.data(), &ldv);
+        gemm_rm<acc_t>(false, true, nq, c.hi, D, acc_t(1), Q, ldq, K, *ldk_out, acc_t(0), S, c.hi);
+        gemm_rm<acc_t>(false, true, nq, c.hi, D, acc_t(1), dO, ldd, V, ldv, acc_t(0), dP, c.hi);
+        return K;
+      };
+      // delta = rowsum(P * dP), from the same P and dP as dS (exact where they cancel).  With
+      // one chunk it comes with the chunk; with several, half inputs sweep the chunks once
+      // more (O in bf16/fp16 is too coarse), fp32/fp64 use rowsum(dO * O).
+      const bool one = chunks.size() == 1;
+      if (!one && !std::is_same_v<scalar_t, acc_t>) {
+        std::fill(dl, dl + nq, acc_t(0));
+        for (const Seg& c : chunks) {
+          int64_t ldk;
+          scores(c, &ldk);
           for (int64_t r = 0; r < nq; ++r) {
-            acc_t *sr = S + r * n, *dr = dP + r * n;
-            if (probs(sr, c0, n, rks[r], L[r])) {
-              std::fill(sr, sr + n, acc_t(0));
-              continue;
-            }
-            const acc_t dlt = dl[r];
-            for (int64_t j = 0; j < n; ++j) sr[j] = sr[j] * (dr[j] - dlt) * scale;
+            acc_t *sr = S + r * c.hi, *dr = dP + r * c.hi;
+            if (probs(sr, c.lo, c.hi, rks[r], L[r])) continue;
+            acc_t sum = 0;
+            for (int64_t x = 0; x < c.hi; ++x) sum += sr[x] * dr[x];
+            dl[r] += sum;
           }
-          gemm_rm<acc_t>(false, false, nq, D, n, acc_t(1), S, n, K, ldk, acc_t(1), acc, D);
         }
+      } else if (!one) {
+        for (int64_t r = 0; r < nq; ++r) {
+          const scalar_t* orow = op + b * os0 + h * os1 + (i0 + r) * os2;
+          acc_t sum = 0;
+          for (int64_t d = 0; d < D; ++d) sum += dO[r * ldd + d] * static_cast<acc_t>(orow[d]);
+          dl[r] = sum;
+        }
+      } else {
+        std::fill(dl, dl + nq, acc_t(0));
+      }
+      std::fill(acc, acc + nq * D, acc_t(0));
+      for (const Seg& c : chunks) {
+        const int64_t n = c.hi;
+        int64_t ldk;
+        const acc_t* K = scores(c, &ldk);
+        for (int64_t r = 0; r < nq; ++r) {
+          acc_t *sr = S + r * n, *dr = dP + r * n;
+          if (probs(sr, c.lo, n, rks[r], L[r])) {
+            std::fill(sr, sr + n, acc_t(0));
+            continue;
+          }
+          if (one) {
+            acc_t sum = 0;
+            for (int64_t x = 0; x < n; ++x) sum += sr[x] * dr[x];
+            dl[r] = sum;
+          }
+          const acc_t dlt = dl[r];
+          for (int64_t x = 0; x < n; ++x) sr[x] = sr[x] * (dr[x] - dlt) * scale;
+        }
+        gemm_rm<acc_t>(false, false, nq, D, n, acc_t(1), S, n, K, ldk, acc_t(1), acc, D);
       }
       scalar_t* dqrow = dqp + ((b * P.Hq + h) * P.Sq + i0) * D;
       for (int64_t x = 0; x < nq * D; ++x) dqrow[x] = static_cast<scalar_t>(acc[x]);

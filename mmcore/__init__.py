@@ -29,10 +29,11 @@ def _map_kernels():
 _map_kernels()
 
 from .ops import cross_attention, lora_linear, window_attention  # noqa: E402
+from .nn.kv_cache import RollingKVCache  # noqa: E402
 from .patch import LongContext, patch, unpatch  # noqa: E402
 
-__all__ = ["window_attention", "cross_attention", "lora_linear", "patch", "unpatch",
-           "LongContext", "read", "__version__"]
+__all__ = ["window_attention", "cross_attention", "lora_linear", "RollingKVCache", "patch",
+           "unpatch", "LongContext", "read", "__version__"]
 
 
 def __getattr__(name):  # lazy: `mmcore.read(...)` without importing the model layer up front

@@ -1,8 +1,9 @@
 """mmcore.nn: drop-in modules built on mmcore.ops."""
+from .kv_cache import RollingKVCache
 from .lora import (LoRALinear, adapter_batch, add_lora, disable_adapters, lora_modules,
                    merge_adapters, set_adapter, unmerge_adapters)
 from .peft_io import convert_peft_model, load_adapter, save_adapter
 
-__all__ = ["LoRALinear", "add_lora", "set_adapter", "disable_adapters", "adapter_batch",
-           "merge_adapters", "unmerge_adapters", "lora_modules", "load_adapter", "save_adapter",
-           "convert_peft_model"]
+__all__ = ["RollingKVCache", "LoRALinear", "add_lora", "set_adapter", "disable_adapters",
+           "adapter_batch", "merge_adapters", "unmerge_adapters", "lora_modules",
+           "load_adapter", "save_adapter", "convert_peft_model"]

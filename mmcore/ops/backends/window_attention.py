@@ -2,6 +2,7 @@
 import torch
 
 from .. import registry
+from . import _loaders
 from ..reference import attention as ref
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -10,4 +11,24 @@ registry.register(registry.OpImpl(
     op="window_attention", backend="torch", priority=0,
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=ref.window_fwd, backward=ref.window_bwd,
+))
+
+
+# ---------------------------------------------------------------- cpu: csrc/cpu/window_attention.cpp
+def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
+    return torch.ops.mmcore_C.window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right,
+                                                   causal, global_tokens, scale)
+
+
+def _cpu_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal, global_tokens,
+             scale):
+    return torch.ops.mmcore_C.window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k,
+                                                   left, right, causal, global_tokens, scale)
+
+
+registry.register(registry.OpImpl(
+    op="window_attention", backend="cpu", priority=20,
+    devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32, F64}),
+    forward=_cpu_fwd, backward=_cpu_bwd,
+    available=lambda: _loaders.cpp_error("window_attention_fwd"),
 ))

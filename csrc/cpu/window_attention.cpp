@@ -1,0 +1,853 @@
+// window_attention on the CPU: blocked, multi-threaded, fp32 compute for every input dtype.
+//
+// allowed(i, j) (DESIGN.md), with p = i + Lk_b - Lq_b (bottom-right alignment):
+//   i < Lq_b and j < Lk_b and (p - left <= j <= p + right
+//                              or ((j < G or p < G) and (not causal or j <= p)))
+// For one query row the allowed keys are the union of two intervals:
+//   global query row (p < G):  [0, causal ? p + 1 : Lk)
+//   other rows:                [0, min(G, Lk))  and  [max(0, p - left), min(Lk, p + right + 1))
+// (p >= G makes the causal test of the global keys automatic).
+//
+// Forward: one task per (b, query head, block of BQ query rows); the block visits only the
+// keys of its window plus the global prefix (two disjoint key segments, or one when they
+// touch), in chunks of at most KC keys with an online softmax.  Tile products run through
+// the BLAS torch links (sgemm_, else at::mm); the softmax runs on AVX2 when the CPU has it.
+// Global query rows form their own blocks and visit every key.
+//
+// Backward (deterministic, no atomics):
+//   pass 1, one task per (b, query head, query block): delta = rowsum(P * dP), dQ.
+//   pass 2, one task per (b, kv head, key block): dK, dV summed over the query heads of the
+//   group and over exactly the query rows that can see the block's keys.
+// Tasks are handed out dynamically (an atomic counter) to the at::parallel_for workers.
+// Scratch memory is O(BQ * KC) per worker; no (Sq, Sk) buffer exists.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define MMCORE_X86 1  // AVX2 paths via __attribute__((target)), chosen at run time
+#endif
+#if defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define MMCORE_WEAK_BLAS 1  // call the BLAS symbols torch exports, when it does
+#endif
+
+#include "common.h"
+
+namespace mmcore {
+namespace window {
+
+constexpr int64_t BQ = 64;    // query rows per forward / dq task
+constexpr int64_t BK = 64;    // keys per dk/dv task
+constexpr int64_t KC = 1024;  // keys per chunk of the online softmax
+constexpr int64_t QC = 256;   // query rows per chunk of a dk/dv task
+
+// ------------------------------------------------------------------ row math (fp32 / fp64)
+
+#ifdef MMCORE_X86
+bool has_avx2() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+}
+
+// exp for x <= 88 (Cephes polynomial, ~1 ulp); x = -inf gives 0.
+__attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 keep = _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                              _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_and_ps(y, keep);
+}
+
+__attribute__((target("avx2,fma"))) float scale_max_avx2(float* s, int64_t n, float scale) {
+  __m256 vs = _mm256_set1_ps(scale);
+  __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), vs);
+    _mm256_storeu_ps(s + j, x);
+    vm = _mm256_max_ps(vm, x);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, vm);
+  float m = t[0];
+  for (int r = 1; r < 8; ++r) m = std::max(m, t[r]);
+  for (; j < n; ++j) {
+    s[j] *= scale;
+    m = std::max(m, s[j]);
+  }
+  return m;
+}
+
+__attribute__((target("avx2,fma"))) float exp_sum_avx2(float* s, int64_t n, float m) {
+  __m256 vm = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  if (j < n) {  // tail through the same polynomial (padded with -inf -> 0)
+    alignas(32) float t[8];
+    for (int r = 0; r < 8; ++r) t[r] = j + r < n ? s[j + r] : -std::numeric_limits<float>::infinity();
+    __m256 e = exp256(_mm256_sub_ps(_mm256_load_ps(t), vm));
+    _mm256_store_ps(t, e);
+    for (int64_t r = 0; j + r < n; ++r) s[j + r] = t[r];
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc);
+  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+#endif
+
+// s[0:n) *= scale; returns max (-inf when n == 0).
+template <typename acc_t>
+acc_t scale_max(acc_t* s, int64_t n, acc_t scale) {
+#ifdef MMCORE_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (has_avx2()) return scale_max_avx2(s, n, scale);
+  }
+#endif
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] *= scale;
+    m = std::max(m, s[j]);
+  }
+  return m;
+}
+
+// s[0:n) = exp(s - m) (-inf -> 0); returns the sum.  m must be finite.
+template <typename acc_t>
+acc_t exp_sum(acc_t* s, int64_t n, acc_t m) {
+#ifdef MMCORE_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (has_avx2()) return exp_sum_avx2(s, n, m);
+  }
+#endif
+  acc_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - m);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// ------------------------------------------------------------------ GEMM on row-major tiles
+
+// The BLAS that torch links (MKL / OpenBLAS) usually exports the Fortran symbols; they are
+// weak here, so a torch without them still loads mmcore._C and takes the at::mm path.
+#ifdef MMCORE_WEAK_BLAS
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+#endif
+
+// MMCORE_CPU_GEMM=aten forces the at::mm path (tests use it to cover torch builds without
+// exported BLAS symbols).
+inline bool force_aten_gemm() {
+  static const bool force = [] {
+    const char* e = std::getenv("MMCORE_CPU_GEMM");
+    return e != nullptr && std::string(e) == "aten";
+  }();
+  return force;
+}
+
+// C (M x N, ldc) = alpha * op(A) op(B) + beta * C, all row-major; op(A) is M x K, op(B) K x N.
+template <typename acc_t>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, acc_t alpha, const acc_t* A,
+             int64_t lda, const acc_t* B, int64_t ldb, acc_t beta, acc_t* C, int64_t ldc) {
+#ifdef MMCORE_WEAK_BLAS
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  const bool small = std::max({M, N, K, lda, ldb, ldc}) <= kMax;
+  auto blas = std::is_same_v<acc_t, float> ? reinterpret_cast<void*>(&sgemm_)
+                                           : reinterpret_cast<void*>(&dgemm_);
+  if (small && blas != nullptr && !force_aten_gemm()) {
+    // row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T
+    const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    if constexpr (std::is_same_v<acc_t, float>)
+      sgemm_(&tA, &tB, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    else
+      dgemm_(&tA, &tB, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+#endif
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor a = ta ? at::from_blob(const_cast<acc_t*>(A), {K, M}, {lda, 1}, opt).t()
+                    : at::from_blob(const_cast<acc_t*>(A), {M, K}, {lda, 1}, opt);
+  at::Tensor b = tb ? at::from_blob(const_cast<acc_t*>(B), {N, K}, {ldb, 1}, opt).t()
+                    : at::from_blob(const_cast<acc_t*>(B), {K, N}, {ldb, 1}, opt);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
+  if (beta == acc_t(0))
+    at::mm_out(c, a, b);
+  else
+    c.addmm_(a, b, beta, alpha);
+  if (beta == acc_t(0) && alpha != acc_t(1)) c.mul_(alpha);
+}
+
+// A (rows x cols) tile of a tensor with row stride ld, in acc_t: the tensor's own memory when
+// it already is acc_t with a usable stride, else converted into buf (ld = cols).
+template <typename scalar_t, typename acc_t>
+const acc_t* tile(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t* buf,
+                  int64_t* ld_out) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (ld >= cols || rows <= 1) {
+      *ld_out = std::max(ld, cols);
+      return src;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = static_cast<acc_t>(src[r * ld + c]);
+  *ld_out = cols;
+  return buf;
+}
+
+// ------------------------------------------------------------------ the mask
+
+struct Problem {
+  int64_t B, Hq, Hkv, Sq, Sk, D, left, right, G;
+  bool causal;
+  double scale;
+  std::vector<int64_t> Lq, Lk;
+};
+
+struct Sample {
+  int64_t Lq, Lk, off, ig, gk;  // ig: rows [0, ig) are global query rows; gk = min(G, Lk)
+};
+
+inline Sample sample(const Problem& P, int64_t b) {
+  Sample s;
+  s.Lq = P.Lq[b];
+  s.Lk = P.Lk[b];
+  s.off = s.Lk - s.Lq;
+  s.ig = std::min(s.Lq, std::max<int64_t>(0, P.G - s.off));
+  s.gk = std::min(P.G, s.Lk);
+  return s;
+}
+
+// The keys of query row i: [0, ghi) U [wlo, whi).
+struct RowKeys {
+  int64_t ghi, wlo, whi;
+};
+
+inline RowKeys row_keys(const Problem& P, const Sample& s, int64_t i) {
+  const int64_t p = i + s.off;
+  RowKeys r;
+  if (p < P.G) {
+    r.ghi = P.causal ? std::min(s.Lk, std::max<int64_t>(0, p + 1)) : s.Lk;
+    r.wlo = r.whi = 0;
+  } else {
+    r.ghi = s.gk;
+    r.wlo = P.left < 0 ? 0 : std::max<int64_t>(0, p - P.left);
+    r.whi = P.right < 0 ? s.Lk : std::min(s.Lk, p + P.right + 1);
+    r.whi = std::max(r.whi, r.wlo);
+  }
+  return r;
+}
+
+// How many keys row keys rk hold: |[0, ghi) U [wlo, whi)|.
+inline int64_t row_count(const RowKeys& rk) {
+  const int64_t overlap = std::max<int64_t>(0, std::min(rk.ghi, rk.whi) - rk.wlo);
+  return rk.ghi + (rk.whi - rk.wlo) - overlap;
+}
+
+// Masks row `s` holding keys [c0, c0 + n) of query row with keys rk: masked entries -> -inf,
+// allowed ones scaled.  Returns the max over the allowed entries (-inf if none).
+template <typename acc_t>
+acc_t mask_scale_max(acc_t* s, int64_t c0, int64_t n, const RowKeys& rk, acc_t scale) {
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t c1 = c0 + n;
+  // the two intervals clipped to the chunk, in chunk coordinates
+  int64_t a0 = 0, a1 = std::clamp<int64_t>(rk.ghi - c0, 0, n);
+  int64_t b0 = std::clamp<int64_t>(rk.wlo - c0, 0, n), b1 = std::clamp<int64_t>(rk.whi - c0, 0, n);
+  (void)c1;
+  if (a1 <= a0) a0 = a1 = 0;
+  if (b1 <= b0) b0 = b1 = a1;
+  if (b0 <= a1) {  // one interval [lo, hi)
+    const int64_t lo = a1 > a0 ? a0 : b0, hi = std::max(a1, b1);
+    std::fill(s, s + lo, ninf);
+    std::fill(s + hi, s + n, ninf);
+    return scale_max(s + lo, hi - lo, scale);
+  }
+  // [a0, a1) and [b0, b1) with a1 < b0 (a0 == 0)
+  std::fill(s + a1, s + b0, ninf);
+  std::fill(s + b1, s + n, ninf);
+  acc_t m1 = scale_max(s + a0, a1 - a0, scale);
+  acc_t m2 = scale_max(s + b0, b1 - b0, scale);
+  return std::max(m1, m2);
+}
+
+struct Seg {
+  int64_t lo, hi;
+};
+
+// Key segments (disjoint, ascending) that a block of query rows [i0, i1) needs.  Blocks never
+// mix global and non-global rows.
+inline int key_segments(const Problem& P, const Sample& s, int64_t i0, int64_t i1, Seg* out) {
+  if (i0 < s.ig) {  // global rows
+    const int64_t hi = row_keys(P, s, i1 - 1).ghi;
+    out[0] = {0, hi};
+    return hi > 0 ? 1 : 0;
+  }
+  const RowKeys r0 = row_keys(P, s, i0), r1 = row_keys(P, s, i1 - 1);
+  const int64_t lo = r0.wlo, hi = std::max(r1.whi, lo);
+  if (hi <= lo) {
+    out[0] = {0, s.gk};
+    return s.gk > 0 ? 1 : 0;
+  }
+  if (lo <= s.gk) {
+    out[0] = {0, std::max(hi, s.gk)};
+    return 1;
+  }
+  int n = 0;
+  if (s.gk > 0) out[n++] = {0, s.gk};
+  out[n++] = {lo, hi};
+  return n;
+}
+
+// Query rows (disjoint, ascending) that can see some key of [j0, j1) (a key block that never
+// mixes global and non-global keys).
+inline int query_segments(const Problem& P, const Sample& s, int64_t j0, int64_t j1, Seg* out) {
+  if (j0 < s.gk) {  // global keys: every row sees them (global rows subject to causal)
+    int64_t lo = P.causal ? std::clamp<int64_t>(j0 - s.off, 0, s.Lq) : 0;
+    lo = std::min(lo, s.ig);  // non-global rows see global keys regardless of causal
+    out[0] = {lo, s.Lq};
+    return s.Lq > lo ? 1 : 0;
+  }
+  int n = 0;
+  // global rows: noncausal see all keys; causal see j <= p, i.e. i >= j0 - off
+  const int64_t g0 = P.causal ? std::clamp<int64_t>(j0 - s.off, 0, s.ig) : 0;
+  if (s.ig > g0) out[n++] = {g0, s.ig};
+  // window rows: j - right <= p <= j + left
+  int64_t w0 = P.right < 0 ? s.ig : std::max(s.ig, j0 - P.right - s.off);
+  int64_t w1 = P.left < 0 ? s.Lq : std::min(s.Lq, j1 - 1 + P.left - s.off + 1);
+  if (w1 > w0) out[n++] = {w0, w1};
+  return n;
+}
+
+// ------------------------------------------------------------------ tasks
+
+struct Block {
+  int64_t b, i0, i1;  // rows [i0, i1) of sample b (or keys, for dk/dv blocks)
+};
+
+// Blocks of `step` rows over [0, split) and [split, L) of each sample.
+template <typename F>
+std::vector<Block> blocks(const Problem& P, int64_t step, F split_and_len) {
+  std::vector<Block> out;
+  for (int64_t b = 0; b < P.B; ++b) {
+    int64_t split, L;
+    split_and_len(sample(P, b), &split, &L);
+    for (int64_t i0 = 0; i0 < split; i0 += step) out.push_back({b, i0, std::min(split, i0 + step)});
+    for (int64_t i0 = split; i0 < L; i0 += step) out.push_back({b, i0, std::min(L, i0 + step)});
+  }
+  return out;
+}
+
+// Runs fn(task, worker_scratch_index) for tasks [0, n) on the intra-op pool, dynamically.
+template <typename Init, typename F>
+void run_tasks(int64_t n, Init init, F fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t nw = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
+    auto scratch = init();
+    for (int64_t w = w0; w < w1; ++w)
+      for (int64_t t; (t = next.fetch_add(1)) < n;) fn(t, scratch);
+  });
+}
+
+// ------------------------------------------------------------------ forward
+
+template <typename scalar_t, typename acc_t>
+void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  at::Tensor& out, at::Tensor& lse) {
+  const int64_t D = P.D, g = P.Hq / P.Hkv;
+  const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(),
+                 *vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const acc_t scale = static_cast<acc_t>(P.scale);
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+
+  auto blks = blocks(P, BQ, [](const Sample& s, int64_t* split, int64_t* L) {
+    *split = s.ig;
+    *L = s.Lq;
+  });
+  const int64_t ntask = static_cast<int64_t>(blks.size()) * P.Hq;
+  struct Scratch {
+    std::vector<acc_t> q, k, v, s, acc, m, l;
+  };
+  auto init = [&] {
+    Scratch w;
+    w.q.resize(BQ * D);
+    w.k.resize(KC * D);
+    w.v.resize(KC * D);
+    w.s.resize(BQ * KC);
+    w.acc.resize(BQ * D);
+    w.m.resize(BQ);
+    w.l.resize(BQ);
+    return w;
+  };
+  run_tasks(ntask, init, [&](int64_t t, Scratch& w) {
+    const Block& blk = blks[t / P.Hq];
+    const int64_t h = t % P.Hq, hk = h / g, b = blk.b;
+    const Sample s = sample(P, b);
+    const int64_t i0 = blk.i0, nq = blk.i1 - blk.i0;
+    Seg segs[2];
+    const int nseg = key_segments(P, s, i0, blk.i1, segs);
+    int64_t ldq;
+    const acc_t* Q = tile<scalar_t, acc_t>(qp + b * qs0 + h * qs1 + i0 * qs2, qs2, nq, D,
+                                           w.q.data(), &ldq);
+    acc_t *acc = w.acc.data(), *m = w.m.data(), *l = w.l.data(), *S = w.s.data();
+    std::fill(acc, acc + nq * D, acc_t(0));
+    std::fill(m, m + nq, ninf);
+    std::fill(l, l + nq, acc_t(0));
+    RowKeys rks[BQ];
+    for (int64_t r = 0; r < nq; ++r) rks[r] = row_keys(P, s, i0 + r);
+    for (int si = 0; si < nseg; ++si) {
+      for (int64_t c0 = segs[si].lo; c0 < segs[si].hi; c0 += KC) {
+        const int64_t n = std::min(KC, segs[si].hi - c0);
+        int64_t ldk, ldv;
+        const acc_t* K = tile<scalar_t, acc_t>(kp + b * ks0 + hk * ks1 + c0 * ks2, ks2, n, D,
+                                               w.k.data(), &ldk);
+        const acc_t* V = tile<scalar_t, acc_t>(vp + b * vs0 + hk * vs1 + c0 * vs2, vs2, n, D,
+                                               w.v.data(), &ldv);
+        gemm_rm<acc_t>(false, true, nq, n, D, acc_t(1), Q, ldq, K, ldk, acc_t(0), S, n);
+        for (int64_t r = 0; r < nq; ++r) {
+          acc_t* sr = S + r * n;
+          const acc_t mx = mask_scale_max(sr, c0, n, rks[r], scale);
+          if (mx == ninf) {
+            std::fill(sr, sr + n, acc_t(0));
+            continue;
+          }
+          const acc_t mnew = std::max(m[r], mx);
+          const acc_t alpha = m[r] == ninf ? acc_t(0) : std::exp(m[r] - mnew);
+          const acc_t sum = exp_sum(sr, n, mnew);
+          l[r] = l[r] * alpha + sum;
+          m[r] = mnew;
+          if (alpha != acc_t(1)) {
+            acc_t* ar = acc + r * D;
+            for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+          }
+        }
+        gemm_rm<acc_t>(false, false, nq, D, n, acc_t(1), S, n, V, ldv, acc_t(1), acc, D);
+      }
+    }
+    scalar_t* orow = op + ((b * P.Hq + h) * P.Sq + i0) * D;
+    float* lrow = lp + (b * P.Hq + h) * P.Sq + i0;
+    for (int64_t r = 0; r < nq; ++r) {
+      if (l[r] > acc_t(0)) {
+        const acc_t inv = acc_t(1) / l[r];
+        for (int64_t d = 0; d < D; ++d) orow[r * D + d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+        lrow[r] = static_cast<float>(m[r] + std::log(l[r]));
+      }  // else: the row sees no key; out stays 0, lse -inf
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+
+template <typename scalar_t, typename acc_t>
+void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q,
+                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                   const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t D = P.D, g = P.Hq / P.Hkv;
+  const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(),
+                 *vp = v.data_ptr<scalar_t>(), *dop = dout.data_ptr<scalar_t>(),
+                 *op = out.data_ptr<scalar_t>();
+  const float* lp = lse.data_ptr<float>();
+  scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(),
+           *dvp = dv.data_ptr<scalar_t>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const int64_t ds0 = dout.stride(0), ds1 = dout.stride(1), ds2 = dout.stride(2);
+  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
+  const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
+  const acc_t scale = static_cast<acc_t>(P.scale);
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  // delta = rowsum(P * dP) = rowsum(dO * O), written by pass 1, read by pass 2: (B, Hq, Sq)
+  std::vector<acc_t> delta(static_cast<size_t>(P.B * P.Hq * P.Sq), acc_t(0));
+
+  // P = exp(scale * S - lse) on the allowed entries, 0 elsewhere (and for rows with lse -inf).
+  // A row that sees a single key has P = 1 and dS = 0 exactly; recomputed scores would give
+  // 1 +- ulp and dP - delta = +-ulp, i.e. nonzero gradients where the exact ones are 0.
+  // Returns whether the row sees a single key (the caller then zeroes its dS).
+  auto probs = [&](acc_t* sr, int64_t c0, int64_t n, const RowKeys& rk, acc_t L) {
+    if (L == ninf) {
+      std::fill(sr, sr + n, acc_t(0));
+      return false;
+    }
+    mask_scale_max(sr, c0, n, rk, scale);
+    if (row_count(rk) == 1) {
+      for (int64_t j = 0; j < n; ++j) sr[j] = sr[j] == ninf ? acc_t(0) : acc_t(1);
+      return true;
+    }
+    exp_sum(sr, n, L);
+    return false;
+  };
+
+  // ---- pass 1: delta and dQ over (b, query head, query block)
+  {
+    auto blks = blocks(P, BQ, [](const Sample& s, int64_t* split, int64_t* L) {
+      *split = s.ig;
+      *L = s.Lq;
+    });
+    const int64_t ntask = static_cast<int64_t>(blks.size()) * P.Hq;
+    struct Scratch {
+      std::vector<acc_t> q, d, k, v, s, dp, acc;
+    };
+    auto init = [&] {
+      Scratch w;
+      w.q.resize(BQ * D);
+      w.d.resize(BQ * D);
+      w.k.resize(KC * D);
+      w.v.resize(KC * D);
+      w.s.resize(BQ * KC);
+      w.dp.resize(BQ * KC);
+      w.acc.resize(BQ * D);
+      return w;
+    };
+    run_tasks(ntask, init, [&](int64_t t, Scratch& w) {
+      const Block& blk = blks[t / P.Hq];
+      const int64_t h = t % P.Hq, hk = h / g, b = blk.b;
+      const Sample s = sample(P, b);
+      const int64_t i0 = blk.i0, nq = blk.i1 - blk.i0;
+      int64_t ldq, ldd;
+      const acc_t* Q = tile<scalar_t, acc_t>(qp + b * qs0 + h * qs1 + i0 * qs2, qs2, nq, D,
+                                             w.q.data(), &ldq);
+      const acc_t* dO = tile<scalar_t, acc_t>(dop + b * ds0 + h * ds1 + i0 * ds2, ds2, nq, D,
+                                              w.d.data(), &ldd);
+      acc_t* dl = delta.data() + (b * P.Hq + h) * P.Sq + i0;
+      acc_t L[BQ];
+      RowKeys rks[BQ];
+      for (int64_t r = 0; r < nq; ++r) {
+        L[r] = static_cast<acc_t>(lp[b * ls0 + h * ls1 + (i0 + r) * ls2]);
+        rks[r] = row_keys(P, s, i0 + r);
+      }
+      Seg segs[2];
+      const int nseg = key_segments(P, s, i0, blk.i1, segs);
+      std::vector<Seg> chunks;  // (c0, n) of each key chunk
+      for (int si = 0; si < nseg; ++si)
+        for (int64_t c0 = segs[si].lo; c0 < segs[si].hi; c0 += KC)
+          chunks.push_back({c0, std::min(KC, segs[si].hi - c0)});
+      acc_t *acc = w.acc.data(), *S = w.s.data(), *dP = w.dp.data();
+      // S = Q K^T and dP = dO V^T of one chunk; S becomes P.  Returns K's tile (for dQ).
+      auto scores = [&](const Seg& c, int64_t* ldk_out) {
+        int64_t ldv;
+        const acc_t* K = tile<scalar_t, acc_t>(kp + b * ks0 + hk * ks1 + c.lo * ks2, ks2, c.hi,
+                                               D, w.k.data(), ldk_out);
+        const acc_t* V = tile<scalar_t, acc_t>(vp + b * vs0 + hk * vs1 + c.lo * vs2, vs2, c.hi,
+                                               D, w.v.data(), &ldv);
+        gemm_rm<acc_t>(false, true, nq, c.hi, D, acc_t(1), Q, ldq, K, *ldk_out, acc_t(0), S, c.hi);
+        gemm_rm<acc_t>(false, true, nq, c.hi, D, acc_t(1), dO, ldd, V, ldv, acc_t(0), dP, c.hi);
+        return K;
+      };
+      // delta = rowsum(P * dP), from the same P and dP as dS (exact where they cancel).  With
+      // one chunk it comes with the chunk; with several, half inputs sweep the chunks once
+      // more (O in bf16/fp16 is too coarse), fp32/fp64 use rowsum(dO * O).
+      const bool one = chunks.size() == 1;
+      if (!one && !std::is_same_v<scalar_t, acc_t>) {
+        std::fill(dl, dl + nq, acc_t(0));
+        for (const Seg& c : chunks) {
+          int64_t ldk;
+          scores(c, &ldk);
+          for (int64_t r = 0; r < nq; ++r) {
+            acc_t *sr = S + r * c.hi, *dr = dP + r * c.hi;
+            if (probs(sr, c.lo, c.hi, rks[r], L[r])) continue;
+            acc_t sum = 0;
+            for (int64_t x = 0; x < c.hi; ++x) sum += sr[x] * dr[x];
+            dl[r] += sum;
+          }
+        }
+      } else if (!one) {
+        for (int64_t r = 0; r < nq; ++r) {
+          const scalar_t* orow = op + b * os0 + h * os1 + (i0 + r) * os2;
+          acc_t sum = 0;
+          for (int64_t d = 0; d < D; ++d) sum += dO[r * ldd + d] * static_cast<acc_t>(orow[d]);
+          dl[r] = sum;
+        }
+      } else {
+        std::fill(dl, dl + nq, acc_t(0));
+      }
+      std::fill(acc, acc + nq * D, acc_t(0));
+      for (const Seg& c : chunks) {
+        const int64_t n = c.hi;
+        int64_t ldk;
+        const acc_t* K = scores(c, &ldk);
+        for (int64_t r = 0; r < nq; ++r) {
+          acc_t *sr = S + r * n, *dr = dP + r * n;
+          if (probs(sr, c.lo, n, rks[r], L[r])) {
+            std::fill(sr, sr + n, acc_t(0));
+            continue;
+          }
+          if (one) {
+            acc_t sum = 0;
+            for (int64_t x = 0; x < n; ++x) sum += sr[x] * dr[x];
+            dl[r] = sum;
+          }
+          const acc_t dlt = dl[r];
+          for (int64_t x = 0; x < n; ++x) sr[x] = sr[x] * (dr[x] - dlt) * scale;
+        }
+        gemm_rm<acc_t>(false, false, nq, D, n, acc_t(1), S, n, K, ldk, acc_t(1), acc, D);
+      }
+      scalar_t* dqrow = dqp + ((b * P.Hq + h) * P.Sq + i0) * D;
+      for (int64_t x = 0; x < nq * D; ++x) dqrow[x] = static_cast<scalar_t>(acc[x]);
+    });
+  }
+
+  // ---- pass 2: dK, dV over (b, kv head, key block)
+  {
+    auto blks = blocks(P, BK, [](const Sample& s, int64_t* split, int64_t* L) {
+      *split = s.gk;
+      *L = s.Lk;
+    });
+    const int64_t ntask = static_cast<int64_t>(blks.size()) * P.Hkv;
+    struct Scratch {
+      std::vector<acc_t> k, v, q, d, s, dp, dk, dv;
+    };
+    auto init = [&] {
+      Scratch w;
+      w.k.resize(BK * D);
+      w.v.resize(BK * D);
+      w.q.resize(QC * D);
+      w.d.resize(QC * D);
+      w.s.resize(QC * BK);
+      w.dp.resize(QC * BK);
+      w.dk.resize(BK * D);
+      w.dv.resize(BK * D);
+      return w;
+    };
+    run_tasks(ntask, init, [&](int64_t t, Scratch& w) {
+      const Block& blk = blks[t / P.Hkv];
+      const int64_t hk = t % P.Hkv, b = blk.b;
+      const Sample s = sample(P, b);
+      const int64_t j0 = blk.i0, nk = blk.i1 - blk.i0;
+      int64_t ldk, ldv;
+      const acc_t* K = tile<scalar_t, acc_t>(kp + b * ks0 + hk * ks1 + j0 * ks2, ks2, nk, D,
+                                             w.k.data(), &ldk);
+      const acc_t* V = tile<scalar_t, acc_t>(vp + b * vs0 + hk * vs1 + j0 * vs2, vs2, nk, D,
+                                             w.v.data(), &ldv);
+      acc_t *dK = w.dk.data(), *dV = w.dv.data(), *S = w.s.data(), *dP = w.dp.data();
+      std::fill(dK, dK + nk * D, acc_t(0));
+      std::fill(dV, dV + nk * D, acc_t(0));
+      Seg segs[2];
+      const int nseg = query_segments(P, s, j0, blk.i1, segs);
+      for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
+        const acc_t* dl = delta.data() + (b * P.Hq + h) * P.Sq;
+        for (int si = 0; si < nseg; ++si) {
+          for (int64_t r0 = segs[si].lo; r0 < segs[si].hi; r0 += QC) {
+            const int64_t nq = std::min(QC, segs[si].hi - r0);
+            int64_t ldq, ldd;
+            const acc_t* Q = tile<scalar_t, acc_t>(qp + b * qs0 + h * qs1 + r0 * qs2, qs2, nq, D,
+                                                   w.q.data(), &ldq);
+            const acc_t* dO = tile<scalar_t, acc_t>(dop + b * ds0 + h * ds1 + r0 * ds2, ds2, nq,
+                                                    D, w.d.data(), &ldd);
+            gemm_rm<acc_t>(false, true, nq, nk, D, acc_t(1), Q, ldq, K, ldk, acc_t(0), S, nk);
+            gemm_rm<acc_t>(false, true, nq, nk, D, acc_t(1), dO, ldd, V, ldv, acc_t(0), dP, nk);
+            for (int64_t r = 0; r < nq; ++r) {
+              const int64_t i = r0 + r;
+              acc_t *sr = S + r * nk, *dr = dP + r * nk;
+              if (probs(sr, j0, nk, row_keys(P, s, i),
+                        static_cast<acc_t>(lp[b * ls0 + h * ls1 + i * ls2]))) {
+                std::fill(dr, dr + nk, acc_t(0));
+                continue;
+              }
+              const acc_t dlt = dl[i];
+              // dr <- dS (scaled); sr keeps P for dV
+              for (int64_t j = 0; j < nk; ++j) dr[j] = sr[j] * (dr[j] - dlt) * scale;
+            }
+            gemm_rm<acc_t>(true, false, nk, D, nq, acc_t(1), S, nk, dO, ldd, acc_t(1), dV, D);
+            gemm_rm<acc_t>(true, false, nk, D, nq, acc_t(1), dP, nk, Q, ldq, acc_t(1), dK, D);
+          }
+        }
+      }
+      scalar_t* dkrow = dkp + ((b * P.Hkv + hk) * P.Sk + j0) * D;
+      scalar_t* dvrow = dvp + ((b * P.Hkv + hk) * P.Sk + j0) * D;
+      for (int64_t x = 0; x < nk * D; ++x) {
+        dkrow[x] = static_cast<scalar_t>(dK[x]);
+        dvrow[x] = static_cast<scalar_t>(dV[x]);
+      }
+    });
+  }
+}
+
+// ------------------------------------------------------------------ argument checks
+
+std::vector<int64_t> lengths(const std::optional<at::Tensor>& s, const char* name, int64_t B,
+                             int64_t S) {
+  std::vector<int64_t> out(B, S);
+  if (!s.has_value()) return out;
+  const at::Tensor& t = *s;
+  MMCORE_CHECK_ARG(t.device().is_cpu(), name, "must be a CPU tensor");
+  MMCORE_CHECK_ARG(t.dim() == 1 && t.size(0) == B, name,
+                   "must have shape (B,) = (" + std::to_string(B) + ",), got " +
+                       c10::str(t.sizes()));
+  MMCORE_CHECK_ARG(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
+                   "must be int64 (or int32), got " + std::string(c10::toString(t.scalar_type())));
+  at::Tensor c = t.to(at::kLong).contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    MMCORE_CHECK_ARG(p[b] >= 0 && p[b] <= S, name,
+                     "values must lie in [0, " + std::to_string(S) + "], got " +
+                         std::to_string(p[b]) + " at index " + std::to_string(b));
+    out[b] = p[b];
+  }
+  return out;
+}
+
+void check_attn_tensor(const at::Tensor& t, const char* name) {
+  MMCORE_CHECK_ARG(t.dim() == 4, name, "must have 4 dims (B, H, S, D), got " + c10::str(t.sizes()));
+  check_cpu_lastdim(t, name);
+  const auto dt = t.scalar_type();
+  MMCORE_CHECK_ARG(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+                   name, "must be float16, bfloat16, float32 or float64, got " +
+                             std::string(c10::toString(dt)));
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& seqlens_q,
+                     const std::optional<at::Tensor>& seqlens_k, int64_t left, int64_t right,
+                     bool causal, int64_t global_tokens, double scale) {
+  check_attn_tensor(q, "q");
+  check_attn_tensor(k, "k");
+  check_attn_tensor(v, "v");
+  MMCORE_CHECK_ARG(k.scalar_type() == q.scalar_type(), "k", "dtype must equal q's");
+  MMCORE_CHECK_ARG(v.scalar_type() == q.scalar_type(), "v", "dtype must equal q's");
+  MMCORE_CHECK_ARG(k.size(0) == q.size(0) && v.size(0) == q.size(0), "k/v",
+                   "batch must equal q's");
+  MMCORE_CHECK_ARG(k.sizes() == v.sizes(), "v", "must have k's shape " + c10::str(k.sizes()) +
+                                                    ", got " + c10::str(v.sizes()));
+  MMCORE_CHECK_ARG(k.size(3) == q.size(3), "k", "head dim must equal q's");
+  MMCORE_CHECK_ARG(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "k",
+                   "Hq % Hkv must be 0 (q heads " + std::to_string(q.size(1)) + ", k/v heads " +
+                       std::to_string(k.size(1)) + ")");
+  MMCORE_CHECK_ARG(left >= -1, "left", "window must be >= -1 (-1 = unbounded)");
+  MMCORE_CHECK_ARG(right >= -1, "right", "window must be >= -1 (-1 = unbounded)");
+  MMCORE_CHECK_ARG(global_tokens >= 0 && global_tokens <= k.size(2), "global_tokens",
+                   "must lie in [0, Sk]");
+  MMCORE_CHECK_ARG(std::isfinite(scale), "scale", "must be finite");
+  Problem P;
+  P.B = q.size(0);
+  P.Hq = q.size(1);
+  P.Sq = q.size(2);
+  P.D = q.size(3);
+  P.Hkv = k.size(1);
+  P.Sk = k.size(2);
+  P.left = left;
+  P.right = causal ? 0 : right;
+  P.causal = causal;
+  P.G = global_tokens;
+  P.scale = scale;
+  P.Lq = lengths(seqlens_q, "seqlens_q", P.B, P.Sq);
+  P.Lk = lengths(seqlens_k, "seqlens_k", P.B, P.Sk);
+  return P;
+}
+
+}  // namespace window
+
+std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& seqlens_q, const std::optional<at::Tensor>& seqlens_k,
+    int64_t left, int64_t right, bool causal, int64_t global_tokens, double scale) {
+  using namespace window;
+  Problem P = make_problem(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
+                           scale);
+  at::Tensor out = at::zeros({P.B, P.Hq, P.Sq, P.D}, q.options());
+  at::Tensor lse = at::full({P.B, P.Hq, P.Sq}, -std::numeric_limits<float>::infinity(),
+                            q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || P.Sk == 0) return {out, lse};
+  switch (q.scalar_type()) {
+    case at::kFloat: forward_impl<float, float>(P, q, k, v, out, lse); break;
+    case at::kDouble: forward_impl<double, double>(P, q, k, v, out, lse); break;
+    case at::kBFloat16: forward_impl<at::BFloat16, float>(P, q, k, v, out, lse); break;
+    case at::kHalf: forward_impl<at::Half, float>(P, q, k, v, out, lse); break;
+    default: TORCH_CHECK(false, "q: unsupported dtype");
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& seqlens_q,
+    const std::optional<at::Tensor>& seqlens_k, int64_t left, int64_t right, bool causal,
+    int64_t global_tokens, double scale) {
+  using namespace window;
+  Problem P = make_problem(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
+                           scale);
+  check_attn_tensor(dout, "dout");
+  check_attn_tensor(out, "out");
+  MMCORE_CHECK_ARG(dout.sizes() == q.sizes(), "dout", "must have q's shape " + c10::str(q.sizes()));
+  MMCORE_CHECK_ARG(out.sizes() == q.sizes(), "out", "must have q's shape " + c10::str(q.sizes()));
+  MMCORE_CHECK_ARG(dout.scalar_type() == q.scalar_type(), "dout", "dtype must equal q's");
+  MMCORE_CHECK_ARG(out.scalar_type() == q.scalar_type(), "out", "dtype must equal q's");
+  MMCORE_CHECK_ARG(lse.device().is_cpu(), "lse", "must be a CPU tensor");
+  MMCORE_CHECK_ARG(lse.scalar_type() == at::kFloat, "lse", "must be float32");
+  MMCORE_CHECK_ARG(lse.dim() == 3 && lse.size(0) == P.B && lse.size(1) == P.Hq &&
+                       lse.size(2) == P.Sq,
+                   "lse", "must have shape (B, Hq, Sq), got " + c10::str(lse.sizes()));
+  at::Tensor dq = at::zeros({P.B, P.Hq, P.Sq, P.D}, q.options());
+  at::Tensor dk = at::zeros({P.B, P.Hkv, P.Sk, P.D}, k.options());
+  at::Tensor dv = at::zeros({P.B, P.Hkv, P.Sk, P.D}, v.options());
+  if (dq.numel() == 0 || dk.numel() == 0) return {dq, dk, dv};
+  switch (q.scalar_type()) {
+    case at::kFloat: backward_impl<float, float>(P, dout, q, k, v, out, lse, dq, dk, dv); break;
+    case at::kDouble: backward_impl<double, double>(P, dout, q, k, v, out, lse, dq, dk, dv); break;
+    case at::kBFloat16:
+      backward_impl<at::BFloat16, float>(P, dout, q, k, v, out, lse, dq, dk, dv);
+      break;
+    case at::kHalf: backward_impl<at::Half, float>(P, dout, q, k, v, out, lse, dq, dk, dv); break;
+    default: TORCH_CHECK(false, "q: unsupported dtype");
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace mmcore
+
+TORCH_LIBRARY_FRAGMENT(mmcore_C, m) {
+  m.def(
+      "window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? seqlens_q, Tensor? seqlens_k, "
+      "int left, int right, bool causal, int global_tokens, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? seqlens_q, Tensor? seqlens_k, int left, int right, bool causal, "
+      "int global_tokens, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mmcore_C, CPU, m) {
+  m.impl("window_attention_fwd", &mmcore::window_attention_fwd_cpu);
+  m.impl("window_attention_bwd", &mmcore::window_attention_bwd_cpu);
+}

@@ -9,8 +9,13 @@
 //
 // GQA: with no positional mask, the g query heads that share a kv head can be stacked along
 // the sequence dim, q (Hq, Lq, D) -> (Hkv, g*Lq, D), so K/V are never repeated and dK/dV come
-// out already summed over the group.  ATen's backward parallelises over (batch, head) only,
-// so when Hkv is below the thread count we repeat K/V instead and sum dK/dV over the group.
+// out already summed over the group.
+//
+// Forward: ATen's flash kernel per sample (one call for the whole batch when every length is
+// full).  Backward: our own chunked GEMM formulation on ATen (MKL) ops, P recomputed by a
+// softmax of each chunk: ATen's CPU flash kernels compute exp at reduced accuracy and their
+// backward (or P = exp(S - lse) from their lse) misses the tolerance rule on dV; the flash
+// backward also parallelises over heads only.
 //
 // bf16 / fp16 inputs are computed in fp32 (this CPU has no fast half arithmetic).
 #include <ATen/ATen.h>
@@ -41,18 +46,6 @@ std::vector<int64_t> valid_lengths(const c10::optional<at::Tensor>& s, int64_t B
   return L;
 }
 
-// (H, S, D) slice of sample b -> (1, H, L, D) fp32 view/copy.
-at::Tensor rows(const at::Tensor& t, int64_t b, int64_t L) {
-  return t.select(0, b).narrow(1, 0, L).unsqueeze(0).to(at::kFloat);
-}
-
-// Query-like (Hq, S, D) of sample b -> (1, Hkv, g*L, D) fp32: the g heads of a group stacked.
-at::Tensor stacked(const at::Tensor& t, int64_t b, int64_t L, int64_t Hkv) {
-  at::Tensor s = t.select(0, b).narrow(1, 0, L);  // (Hq, L, D)
-  const int64_t Hq = s.size(0), D = s.size(2);
-  return s.reshape({1, Hkv, (Hq / Hkv) * L, D}).to(at::kFloat);
-}
-
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_cpu_lastdim(q, "q");
   check_cpu_lastdim(k, "k");
@@ -68,19 +61,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
                    "dtype must be float32, bfloat16 or float16");
 }
 
-// Run fn(b) for every sample; samples in parallel when one sample alone cannot use the
-// threads (ATen's kernel inside then runs single-threaded), else one after the other.
-template <typename F>
-void for_samples(int64_t B, bool parallel_samples, const F& fn) {
-  if (parallel_samples && B > 1) {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) fn(b);
-    });
-  } else {
-    for (int64_t b = 0; b < B; ++b) fn(b);
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
@@ -89,25 +69,72 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
     double scale) {
   check_inputs(q, k, v);
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  const int64_t Hkv = k.size(1), Sk = k.size(2), g = Hq / Hkv;
   auto Lq = valid_lengths(seqlens_q, B, Sq, "seqlens_q");
   auto Lk = valid_lengths(seqlens_k, B, Sk, "seqlens_k");
-  at::Tensor out = at::zeros({B, Hq, Sq, D}, q.options());
-  at::Tensor lse = at::full({B, Hq, Sq}, -std::numeric_limits<float>::infinity(),
-                            q.options().dtype(at::kFloat));
-  // the forward parallelises over heads x query blocks: one sample fills the threads
-  // unless it is tiny
-  const bool par = Hq * ((Sq + 255) / 256) < at::get_num_threads();
-  for_samples(B, par, [&](int64_t b) {
-    if (Lq[b] == 0 || Lk[b] == 0) return;
-    at::Tensor qb = stacked(q, b, Lq[b], Hkv);
-    at::Tensor kb = rows(k, b, Lk[b]), vb = rows(v, b, Lk[b]);
-    auto res = at::_scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, false,
-                                                                c10::nullopt, scale);
-    out.select(0, b).narrow(1, 0, Lq[b]).copy_(std::get<0>(res).reshape({Hq, Lq[b], D}));
-    lse.select(0, b).narrow(1, 0, Lq[b]).copy_(std::get<1>(res).reshape({Hq, Lq[b]}));
-  });
+  bool full = true;
+  for (int64_t b = 0; b < B; ++b) full = full && Lq[b] == Sq && Lk[b] == Sk;
+  // ATen's kernel writes its output as (batch, seq, head, D); giving it (B*Hkv, 1, g*S, D)
+  // (heads as batch, the g query heads of a group stacked along the sequence) makes that
+  // layout our contiguous (B, Hq, S, D), so the full-length case needs no copy at all
+  if (full && Sq > 0 && Sk > 0) {
+    auto res = at::_scaled_dot_product_flash_attention_for_cpu(
+        q.to(at::kFloat).reshape({B * Hkv, 1, g * Sq, D}),
+        k.to(at::kFloat).reshape({B * Hkv, 1, Sk, D}),
+        v.to(at::kFloat).reshape({B * Hkv, 1, Sk, D}), 0.0, false, c10::nullopt, scale);
+    return {std::get<0>(res).reshape({B, Hq, Sq, D}).to(q.scalar_type()),
+            std::get<1>(res).reshape({B, Hq, Sq})};
+  }
+  at::Tensor out = at::empty({B, Hq, Sq, D}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lq = Lq[b], lk = Lk[b];
+    at::Tensor ob = out.select(0, b), lb = lse.select(0, b);
+    const int64_t done = lk > 0 ? lq : 0;  // rows [done, Sq) see no key: 0 and -inf
+    if (done < Sq) {
+      ob.narrow(1, done, Sq - done).zero_();
+      lb.narrow(1, done, Sq - done).fill_(-std::numeric_limits<float>::infinity());
+    }
+    if (done == 0) continue;
+    auto res = at::_scaled_dot_product_flash_attention_for_cpu(
+        q.select(0, b).narrow(1, 0, lq).to(at::kFloat).reshape({Hkv, 1, g * lq, D}),
+        k.select(0, b).narrow(1, 0, lk).to(at::kFloat).unsqueeze(1),
+        v.select(0, b).narrow(1, 0, lk).to(at::kFloat).unsqueeze(1), 0.0, false, c10::nullopt,
+        scale);
+    ob.narrow(1, 0, lq).copy_(std::get<0>(res).view({Hq, lq, D}));
+    lb.narrow(1, 0, lq).copy_(std::get<1>(res).view({Hq, lq}));
+  }
   return {out, lse};
+}
+
+// Backward of one sample from its fp32 slices, with ATen GEMMs over query chunks:
+//   P = softmax(scale * Q K^T), dV = P^T dO, dS = P * (dO V^T - delta), delta = rowsum(dO * O),
+//   dQ = scale * dS K, dK = scale * dS^T Q.
+// q/dout/out (Hkv, M, D) with M = g*Lq (a group's heads stacked), k/v (Hkv, Lk, D).
+// P is recomputed with ATen's softmax rather than from the saved lse: ATen's CPU flash kernels
+// compute exp at reduced accuracy (exp_u20), and P = exp(S - lse_flash) misses the tolerance
+// rule on dV by a little; a self-normalised softmax of the chunk is exact to fp32 rounding.
+void sample_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& dout, const at::Tensor& out, double scale,
+                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t Hkv = q.size(0), M = q.size(1), Lk = k.size(1);
+  at::Tensor delta = (dout * out).sum(-1, true);  // (Hkv, M, 1)
+  at::Tensor kt = k.transpose(1, 2), vt = v.transpose(1, 2);
+  // query chunk: the (Hkv, C, Lk) score block stays around 1 MiB (cache-resident)
+  const int64_t C = std::max<int64_t>(
+      32, std::min<int64_t>(M, (1 << 18) / std::max<int64_t>(1, Hkv * Lk)));
+  for (int64_t m0 = 0; m0 < M; m0 += C) {
+    const int64_t c = std::min(C, M - m0);
+    at::Tensor qc = q.narrow(1, m0, c), doc = dout.narrow(1, m0, c);
+    at::Tensor p = at::_softmax(at::bmm(qc * scale, kt), -1, false);  // (Hkv, c, Lk)
+    dv.baddbmm_(p.transpose(1, 2), doc);
+    at::Tensor ds = at::bmm(doc, vt);
+    ds.sub_(delta.narrow(1, m0, c)).mul_(p);
+    dq.narrow(1, m0, c).copy_(at::bmm(ds, k));
+    dk.baddbmm_(ds.transpose(1, 2), qc);
+  }
+  dq.mul_(scale);
+  dk.mul_(scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
@@ -129,39 +156,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
   at::Tensor dq = at::zeros({B, Hq, Sq, D}, q.options());
   at::Tensor dk = at::zeros({B, Hkv, Sk, D}, k.options());
   at::Tensor dv = at::zeros({B, Hkv, Sk, D}, v.options());
-  const int64_t threads = at::get_num_threads();
-  // ATen's backward parallelises over heads only: stack the group when Hkv alone fills the
-  // threads, else repeat K/V (Hq units) and reduce dK/dV over the group afterwards.
-  const bool stack = g == 1 || Hkv >= threads;
-  const int64_t units = stack ? Hkv : Hq;
-  const bool par = units < threads;
-  for_samples(B, par, [&](int64_t b) {
+  const bool f32 = q.scalar_type() == at::kFloat;
+  for (int64_t b = 0; b < B; ++b) {
     const int64_t lq = Lq[b], lk = Lk[b];
-    if (lq == 0 || lk == 0) return;
-    at::Tensor kb = rows(k, b, lk), vb = rows(v, b, lk);
-    at::Tensor gq, gk, gv;
-    if (stack) {
-      at::Tensor lb = lse.select(0, b).narrow(1, 0, lq).reshape({1, Hkv, g * lq});
-      std::tie(gq, gk, gv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-          stacked(dout, b, lq, Hkv), stacked(q, b, lq, Hkv), kb, vb, stacked(out, b, lq, Hkv),
-          lb, 0.0, false, c10::nullopt, scale);
-    } else {
-      at::Tensor kr = kb.repeat_interleave(g, 1), vr = vb.repeat_interleave(g, 1);
-      at::Tensor lb = lse.select(0, b).narrow(1, 0, lq).unsqueeze(0);
-      std::tie(gq, gk, gv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-          rows(dout, b, lq), rows(q, b, lq), kr, vr, rows(out, b, lq), lb, 0.0, false,
-          c10::nullopt, scale);
-      gk = gk.reshape({Hkv, g, lk, D}).sum(1);
-      gv = gv.reshape({Hkv, g, lk, D}).sum(1);
-    }
-    // one key: the softmax is identically 1, so dQ and dK are exactly 0 (ATen's result is
-    // rounding noise of dP - rowsum(dO * O) there); leave the zeros
+    if (lq == 0 || lk == 0) continue;
+    auto grp = [&](const at::Tensor& t) {  // (Hq, Sq, D) -> (Hkv, g*lq, D) fp32
+      return t.select(0, b).narrow(1, 0, lq).to(at::kFloat).reshape({Hkv, g * lq, D});
+    };
+    at::Tensor kb = k.select(0, b).narrow(1, 0, lk).to(at::kFloat);
+    at::Tensor vb = v.select(0, b).narrow(1, 0, lk).to(at::kFloat);
+    at::Tensor dqs = dq.select(0, b).narrow(1, 0, lq);
+    at::Tensor dks = dk.select(0, b).narrow(1, 0, lk), dvs = dv.select(0, b).narrow(1, 0, lk);
+    // accumulate straight into the outputs when they are fp32 and the layout allows
+    at::Tensor gq = at::empty({Hkv, g * lq, D}, q.options().dtype(at::kFloat));
+    at::Tensor gk = f32 ? dks : at::zeros({Hkv, lk, D}, q.options().dtype(at::kFloat));
+    at::Tensor gv = f32 ? dvs : at::zeros({Hkv, lk, D}, q.options().dtype(at::kFloat));
+    sample_backward(grp(q), kb, vb, grp(dout), grp(out), scale, gq, gk, gv);
+    // one key: the softmax is identically 1, so dQ and dK are exactly 0 (what the GEMMs give
+    // there is rounding noise of dP - rowsum(dO * O))
     if (lk > 1) {
-      dq.select(0, b).narrow(1, 0, lq).copy_(gq.reshape({Hq, lq, D}));
-      dk.select(0, b).narrow(1, 0, lk).copy_(gk.reshape({Hkv, lk, D}));
+      dqs.copy_(gq.view({Hq, lq, D}));
+      if (!f32) dks.copy_(gk);
+    } else if (f32) {
+      dks.zero_();
     }
-    dv.select(0, b).narrow(1, 0, lk).copy_(gv.reshape({Hkv, lk, D}));
-  });
+    if (!f32) dvs.copy_(gv);
+  }
   return {dq, dk, dv};
 }
 

@@ -12,10 +12,8 @@
 // out already summed over the group.
 //
 // Forward: ATen's flash kernel per sample (one call for the whole batch when every length is
-// full).  Backward: our own chunked GEMM formulation on ATen (MKL) ops, P recomputed by a
-// softmax of each chunk: ATen's CPU flash kernels compute exp at reduced accuracy and their
-// backward (or P = exp(S - lse) from their lse) misses the tolerance rule on dV; the flash
-// backward also parallelises over heads only.
+// full).  Backward: our own chunked GEMM formulation on ATen (MKL) ops (see below): ATen's
+// CPU flash backward misses the tolerance rule on dV, and parallelises over heads only.
 //
 // bf16 / fp16 inputs are computed in fp32 (this CPU has no fast half arithmetic).
 #include <ATen/ATen.h>
@@ -107,35 +105,52 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
   return {out, lse};
 }
 
-// Backward of one sample from its fp32 slices, with ATen GEMMs over query chunks:
-//   P = softmax(scale * Q K^T), dV = P^T dO, dS = P * (dO V^T - delta), delta = rowsum(dO * O),
-//   dQ = scale * dS K, dK = scale * dS^T Q.
-// q/dout/out (Hkv, M, D) with M = g*Lq (a group's heads stacked), k/v (Hkv, Lk, D).
-// P is recomputed with ATen's softmax rather than from the saved lse: ATen's CPU flash kernels
-// compute exp at reduced accuracy (exp_u20), and P = exp(S - lse_flash) misses the tolerance
-// rule on dV by a little; a self-normalised softmax of the chunk is exact to fp32 rounding.
-void sample_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& dout, const at::Tensor& out, double scale,
-                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  const int64_t Hkv = q.size(0), M = q.size(1), Lk = k.size(1);
-  at::Tensor delta = (dout * out).sum(-1, true);  // (Hkv, M, 1)
-  at::Tensor kt = k.transpose(1, 2), vt = v.transpose(1, 2);
-  // query chunk: the (Hkv, C, Lk) score block stays around 1 MiB (cache-resident)
-  const int64_t C = std::max<int64_t>(
-      32, std::min<int64_t>(M, (1 << 18) / std::max<int64_t>(1, Hkv * Lk)));
+// Backward with ATen GEMMs, one work unit = (sample, kv head, slice of the stacked query rows):
+//   P = softmax(scale * Q K^T), dV = P^T dO, dS = scale * P * (dO V^T - delta),
+//   delta = rowsum(dO * O), dQ = dS K, dK = dS^T Q.
+// Units run in parallel (each single-threaded, over query chunks whose (C, Lk) score block
+// stays in cache); each unit owns fp32 partials of dK / dV that are summed afterwards in a
+// fixed order, so the result is deterministic.  P is recomputed with ATen's softmax rather
+// than from the saved lse: ATen's CPU flash kernels compute exp at reduced accuracy
+// (exp_u20), and P = exp(S - lse_flash) misses the tolerance rule on dV by a little; a
+// self-normalised softmax of the chunk is exact to fp32 rounding.
+namespace {
+
+struct Unit {
+  int64_t b, h, m0, m1;
+};
+
+void unit_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& dout, const at::Tensor& out, double scale, at::Tensor dq,
+                   at::Tensor dk, at::Tensor dv) {
+  // q/dout/out/dq (M, D) rows of one kv head's stacked queries; k/v/dk/dv (Lk, D)
+  const int64_t M = q.size(0), Lk = k.size(0);
+  const int64_t C = std::max<int64_t>(16, std::min<int64_t>(256, (1 << 16) / std::max<int64_t>(1, Lk)));
+  at::Tensor kt = k.t(), vt = v.t();
+  // chunk buffers allocated once per unit (fresh pages are costly to fault in)
+  at::Tensor sbuf = at::empty({C, Lk}, k.options()), pbuf = at::empty({C, Lk}, k.options());
+  at::Tensor dsbuf = at::empty({C, Lk}, k.options());
   for (int64_t m0 = 0; m0 < M; m0 += C) {
     const int64_t c = std::min(C, M - m0);
-    at::Tensor qc = q.narrow(1, m0, c), doc = dout.narrow(1, m0, c);
-    at::Tensor p = at::_softmax(at::bmm(qc * scale, kt), -1, false);  // (Hkv, c, Lk)
-    dv.baddbmm_(p.transpose(1, 2), doc);
-    at::Tensor ds = at::bmm(doc, vt);
-    ds.sub_(delta.narrow(1, m0, c)).mul_(p);
-    dq.narrow(1, m0, c).copy_(at::bmm(ds, k));
-    dk.baddbmm_(ds.transpose(1, 2), qc);
+    at::Tensor qc = q.narrow(0, m0, c), doc = dout.narrow(0, m0, c);
+    at::Tensor delta = (doc * out.narrow(0, m0, c)).sum(-1, true);  // (c, 1)
+    at::Tensor s = sbuf.narrow(0, 0, c), p = pbuf.narrow(0, 0, c), ds = dsbuf.narrow(0, 0, c);
+    at::mm_out(s, qc, kt).mul_(scale);
+    at::_softmax_out(p, s, -1, false);  // (c, Lk)
+    dv.addmm_(p.t(), doc);
+    at::mm_out(ds, doc, vt);
+    ds.sub_(delta).mul_(p).mul_(scale);
+    at::Tensor dqc = dq.narrow(0, m0, c);
+    if (dqc.is_contiguous()) {
+      at::mm_out(dqc, ds, k);
+    } else {
+      dqc.copy_(at::mm(ds, k));
+    }
+    dk.addmm_(ds.t(), qc);
   }
-  dq.mul_(scale);
-  dk.mul_(scale);
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -156,31 +171,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
   at::Tensor dq = at::zeros({B, Hq, Sq, D}, q.options());
   at::Tensor dk = at::zeros({B, Hkv, Sk, D}, k.options());
   at::Tensor dv = at::zeros({B, Hkv, Sk, D}, v.options());
-  const bool f32 = q.scalar_type() == at::kFloat;
+  auto f32 = q.options().dtype(at::kFloat);
+  // per sample: fp32 (Hkv, g*Lq, D) stacked views / copies (a sample with Lk = 1 has a
+  // constant softmax: dQ = dK = 0 exactly, only dV is computed)
+  std::vector<at::Tensor> Q(B), DO(B), O(B), K(B), V(B), GQ(B);
+  int64_t active = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t lq = Lq[b], lk = Lk[b];
     if (lq == 0 || lk == 0) continue;
-    auto grp = [&](const at::Tensor& t) {  // (Hq, Sq, D) -> (Hkv, g*lq, D) fp32
+    ++active;
+    auto grp = [&](const at::Tensor& t) {
       return t.select(0, b).narrow(1, 0, lq).to(at::kFloat).reshape({Hkv, g * lq, D});
     };
-    at::Tensor kb = k.select(0, b).narrow(1, 0, lk).to(at::kFloat);
-    at::Tensor vb = v.select(0, b).narrow(1, 0, lk).to(at::kFloat);
-    at::Tensor dqs = dq.select(0, b).narrow(1, 0, lq);
-    at::Tensor dks = dk.select(0, b).narrow(1, 0, lk), dvs = dv.select(0, b).narrow(1, 0, lk);
-    // accumulate straight into the outputs when they are fp32 and the layout allows
-    at::Tensor gq = at::empty({Hkv, g * lq, D}, q.options().dtype(at::kFloat));
-    at::Tensor gk = f32 ? dks : at::zeros({Hkv, lk, D}, q.options().dtype(at::kFloat));
-    at::Tensor gv = f32 ? dvs : at::zeros({Hkv, lk, D}, q.options().dtype(at::kFloat));
-    sample_backward(grp(q), kb, vb, grp(dout), grp(out), scale, gq, gk, gv);
-    // one key: the softmax is identically 1, so dQ and dK are exactly 0 (what the GEMMs give
-    // there is rounding noise of dP - rowsum(dO * O))
-    if (lk > 1) {
-      dqs.copy_(gq.view({Hq, lq, D}));
-      if (!f32) dks.copy_(gk);
-    } else if (f32) {
-      dks.zero_();
+    Q[b] = grp(q);
+    DO[b] = grp(dout);
+    O[b] = grp(out);
+    K[b] = k.select(0, b).narrow(1, 0, lk).to(at::kFloat);
+    V[b] = v.select(0, b).narrow(1, 0, lk).to(at::kFloat);
+    // dQ straight into the output when it is fp32 and the stacked view exists
+    const bool direct = q.scalar_type() == at::kFloat && lq == Sq && lk > 1;
+    GQ[b] = direct ? dq.select(0, b).view({Hkv, g * lq, D}) : at::empty({Hkv, g * lq, D}, f32);
+  }
+  // work units: enough query slices that every thread has work
+  const int64_t threads = at::get_num_threads();
+  std::vector<Unit> units;
+  std::vector<int64_t> first(B, 0), count(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    if (!Q[b].defined()) continue;
+    const int64_t M = g * Lq[b];
+    int64_t split = (2 * threads + active * Hkv - 1) / (active * Hkv);
+    split = std::max<int64_t>(1, std::min<int64_t>(split, (M + 255) / 256));
+    first[b] = units.size();
+    count[b] = split;
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t s = 0; s < split; ++s)
+        units.push_back({b, h, M * s / split, M * (s + 1) / split});
+  }
+  const int64_t U = units.size();
+  std::vector<at::Tensor> PK(U), PV(U);
+  at::parallel_for(0, U, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const Unit& w = units[u];
+      const int64_t n = w.m1 - w.m0, lk = Lk[w.b];
+      PK[u] = at::zeros({lk, D}, f32);
+      PV[u] = at::zeros({lk, D}, f32);
+      auto rows = [&](const at::Tensor& t) { return t.select(0, w.h).narrow(0, w.m0, n); };
+      unit_backward(rows(Q[w.b]), K[w.b].select(0, w.h), V[w.b].select(0, w.h),
+                    rows(DO[w.b]), rows(O[w.b]), scale, rows(GQ[w.b]), PK[u], PV[u]);
     }
-    if (!f32) dvs.copy_(gv);
+  });
+  // fixed-order reduction of the partials; dQ / dK stay 0 for a single key (see above)
+  for (int64_t b = 0; b < B; ++b) {
+    if (!Q[b].defined()) continue;
+    const int64_t lq = Lq[b], lk = Lk[b], split = count[b];
+    const bool direct = q.scalar_type() == at::kFloat && lq == Sq && lk > 1;
+    if (lk > 1 && !direct) dq.select(0, b).narrow(1, 0, lq).copy_(GQ[b].view({Hq, lq, D}));
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t u = first[b] + h * split;
+      at::Tensor sk = PK[u], sv = PV[u];
+      for (int64_t s = 1; s < split; ++s) {
+        sk = sk.add(PK[u + s]);
+        sv = sv.add(PV[u + s]);
+      }
+      if (lk > 1) dk.select(0, b).select(0, h).narrow(0, 0, lk).copy_(sk);
+      dv.select(0, b).select(0, h).narrow(0, 0, lk).copy_(sv);
+    }
   }
   return {dq, dk, dv};
 }

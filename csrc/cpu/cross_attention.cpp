@@ -65,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& seqlens_q, const c10::optional<at::Tensor>& seqlens_k,
     double scale) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // inputs may require grad; no graph here
   check_inputs(q, k, v);
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Sk = k.size(2), g = Hq / Hkv;
@@ -156,6 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& seqlens_q,
     const c10::optional<at::Tensor>& seqlens_k, double scale) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // inputs may require grad; no graph here
   check_inputs(q, k, v);
   check_cpu_lastdim(dout, "dout");
   check_cpu_lastdim(out, "out");

@@ -402,8 +402,6 @@ def _fwd_heur_n(nargs_sk, block_d):
     return (128 if block_d <= 64 else 64 if block_d <= 128 else 32), False
 
 
-_IS_HIP = False
-
 
 def _gpu_fwd_configs():
     cs = []

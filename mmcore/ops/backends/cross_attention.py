@@ -11,3 +11,44 @@ registry.register(registry.OpImpl(
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=ref.cross_fwd, backward=ref.cross_bwd,
 ))
+
+# ----------------------------------------------------------------------------- triton
+from . import _loaders  # noqa: E402
+
+
+def _triton_fwd(q, k, v, seqlens_q, seqlens_k, scale):
+    from mmcore.kernels import cross_attention as K
+    return K.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale)
+
+
+def _triton_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
+    from mmcore.kernels import cross_attention as K
+    return K.cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale)
+
+
+registry.register(registry.OpImpl(
+    op="cross_attention", backend="triton", priority=40,
+    devices=_loaders.triton_devices(), dtypes=frozenset({F16, BF16, F32}),
+    forward=_triton_fwd, backward=_triton_bwd, max_head_dim=256,
+    available=_loaders.triton_error, auto_devices=frozenset({"cuda"}),
+))
+
+
+# ----------------------------------------------------------------------------- cpu (C++)
+
+
+def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, scale):
+    return torch.ops.mmcore_C.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale)
+
+
+def _cpu_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
+    return torch.ops.mmcore_C.cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q,
+                                                  seqlens_k, scale)
+
+
+registry.register(registry.OpImpl(
+    op="cross_attention", backend="cpu", priority=20,
+    devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32}),
+    forward=_cpu_fwd, backward=_cpu_bwd,
+    available=lambda: _loaders.cpp_error("cross_attention_fwd"),
+))

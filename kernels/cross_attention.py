@@ -1,0 +1,626 @@
+"""Triton kernels for cross_attention (text <-> image tokens) and the two-direction co-attention.
+
+Layout as SDPA: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); query head h reads kv head h // G
+(G = Hq // Hkv).  Per-sample valid lengths Lq_b / Lk_b (right padding); allowed(i, j) =
+i < Lq_b and j < Lk_b, with no positional mask.  A row that sees no key (i >= Lq_b or
+Lk_b = 0) gets out 0, lse -inf and zero gradients; padding is masked at load (other=0) so a
+NaN there can never reach a result.
+
+Short-K design (Sk is 49..1025 image tokens, Sq up to 10^5 text tokens):
+  * forward: one program owns M_BLOCKS query blocks of one (sample, head).  When the whole K/V
+    of a sample fits one tile (BLOCK_N >= Sk, ``SINGLE``), K and V are loaded once per program
+    and reused by all its query blocks, and the softmax is a single pass (no rescaling);
+    otherwise a short online-softmax loop over BLOCK_N key blocks.
+  * backward: (1) a dQ kernel over query blocks that also computes delta = rowsum(dO * O);
+    (2) a dK/dV kernel over key blocks that loops over the G query heads of its kv head and
+    over the query blocks of one query split.  With few key blocks (short K) the query dim is
+    split into S chunks for parallelism; each chunk writes its own fp32 partial and the
+    partials are summed in a fixed order, so dK/dV are deterministic (no atomics).
+  * co-attention: both directions (text->image and image->text) in one launch: the program ids
+    of one 1-D grid are split between the two problem sets; an optional residual is added in
+    the epilogue (out = residual + attn).
+
+All base offsets are int64.  fp32 inputs use ``input_precision="ieee"`` (true fp32, no tf32).
+Under TRITON_INTERPRET=1 one small fixed config is used (no autotuning); on a GPU the kernels
+are autotuned for Hopper-class parts.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """tl.dot with fp32 accumulation; PREC "ieee" (fp32 inputs), None (16-bit inputs) or
+    "upcast": the numpy interpreter mis-multiplies bf16 (stored as uint16), so under
+    TRITON_INTERPRET=1 bf16 tiles are widened to fp32 first (same rounded operands)."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _length(ptr, b, S, HAS: tl.constexpr):
+    if HAS:
+        return tl.load(ptr + b).to(tl.int32)
+    else:
+        return S
+
+
+@triton.jit
+def _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    """One key block of the online softmax (scores in log2 units)."""
+    s = _dot(q, tl.trans(k), PREC) * qk_scale
+    s = tl.where(kvalid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_epilogue(acc, m_i, l_i, offs_m, offs_d, dmask, Lq, Sq, o_base, som, or_base, sorm,
+                  r_base, srm, lse_base, HAS_RES: tl.constexpr, STORE_ATTN: tl.constexpr):
+    valid = (offs_m < Lq) & (l_i > 0)
+    l_safe = tl.where(valid, l_i, 1.0)
+    out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(valid, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    rows = offs_m < Sq
+    smask = rows[:, None] & dmask[None, :]
+    offs_m64 = offs_m.to(tl.int64)
+    tl.store(lse_base + offs_m64, lse, mask=rows)
+    if HAS_RES:
+        r = tl.load(r_base + offs_m64[:, None] * srm + offs_d[None, :], mask=smask, other=0.0)
+        tl.store(or_base + offs_m64[:, None] * sorm + offs_d[None, :],
+                 (r.to(tl.float32) + out).to(or_base.dtype.element_ty), mask=smask)
+        if STORE_ATTN:
+            tl.store(o_base + offs_m64[:, None] * som + offs_d[None, :],
+                     out.to(o_base.dtype.element_ty), mask=smask)
+    else:
+        tl.store(o_base + offs_m64[:, None] * som + offs_d[None, :],
+                 out.to(o_base.dtype.element_ty), mask=smask)
+
+
+@triton.jit
+def _fwd_program(pid_m, bh, Q, K, V, O, OR, R, LSE, SQL, SKL,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                 sorb, sorh, sorm, srb, srh, srm,
+                 H, G, Sq, Sk, qk_scale,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, M_BLOCKS: tl.constexpr, SINGLE: tl.constexpr,
+                 HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, HAS_RES: tl.constexpr,
+                 STORE_ATTN: tl.constexpr, PREC: tl.constexpr):
+    """All work of one program: M_BLOCKS query blocks of (sample b, query head h)."""
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    Lq = _length(SQL, b, Sq, HAS_SQ)
+    Lk = _length(SKL, b, Sk, HAS_SK)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    q_base = Q + b64 * sqb + h64 * sqh
+    k_base = K + b64 * skb + hk64 * skh
+    v_base = V + b64 * svb + hk64 * svh
+    o_base = O + b64 * sob + h64 * soh
+    or_base = OR + b64 * sorb + h64 * sorh
+    r_base = R + b64 * srb + h64 * srh
+    lse_base = LSE + (b64 * H + h64) * Sq
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    offs_n = tl.arange(0, BLOCK_N)
+    if SINGLE:
+        # the whole K/V of the sample in one tile, loaded once for all M_BLOCKS query blocks
+        kvalid = offs_n < Lk
+        kvm = kvalid[:, None] & dmask[None, :]
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kvm,
+                    other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kvm,
+                    other=0.0)
+        for i in range(M_BLOCKS):
+            offs_m = (pid_m * M_BLOCKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+            qm = (offs_m < Lq)[:, None] & dmask[None, :]
+            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :], mask=qm,
+                        other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            if Lk > 0:
+                m_i, l_i, acc = _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale, PREC)
+            _fwd_epilogue(acc, m_i, l_i, offs_m, offs_d, dmask, Lq, Sq, o_base, som, or_base,
+                          sorm, r_base, srm, lse_base, HAS_RES, STORE_ATTN)
+    else:
+        for i in range(M_BLOCKS):
+            start_m = (pid_m * M_BLOCKS + i) * BLOCK_M
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            qm = (offs_m < Lq)[:, None] & dmask[None, :]
+            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :], mask=qm,
+                        other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            hi = tl.where(start_m < Lq, Lk, 0)  # a block of padded queries reads no key
+            for start_n in range(0, hi, BLOCK_N):
+                kn = start_n + offs_n
+                kvalid = kn < Lk
+                kvm = kvalid[:, None] & dmask[None, :]
+                k = tl.load(k_base + kn[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kvm,
+                            other=0.0)
+                v = tl.load(v_base + kn[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kvm,
+                            other=0.0)
+                m_i, l_i, acc = _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale, PREC)
+            _fwd_epilogue(acc, m_i, l_i, offs_m, offs_d, dmask, Lq, Sq, o_base, som, or_base,
+                          sorm, r_base, srm, lse_base, HAS_RES, STORE_ATTN)
+
+
+# ----------------------------------------------------------------------------- forward kernels
+
+
+@triton.jit
+def _cross_fwd_kernel(Q, K, V, O, OR, R, LSE, SQL, SKL,
+                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                      sorb, sorh, sorm, srb, srh, srm,
+                      H, G, Sq, Sk, qk_scale, SQ_KEY, SK_KEY,
+                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, M_BLOCKS: tl.constexpr, SINGLE: tl.constexpr,
+                      HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, HAS_RES: tl.constexpr,
+                      STORE_ATTN: tl.constexpr, PREC: tl.constexpr):
+    _fwd_program(tl.program_id(0), tl.program_id(1), Q, K, V, O, OR, R, LSE, SQL, SKL,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                 sorb, sorh, sorm, srb, srh, srm, H, G, Sq, Sk, qk_scale,
+                 D, BLOCK_M, BLOCK_N, BLOCK_D, M_BLOCKS, SINGLE, HAS_SQ, HAS_SK, HAS_RES,
+                 STORE_ATTN, PREC)
+
+
+@triton.jit
+def _co_fwd_kernel(
+        # direction A (e.g. text queries over image keys)
+        QA, KA, VA, OA, ORA, RA, LSEA, SQLA, SKLA,
+        a_sqb, a_sqh, a_sqm, a_skb, a_skh, a_skn, a_svb, a_svh, a_svn, a_sob, a_soh, a_som,
+        a_sorb, a_sorh, a_sorm, a_srb, a_srh, a_srm, BHA, HA, GA, SqA, SkA,
+        # direction B (image queries over text keys)
+        QB, KB, VB, OB, ORB, RB, LSEB, SQLB, SKLB,
+        b_sqb, b_sqh, b_sqm, b_skb, b_skh, b_skn, b_svb, b_svh, b_svn, b_sob, b_soh, b_som,
+        b_sorb, b_sorh, b_sorm, b_srb, b_srh, b_srm, BHB, HB, GB, SqB, SkB,
+        qk_scale, SQ_KEY, SK_KEY,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, M_BLOCKS: tl.constexpr,
+        BLOCK_N_A: tl.constexpr, SINGLE_A: tl.constexpr,
+        BLOCK_N_B: tl.constexpr, SINGLE_B: tl.constexpr,
+        HAS_SQ_A: tl.constexpr, HAS_SK_A: tl.constexpr, HAS_SQ_B: tl.constexpr,
+        HAS_SK_B: tl.constexpr, HAS_RES: tl.constexpr, STORE_ATTN: tl.constexpr,
+        PREC: tl.constexpr):
+    """Both co-attention directions in one grid: programs [0, nA) serve A, the rest B."""
+    pid = tl.program_id(0)
+    nma = tl.cdiv(SqA, BLOCK_M * M_BLOCKS)
+    na = nma * BHA
+    if pid < na:
+        _fwd_program(pid % nma, pid // nma, QA, KA, VA, OA, ORA, RA, LSEA, SQLA, SKLA,
+                     a_sqb, a_sqh, a_sqm, a_skb, a_skh, a_skn, a_svb, a_svh, a_svn,
+                     a_sob, a_soh, a_som, a_sorb, a_sorh, a_sorm, a_srb, a_srh, a_srm,
+                     HA, GA, SqA, SkA, qk_scale,
+                     D, BLOCK_M, BLOCK_N_A, BLOCK_D, M_BLOCKS, SINGLE_A, HAS_SQ_A, HAS_SK_A,
+                     HAS_RES, STORE_ATTN, PREC)
+    else:
+        pb = pid - na
+        nmb = tl.cdiv(SqB, BLOCK_M * M_BLOCKS)
+        _fwd_program(pb % nmb, pb // nmb, QB, KB, VB, OB, ORB, RB, LSEB, SQLB, SKLB,
+                     b_sqb, b_sqh, b_sqm, b_skb, b_skh, b_skn, b_svb, b_svh, b_svn,
+                     b_sob, b_soh, b_som, b_sorb, b_sorh, b_sorm, b_srb, b_srh, b_srm,
+                     HB, GB, SqB, SkB, qk_scale,
+                     D, BLOCK_M, BLOCK_N_B, BLOCK_D, M_BLOCKS, SINGLE_B, HAS_SQ_B, HAS_SK_B,
+                     HAS_RES, STORE_ATTN, PREC)
+
+
+# ----------------------------------------------------------------------------- backward kernels
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
+                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                   sdob, sdoh, sdom,
+                   H, G, Sq, Sk, qk_scale, scale, SQ_KEY, SK_KEY,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr,
+                   PREC: tl.constexpr):
+    """dQ for one query block, and delta = rowsum(dO * O) (stored for the dK/dV kernel)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    Lq = _length(SQL, b, Sq, HAS_SQ)
+    Lk = _length(SKL, b, Sk, HAS_SK)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    dmask = offs_d < D
+    rvalid = offs_m < Lq
+    qm = rvalid[:, None] & dmask[None, :]
+    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m64[:, None] * sqm + offs_d[None, :], mask=qm,
+                other=0.0)
+    do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m64[:, None] * sdom + offs_d[None, :],
+                 mask=qm, other=0.0)
+    o = tl.load(O + b64 * sob + h64 * soh + offs_m64[:, None] * som + offs_d[None, :], mask=qm,
+                other=0.0).to(tl.float32)
+    delta = tl.sum(do.to(tl.float32) * o, 1)
+    row_base = (b64 * H + h64) * Sq
+    lse = tl.load(LSE + row_base + offs_m64, mask=rvalid, other=0.0)
+    rvalid = rvalid & (lse > float("-inf"))
+    delta = tl.where(rvalid, delta, 0.0)
+    tl.store(DELTA + row_base + offs_m64, delta, mask=offs_m < Sq)
+    lse2 = tl.where(rvalid, lse * 1.4426950408889634, 0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b64 * skb + hk64 * skh
+    v_base = V + b64 * svb + hk64 * svh
+    hi = tl.where(pid_m * BLOCK_M < Lq, Lk, 0)
+    for start_n in range(0, hi, BLOCK_N):
+        kn = start_n + offs_n
+        kvalid = kn < Lk
+        kvm = kvalid[:, None] & dmask[None, :]
+        k = tl.load(k_base + kn[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kvm,
+                    other=0.0)
+        v = tl.load(v_base + kn[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kvm,
+                    other=0.0)
+        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(rvalid[:, None] & kvalid[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), PREC)
+        ds = p * (dp - delta[:, None])
+        ds = tl.where(Lk > 1, ds, 0.0)  # one key: softmax == 1, dQ is exactly 0
+        dq += _dot(ds.to(k.dtype), k, PREC)
+    dq = dq * scale
+    tl.store(DQ + (b64 * H + h64) * Sq * D + offs_m64[:, None] * D + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=(offs_m < Sq)[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SQL, SKL,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                     sd_split, Hkv, G, Sq, Sk, qk_scale, scale, Q_PER_SPLIT, SQ_KEY, SK_KEY,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr,
+                     PREC: tl.constexpr):
+    """dK, dV of one key block of (sample b, kv head hk), summed over the G query heads of the
+    group and over the query rows of split pid_s (rows [pid_s*Q_PER_SPLIT, +Q_PER_SPLIT)).
+
+    DK/DV are (S, B, Hkv, Sk, D) with split stride sd_split (0 when unsplit)."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    Lq = _length(SQL, b, Sq, HAS_SQ)
+    Lk = _length(SKL, b, Sk, HAS_SK)
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    H = Hkv * G
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n64 = offs_n.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    kvalid = offs_n < Lk
+    kvm = kvalid[:, None] & dmask[None, :]
+    k = tl.load(K + b64 * skb + hk64 * skh + offs_n64[:, None] * skn + offs_d[None, :], mask=kvm,
+                other=0.0)
+    v = tl.load(V + b64 * svb + hk64 * svh + offs_n64[:, None] * svn + offs_d[None, :], mask=kvm,
+                other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    q_lo = pid_s * Q_PER_SPLIT
+    q_hi = tl.minimum(Lq, q_lo + Q_PER_SPLIT)
+    q_hi = tl.where(pid_n * BLOCK_N < Lk, q_hi, q_lo)  # a block of padded keys reads nothing
+    for g in range(0, G):
+        h64 = hk64 * G + g
+        q_base = Q + b64 * sqb + h64 * sqh
+        do_base = DO + b64 * sdob + h64 * sdoh
+        row_base = (b64 * H + h64) * Sq
+        for start_m in range(q_lo, q_hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_m64 = offs_m.to(tl.int64)
+            rvalid = offs_m < q_hi
+            qm = rvalid[:, None] & dmask[None, :]
+            q = tl.load(q_base + offs_m64[:, None] * sqm + offs_d[None, :], mask=qm, other=0.0)
+            do = tl.load(do_base + offs_m64[:, None] * sdom + offs_d[None, :], mask=qm,
+                         other=0.0)
+            lse = tl.load(LSE + row_base + offs_m64, mask=rvalid, other=0.0)
+            delta = tl.load(DELTA + row_base + offs_m64, mask=rvalid, other=0.0)
+            lse2 = lse * 1.4426950408889634
+            st = _dot(k, tl.trans(q), PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+            pt = tl.exp2(st - lse2[None, :])
+            pt = tl.where(kvalid[:, None] & rvalid[None, :], pt, 0.0)
+            dv += _dot(pt.to(do.dtype), do, PREC)
+            dpt = _dot(v, tl.trans(do), PREC)
+            dst = pt * (dpt - delta[None, :])
+            dst = tl.where(Lk > 1, dst, 0.0)  # one key: dK is exactly 0
+            dk += _dot(dst.to(q.dtype), q, PREC)
+    dk = dk * scale
+    out_off = pid_s.to(tl.int64) * sd_split + (b64 * Hkv + hk64) * Sk * D
+    sm = (offs_n < Sk)[:, None] & dmask[None, :]
+    tl.store(DK + out_off + offs_n64[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=sm)
+    tl.store(DV + out_off + offs_n64[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=sm)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _block_d(D: int) -> int:
+    return max(16, _pow2(D))
+
+
+def _key(S: int) -> int:
+    """Autotune bucket of a length (powers of 2, capped)."""
+    return min(_pow2(max(S, 1)), 1 << 16)
+
+
+def _prec(dtype):
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if (_interpret() and dtype == torch.bfloat16) else None
+
+
+def _single_limit(block_d: int) -> int:
+    """Largest key tile kept whole on chip for one program (K and V both resident)."""
+    return 128 if block_d <= 64 else (64 if block_d <= 128 else 32)
+
+
+def _fwd_heur_n(nargs_sk, block_d):
+    """(BLOCK_N, SINGLE) for a problem with Sk keys: the whole K/V when it fits, else a loop."""
+    if _interpret():
+        bn = max(16, _pow2(nargs_sk))
+        return (bn, True) if bn <= 32 else (32, False)
+    lim = _single_limit(block_d)
+    bn = max(16, _pow2(nargs_sk))
+    if bn <= lim:
+        return bn, True
+    return (128 if block_d <= 64 else 64 if block_d <= 128 else 32), False
+
+
+
+def _gpu_fwd_configs():
+    cs = []
+    for bm, mb, w, st in ((128, 1, 4, 2), (128, 1, 8, 2), (128, 1, 8, 3), (64, 1, 4, 3),
+                          (64, 2, 4, 2), (128, 2, 8, 2), (64, 1, 4, 2)):
+        cs.append(triton.Config({"BLOCK_M": bm, "M_BLOCKS": mb}, num_warps=w, num_stages=st))
+    return cs
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
+    out = [c for c in configs if not (bd > 128 and c.kwargs["BLOCK_M"] > 64)]
+    return out or configs[-1:]
+
+
+def _gpu_bwd_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
+                                  (64, 64, 4, 3), (32, 64, 4, 2), (32, 32, 4, 1))]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
+    if bd > 128:
+        out = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048]
+    elif bd > 64:
+        out = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 8192]
+    else:
+        out = configs
+    return out or configs[-1:]
+
+
+_KEY = ["SQ_KEY", "SK_KEY", "D"]
+_PRUNE_F = {"early_config_prune": _prune_fwd, "perf_model": None, "top_k": None}
+_PRUNE_B = {"early_config_prune": _prune_bwd, "perf_model": None, "top_k": None}
+
+
+def _tuned(kernel, configs, prune):
+    if _interpret():
+        return kernel
+    return triton.autotune(configs=configs, key=_KEY, prune_configs_by=prune)(kernel)
+
+
+_fwd = _tuned(_cross_fwd_kernel, _gpu_fwd_configs(), _PRUNE_F)
+_co_fwd = _tuned(_co_fwd_kernel, _gpu_fwd_configs(), _PRUNE_F)
+_dq = _tuned(_bwd_dq_kernel, _gpu_bwd_configs(), _PRUNE_B)
+_dkdv = _tuned(_bwd_dkdv_kernel, _gpu_bwd_configs(), _PRUNE_B)
+
+_INTERP_FWD = {"BLOCK_M": 32, "M_BLOCKS": 2}
+_INTERP_BWD = {"BLOCK_M": 32, "BLOCK_N": 32}
+
+
+def _fixed(cfg):
+    return cfg if _interpret() else {}
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _lens(s, ref):
+    return (s, True) if s is not None else (ref, False)
+
+
+def _direction_args(q, k, v, o, orr, r, lse, sq, sk):
+    """Pointers and strides of one attention problem, in _fwd_program's order."""
+    B, H, Sq, D = q.shape
+    G = H // k.shape[1]
+    orr = o if orr is None else orr
+    r = o if r is None else r
+    sql, has_sq = _lens(sq, lse)
+    skl, has_sk = _lens(sk, lse)
+    args = [q, k, v, o, orr, r, lse, sql, skl,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            orr.stride(0), orr.stride(1), orr.stride(2), r.stride(0), r.stride(1), r.stride(2)]
+    return args, dict(B=B, H=H, G=G, Sq=Sq, Sk=k.shape[2], has_sq=has_sq, has_sk=has_sk)
+
+
+def cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, residual=None, store_attn=True):
+    """-> out (B, Hq, Sq, D) in q.dtype, lse (B, Hq, Sq) fp32 [, out_res = residual + out].
+
+    seqlens_*: int64 (B,) or None.  residual: (B, Hq, Sq, D) any strides (last contiguous);
+    when given, returns (out or None, lse, out_res) — out only when store_attn."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    bd = _block_d(D)
+    bn, single = _fwd_heur_n(Sk, bd)
+    has_res = residual is not None
+    o = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device) \
+        if (store_attn or not has_res) else None
+    orr = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device) if has_res else None
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    o_ptr = o if o is not None else orr
+    args, m = _direction_args(q, k, v, o_ptr, orr, residual, lse, seqlens_q, seqlens_k)
+
+    def grid(meta):
+        return (triton.cdiv(Sq, meta["BLOCK_M"] * meta["M_BLOCKS"]), B * H)
+
+    _fwd[grid](*args, H, m["G"], Sq, Sk, scale * LOG2E, _key(Sq), _key(Sk),
+               D=D, BLOCK_N=bn, BLOCK_D=bd, SINGLE=single, HAS_SQ=m["has_sq"],
+               HAS_SK=m["has_sk"], HAS_RES=has_res, STORE_ATTN=store_attn and has_res,
+               PREC=_prec(q.dtype), **_fixed(_INTERP_FWD))
+    if has_res:
+        return o, lse, orr
+    return o, lse
+
+
+def co_attention_fwd(qa, ka, va, sqa, ska, qb, kb, vb, sqb, skb, scale, res_a=None, res_b=None,
+                     store_attn=True):
+    """Both directions of co-attention in one launch.
+
+    Direction A: qa (B, H, SA, D) over ka/va (B, Hkv, SB, D) with lengths (sqa, ska);
+    direction B: qb (B, H, SB, D) over kb/vb (B, Hkv, SA, D) with lengths (sqb, skb).
+    Returns (oa, lse_a, ob, lse_b) and, with residuals (both or none), also
+    (oa_res, ob_res) = (res_a + oa, res_b + ob); oa / ob are None unless store_attn."""
+    assert qa.shape[-1] == qb.shape[-1], "both directions must share the head dim"
+    assert qa.dtype == qb.dtype
+    D = qa.shape[-1]
+    bd = _block_d(D)
+    has_res = res_a is not None
+    assert (res_b is not None) == has_res, "give both residuals or neither"
+    outs = []
+    packs = []
+    for q, k, v, sq, sk, r in ((qa, ka, va, sqa, ska, res_a), (qb, kb, vb, sqb, skb, res_b)):
+        B, H, Sq, _ = q.shape
+        o = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device) \
+            if (store_attn or not has_res) else None
+        orr = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device) if has_res else None
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        args, m = _direction_args(q, k, v, o if o is not None else orr, orr, r, lse, sq, sk)
+        bn, single = _fwd_heur_n(k.shape[2], bd)
+        packs.append((args, m, bn, single))
+        outs.append((o, lse, orr))
+    (a_args, ma, bna, sa), (b_args, mb, bnb, sb) = packs
+    SqA, SqB = ma["Sq"], mb["Sq"]
+    BHA, BHB = ma["B"] * ma["H"], mb["B"] * mb["H"]
+
+    def grid(meta):
+        step = meta["BLOCK_M"] * meta["M_BLOCKS"]
+        return (triton.cdiv(SqA, step) * BHA + triton.cdiv(SqB, step) * BHB,)
+
+    _co_fwd[grid](*a_args, BHA, ma["H"], ma["G"], SqA, ma["Sk"],
+                  *b_args, BHB, mb["H"], mb["G"], SqB, mb["Sk"],
+                  scale * LOG2E, _key(max(SqA, SqB)), _key(min(SqA, SqB)),
+                  D=D, BLOCK_D=bd, BLOCK_N_A=bna, SINGLE_A=sa, BLOCK_N_B=bnb, SINGLE_B=sb,
+                  HAS_SQ_A=ma["has_sq"], HAS_SK_A=ma["has_sk"], HAS_SQ_B=mb["has_sq"],
+                  HAS_SK_B=mb["has_sk"], HAS_RES=has_res, STORE_ATTN=store_attn and has_res,
+                  PREC=_prec(qa.dtype), **_fixed(_INTERP_FWD))
+    (oa, la, ora), (ob, lb, orb) = outs
+    if has_res:
+        return oa, la, ob, lb, ora, orb
+    return oa, la, ob, lb
+
+
+def _n_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
+    """-> dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D) in the input dtypes (out: the attention
+    output of the forward, without residual)."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    bd = _block_d(D)
+    prec = _prec(q.dtype)
+    dev = q.device
+    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
+    dq = torch.empty(B, H, Sq, D, dtype=q.dtype, device=dev)
+    sql, has_sq = _lens(seqlens_q, lse)
+    skl, has_sk = _lens(seqlens_k, lse)
+    lse = lse.contiguous()
+
+    def grid_q(meta):
+        return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
+
+    _dq[grid_q](q, k, v, out, dout, lse, delta, dq, sql, skl,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+                out.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                H, G, Sq, Sk, scale * LOG2E, scale, _key(Sq), _key(Sk),
+                D=D, BLOCK_D=bd, HAS_SQ=has_sq, HAS_SK=has_sk, PREC=prec, **_fixed(_INTERP_BWD))
+
+    # split the query dim so that short-K problems still fill the device; each split owns an
+    # fp32 partial of dK/dV, summed afterwards in a fixed order (deterministic)
+    unit = 128  # a multiple of every BLOCK_M
+    n_kb = triton.cdiv(Sk, 64)
+    want = 2 * _n_sms(dev)
+    split = max(1, min(triton.cdiv(want, max(1, n_kb * B * Hkv)), triton.cdiv(Sq, 4 * unit)))
+    if _interpret():
+        split = 2 if Sq > 64 else 1
+        unit = 32
+    q_per = triton.cdiv(triton.cdiv(Sq, split), unit) * unit
+    split = triton.cdiv(Sq, q_per) if Sq > 0 else 1
+    if split > 1:
+        dk_buf = torch.empty(split, B, Hkv, Sk, D, dtype=torch.float32, device=dev)
+        dv_buf = torch.empty_like(dk_buf)
+        sd = B * Hkv * Sk * D
+    else:
+        dk_buf = torch.empty(B, Hkv, Sk, D, dtype=k.dtype, device=dev)
+        dv_buf = torch.empty(B, Hkv, Sk, D, dtype=v.dtype, device=dev)
+        sd = 0
+
+    def grid_k(meta):
+        return (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv, split)
+
+    _dkdv[grid_k](q, k, v, dout, lse, delta, dk_buf, dv_buf, sql, skl,
+                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2),
+                  dout.stride(0), dout.stride(1), dout.stride(2),
+                  sd, Hkv, G, Sq, Sk, scale * LOG2E, scale, q_per, _key(Sq), _key(Sk),
+                  D=D, BLOCK_D=bd, HAS_SQ=has_sq, HAS_SK=has_sk, PREC=prec,
+                  **_fixed(_INTERP_BWD))
+    if split > 1:
+        dk = dk_buf.sum(0).to(k.dtype)
+        dv = dv_buf.sum(0).to(v.dtype)
+    else:
+        dk, dv = dk_buf, dv_buf
+    return dq, dk, dv

@@ -5,10 +5,7 @@ end logits per token) and a retrieval embedding (mean-pooled, L2-normalised).  T
 load from their own HF dirs; the reader's own parts (vision projection, fusion layers, heads)
 save to ``reader.safetensors`` next to ``reader_config.json``.
 
-Fusion uses ``mmcore.nn.CoAttention`` when that module exists; otherwise the private
-``_CoAttention`` below (the same formula of DESIGN.md, two cross_attention calls).  The two
-may name their parameters differently, so a reader saved with one loads into the other only
-through a key map.
+Fusion layers are ``mmcore.nn.CoAttention`` (shared projections, both directions).
 """
 from __future__ import annotations
 
@@ -21,48 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import cross_attention
+from ..nn import CoAttention
 from .loading import Checkpoint, load_into, save_safetensors
 from .text_encoder import TextEncoder, mean_pool
 from .vision_encoder import VisionEncoder
-
-
-class _CoAttention(nn.Module):
-    """Bidirectional co-attention with shared projections (DESIGN.md):
-    F_t = H_t + Wo·softmax(H_t Wq (H_v Wk)^T / √d) H_v Wv, and the same with t <-> v."""
-
-    def __init__(self, d_model: int, n_heads: int):
-        super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
-        self.h = n_heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d_model, d_model)
-                                                              for _ in range(4))
-
-    def _heads(self, x):  # (B, S, d) -> (B, h, S, d/h)
-        return x.view(x.shape[0], x.shape[1], self.h, -1).transpose(1, 2)
-
-    def _one(self, hq, hk, lq, lk):
-        q, k, v = self._heads(self.q_proj(hq)), self._heads(self.k_proj(hk)), \
-            self._heads(self.v_proj(hk))
-        o, lse = cross_attention(q, k, v, seqlens_q=lq, seqlens_k=lk, return_lse=True)
-        o = o.transpose(1, 2).reshape(hq.shape)  # (B, Sq, d)
-        return hq + self.o_proj(o), lse
-
-    def forward(self, h_t, h_v, text_lengths=None, image_lengths=None, return_lse=False):
-        """h_t (B, St, d), h_v (B, Sv, d) -> f_t (B, St, d), f_v (B, Sv, d) [, lse_t, lse_v]."""
-        f_t, lse_t = self._one(h_t, h_v, text_lengths, image_lengths)
-        f_v, lse_v = self._one(h_v, h_t, image_lengths, text_lengths)
-        return (f_t, f_v, lse_t, lse_v) if return_lse else (f_t, f_v)
-
-
-try:  # the fused module, when mmcore.nn provides it (swap-in at merge, same signature)
-    from ..nn import CoAttention  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on what is merged
-    try:
-        from ..nn.cross_modal import CoAttention  # type: ignore[no-redef]
-    except ImportError:
-        CoAttention = _CoAttention
 
 
 @dataclass

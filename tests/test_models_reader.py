@@ -5,7 +5,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mmcore.models import MultimodalReader  # noqa: E402
-from mmcore.models.reader import _CoAttention  # noqa: E402
+from mmcore.nn import CoAttention  # noqa: E402
 from kit import assert_close  # noqa: E402
 
 
@@ -60,10 +60,10 @@ def test_reader_save_load(dirs, tmp_path):
     assert r2.config.labels == ["no", "yes"]
 
 
-def test_private_coattention_formula():
-    """_CoAttention == the DESIGN.md formula in float64 (dense softmax, explicit lengths)."""
+def test_reader_fusion_formula():
+    """The reader's fusion layer (CoAttention) == the DESIGN.md formula in float64 (dense softmax, explicit lengths)."""
     torch.manual_seed(1)
-    m = _CoAttention(24, 3)
+    m = CoAttention(24, 3)
     ht, hv = torch.randn(2, 9, 24), torch.randn(2, 5, 24)
     lt, lv = torch.tensor([9, 4]), torch.tensor([5, 2])
     ft, fv = m(ht, hv, lt, lv)

@@ -2,6 +2,7 @@
 import torch
 
 from .. import registry
+from . import _loaders
 from ..reference import attention as ref
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -10,4 +11,28 @@ registry.register(registry.OpImpl(
     op="window_attention", backend="torch", priority=0,
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=ref.window_fwd, backward=ref.window_bwd,
+))
+
+
+# ---------------------------------------------------------------- triton (kernels/window_attention.py)
+def _triton_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
+    from mmcore.kernels import window_attention as kern  # imported late: needs TRITON_INTERPRET
+    return kern.window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal,
+                                     global_tokens, scale)
+
+
+def _triton_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
+                global_tokens, scale):
+    from mmcore.kernels import window_attention as kern
+    return kern.window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left,
+                                     right, causal, global_tokens, scale)
+
+
+registry.register(registry.OpImpl(
+    op="window_attention", backend="triton", priority=40,
+    devices=_loaders.triton_devices(), auto_devices=frozenset({"cuda"}),
+    dtypes=frozenset({F16, BF16, F32}), max_head_dim=256,
+    forward=_triton_fwd, backward=_triton_bwd,
+    supports_gqa=True, supports_global_tokens=True,
+    available=_loaders.triton_error,
 ))

@@ -52,9 +52,11 @@ _AUTOTUNE = os.environ.get("MMCORE_TRITON_AUTOTUNE", "1") != "0" and not _INTERP
 
 _UNBOUNDED = 1 << 30  # a window side of -1 (unbounded) becomes this many positions
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 DECODE_MAX_SQ = 16  # Sq <= this takes the split-K (flash-decoding) forward
-_NEG_INF = float("-inf")
+# constants read inside kernels must be constexpr globals
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+_NEG_INF = tl.constexpr(float("-inf"))
 
 # scalars that change between calls: never specialise (no recompiles, no constexpr ints)
 _NO_SPEC = ["H", "GROUP", "Sq", "Sk", "D", "left", "right", "G", "TUNE_KEY"]
@@ -229,7 +231,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, _NEG_INF, m_i * LN2 + tl.log(l_safe))
+    lse = tl.where(empty, _NEG_INF, m_i * _LN2 + tl.log(l_safe))
     o_ptrs = (O + b64 * stride_ob + h.to(tl.int64) * stride_oh + pid_s.to(tl.int64) * stride_os
               + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
@@ -325,7 +327,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K,
                  mask=row_mask, other=0.0)
     row_ok = offs_m < Lq
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == _NEG_INF, 0.0, lse * LOG2E)  # a row that sees nothing has p = 0
+    lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)  # a row that sees nothing has p = 0
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
@@ -407,7 +409,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
             do = tl.load(do_base + rows64[:, None] * stride_dm + offs_d[None, :],
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             lse = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=0.0)
-            lse2 = tl.where(lse == _NEG_INF, 0.0, lse * LOG2E)
+            lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)
             delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
             sT = _dot(k, qT, PREC)  # (BLOCK_N, BLOCK_M)
             ok = _allowed(rows[None, :], offs_n[:, None], off, Lq, Lk, left, right, G, CAUSAL)
@@ -548,7 +550,7 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
     if out.numel() == 0 or lse.numel() == 0:
         return out, lse
     if Sk == 0:
-        return out.zero_(), lse.fill_(_NEG_INF)
+        return out.zero_(), lse.fill_(float("-inf"))
     left, right = _norm_window(left, right, causal)
     G = int(global_tokens)
     BLOCK_D = _block_d(D)

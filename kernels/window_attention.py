@@ -37,7 +37,6 @@ Nothing here imports the rest of mmcore.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -58,8 +57,9 @@ _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 _NEG_INF = tl.constexpr(float("-inf"))
 
-# scalars that change between calls: never specialise (no recompiles, no constexpr ints)
-_NO_SPEC = ["H", "GROUP", "Sq", "Sk", "D", "left", "right", "G", "TUNE_KEY"]
+# scalars that change between calls: never specialise (no recompiles, no constexpr ints).
+# D stays specialised: its divisibility by 16 lets the head-dim masks keep loads vectorised.
+_NO_SPEC = ["H", "GROUP", "Sq", "Sk", "left", "right", "G", "TUNE_KEY"]
 
 
 # ---------------------------------------------------------------- shared device helpers
@@ -91,6 +91,24 @@ def _allowed(i, j, off, Lq, Lk, left, right, G, CAUSAL: tl.constexpr):
         glob = glob & (j <= p)
     inwin = (j >= p - left) & (j <= p + right)
     return (i < Lq) & (j < Lk) & (inwin | glob)
+
+
+@_device_fn
+def _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """True when every (i, j) of the block rows [start_m, +BLOCK_M) x keys [start_n, +BLOCK_N)
+    is allowed: the per-element mask can be skipped (interior of the band)."""
+    p_lo = start_m + off
+    p_hi = start_m + BLOCK_M - 1 + off
+    j_hi = start_n + BLOCK_N - 1
+    full = (start_m + BLOCK_M <= Lq) & (j_hi < Lk)
+    in_win = (start_n >= p_hi - left) & (j_hi <= p_lo + right)
+    glob_k = j_hi < G
+    if CAUSAL:
+        glob_all = glob_k & (j_hi <= p_lo)
+    else:
+        glob_all = glob_k | (p_hi < G)
+    return full & (in_win | glob_all)
 
 
 @_device_fn
@@ -210,21 +228,26 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
     m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+    v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
     for t in range(t0, t1):
         start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
         cols = start_n + offs_n
         kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
-        col64 = cols.to(tl.int64)[:, None]
-        k = tl.load(k_base + col64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        n64 = start_n.to(tl.int64)
+        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), PREC)  # (BLOCK_M, BLOCK_N)
-        ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
-        s = tl.where(ok, s * qk_scale, _NEG_INF)
+        if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M, BLOCK_N):
+            s = s * qk_scale
+        else:
+            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
+            s = tl.where(ok, s * qk_scale, _NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row with nothing seen yet
         p = tl.exp2(s - m_use[:, None])  # masked -> exactly 0
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + col64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
         m_i = m_new
 
@@ -240,7 +263,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
     tl.store(l_ptrs, lse, mask=offs_m < Sq)
 
 
-@triton.jit(do_not_specialize=["Sq", "D"])
+@triton.jit(do_not_specialize=["Sq"])
 def _combine_kernel(OP, LP, O, LSE, Sq, D,
                     NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merge split-K partials: OP (BH, S, Sq, D) fp32 normalised, LP (BH, S, Sq) -> O, LSE."""
@@ -265,7 +288,7 @@ def _combine_kernel(OP, LP, O, LSE, Sq, D,
 # ---------------------------------------------------------------- backward
 
 
-@triton.jit(do_not_specialize=["H", "Sq", "D"])
+@triton.jit(do_not_specialize=["H", "Sq"])
 def _bwd_delta_kernel(O, DO, DELTA, SEQ_Q,
                       stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
                       H, Sq, D, HAS_SQ: tl.constexpr,
@@ -335,16 +358,21 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K,
     lo, n_win, n_glob = _key_blocks(start_m, Lq, Lk, off, left, right, G, CAUSAL,
                                     BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+    v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
     for t in range(0, n_glob + n_win):
         start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
         cols = start_n + offs_n
         kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
-        col64 = cols.to(tl.int64)[:, None]
-        k = tl.load(k_base + col64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + col64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        n64 = start_n.to(tl.int64)
+        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), PREC)
-        ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
-        s = tl.where(ok, s * qk_scale, _NEG_INF)
+        if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M, BLOCK_N):
+            s = s * qk_scale
+        else:
+            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
+            s = tl.where(ok, s * qk_scale, _NEG_INF)
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
@@ -393,6 +421,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
                                       BLOCK_M, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qT_tile = offs_m.to(tl.int64)[None, :] * stride_qm + offs_d[:, None]  # (BLOCK_D, BLOCK_M)
+    do_tile = offs_m.to(tl.int64)[:, None] * stride_dm + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
     for gi in range(0, GROUP):
         h64 = hk64 * GROUP + gi
         bh = b64 * H + h64
@@ -402,18 +432,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
             start_m = tl.where(t < n_glob, t * BLOCK_M, lo + (t - n_glob) * BLOCK_M)
             rows = start_m + offs_m
             row_ok = rows < Lq
-            rows64 = rows.to(tl.int64)
+            m64 = start_m.to(tl.int64)
             # qT (BLOCK_D, BLOCK_M): loaded transposed
-            qT = tl.load(q_base + rows64[None, :] * stride_qm + offs_d[:, None],
+            qT = tl.load(q_base + m64 * stride_qm + qT_tile,
                          mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-            do = tl.load(do_base + rows64[:, None] * stride_dm + offs_d[None, :],
+            do = tl.load(do_base + m64 * stride_dm + do_tile,
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             lse = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)
             delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
             sT = _dot(k, qT, PREC)  # (BLOCK_N, BLOCK_M)
-            ok = _allowed(rows[None, :], offs_n[:, None], off, Lq, Lk, left, right, G, CAUSAL)
-            sT = tl.where(ok, sT * qk_scale, _NEG_INF)
+            if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
+                           BLOCK_M, BLOCK_N):
+                sT = sT * qk_scale
+            else:
+                ok = _allowed(rows[None, :], offs_n[:, None], off, Lq, Lk, left, right, G,
+                              CAUSAL)
+                sT = tl.where(ok, sT * qk_scale, _NEG_INF)
             pT = tl.exp2(sT - lse2[None, :])
             dv += _dot(pT.to(do.dtype), do, PREC)
             dpT = _dot(v, tl.trans(do), PREC)
@@ -442,15 +477,12 @@ if _INTERPRET:
     _DKDV_CONFIGS = [_cfg(32, 64, 4, 1)]
 else:
     # Hopper-sized first; the small ones stay for D = 256 / fp32, where big tiles do not fit
-    _FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3),
-                    _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 3), _cfg(128, 64, 8, 4),
-                    _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 1)]
+    _FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2),
+                    _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 1)]
     _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 32, 4, 3),
-                   _cfg(64, 128, 8, 2), _cfg(64, 64, 8, 3), _cfg(64, 32, 4, 2),
-                   _cfg(32, 32, 4, 1)]
-    _DKDV_CONFIGS = [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(32, 128, 8, 2),
-                     _cfg(64, 64, 4, 2), _cfg(64, 64, 8, 3), _cfg(32, 64, 4, 2),
-                     _cfg(32, 32, 4, 1)]
+                   _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 1)]
+    _DKDV_CONFIGS = [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 2),
+                     _cfg(32, 64, 4, 2), _cfg(32, 32, 4, 1)]
 
 _SMEM_BUDGET = 200 * 1024
 
@@ -464,7 +496,7 @@ def _prune(kind):
         es = named_args["Q"].element_size()
         keep = []
         for c in configs:
-            m, n, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], max(c.num_stages, 1)
+            m, n, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], max(c.num_stages - 1, 1)
             if kind == "fwd":  # q resident, k/v streamed
                 smem = (m + 2 * n * st) * bd * es
             elif kind == "dq":  # q, do resident, k/v streamed
@@ -479,7 +511,7 @@ def _prune(kind):
     return prune
 
 
-_KEY = ["BLOCK_D", "TUNE_KEY", "CAUSAL", "HAS_SQ", "HAS_SK"]
+_KEY = ["BLOCK_D", "TUNE_KEY", "CAUSAL"]  # (+ the dtypes of the tensor arguments)
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY,
                              prune_configs_by={"early_config_prune": _prune("fwd")})(_fwd_kernel)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY,
@@ -492,10 +524,6 @@ _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY,
 # ---------------------------------------------------------------- launchers
 
 
-def _bucket(x):
-    return 0 if x <= 0 else int(math.log2(x)) + 1
-
-
 def _norm_window(left, right, causal):
     left = _UNBOUNDED if left < 0 else left
     right = 0 if causal else (_UNBOUNDED if right < 0 else right)
@@ -503,8 +531,8 @@ def _norm_window(left, right, causal):
 
 
 def _tune_key(Sq, Sk, left, right, G):
-    span = min(Sk, left + right + 1 + G)
-    return _bucket(Sq) * 64 + _bucket(span)
+    """Coarse autotune bucket: narrow band (< 512 keys per row) or wide."""
+    return int(min(Sk, left + right + 1 + G) >= 512)
 
 
 def _prec(dtype):

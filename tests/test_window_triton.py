@@ -24,7 +24,7 @@ def case(**kw):
 
 # ------------------------------------------------------------------ random matrix
 
-N_RANDOM = 48
+N_RANDOM = 40
 
 
 @pytest.mark.parametrize("i", range(N_RANDOM))
@@ -85,13 +85,13 @@ def test_head_dims(interpret, D):
 
 
 @pytest.mark.parametrize("name,kw", [
-    ("decode_1", dict(Sq=1, Sk=200, window=(150, 0), causal=True, G=2,
-                      seqlens_k=torch.tensor([200, 97, 1]))),
-    ("decode_1_unbounded", dict(Sq=1, Sk=180, causal=True, seqlens_k=torch.tensor([180, 0, 64]),
+    ("decode_1", dict(Sq=1, Sk=160, window=(130, 0), causal=True, G=2,
+                      seqlens_k=torch.tensor([160, 97, 1]))),
+    ("decode_1_unbounded", dict(Sq=1, Sk=140, causal=True, seqlens_k=torch.tensor([140, 0, 64]),
                                 dtype=BF16)),
-    ("decode_chunk_4", dict(Sq=4, Sk=190, window=(120, 0), causal=True, G=3, Hq=4, Hkv=2,
-                            seqlens_k=torch.tensor([190, 77, 4]))),
-    ("decode_16_bidir", dict(Sq=16, Sk=200, window=(90, 90), G=0)),
+    ("decode_chunk_4", dict(Sq=4, Sk=150, window=(120, 0), causal=True, G=3, Hq=4, Hkv=2,
+                            seqlens_k=torch.tensor([150, 77, 4]), B=3)),
+    ("decode_16_bidir", dict(Sq=16, Sk=160, window=(90, 90), G=0, B=1)),
 ])
 def test_decode_split_k(interpret, name, kw):
     """Sq <= 16 takes the split-K path (partials merged by lse), as RollingKVCache decoding."""
@@ -132,15 +132,14 @@ def test_fully_masked_rows_are_zero(interpret):
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     for t in (dq, dk, dv):
         assert torch.isfinite(t).all()
-    assert torch.equal(dq[0], torch.zeros_like(dq[0])) and torch.equal(dq[1, :, :20],
-                                                                      torch.zeros_like(dq[1, :, :20]))
-    assert torch.equal(dk[0], torch.zeros_like(dk[0])) and torch.equal(dv[1, :, 10:],
-                                                                      torch.zeros_like(dv[1, :, 10:]))
+    zero = lambda t: torch.equal(t, torch.zeros_like(t))  # noqa: E731
+    assert zero(dq[0]) and zero(dq[1, :, :20])  # rows that see nothing
+    assert zero(dk[0]) and zero(dv[0]) and zero(dk[1, :, 10:]) and zero(dv[1, :, 10:])  # padding
 
 
 def test_backward_deterministic(interpret):
     """dK/dV and dQ are each written by one program in a fixed order: bitwise reproducible."""
-    c = case(Hq=4, Hkv=1, Sq=70, Sk=70, window=(9, 3), G=2, dtype=BF16)
+    c = case(Hq=2, Hkv=1, Sq=70, Sk=70, window=(9, 3), G=2, dtype=BF16)
     q, k, v, dout = make_attention_inputs(c, interpret)
     grads = []
     for _ in range(2):

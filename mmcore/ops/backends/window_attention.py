@@ -14,7 +14,7 @@ registry.register(registry.OpImpl(
 ))
 
 
-# ---------------------------------------------------------------- triton (kernels/window_attention.py)
+# ------------------------------------------------------- triton (kernels/window_attention.py)
 def _triton_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
     from mmcore.kernels import window_attention as kern  # imported late: needs TRITON_INTERPRET
     return kern.window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal,

@@ -14,6 +14,30 @@ registry.register(registry.OpImpl(
 ))
 
 
+# ------------------------------------------------------- triton (kernels/window_attention.py)
+def _triton_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
+    from mmcore.kernels import window_attention as kern  # imported late: needs TRITON_INTERPRET
+    return kern.window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal,
+                                     global_tokens, scale)
+
+
+def _triton_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
+                global_tokens, scale):
+    from mmcore.kernels import window_attention as kern
+    return kern.window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left,
+                                     right, causal, global_tokens, scale)
+
+
+registry.register(registry.OpImpl(
+    op="window_attention", backend="triton", priority=40,
+    devices=_loaders.triton_devices(), auto_devices=frozenset({"cuda"}),
+    dtypes=frozenset({F16, BF16, F32}), max_head_dim=256,
+    forward=_triton_fwd, backward=_triton_bwd,
+    supports_gqa=True, supports_global_tokens=True,
+    available=_loaders.triton_error,
+))
+
+
 # ---------------------------------------------------------------- cpu: csrc/cpu/window_attention.cpp
 def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
     return torch.ops.mmcore_C.window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right,

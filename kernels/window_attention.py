@@ -1,0 +1,665 @@
+"""Triton kernels for window_attention: sliding-window attention with a global-token prefix.
+
+FlashAttention-2 style.  Layout q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), any strides with a
+contiguous last dim; query head h reads kv head h // (Hq // Hkv) (no repeated K/V exists).
+
+Mask (DESIGN.md), per sample b with valid lengths Lq, Lk and off = Lk - Lq (bottom-right
+alignment), query i at position p = i + off:
+
+    allowed(i, j) = i < Lq and j < Lk and (p - left <= j <= p + right
+                                           or ((j < G or p < G) and (not causal or j <= p)))
+
+Work is O(Sq·(left + right + G)·D): a query block visits only
+  * the key blocks of its window, [lo, hi) rounded down to a block boundary, and
+  * the global-prefix key blocks [0, G) that lie below that window range (no double count);
+  * a query block that holds a global query (p < G) visits every key (causal: up to p).
+The backward dK/dV program of a key block visits the mirror image: the query blocks whose
+window holds the block, plus the global-query blocks [0, G - off) below them (all query
+blocks when the key block holds global keys).  Both lists are walked as one loop over
+"virtual" block indices t: t < n_glob is global block t, else window block t - n_glob.
+
+Kernels
+  _fwd_kernel       online softmax, fp32 accumulators, lse in fp32 (natural log); with
+                    NUM_SPLITS > 1 each program takes a slice of the key blocks and writes
+                    fp32 partials that _combine_kernel merges by lse (split-K decoding).
+  _bwd_delta_kernel delta = rowsum(dO * O)
+  _bwd_dq_kernel    one program per query block, loops over its key blocks
+  _bwd_dkdv_kernel  one program per (key block, kv head), loops over the g query heads
+                    that share the kv head and their query blocks (GQA reduced in registers)
+The backward is deterministic by construction: every dq / dk / dv element is written by
+exactly one program, in a fixed loop order, with no atomics.
+
+Rows that see no key: out 0, lse -inf, gradients 0.  Padding past the valid lengths (which
+may hold NaN) is never loaded: every load is masked with other=0, and masked scores are
+-inf so their probabilities are exactly 0.  Base offsets are computed in int64.
+
+Nothing here imports the rest of mmcore.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["window_attention_fwd", "window_attention_bwd", "DECODE_MAX_SQ"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# MMCORE_TRITON_AUTOTUNE=0: take the first config that fits instead of benchmarking them
+_AUTOTUNE = os.environ.get("MMCORE_TRITON_AUTOTUNE", "1") != "0" and not _INTERPRET
+
+_UNBOUNDED = 1 << 30  # a window side of -1 (unbounded) becomes this many positions
+LOG2E = 1.4426950408889634
+DECODE_MAX_SQ = 16  # Sq <= this takes the split-K (flash-decoding) forward
+# constants read inside kernels must be constexpr globals
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+_NEG_INF = tl.constexpr(float("-inf"))
+
+# scalars that change between calls: never specialise (no recompiles, no constexpr ints).
+# D stays specialised: its divisibility by 16 lets the head-dim masks keep loads vectorised.
+_NO_SPEC = ["H", "GROUP", "Sq", "Sk", "left", "right", "G", "TUNE_KEY"]
+
+
+# ---------------------------------------------------------------- shared device helpers
+
+# Device functions called from the kernels.  Under the interpreter a nested @triton.jit call
+# re-patches triton.language on every call (~10 ms each); plain Python functions see the
+# same patched module, so they are left undecorated there.
+_device_fn = (lambda f: f) if _INTERPRET else triton.jit
+
+
+@_device_fn
+def _dot(a, b, PREC: tl.constexpr):
+    """tl.dot accumulating in fp32.  PREC "ieee" (fp32 inputs: true fp32, no tf32) or "tf32"
+    (fp16/bf16: ignored); "interp": upcast to fp32 first, because the numpy interpreter
+    multiplies bf16 operands as their raw uint16 bit patterns."""
+    if PREC == "interp":
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b, input_precision=PREC)
+    return r
+
+
+@_device_fn
+def _allowed(i, j, off, Lq, Lk, left, right, G, CAUSAL: tl.constexpr):
+    """allowed(i, j) of DESIGN.md for broadcastable row / column index tensors."""
+    p = i + off
+    glob = (j < G) | (p < G)
+    if CAUSAL:
+        glob = glob & (j <= p)
+    inwin = (j >= p - left) & (j <= p + right)
+    return (i < Lq) & (j < Lk) & (inwin | glob)
+
+
+@_device_fn
+def _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """True when every (i, j) of the block rows [start_m, +BLOCK_M) x keys [start_n, +BLOCK_N)
+    is allowed: the per-element mask can be skipped (interior of the band)."""
+    p_lo = start_m + off
+    p_hi = start_m + BLOCK_M - 1 + off
+    j_hi = start_n + BLOCK_N - 1
+    full = (start_m + BLOCK_M <= Lq) & (j_hi < Lk)
+    in_win = (start_n >= p_hi - left) & (j_hi <= p_lo + right)
+    glob_k = j_hi < G
+    if CAUSAL:
+        glob_all = glob_k & (j_hi <= p_lo)
+    else:
+        glob_all = glob_k | (p_hi < G)
+    return full & (in_win | glob_all)
+
+
+@_device_fn
+def _key_blocks(start_m, Lq, Lk, off, left, right, G, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks seen by query rows [start_m, start_m + BLOCK_M).
+
+    Returns (lo, n_win, n_glob): window blocks start at lo (a multiple of BLOCK_N), n_win of
+    them; global-prefix blocks are 0 .. n_glob - 1, all below lo."""
+    row_end = tl.minimum(start_m + BLOCK_M, Lq)
+    has_rows = row_end > start_m
+    p_lo = start_m + off
+    p_hi = row_end - 1 + off
+    lo = tl.maximum(p_lo - left, 0)
+    hi = tl.minimum(p_hi + right + 1, Lk)
+    if CAUSAL:
+        full_hi = tl.minimum(p_hi + 1, Lk)
+    else:
+        full_hi = Lk + 0 * p_hi
+    gq = p_lo < G  # the block holds a global query: it sees every key
+    lo = tl.where(gq, 0, lo)
+    hi = tl.where(gq, full_hi, hi)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    n_win = tl.where(has_rows & (hi > lo), (hi - lo + BLOCK_N - 1) // BLOCK_N, 0)
+    g_end = tl.minimum(G, Lk) + 0 * p_hi
+    g_end = tl.where(n_win > 0, tl.minimum(g_end, lo), g_end)
+    n_glob = tl.where(has_rows & (g_end > 0), (g_end + BLOCK_N - 1) // BLOCK_N, 0)
+    return lo, n_win, n_glob
+
+
+@_device_fn
+def _query_blocks(start_n, Lq, Lk, off, left, right, G, CAUSAL: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query blocks that see key columns [start_n, start_n + BLOCK_N) (mirror of _key_blocks).
+
+    Returns (lo, n_win, n_glob) in query-row units of BLOCK_M."""
+    col_end = tl.minimum(start_n + BLOCK_N, Lk)
+    has_cols = col_end > start_n
+    # in window:  j - right <= p <= j + left,  i = p - off
+    lo = tl.maximum(start_n - right - off, 0)
+    hi = tl.minimum(col_end + left - off, Lq)
+    if CAUSAL:
+        full_lo = tl.maximum(start_n - off, 0)
+    else:
+        full_lo = 0 * start_n
+    gk = start_n < G  # the block holds global keys: every query sees it
+    lo = tl.where(gk, full_lo, lo)
+    hi = tl.where(gk, Lq + 0 * start_n, hi)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    n_win = tl.where(has_cols & (hi > lo), (hi - lo + BLOCK_M - 1) // BLOCK_M, 0)
+    g_end = tl.minimum(tl.maximum(G - off, 0), Lq) + 0 * start_n  # global query rows
+    g_end = tl.where(n_win > 0, tl.minimum(g_end, lo), g_end)
+    n_glob = tl.where(has_cols & (g_end > 0), (g_end + BLOCK_M - 1) // BLOCK_M, 0)
+    return lo, n_win, n_glob
+
+
+@_device_fn
+def _lengths(SEQ_Q, SEQ_K, b, Sq, Sk, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr):
+    if HAS_SQ:
+        Lq = tl.load(SEQ_Q + b).to(tl.int32)
+    else:
+        Lq = Sq + 0 * b
+    if HAS_SK:
+        Lk = tl.load(SEQ_K + b).to(tl.int32)
+    else:
+        Lk = Sk + 0 * b
+    return Lq, Lk
+
+
+# ---------------------------------------------------------------- forward
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
+                stride_qb, stride_qh, stride_qm,
+                stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn,
+                stride_ob, stride_oh, stride_os, stride_om,
+                stride_lb, stride_lh, stride_ls,
+                H, GROUP, Sq, Sk, D, left, right, G, qk_scale, TUNE_KEY,
+                HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                NUM_SPLITS: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    Lq, Lk = _lengths(SEQ_Q, SEQ_K, b, Sq, Sk, HAS_SQ, HAS_SK)
+    off = Lk - Lq
+    b64 = b.to(tl.int64)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    q_ptrs = (Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+              + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+
+    lo, n_win, n_glob = _key_blocks(start_m, Lq, Lk, off, left, right, G, CAUSAL,
+                                    BLOCK_M, BLOCK_N)
+    n_tot = n_glob + n_win
+    if NUM_SPLITS > 1:
+        per = (n_tot + NUM_SPLITS - 1) // NUM_SPLITS
+        t0 = pid_s * per
+        t1 = tl.minimum(t0 + per, n_tot)
+    else:
+        t0 = 0 * n_tot
+        t1 = n_tot
+
+    m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+    v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
+    for t in range(t0, t1):
+        start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
+        n64 = start_n.to(tl.int64)
+        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PREC)  # (BLOCK_M, BLOCK_N)
+        if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M, BLOCK_N):
+            s = s * qk_scale
+        else:
+            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
+            s = tl.where(ok, s * qk_scale, _NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row with nothing seen yet
+        p = tl.exp2(s - m_use[:, None])  # masked -> exactly 0
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, _NEG_INF, m_i * _LN2 + tl.log(l_safe))
+    o_ptrs = (O + b64 * stride_ob + h.to(tl.int64) * stride_oh + pid_s.to(tl.int64) * stride_os
+              + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :])
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
+    l_ptrs = (LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh
+              + pid_s.to(tl.int64) * stride_ls + offs_m)
+    tl.store(l_ptrs, lse, mask=offs_m < Sq)
+
+
+@triton.jit(do_not_specialize=["Sq"])
+def _combine_kernel(OP, LP, O, LSE, Sq, D,
+                    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge split-K partials: OP (BH, S, Sq, D) fp32 normalised, LP (BH, S, Sq) -> O, LSE."""
+    row = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    lp = tl.load(LP + bh * NUM_SPLITS * Sq + offs_s * Sq + row, mask=s_ok, other=_NEG_INF)
+    m = tl.max(lp, 0)
+    m_use = tl.where(m == _NEG_INF, 0.0, m)
+    w = tl.exp(lp - m_use)  # -inf -> 0
+    tot = tl.sum(w, 0)
+    op = tl.load(OP + (bh * NUM_SPLITS * Sq + offs_s[:, None] * Sq + row) * D + offs_d[None, :],
+                 mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    out = tl.sum(op * w[:, None], 0) / tl.where(tot == 0.0, 1.0, tot)
+    lse = tl.where(tot == 0.0, _NEG_INF, m_use + tl.log(tl.where(tot == 0.0, 1.0, tot)))
+    tl.store(O + (bh * Sq + row) * D + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
+    tl.store(LSE + bh * Sq + row, lse)
+
+
+# ---------------------------------------------------------------- backward
+
+
+@triton.jit(do_not_specialize=["H", "Sq"])
+def _bwd_delta_kernel(O, DO, DELTA, SEQ_Q,
+                      stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
+                      H, Sq, D, HAS_SQ: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[b, h, i] = sum_d dO * O (0 on padding rows; dO there may be NaN)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if HAS_SQ:
+        Lq = tl.load(SEQ_Q + b).to(tl.int32)
+    else:
+        Lq = Sq + 0 * b
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    rows = offs_m.to(tl.int64)[:, None]
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows * stride_om + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows * stride_dm + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K,
+                   stride_qb, stride_qh, stride_qm,
+                   stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn,
+                   stride_db, stride_dh, stride_dm,
+                   stride_dqb, stride_dqh, stride_dqm,
+                   H, GROUP, Sq, Sk, D, left, right, G, qk_scale, sm_scale, TUNE_KEY,
+                   HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PREC: tl.constexpr):
+    """dQ = scale · dS K over the key blocks of one query block, dS = P ∘ (dO Vᵀ − delta)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    Lq, Lk = _lengths(SEQ_Q, SEQ_K, b, Sq, Sk, HAS_SQ, HAS_SK)
+    off = Lk - Lq
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    rows = offs_m.to(tl.int64)[:, None]
+    row_mask = (offs_m[:, None] < Lq) & d_ok[None, :]
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows * stride_qm + offs_d[None, :],
+                mask=row_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows * stride_dm + offs_d[None, :],
+                 mask=row_mask, other=0.0)
+    row_ok = offs_m < Lq
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)  # a row that sees nothing has p = 0
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+
+    lo, n_win, n_glob = _key_blocks(start_m, Lq, Lk, off, left, right, G, CAUSAL,
+                                    BLOCK_M, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+    v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
+    for t in range(0, n_glob + n_win):
+        start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
+        n64 = start_n.to(tl.int64)
+        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PREC)
+        if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M, BLOCK_N):
+            s = s * qk_scale
+        else:
+            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
+            s = tl.where(ok, s * qk_scale, _NEG_INF)
+        p = tl.exp2(s - lse2[:, None])
+        dp = _dot(do, tl.trans(v), PREC)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_NO_SPEC + ["HKV"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
+                     stride_qb, stride_qh, stride_qm,
+                     stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn,
+                     stride_db, stride_dh, stride_dm,
+                     stride_dkb, stride_dkh, stride_dkn,
+                     stride_dvb, stride_dvh, stride_dvn,
+                     H, HKV, GROUP, Sq, Sk, D, left, right, G, qk_scale, sm_scale, TUNE_KEY,
+                     HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PREC: tl.constexpr):
+    """dV = Pᵀ dO, dK = scale · dSᵀ Q for one key block of kv head hk, summed over the GROUP
+    query heads that read it and over their query blocks (in transposed form: Sᵀ = K Qᵀ)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    Lq, Lk = _lengths(SEQ_Q, SEQ_K, b, Sq, Sk, HAS_SQ, HAS_SK)
+    off = Lk - Lq
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    cols = offs_n.to(tl.int64)[:, None]
+    kv_mask = (offs_n[:, None] < Lk) & d_ok[None, :]
+    k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + cols * stride_kn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + cols * stride_vn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+
+    lo, n_win, n_glob = _query_blocks(start_n, Lq, Lk, off, left, right, G, CAUSAL,
+                                      BLOCK_M, BLOCK_N)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qT_tile = offs_m.to(tl.int64)[None, :] * stride_qm + offs_d[:, None]  # (BLOCK_D, BLOCK_M)
+    do_tile = offs_m.to(tl.int64)[:, None] * stride_dm + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    for gi in range(0, GROUP):
+        h64 = hk64 * GROUP + gi
+        bh = b64 * H + h64
+        q_base = Q + b64 * stride_qb + h64 * stride_qh
+        do_base = DO + b64 * stride_db + h64 * stride_dh
+        for t in range(0, n_glob + n_win):
+            start_m = tl.where(t < n_glob, t * BLOCK_M, lo + (t - n_glob) * BLOCK_M)
+            rows = start_m + offs_m
+            row_ok = rows < Lq
+            m64 = start_m.to(tl.int64)
+            # qT (BLOCK_D, BLOCK_M): loaded transposed
+            qT = tl.load(q_base + m64 * stride_qm + qT_tile,
+                         mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+            do = tl.load(do_base + m64 * stride_dm + do_tile,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=0.0)
+            lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)
+            delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
+            sT = _dot(k, qT, PREC)  # (BLOCK_N, BLOCK_M)
+            if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
+                           BLOCK_M, BLOCK_N):
+                sT = sT * qk_scale
+            else:
+                ok = _allowed(rows[None, :], offs_n[:, None], off, Lq, Lk, left, right, G,
+                              CAUSAL)
+                sT = tl.where(ok, sT * qk_scale, _NEG_INF)
+            pT = tl.exp2(sT - lse2[None, :])
+            dv += _dot(pT.to(do.dtype), do, PREC)
+            dpT = _dot(v, tl.trans(do), PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC)
+    dk = dk * sm_scale
+    out_mask = (offs_n[:, None] < Sk) & d_ok[None, :]
+    tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + cols * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + cols * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------- autotuning
+
+
+def _cfg(m, n, w, s):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+if _INTERPRET:
+    # the interpreter runs every config it is given: one small config
+    # (asymmetric blocks, so that a BLOCK_M / BLOCK_N mix-up cannot pass the tests)
+    _FWD_CONFIGS = [_cfg(32, 64, 4, 1)]
+    _DQ_CONFIGS = [_cfg(64, 32, 4, 1)]
+    _DKDV_CONFIGS = [_cfg(32, 64, 4, 1)]
+else:
+    # Hopper-sized first; the small ones stay for D = 256 / fp32, where big tiles do not fit
+    _FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2),
+                    _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 1)]
+    _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 32, 4, 3),
+                   _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 1)]
+    _DKDV_CONFIGS = [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 2),
+                     _cfg(32, 64, 4, 2), _cfg(32, 32, 4, 1)]
+
+_SMEM_BUDGET = 200 * 1024
+
+
+def _prune(kind):
+    """Drop configs whose tiles cannot fit shared memory (rough count); without autotuning
+    keep only the first that fits."""
+
+    def prune(configs, named_args, **kwargs):
+        bd = kwargs["BLOCK_D"]
+        es = named_args["Q"].element_size()
+        keep = []
+        for c in configs:
+            m, n, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], max(c.num_stages - 1, 1)
+            if kind == "fwd":  # q resident, k/v streamed
+                smem = (m + 2 * n * st) * bd * es
+            elif kind == "dq":  # q, do resident, k/v streamed
+                smem = (2 * m + 2 * n * st) * bd * es
+            else:  # k, v resident, q, do streamed
+                smem = (2 * n + 2 * m * st) * bd * es
+            if smem <= _SMEM_BUDGET:
+                keep.append(c)
+        keep = keep or configs[-1:]
+        return keep if _AUTOTUNE else keep[:1]
+
+    return prune
+
+
+_KEY = ["BLOCK_D", "TUNE_KEY", "CAUSAL"]  # (+ the dtypes of the tensor arguments)
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY,
+                             prune_configs_by={"early_config_prune": _prune("fwd")})(_fwd_kernel)
+_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY,
+                            prune_configs_by={"early_config_prune": _prune("dq")})(_bwd_dq_kernel)
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY,
+                              prune_configs_by={"early_config_prune": _prune("dkdv")}
+                              )(_bwd_dkdv_kernel)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _norm_window(left, right, causal):
+    left = _UNBOUNDED if left < 0 else left
+    right = 0 if causal else (_UNBOUNDED if right < 0 else right)
+    return left, right
+
+
+def _tune_key(Sq, Sk, left, right, G):
+    """Coarse autotune bucket: narrow band (< 512 keys per row) or wide."""
+    return int(min(Sk, left + right + 1 + G) >= 512)
+
+
+def _prec(dtype):
+    if _INTERPRET and dtype == torch.bfloat16:
+        return "interp"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_d(D):
+    return max(16, triton.next_power_of_2(D))
+
+
+def _seq_args(seqlens_q, seqlens_k, q):
+    dummy = torch.empty(1, dtype=torch.int64, device=q.device)
+    sq = seqlens_q if seqlens_q is not None else dummy
+    sk = seqlens_k if seqlens_k is not None else dummy
+    return sq, sk
+
+
+def _num_splits(B, H, Sq, Sk, left, right, G, device, block_n):
+    """Split-K factor for decoding: enough programs to fill the GPU (>= 2 blocks each)."""
+    span = min(Sk, left + right + Sq + G)
+    n_blocks = triton.cdiv(max(span, 1), block_n)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(2 * sms, max(B * H, 1))
+    else:  # interpreter: a few splits, so the combine path is exercised
+        want = 4
+    return max(1, min(want, n_blocks // 2, 64))
+
+
+def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
+                         scale):
+    """Normalised forward (see mmcore/ops/window_attention.py).
+
+    q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) with stride(-1) == 1; left/right >= -1 (-1 =
+    unbounded); seqlens int64 (B,) or None.  Returns out (B, Hq, Sq, D) in q.dtype
+    (contiguous) and lse (B, Hq, Sq) float32 (natural log, -inf for rows that see nothing)."""
+    B, H, Sq, D = q.shape
+    HKV, Sk = k.shape[1], k.shape[2]
+    out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or lse.numel() == 0:
+        return out, lse
+    if Sk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    left, right = _norm_window(left, right, causal)
+    G = int(global_tokens)
+    BLOCK_D = _block_d(D)
+    sq, sk = _seq_args(seqlens_q, seqlens_k, q)
+    common = dict(HAS_SQ=seqlens_q is not None, HAS_SK=seqlens_k is not None,
+                  CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype))
+    qk_scale = float(scale) * LOG2E
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
+
+    if Sq <= DECODE_MAX_SQ:
+        # decoding / tiny query blocks: one 16-row query block, split-K over the keys
+        BM, BN = 16, (32 if _INTERPRET else (64 if BLOCK_D <= 128 else 32))
+        ns = _num_splits(B, H, Sq, Sk, left, right, G, q.device, BN)
+        warps = 4
+        if ns == 1:
+            _fwd_kernel[(1, B * H, 1)](
+                q, k, v, out, lse, sq, sk, *strides,
+                out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
+                H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, 0,
+                BLOCK_M=BM, BLOCK_N=BN, NUM_SPLITS=1, num_warps=warps, num_stages=2, **common)
+            return out, lse
+        o_part = torch.empty((B, H, ns, Sq, D), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((B, H, ns, Sq), dtype=torch.float32, device=q.device)
+        _fwd_kernel[(1, B * H, ns)](
+            q, k, v, o_part, l_part, sq, sk, *strides,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+            l_part.stride(0), l_part.stride(1), l_part.stride(2),
+            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, 0,
+            BLOCK_M=BM, BLOCK_N=BN, NUM_SPLITS=ns, num_warps=warps, num_stages=2, **common)
+        _combine_kernel[(Sq, B * H)](o_part, l_part, out, lse, Sq, D, NUM_SPLITS=ns,
+                                     BLOCK_S=triton.next_power_of_2(ns), BLOCK_D=BLOCK_D)
+        return out, lse
+
+    grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H, 1)  # noqa: E731
+    _fwd_tuned[grid](
+        q, k, v, out, lse, sq, sk, *strides,
+        out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
+        H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, _tune_key(Sq, Sk, left, right, G),
+        NUM_SPLITS=1, **common)
+    return out, lse
+
+
+def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
+                         global_tokens, scale):
+    """Normalised backward: -> dq, dk, dv (contiguous, input dtypes).  Deterministic."""
+    B, H, Sq, D = q.shape
+    HKV, Sk = k.shape[1], k.shape[2]
+    dq = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, HKV, Sk, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, HKV, Sk, D), dtype=v.dtype, device=v.device)
+    if Sq == 0 or Sk == 0 or B * H * D == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    left, right = _norm_window(left, right, causal)
+    G = int(global_tokens)
+    BLOCK_D = _block_d(D)
+    sq, sk = _seq_args(seqlens_q, seqlens_k, q)
+    lse = lse.contiguous()
+    flags = dict(HAS_SQ=seqlens_q is not None, HAS_SK=seqlens_k is not None,
+                 CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype))
+
+    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    BMD = 64 if BLOCK_D <= 128 else 32
+    _bwd_delta_kernel[(triton.cdiv(Sq, BMD), B * H)](
+        out, dout, delta, sq, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), H, Sq, D,
+        HAS_SQ=seqlens_q is not None, BLOCK_M=BMD, BLOCK_D=BLOCK_D)
+
+    qk_scale = float(scale) * LOG2E
+    tk = _tune_key(Sq, Sk, left, right, G)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2),
+               dout.stride(0), dout.stride(1), dout.stride(2))
+    grid_q = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _dq_tuned[grid_q](
+        q, k, v, dout, lse, delta, dq, sq, sk, *strides,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, float(scale), tk, **flags)
+    grid_k = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * HKV)  # noqa: E731
+    _dkdv_tuned[grid_k](
+        q, k, v, dout, lse, delta, dk, dv, sq, sk, *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        H, HKV, H // HKV, Sq, Sk, D, left, right, G, qk_scale, float(scale), tk, **flags)
+    return dq, dk, dv

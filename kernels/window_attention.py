@@ -564,6 +564,12 @@ def _num_splits(B, H, Sq, Sk, left, right, G, device, block_n):
     return max(1, min(want, n_blocks // 2, 64))
 
 
+def _store_dtype(dt):
+    """The numpy interpreter (triton 3.9) casts fp32 -> bf16 by truncation where the GPU rounds
+    to nearest: under TRITON_INTERPRET bf16 results are stored in fp32 and rounded by torch."""
+    return torch.float32 if (_INTERPRET and dt == torch.bfloat16) else dt
+
+
 def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
                          scale):
     """Normalised forward (see mmcore/ops/window_attention.py).
@@ -573,12 +579,12 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
     (contiguous) and lse (B, Hq, Sq) float32 (natural log, -inf for rows that see nothing)."""
     B, H, Sq, D = q.shape
     HKV, Sk = k.shape[1], k.shape[2]
-    out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, H, Sq, D), dtype=_store_dtype(q.dtype), device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or lse.numel() == 0:
-        return out, lse
+        return out.to(q.dtype), lse
     if Sk == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
+        return out.zero_().to(q.dtype), lse.fill_(float("-inf"))
     left, right = _norm_window(left, right, causal)
     G = int(global_tokens)
     BLOCK_D = _block_d(D)
@@ -600,7 +606,7 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
                 out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
                 H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, 0,
                 BLOCK_M=BM, BLOCK_N=BN, NUM_SPLITS=1, num_warps=warps, num_stages=2, **common)
-            return out, lse
+            return out.to(q.dtype), lse
         o_part = torch.empty((B, H, ns, Sq, D), dtype=torch.float32, device=q.device)
         l_part = torch.empty((B, H, ns, Sq), dtype=torch.float32, device=q.device)
         _fwd_kernel[(1, B * H, ns)](
@@ -611,7 +617,7 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
             BLOCK_M=BM, BLOCK_N=BN, NUM_SPLITS=ns, num_warps=warps, num_stages=2, **common)
         _combine_kernel[(Sq, B * H)](o_part, l_part, out, lse, Sq, D, NUM_SPLITS=ns,
                                      BLOCK_S=triton.next_power_of_2(ns), BLOCK_D=BLOCK_D)
-        return out, lse
+        return out.to(q.dtype), lse
 
     grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H, 1)  # noqa: E731
     _fwd_tuned[grid](
@@ -619,7 +625,7 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
         out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
         H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, _tune_key(Sq, Sk, left, right, G),
         NUM_SPLITS=1, **common)
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
@@ -627,11 +633,11 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
     """Normalised backward: -> dq, dk, dv (contiguous, input dtypes).  Deterministic."""
     B, H, Sq, D = q.shape
     HKV, Sk = k.shape[1], k.shape[2]
-    dq = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, HKV, Sk, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, HKV, Sk, D), dtype=v.dtype, device=v.device)
+    dq = torch.empty((B, H, Sq, D), dtype=_store_dtype(q.dtype), device=q.device)
+    dk = torch.empty((B, HKV, Sk, D), dtype=_store_dtype(k.dtype), device=k.device)
+    dv = torch.empty((B, HKV, Sk, D), dtype=_store_dtype(v.dtype), device=v.device)
     if Sq == 0 or Sk == 0 or B * H * D == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     left, right = _norm_window(left, right, causal)
     G = int(global_tokens)
     BLOCK_D = _block_d(D)
@@ -662,4 +668,4 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
         q, k, v, dout, lse, delta, dk, dv, sq, sk, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         H, HKV, H // HKV, Sq, Sk, D, left, right, G, qk_scale, float(scale), tk, **flags)
-    return dq, dk, dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -154,7 +154,8 @@ def attention_cases(op, backend, n, seed, device="cpu", max_s=160, dims=(16, 32,
     seqlens_k (int64 or None), noncontig, scale."""
     impl = registry.get(op, backend)
     rng = random.Random(seed)
-    dts = [d for d in (dtypes or impl.dtypes) if d in impl.dtypes and d != torch.float64]
+    dts = sorted((d for d in (dtypes or impl.dtypes) if d in impl.dtypes and d != torch.float64),
+                 key=str)  # sorted: a frozenset's order changes between processes
     Ds = [d for d in dims if impl.max_head_dim is None or d <= impl.max_head_dim]
     cases = []
     while len(cases) < n:
@@ -260,7 +261,7 @@ def lora_cases(backend, n, seed, max_m=70, max_nk=96):
     """Random lora_linear cases within what `backend` declares."""
     impl = registry.get("lora_linear", backend)
     rng = random.Random(seed)
-    dts = [d for d in impl.dtypes if d != torch.float64]
+    dts = sorted((d for d in impl.dtypes if d != torch.float64), key=str)
     cases = []
     for _ in range(n):
         A = rng.choice([1, 1, 2, 5]) if impl.supports_multi_adapter else 1

@@ -566,7 +566,7 @@ def lora_backward(dy, x, weight, lora_a, lora_b, scaling, adapter_ids,
     low = dy.dtype != torch.float32
     NA = A if seg.has_map else 1  # without ids only adapter 0 has rows
     # the (M, r) low-rank products are memory bound: 32-row tiles give the GPU 4x the
-    # programs of the GEMM's 128-row tiles (not re-measured; see docs/lora_kernels.md)
+    # programs of the GEMM's 128-row tiles (not re-measured; see README, "LoRA kernels")
     seg_lr = seg if seg.block_m <= 32 else Segments(adapter_ids, A, M, 32, x.device)
     if need_da:
         if T is None:

@@ -26,32 +26,16 @@ import torch.nn.functional as F
 import mmcore
 
 
+from bench_window_attention import _chunked_sdpa as chunked_sdpa  # noqa: E402
+from bench_window_attention import _dense_mask, allowed_pairs  # noqa: E402
+
+
 def pairs(N, left, right):
-    i = torch.arange(N)
-    lo = (i - left).clamp(min=0)
-    hi = (i + right).clamp(max=N - 1)
-    return int((hi - lo + 1).sum())
-
-
-def chunked_sdpa(q, k, v, left, right, C=256):
-    N = q.shape[2]
-    outs = []
-    for i0 in range(0, N, C):
-        i1 = min(N, i0 + C)
-        lo, hi = max(0, i0 - left), min(N, i1 + right)
-        i = torch.arange(i0, i1)[:, None]
-        j = torch.arange(lo, hi)[None, :]
-        m = (j >= i - left) & (j <= i + right)
-        outs.append(F.scaled_dot_product_attention(q[:, :, i0:i1], k[:, :, lo:hi],
-                                                   v[:, :, lo:hi], attn_mask=m))
-    return torch.cat(outs, 2)
+    return allowed_pairs(N, left, right, False, 0)
 
 
 def dense_sdpa(q, k, v, left, right):
-    N = q.shape[2]
-    i = torch.arange(N)[:, None]
-    j = torch.arange(N)[None, :]
-    m = (j >= i - left) & (j <= i + right)
+    m = _dense_mask(q.shape[2], left, right, False, 0, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
 
 

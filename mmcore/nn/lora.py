@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import lora_linear
+from ..ops.lora_linear import _check_ids, _ids as _normalise_ids
 
 BASE = "__base__"  # peft's name for "no adapter" in mixed batches
 
@@ -382,20 +383,13 @@ class LoRALinear(nn.Module):
     def _forward_multi_dropout(self, x, ids):
         """Training, dropout > 0, mixed batch: per-adapter loop in plain torch (as peft)."""
         lead = x.shape[:-1]
-        if tuple(ids.shape) != tuple(lead):
-            if len(lead) >= 1 and tuple(ids.shape) == tuple(lead[:1]):
-                ids = ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
-            else:
-                raise ValueError(f"adapter_ids must have shape {tuple(lead)} (per token) or "
-                                 f"{tuple(lead[:1])} (per sequence), got {tuple(ids.shape)}")
+        ids2 = _normalise_ids(ids, lead, x.device)  # (M,), same rules as the op
         y = F.linear(x, self.base_layer.weight, self.base_layer.bias)
         K, N = x.shape[-1], y.shape[-1]
-        x2, ids2 = x.reshape(-1, K), ids.reshape(-1)
+        x2 = x.reshape(-1, K)
         out = y.reshape(-1, N)
         names = self.adapter_names
-        if ids2.numel() and (int(ids2.min()) < -1 or int(ids2.max()) >= len(names)):
-            raise ValueError(f"adapter_ids must lie in [-1, {len(names)}), got min "
-                             f"{int(ids2.min())} max {int(ids2.max())}")
+        _check_ids(ids2, len(names))
         for i, n in enumerate(names):
             rows = (ids2 == i).nonzero().squeeze(1)
             if rows.numel() == 0:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import subprocess
+import tempfile
 import statistics
 import time
 
@@ -100,7 +103,31 @@ def roofline(device):
     copy = 2 * m * 4 / (t * 1e-3) / 1e9
     _ROOFLINE[key] = {"gemm_tflops": gemm, "gemm_dtype": str(dt).replace("torch.", ""),
                       "copy_gbs": copy}
+    if not cuda:
+        _ROOFLINE[key]["fma_peak_tflops"] = cpu_fma_peak()
     return _ROOFLINE[key]
+
+
+def cpu_fma_peak(threads=None):
+    """Peak fp32 AVX2-FMA TFLOP/s of this CPU on `threads` threads (default: torch's), from
+    benchmarks/fma_peak.c built with the system C compiler; None when it cannot be built."""
+    threads = threads or torch.get_num_threads()
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.c")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        exe = os.path.join(d, "fma_peak")
+        build = subprocess.run([cc, "-O2", "-mavx2", "-mfma", "-fopenmp", src, "-o", exe],
+                               capture_output=True)
+        if build.returncode != 0:
+            return None
+        run = subprocess.run([exe], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    try:
+        return float(run.stdout.split()[-1]) / 1e3
+    except (ValueError, IndexError):
+        return None
 
 
 def device_name(device):

@@ -60,26 +60,38 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _dot_hi_lo_a(a, b, IEEE: tl.constexpr):
-    """a (fp32) @ b (any dtype) at ~fp32 accuracy on the tensor cores: a = hi + lo, both in
-    b's dtype, two products (bf16 x bf16 products are exact in fp32).  fp32 b: one ieee dot."""
-    if IEEE:
-        return _dot(a, b, IEEE)
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b, accumulated in place (wgmma / mma write into acc: no second (M, N)
+    fp32 tile, which at 128x256 would not fit the registers next to acc)."""
+    if INTERPRET_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
-        hi = a.to(b.dtype)
-        lo = (a - hi.to(tl.float32)).to(b.dtype)
-        return _dot(hi, b, IEEE) + _dot(lo, b, IEEE)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _dot_hi_lo_b(a, b, IEEE: tl.constexpr):
-    """a (any dtype) @ b (fp32), b split as in _dot_hi_lo_a."""
+def _dot_hi_lo_acc(a, b, acc, IEEE: tl.constexpr):
+    """acc + a (fp32) @ b (any dtype) at ~fp32 accuracy on the tensor cores: a = hi + lo,
+    both in b's dtype, two products into acc (bf16 x bf16 products are exact in fp32)."""
     if IEEE:
-        return _dot(a, b, IEEE)
+        return _dot_acc(a, b, acc, IEEE)
+    else:
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        return _dot_acc(lo, b, _dot_acc(hi, b, acc, IEEE), IEEE)
+
+
+@triton.jit
+def _dot_hi_lo_b_acc(a, b, acc, IEEE: tl.constexpr):
+    """acc + a (any dtype) @ b (fp32), b split as in _dot_hi_lo_acc."""
+    if IEEE:
+        return _dot_acc(a, b, acc, IEEE)
     else:
         hi = b.to(a.dtype)
         lo = (b - hi.to(tl.float32)).to(a.dtype)
-        return _dot(a, hi, IEEE) + _dot(a, lo, IEEE)
+        return _dot_acc(a, lo, _dot_acc(a, hi, acc, IEEE), IEEE)
 
 
 @triton.jit
@@ -174,19 +186,19 @@ def _lora_mm_kernel(
                              mask=rmask[:, None] & (offs_r[None, :] < R))
             lt = tl.load(LOP + a64 * sla + offs_r[:, None] * slr + offs_n[None, :] * sln,
                          mask=(offs_r[:, None] < R) & nmask[None, :], other=0.0)
-            # the low-rank sum apart, scaled, then added (the order of the plain computation)
-            acc += _dot_hi_lo_a(t, lt, IEEE) * s
+            # (s T) Lop accumulated straight into acc: a separate (BLOCK_M, BLOCK_N) fp32
+            # product tile spilled registers at 128x256 / 128x128 (sm_90 compile: 255 regs,
+            # 400-680 bytes of stack); with the product into acc: no stack
+            acc = _dot_hi_lo_acc(t * s, lt, acc, IEEE)
         else:
             # T precomputed (M, R) fp32: the epilogue walks the rank in BLOCK_R chunks
-            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for r0 in range(0, R, BLOCK_R):
                 rr = r0 + offs_r
                 tt = tl.load(T_BUF + rows[:, None] * stm + rr[None, :],
                              mask=rmask[:, None] & (rr[None, :] < R), other=0.0)
                 lt = tl.load(LOP + a64 * sla + rr[:, None] * slr + offs_n[None, :] * sln,
                              mask=(rr[:, None] < R) & nmask[None, :], other=0.0)
-                low += _dot_hi_lo_a(tt, lt, IEEE)
-            acc += low * s
+                acc = _dot_hi_lo_acc(tt * s, lt, acc, IEEE)
     tl.store(OUT + rows[:, None] * som + offs_n[None, :] * son,
              acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
@@ -289,11 +301,11 @@ def _seg_outer_kernel(
         qt = tl.load(Q + rows[:, None] * sqm + offs_j[None, :] * sqj,
                      mask=pm[:, None] & jmask[None, :], other=0.0)
         if CAST_P:  # P is the fp32 low-rank buffer, Q the 16-bit input
-            acc += _dot_hi_lo_a(tl.trans(pt), qt, IEEE)
+            acc = _dot_hi_lo_acc(tl.trans(pt), qt, acc, IEEE)
         elif CAST_Q:
-            acc += _dot_hi_lo_b(tl.trans(pt), qt, IEEE)
+            acc = _dot_hi_lo_b_acc(tl.trans(pt), qt, acc, IEEE)
         else:
-            acc += _dot(tl.trans(pt), qt, IEEE)
+            acc = _dot_acc(tl.trans(pt), qt, acc, IEEE)
     s = tl.load(S + a)
     base = (split * NA + a).to(tl.int64) * I * J
     tl.store(OUT + base + offs_i[:, None] * J + offs_j[None, :], acc * s,
@@ -309,22 +321,40 @@ def _mm_configs():
                               num_stages=1)]
     cfgs = []
     for bn, bk, w, st in ((128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4),
-                          (128, 128, 8, 3), (64, 128, 4, 4), (256, 32, 8, 4), (128, 32, 4, 5)):
+                          (128, 128, 8, 3), (64, 128, 4, 4), (256, 32, 8, 4), (128, 32, 4, 5),
+                          (64, 32, 4, 3)):
         cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
                                   num_stages=st))
     return cfgs
 
 
+def _acc_regs(bm, c, br, per_row, fused):
+    """fp32 registers per thread that the (BLOCK_M, BLOCK_N) accumulator and the epilogue's
+    low-rank operands take (rough: the tile elements over the threads)."""
+    threads = 32 * c.num_warps
+    regs = bm * c.kwargs["BLOCK_N"]
+    if per_row:
+        regs *= 2  # one (BLOCK_M, BLOCK_N) tile of B per rank step next to acc
+    else:
+        regs += bm * (br if fused else 2 * br)  # T (+ its hi / lo halves unfused)
+    return regs // threads
+
+
 def _prune(configs, named_args, **kwargs):
+    """Keep configs whose tiles fit: 16-bit tensor-core tiles up to ~160 accumulator
+    registers per thread (sm_90 compiles of the ones above spilled), fp32 (no tensor cores,
+    operands in registers too) up to 64x64 tiles with BLOCK_K <= 32."""
     N = named_args["N"]
     bm = kwargs.get("BLOCK_M", 128)
+    br = kwargs.get("BLOCK_R", 16)
+    per_row, fused = kwargs.get("PER_ROW", False), kwargs.get("FUSE_T", True)
     keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(N))]
-    # large row tiles with 256-wide columns only where the fp32 accumulator fits
-    keep = [c for c in keep if not (bm >= 128 and kwargs.get("BLOCK_R", 16) > 32
-                                    and c.kwargs["BLOCK_N"] == 256)]
     if named_args["X"].dtype == torch.float32:
-        keep = [c for c in keep if c.kwargs["BLOCK_N"] * bm <= 128 * 128]
-    return keep or configs[:1]
+        keep = [c for c in keep if c.kwargs["BLOCK_N"] * bm <= 64 * 64
+                and c.kwargs["BLOCK_K"] <= 32]
+    else:
+        keep = [c for c in keep if _acc_regs(bm, c, br, per_row, fused) <= 160]
+    return keep or configs[-1:]
 
 
 _lora_mm = triton.autotune(
@@ -350,6 +380,8 @@ def _default_config(bm, dtype, br=16):
         return dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     if bm >= 128 and br <= 32:  # what the autotuner picked on an H100 at M=8192 (4096², 768x3072)
         return dict(BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)
+    if bm >= 128:  # unfused rank chunks of 64 in the epilogue: 8 warps (4 spilled, sm_90)
+        return dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
 
 
@@ -357,8 +389,8 @@ def _block_r(r):
     return max(16, triton.next_power_of_2(r))
 
 
-def _block_m(M):
-    if _INTERPRET:
+def _block_m(M, dtype=torch.bfloat16):
+    if _INTERPRET or dtype == torch.float32:  # fp32: no tensor cores, 64-row tiles at most
         return 16 if M <= 16 else 32 if M <= 32 else 64
     return 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
 
@@ -479,7 +511,9 @@ def _seg_outer(P, Q, scaling, seg, M, I, J, NA, cast_p, cast_q, out_dtype):
     bm = 64
     bi = max(16, min(triton.next_power_of_2(I), 64 if _INTERPRET else 128))
     bj = max(16, min(triton.next_power_of_2(J), 64 if _INTERPRET else 128))
-    if ieee and not _INTERPRET:
+    if (ieee or cast_p or cast_q) and not _INTERPRET:
+        # fp32 tiles (operands or the hi / lo halves of the fp32 low-rank buffer): 64 wide at
+        # most, the 128x128 tiles spilled registers in an sm_90 compile at r = 128
         bi, bj = min(bi, 64), min(bj, 64)
     tiles = NA * triton.cdiv(I, bi) * triton.cdiv(J, bj)
     split = max(1, min(triton.cdiv(2 * _num_sms(P.device), tiles), triton.cdiv(M, 4 * bm), 64))
@@ -513,8 +547,8 @@ def _pad_adapters(g, A):
     return torch.cat([g, g.new_zeros(A - g.shape[0], *g.shape[1:])])
 
 
-def _segments(ids, A, M, device):
-    return Segments(ids, A, M, _block_m(M), device)
+def _segments(ids, A, M, device, dtype):
+    return Segments(ids, A, M, _block_m(M, dtype), device)
 
 
 def lora_forward(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
@@ -530,7 +564,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
     per_row = None
     if adapter_ids is not None and A > 1 and M <= _per_row_max_m():
         per_row, adapter_ids = adapter_ids, None  # natural row tiles, ids read per row
-    seg = _segments(adapter_ids, A, M, x.device)
+    seg = _segments(adapter_ids, A, M, x.device, x.dtype)
     y, _ = _fused_mm(
         x, weight, (weight.stride(1), weight.stride(0)), bias,
         lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
@@ -550,7 +584,7 @@ def lora_backward(dy, x, weight, lora_a, lora_b, scaling, adapter_ids,
         return (torch.zeros_like(x) if need_dx else None,
                 torch.zeros_like(lora_a) if need_da else None,
                 torch.zeros_like(lora_b) if need_db else None)
-    seg = _segments(adapter_ids, A, M, x.device)
+    seg = _segments(adapter_ids, A, M, x.device, x.dtype)
     # Aop[n, r] = B[n, r], read from a (A, r, N) copy of B (small): the n-contiguous layout
     # of the forward's A operand.  Reading B (A, N, r) in place (rows of r elements) hit an
     # illegal address on an H100 (triton 3.6) for r = 2, bf16, 128-row tiles.

@@ -87,8 +87,10 @@ def cmd_bench(args) -> int:
             rows.extend(mod.run(args.quick, device))
     rl = harness.roofline(device)
     print(f"device: {harness.device_name(device)}; versions {harness.versions()}")
+    fma = rl.get("fma_peak_tflops")
     print(f"roofline: GEMM {rl['gemm_tflops']:.3g} TFLOP/s ({rl['gemm_dtype']}), "
-          f"copy {rl['copy_gbs']:.3g} GB/s\n")
+          f"copy {rl['copy_gbs']:.3g} GB/s"
+          + (f", fp32 FMA peak {fma:.3g} TFLOP/s" if fma else "") + "\n")
     print(harness.markdown_table(rows))
     if rows and not args.no_save:
         path = harness.emit(rows, args.out)

@@ -405,7 +405,9 @@ def _fwd_heur_n(nargs_sk, block_d):
 
 def _gpu_fwd_configs():
     cs = []
-    for bm, mb, w, st in ((128, 1, 4, 2), (128, 1, 8, 2), (128, 1, 8, 3), (64, 1, 4, 3),
+    # first: the config used without autotuning; (128, 1, 4, 2) spilled registers in an sm_90
+    # compile (24 bytes at D = 64, 136 at D = 128), (128, 1, 8, 2) did not
+    for bm, mb, w, st in ((128, 1, 8, 2), (128, 1, 4, 2), (128, 1, 8, 3), (64, 1, 4, 3),
                           (64, 2, 4, 2), (128, 2, 8, 2), (64, 1, 4, 2)):
         cs.append(triton.Config({"BLOCK_M": bm, "M_BLOCKS": mb}, num_warps=w, num_stages=st))
     return cs
@@ -417,10 +419,16 @@ def _prune_fwd(configs, named_args, **kwargs):
     return out or configs[-1:]
 
 
-def _gpu_bwd_configs():
+def _gpu_bwd_configs(dkdv=False):
+    cfgs = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2),
+            (32, 32, 4, 1))
+    if dkdv:
+        # dK/dV accumulators (BLOCK_N, D) x 2 next to K and V: at D = 128 every config above
+        # but the 32-row ones spilled registers (sm_90 compile); 8 warps over 32 query rows
+        # first (the config used without autotuning)
+        cfgs = ((32, 128, 8, 2), (32, 64, 8, 2)) + cfgs
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
-                                  (64, 64, 4, 3), (32, 64, 4, 2), (32, 32, 4, 1))]
+            for bm, bn, w, st in cfgs]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
@@ -448,7 +456,7 @@ def _tuned(kernel, configs, prune):
 _fwd = _tuned(_cross_fwd_kernel, _gpu_fwd_configs(), _PRUNE_F)
 _co_fwd = _tuned(_co_fwd_kernel, _gpu_fwd_configs(), _PRUNE_F)
 _dq = _tuned(_bwd_dq_kernel, _gpu_bwd_configs(), _PRUNE_B)
-_dkdv = _tuned(_bwd_dkdv_kernel, _gpu_bwd_configs(), _PRUNE_B)
+_dkdv = _tuned(_bwd_dkdv_kernel, _gpu_bwd_configs(dkdv=True), _PRUNE_B)
 
 _INTERP_FWD = {"BLOCK_M": 32, "M_BLOCKS": 2}
 _INTERP_BWD = {"BLOCK_M": 32, "BLOCK_N": 32}

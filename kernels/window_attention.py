@@ -482,8 +482,9 @@ else:
     _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 32, 4, 3),
                    _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 1)]
     # (32, 128, 8, 2) and (32, 64, 8, 2): the D = 128 configs that compile for sm_90 without
-    # spilling registers (the others spill 56-1168 bytes at D = 128; at D = 64 they do not)
-    _DKDV_CONFIGS = [_cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2), _cfg(32, 128, 4, 3),
+    # spilling registers (the others spill 56-1168 bytes at D = 128; at D = 64 they do not);
+    # the first is also the one used without autotuning
+    _DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3),
                      _cfg(64, 64, 4, 2), _cfg(32, 64, 8, 2), _cfg(32, 64, 4, 2),
                      _cfg(32, 32, 4, 1)]
 

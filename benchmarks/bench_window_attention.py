@@ -6,12 +6,30 @@ flash-attn's window_size where importable (no global tokens there).  N sweep 4k.
 (quick: 4k, 16k); window (4096, 0) causal and (256, 256) bidirectional, plus one Longformer
 case (±256 with 64 global tokens); D 64 / 128; fwd and fwd+bwd.
 
-CPU (fp32, B=1, H=12, D=64, window ±256): mmcore `torch` and (when built) `cpu` backends vs
-dense-mask SDPA and chunked SDPA (a query-chunk loop calling F.scaled_dot_product_attention
-on the key range); N 1k..16k (quick: 1k, 4k), fwd.
+CPU (fp32, B=1, H=12): mmcore `cpu` (`torch` when the extension is not built) against
+  * sdpa-dense-mask: F.scaled_dot_product_attention with the (N, N) bool mask; N <= 8k, plus
+    the one fwd point at 16k (~16 s a call); a "skipped" row above;
+  * sdpa-chunked: a query-chunk loop calling SDPA on each chunk's key range (the best a user
+    can hand-write; windows without global tokens);
+  * flex-attention: torch.compile'd flex_attention with the block mask, fwd only, no_grad;
+    an "unavailable: ..." / "failed: ..." row with the reason where it does not run;
+  * mmcore:torch (the pure-PyTorch reference backend): the N sweep up to 8k only (slow);
+  * hf-longformer: HF's LongformerSelfAttention (one layer, eval, attention_window = 2w) on
+    hidden states (1, N, H·D), against the same module after mmcore.patch (rows
+    "longformer-layer"): both include the q/k/v (and *_global) projections, so the ratio is
+    the attention difference only; needs N % 2w == 0, else a "skipped" row.
+Sweeps: fwd bidir ±256 D=64 over N 1k..32k; windows ±128/±1024/±4096 at N=8k; D=128 at 8k;
+causal (4096, 0) and (256, 0) at 8k; fwd+bwd (autograd; mmcore, chunked, dense at 4k) at
+N=4k, 16k; longformer-layer ±256 with G=0 and G=64 at N=4k, 16k.  Quick: fwd bidir ±256
+D=64 at N=1k, 4k (mmcore cpu/torch, dense, chunked).  Every baseline's output (fwd+bwd: its
+gradients) is checked against mmcore's once per case, at the warm-up call, and a mismatch
+raises (no row for a wrong comparison).  Peak memory: growth of peak RSS during one call.
+`python benchmarks/report.py rows.jsonl --plot t_vs_n.png` draws time vs N (log-log).
 
 Useful FLOPs only: fwd 4·B·H·pairs·D with `pairs` the exact number of allowed (query, key)
-pairs (counted per row in closed form, see `allowed_pairs`); fwd+bwd = 3.5x fwd.
+pairs (counted per row in closed form, see `allowed_pairs`); fwd+bwd = 3.5x fwd; the
+longformer-layer rows add the projections, 2·N·E² each (3 regular, and with G > 0 key/value
+_global over N rows and query_global over G rows), E = H·D.
 Every row of a case carries the ratio baseline_ms / ours_ms against mmcore's time
 (`speedup_vs_baseline` on the baseline rows is ours-relative: > 1 means mmcore is faster).
 """
@@ -81,6 +99,9 @@ def _flex(left, right, causal, G, N, device):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     r = 0 if causal else right
+    # Every call compiles afresh (new mask_mod closure / N): reset dynamo first, or after 8
+    # compiles (its recompile_limit per function) flex_attention would silently run eagerly.
+    torch._dynamo.reset()
 
     def mask_mod(b, h, qi, kv):
         inwin = (kv >= qi - left) & (kv <= qi + r)
@@ -115,21 +136,56 @@ def _mk(B, H, N, D, dtype, device, grad):
 def _measure(fn, device, big=False):
     if str(device).startswith("cuda"):
         return harness.time_fn(fn, device)
-    return harness.time_fn(fn, device, warmup=1, rep=3)
+    # CPU: _case_rows has made one warm-up call already; big cases take no second one
+    return harness.time_fn(fn, device, warmup=0 if big else 1, rep=3)
 
 
-def _case_rows(label, shape, dtype, device, impls, flops, ours="mmcore:triton"):
-    """Run each (name, fn_or_note) and make rows; ratios against `ours`."""
+class _Mismatch(AssertionError):
+    """A baseline disagrees with mmcore: raised out of _case_rows, never made a row."""
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _tensors(o)] if isinstance(out, (tuple, list)) else []
+
+
+def _check_close(name, out, ref, tol=1e-3):
+    """Raise _Mismatch unless out's tensors match ref's (allclose, rtol = atol = tol)."""
+    a, b = _tensors(out), _tensors(ref)
+    same = [x.shape == y.shape for x, y in zip(a, b)]
+    if len(a) == len(b) and all(same) and all(
+            torch.allclose(x.float(), y.float(), rtol=tol, atol=tol) for x, y in zip(a, b)):
+        return
+    err = max([(x.float() - y.float()).abs().max().item()
+               for x, y, ok in zip(a, b, same) if ok], default=float("nan"))
+    raise _Mismatch(f"{name} disagrees with mmcore: {len(a)} vs {len(b)} tensors, "
+                    f"shapes equal {same}, max abs err {err:.3g} (tol {tol:g})")
+
+
+def _case_rows(label, shape, dtype, device, impls, flops, ours="mmcore:triton", check=False):
+    """Run each (name, fn_or_note) and make rows; ratios against `ours`.
+
+    check: compare each baseline's warm-up output with ours' (`ours` must come first in
+    `impls`) and raise _Mismatch if they differ."""
     res = {}
+    ref = None
     for name, fn in impls:
         if isinstance(fn, str):
             res[name] = (None, None, fn)
             continue
         try:
-            fn()  # warm-up / compile
+            out = fn()  # warm-up / compile
+            if check and name == ours:
+                ref = out
+            elif check and ref is not None:
+                _check_close(f"{label}: {name}", out, ref)
+            del out
             t = _measure(fn, device, big=shape["N"] >= 8192)
             peak = harness.peak_memory(fn, device)
             res[name] = (t, peak, None)
+        except _Mismatch:
+            raise
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             res[name] = (None, None, "OOM")
@@ -218,34 +274,123 @@ def _gpu(quick, device):
     return rows
 
 
-def _cpu(quick, device):
+def _runner(f, grad, q, k, v, do):
+    """-> fn() for _case_rows: f(q, k, v) under no_grad (fwd), or f then autograd.grad of
+    (q, k, v) with upstream gradient do (fwd+bwd; returns (dq, dk, dv))."""
+    if not grad:
+        def run():
+            with torch.no_grad():
+                return f(q, k, v)
+    else:
+        def run():
+            return torch.autograd.grad(f(q, k, v), (q, k, v), do)
+    return run
+
+
+def _longformer_layer(H, D, w, G, N, backend):
+    """One HF LongformerSelfAttention (fp32, eval, attention_window 2w) and the same module
+    patched by mmcore -> (ours_fn, hf_fn, projection FLOPs); each fn() -> (1, N, H*D)."""
+    from transformers import LongformerConfig
+    from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
+    from mmcore.patch import hf_interface as hfi
+
+    E = H * D
+    cfg = LongformerConfig(hidden_size=E, num_attention_heads=H, attention_window=[2 * w],
+                           num_hidden_layers=1, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    mod = LongformerSelfAttention(cfg, layer_id=0).eval()
+    hf = mod.forward  # HF's own forward, bound before mmcore.patch replaces mod.forward
+    rep = mmcore.patch(mod, lora=False, backend=backend)
+    if len(rep.replaced) != 1:
+        raise RuntimeError(f"mmcore.patch did not take the Longformer layer: {rep.left}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, N, E, generator=g)  # hidden states (B, N, E)
+    am = torch.zeros(1, N)  # (B, N) as LongformerModel passes it: 0 local, +10000 global
+    am[:, :G] = 10000.0
+    kw = dict(attention_mask=am, is_index_masked=am < 0, is_index_global_attn=am > 0,
+              is_global_attn=G > 0)
+
+    def ours():
+        n = hfi.STATS.op_calls
+        out = mod(x, **kw)[0]
+        if hfi.STATS.op_calls == n:  # the adapter fell back to HF: nothing to compare
+            raise _Mismatch(f"mmcore's Longformer adapter fell back to HF's forward: "
+                            f"{hfi.STATS.fallback_reasons}")
+        return out
+
+    proj = 2 * N * E * E * (3 + (2 + G / N if G else 0))
+    return ours, (lambda: hf(x, **kw)[0]), proj
+
+
+def _cpu_cases(quick):
+    """(mode, left, right, causal, G, D, N) of each CPU case; mode fwd | fwd+bwd | layer."""
+    if quick:
+        return [("fwd", 256, 256, False, 0, 64, N) for N in (1024, 4096)]
+    cs = [("fwd", 256, 256, False, 0, 64, 1024 << i) for i in range(6)]  # N 1k..32k
+    cs += [("fwd", w, w, False, 0, 64, 8192) for w in (128, 1024, 4096)]  # ±256: above
+    cs += [("fwd", 256, 256, False, 0, 128, 8192)]
+    cs += [("fwd", w, 0, True, 0, 64, 8192) for w in (4096, 256)]
+    cs += [("fwd+bwd", 256, 256, False, 0, 64, N) for N in (4096, 16384)]
+    cs += [("layer", 256, 256, False, G, 64, N) for G in (0, 64) for N in (4096, 16384)]
+    return cs
+
+
+def _cpu(quick, device, cases=None):
     rows = []
-    B, H, D, left, right, dtype = 1, 12, 64, 256, 256, torch.float32
-    Ns = (1024, 4096) if quick else (1024, 2048, 4096, 8192, 16384)
-    have_cpu = any(i.backend == "cpu" and not i.refuse(registry.Problem(
-        OP, "cpu", dtype, head_dim=D)) for i in registry.implementations(OP))
-    for N in Ns:
-        pairs = allowed_pairs(N, left, right, False, 0)
-        shape = dict(B=B, H=H, N=N, D=D, left=left, right=right, G=0, pairs=pairs)
-        q, k, v, _ = _mk(B, H, N, D, dtype, device, False)
-        flops = 4 * B * H * pairs * D
-        impls = []
-        if have_cpu:
-            impls.append(("mmcore:cpu", lambda: mmcore.window_attention(
-                q, k, v, window=(left, right), backend="cpu")))
-        impls.append(("mmcore:torch", lambda: mmcore.window_attention(
-            q, k, v, window=(left, right), backend="torch")))
-        if N * N * 5 > _DENSE_LIMIT:
-            impls.append(("sdpa-dense-mask", "OOM/skipped"))
-        else:
-            mask = _dense_mask(N, left, right, False, 0, device)
-            impls.append(("sdpa-dense-mask", lambda m=mask: F.scaled_dot_product_attention(
-                q, k, v, attn_mask=m)))
-        impls.append(("sdpa-chunked", lambda: _chunked_sdpa(q, k, v, left, right)))
+    B, H, dtype = 1, 12, torch.float32
+    for mode, left, right, causal, G, D, N in cases or _cpu_cases(quick):
+        grad = mode == "fwd+bwd"
+        have_cpu = any(i.backend == "cpu" and not i.refuse(registry.Problem(
+            OP, "cpu", dtype, head_dim=D, needs_grad=grad, global_tokens=G))
+            for i in registry.implementations(OP))
         ours = "mmcore:cpu" if have_cpu else "mmcore:torch"
-        with torch.no_grad():
-            rows += _case_rows(f"fwd bidir w=±256 N={N}", shape, dtype, device, impls, flops,
-                               ours=ours)
+        backend = ours.split(":")[1]
+        right = 0 if causal else right
+        pairs = allowed_pairs(N, left, right, causal, G)
+        shape = dict(B=B, H=H, N=N, D=D, left=left, right=right, G=G, pairs=pairs)
+        flops = 4 * B * H * pairs * D * (3.5 if grad else 1.0)
+        cname = (f"causal w=({left},0)" if causal else
+                 f"bidir w=±{left}" if left == right else f"bidir w=({left},{right})")
+        if mode == "layer":  # HF's module vs the same module patched: both project q/k/v
+            ours_fn, hf_fn, proj = _longformer_layer(H, D, left, G, N, backend)
+            hf_ok = left == right and N % (2 * left) == 0
+            impls = [(ours, ours_fn), ("hf-longformer", hf_fn if hf_ok else
+                                       f"skipped: HF needs N % {2 * left} == 0")]
+            with torch.no_grad():
+                rows += _case_rows(f"fwd longformer-layer w=±{left} G={G} D={D} N={N}",
+                                   shape, dtype, device, impls, flops + proj, ours=ours,
+                                   check=True)
+            continue
+        q, k, v, do = _mk(B, H, N, D, dtype, device, grad)  # (B, H, N, D) each
+
+        def run(f):
+            return _runner(f, grad, q, k, v, do)
+
+        impls = [(ours, run(lambda q, k, v: mmcore.window_attention(
+            q, k, v, window=(left, right), causal=causal, global_tokens=G, backend=backend)))]
+        ref_sweep = mode == "fwd" and N <= 8192 and (left, right, D) == (256, 256, 64)
+        if ours != "mmcore:torch" and (quick or ref_sweep):
+            impls.append(("mmcore:torch", run(lambda q, k, v: mmcore.window_attention(
+                q, k, v, window=(left, right), causal=causal, global_tokens=G,
+                backend="torch"))))
+        if (N <= 8192 or (N == 16384 and mode == "fwd")) and N * N * 5 <= _DENSE_LIMIT:
+            mask = _dense_mask(N, left, right, causal, G, device)  # (N, N) bool
+            impls.append(("sdpa-dense-mask", run(
+                lambda q, k, v, m=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=m))))
+        else:
+            impls.append(("sdpa-dense-mask", f"skipped: (N, N) mask at N={N} (time)"))
+        if G == 0:
+            impls.append(("sdpa-chunked", run(
+                lambda q, k, v: _chunked_sdpa(q, k, v, left, right))))
+        if mode == "fwd" and not quick:
+            try:
+                impls.append(("flex-attention", run(_flex(left, right, causal, G, N, device))))
+            except Exception as e:
+                impls.append(("flex-attention",
+                              f"unavailable: {type(e).__name__}: {str(e)[:120]}"))
+        rows += _case_rows(f"{mode} {cname} D={D} N={N}", shape, dtype, device, impls, flops,
+                           ours=ours, check=True)
+        del q, k, v, do, impls
     return rows
 
 

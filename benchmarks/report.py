@@ -31,26 +31,35 @@ def tables(rows):
 
 
 def plot(rows, path):
+    """Log-log median ms vs N: one panel per (op, device), one line per (impl, case without
+    its " N=..." part) with >= 2 sizes; a repeated point keeps the file's last row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = defaultdict(list)
+    panels = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         n = r.get("shape", {}).get("N")
         if n and "median_ms" in r:
-            series[(r["op"], r["impl"], r["case"].split(" N=")[0])].append((n, r["median_ms"]))
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for (op, impl, case), pts in sorted(series.items()):
-        if len(pts) < 2:
-            continue
-        pts.sort()
-        ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{impl} {case}")
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("median ms")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6)
+            key = (r["impl"], r["case"].split(" N=")[0])
+            panels[(r["op"], r.get("device_name", r["device"]))][key][n] = r["median_ms"]
+    panels = {k: {s: sorted(p.items()) for s, p in v.items() if len(p) >= 2}
+              for k, v in sorted(panels.items())}
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        print("plot: no series with two or more N; nothing drawn", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, ((op, dev), series) in zip(axes[0], panels.items()):
+        for (impl, case), pts in sorted(series.items()):
+            ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                      ls="-" if impl.startswith("mmcore") else "--", label=f"{impl} {case}")
+        ax.set_title(f"{op} — {dev}", fontsize=9)
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("median ms")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -16,6 +16,12 @@ def plain(*tensors) -> bool:
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
+def needs_grad(*tensors) -> bool:
+    """True when autograd has to record the call (else the forward runs bare: no
+    autograd.Function, no saved tensors -- inference and decoding pay less host time)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def function(name, fwd_impl, bwd_impl, setup, backward):
     """An autograd.Function running fwd_impl, saving with `setup(ctx, inputs, output)` and
     differentiating with `backward(ctx, *grads, bwd=bwd_impl)` — the custom op's own hooks."""

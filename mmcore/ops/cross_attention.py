@@ -53,7 +53,7 @@ def cross_attention(q, k, v, *, seqlens_q=None, seqlens_k=None, scale=None, retu
 def _call(*args):
     """Eager fast path for plain tensors, else the registered custom op."""
     if _eager.plain(*args[:7]):
-        return _Eager.apply(*args)
+        return _Eager.apply(*args) if _eager.needs_grad(*args[:7]) else _fwd_impl(*args)
     return torch.ops.mmcore.cross_attention_fwd(*args)
 
 

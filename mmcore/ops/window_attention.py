@@ -83,7 +83,7 @@ def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seq
 def _call(*args):
     """Eager fast path for plain tensors, else the registered custom op."""
     if _eager.plain(*args[:7]):
-        return _Eager.apply(*args)
+        return _Eager.apply(*args) if _eager.needs_grad(*args[:7]) else _fwd_impl(*args)
     return torch.ops.mmcore.window_attention_fwd(*args)
 
 

@@ -235,15 +235,7 @@ def _gpu(quick, device):
                     flops = 4 * B * H * pairs * D * (3.5 if grad else 1.0)
 
                     def wrap(f, grad=grad, q=q, k=k, v=v, do=do):
-                        if not grad:
-                            def run():
-                                with torch.no_grad():
-                                    return f(q, k, v)
-                        else:
-                            def run():
-                                out = f(q, k, v)
-                                return torch.autograd.grad(out, (q, k, v), do)
-                        return run
+                        return _runner(f, grad, q, k, v, do)
 
                     impls = [("mmcore:triton", wrap(lambda q, k, v: mmcore.window_attention(
                         q, k, v, window=(left, right), causal=causal, global_tokens=G,

@@ -52,8 +52,10 @@ def plot(rows, path):
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
     for ax, ((op, dev), series) in zip(axes[0], panels.items()):
-        for (impl, case), pts in sorted(series.items()):
+        colors = plt.get_cmap("tab20").colors  # 20 distinct colours: no repeats in a panel
+        for i, ((impl, case), pts) in enumerate(sorted(series.items())):
             ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                      color=colors[i % len(colors)],
                       ls="-" if impl.startswith("mmcore") else "--", label=f"{impl} {case}")
         ax.set_title(f"{op} — {dev}", fontsize=9)
         ax.set_xlabel("sequence length N")

@@ -334,7 +334,7 @@ def _acc_regs(bm, c, br, per_row, fused):
     threads = 32 * c.num_warps
     regs = bm * c.kwargs["BLOCK_N"]
     if per_row:
-        regs *= 2  # one (BLOCK_M, BLOCK_N) tile of B per rank step next to acc
+        regs *= 3  # a gathered (BLOCK_M, BLOCK_N) tile of B per rank step and its product
     else:
         regs += bm * (br if fused else 2 * br)  # T (+ its hi / lo halves unfused)
     return regs // threads

@@ -72,14 +72,20 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _hi_lo(t, dtype: tl.constexpr):
+    """fp32 t = hi + lo, both in `dtype` (bf16 x bf16 products are exact in fp32, so two
+    tensor-core products with hi and lo keep t at ~fp32 accuracy)."""
+    hi = t.to(dtype)
+    return hi, (t - hi.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _dot_hi_lo_acc(a, b, acc, IEEE: tl.constexpr):
-    """acc + a (fp32) @ b (any dtype) at ~fp32 accuracy on the tensor cores: a = hi + lo,
-    both in b's dtype, two products into acc (bf16 x bf16 products are exact in fp32)."""
+    """acc + a (fp32) @ b (any dtype) at ~fp32 accuracy, both products straight into acc."""
     if IEEE:
         return _dot_acc(a, b, acc, IEEE)
     else:
-        hi = a.to(b.dtype)
-        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        hi, lo = _hi_lo(a, b.dtype)
         return _dot_acc(lo, b, _dot_acc(hi, b, acc, IEEE), IEEE)
 
 
@@ -89,8 +95,7 @@ def _dot_hi_lo_b_acc(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return _dot_acc(a, b, acc, IEEE)
     else:
-        hi = b.to(a.dtype)
-        lo = (b - hi.to(tl.float32)).to(a.dtype)
+        hi, lo = _hi_lo(b, a.dtype)
         return _dot_acc(a, lo, _dot_acc(a, hi, acc, IEEE), IEEE)
 
 

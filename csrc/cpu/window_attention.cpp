@@ -360,13 +360,13 @@ struct Block {
   int64_t b, i0, i1;  // rows [i0, i1) of sample b (or keys, for dk/dv blocks)
 };
 
-// Blocks of `step` rows over [0, split) and [split, L) of each sample.
-template <typename F>
-std::vector<Block> blocks(const Problem& P, int64_t step, F split_and_len) {
+// Blocks of `step` rows over [0, split) and [split, L) of each sample: query rows (split at
+// the global rows ig, L = Lq) or, with `keys`, key rows (split at the global keys gk, L = Lk).
+std::vector<Block> blocks(const Problem& P, int64_t step, bool keys) {
   std::vector<Block> out;
   for (int64_t b = 0; b < P.B; ++b) {
-    int64_t split, L;
-    split_and_len(sample(P, b), &split, &L);
+    const Sample s = sample(P, b);
+    const int64_t split = keys ? s.gk : s.ig, L = keys ? s.Lk : s.Lq;
     for (int64_t i0 = 0; i0 < split; i0 += step) out.push_back({b, i0, std::min(split, i0 + step)});
     for (int64_t i0 = split; i0 < L; i0 += step) out.push_back({b, i0, std::min(L, i0 + step)});
   }
@@ -402,10 +402,7 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
   const acc_t scale = static_cast<acc_t>(P.scale);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
-  auto blks = blocks(P, BQ, [](const Sample& s, int64_t* split, int64_t* L) {
-    *split = s.ig;
-    *L = s.Lq;
-  });
+  auto blks = blocks(P, BQ, /*keys=*/false);
   const int64_t ntask = static_cast<int64_t>(blks.size()) * P.Hq;
   struct Scratch {
     std::vector<acc_t> q, k, v, s, acc, m, l;
@@ -522,10 +519,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
 
   // ---- pass 1: delta and dQ over (b, query head, query block)
   {
-    auto blks = blocks(P, BQ, [](const Sample& s, int64_t* split, int64_t* L) {
-      *split = s.ig;
-      *L = s.Lq;
-    });
+    auto blks = blocks(P, BQ, /*keys=*/false);
     const int64_t ntask = static_cast<int64_t>(blks.size()) * P.Hq;
     struct Scratch {
       std::vector<acc_t> q, d, k, v, s, dp, acc;
@@ -631,10 +625,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
 
   // ---- pass 2: dK, dV over (b, kv head, key block)
   {
-    auto blks = blocks(P, BK, [](const Sample& s, int64_t* split, int64_t* L) {
-      *split = s.gk;
-      *L = s.Lk;
-    });
+    auto blks = blocks(P, BK, /*keys=*/true);
     const int64_t ntask = static_cast<int64_t>(blks.size()) * P.Hkv;
     struct Scratch {
       std::vector<acc_t> k, v, q, d, s, dp, dk, dv;

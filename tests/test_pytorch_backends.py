@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmcore
-from kit import attention_cases, case_problem, check_attention_case
+from kit import attention_cases, case_problem, check_attention_case, check_lora_case, lora_cases
 from mmcore.ops import registry
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -83,3 +83,95 @@ def test_sdpa_refuses_what_it_cannot_express():
     q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
     with pytest.raises(registry.BackendError, match="sdpa: needs a banded or offset mask"):
         mmcore.window_attention(q, k, v, window=(4, 4), backend="sdpa")
+
+
+# ------------------------------------------------------------------ flex: window_attention
+N_FLEX = 16
+
+
+@pytest.mark.parametrize("i", range(N_FLEX))
+def test_flex_window_random(i):
+    """Eager FlexAttention on the CPU (forward and lse; flex has no CPU backward): the
+    wrapper, the mask_mod and the lengths plumbing against the oracle."""
+    c = attention_cases("window_attention", "flex", 1, seed=9300 + i, max_s=100,
+                        grads=False)[0]
+    check_attention_case("window_attention", "flex", c, grads=False, seed=i)
+
+
+@pytest.mark.parametrize("name", ["causal sinks are a subset", "causal self-attention padding, GQA"])
+def test_flex_window_edge(name):
+    check_attention_case("window_attention", "flex", WINDOW_EDGE[name], grads=False)
+
+
+def test_flex_block_flags_match_the_mask():
+    """The block lists built from block indices: every block holding an allowed pair is
+    visited, a block visited without the mask holds only allowed pairs, and no block without
+    an allowed pair is visited -- over random windows, globals, causal, lengths and block
+    sizes (small blocks: many per case).  Eager flex never reads the block lists, so this is
+    what guards the compiled (CUDA) path's sparsity."""
+    import random
+
+    from kit import window_mask
+    from mmcore.ops.backends.flex import block_flags
+
+    rng = random.Random(5)
+    for _ in range(300):
+        B, Sq = rng.randint(1, 3), rng.randint(1, 70)
+        Sk = rng.choice([Sq, rng.randint(1, 70)])
+        left = rng.choice([-1, 0, 1, 5, 16, rng.randint(0, Sk)])
+        right = rng.choice([-1, 0, 3, 16, rng.randint(0, Sk)])
+        causal = rng.random() < 0.4
+        G = rng.randint(0, min(Sk, 8)) if rng.random() < 0.5 else 0
+        Lq = torch.tensor([rng.randint(0, Sq) for _ in range(B)])
+        Lk = torch.tensor([rng.randint(0, Sk) for _ in range(B)])
+        bq, bk = rng.choice([4, 8, 16]), rng.choice([4, 8, 16])
+        anyb, full = block_flags(Lq, Lk, Sq, Sk, left, 0 if causal else right, causal, G,
+                                 bq, bk)
+        nq, nk = anyb.shape[1:]
+        m = torch.zeros(B, nq * bq, nk * bk, dtype=torch.bool)
+        m[:, :Sq, :Sk] = window_mask(B, Sq, Sk, left, right, causal, G, Lq, Lk)[:, 0]
+        inside = torch.zeros_like(m)
+        inside[:, :Sq, :Sk] = True
+        has = m.view(B, nq, bq, nk, bk).any(-1).any(2)
+        every = (m | ~inside).view(B, nq, bq, nk, bk).all(-1).all(2)
+        case = (B, Sq, Sk, left, right, causal, G, Lq.tolist(), Lk.tolist(), bq, bk)
+        assert torch.equal(anyb, has), case
+        assert not (full & ~every).any(), case
+
+
+def test_flex_block_mask_cached_without_lengths():
+    from mmcore.ops.backends import flex
+
+    q, k = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    a = flex.block_mask(q, k, None, None, 64, 0, True, 4)
+    assert flex.block_mask(q, k, None, None, 64, 0, True, 4) is a
+    assert flex.block_mask(q, k, None, None, 65, 0, True, 4) is not a
+    L = torch.tensor([200])
+    assert flex.block_mask(q, k, L, L, 64, 0, True, 4) is not \
+        flex.block_mask(q, k, L, L, 64, 0, True, 4)
+
+
+# ------------------------------------------------------------------ composed: lora_linear
+N_COMPOSED = 30
+
+
+@pytest.mark.parametrize("i", range(N_COMPOSED))
+def test_composed_lora_random(i):
+    c = lora_cases("composed", 1, seed=9400 + i)[0]
+    check_lora_case("composed", c, seed=i)
+
+
+def test_composed_lora_base_rows_and_flags():
+    """Rows with id -1 get the base term only; the need_* flags skip what nobody asked for."""
+    x = torch.randn(9, 12, requires_grad=True)
+    w, b = torch.randn(7, 12), torch.randn(7)
+    A = torch.randn(3, 4, 12, requires_grad=True)
+    Bm = torch.randn(3, 7, 4)
+    ids = torch.tensor([-1, 0, 2, 2, -1, 1, 0, -1, 2])
+    y = mmcore.lora_linear(x, w, b, A, Bm, torch.tensor([0.5, 1.0, 2.0]), adapter_ids=ids,
+                           backend="composed")
+    base = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(y[ids == -1], base[ids == -1])
+    y.sum().backward()
+    assert x.grad is not None and A.grad is not None and Bm.grad is None
+    assert torch.all(A.grad[1].abs().sum(-1) > 0)

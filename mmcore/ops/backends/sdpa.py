@@ -61,22 +61,31 @@ def window_check(p) -> list:
     return []
 
 
+def zero_padding(q, k, v, seqlens_q, seqlens_k):
+    """q, k, v with rows past the valid lengths zeroed (copies only where lengths are given)."""
+    if seqlens_q is not None:
+        q = torch.where(_valid(seqlens_q, q.shape[2])[:, None, :, None], q, 0.0)
+    if seqlens_k is not None:
+        kvalid = _valid(seqlens_k, k.shape[2])[:, None, :, None]
+        k, v = torch.where(kvalid, k, 0.0), torch.where(kvalid, v, 0.0)
+    return q, k, v
+
+
+def _valid(seqlens, S):
+    return torch.arange(S, device=seqlens.device) < seqlens[:, None]  # (B, S)
+
+
 def _prepare(q, k, v, seqlens_q, seqlens_k, causal):
     """Zero the padding; -> q, k, v, key mask (B, Sk) bool | None, row_ok (B, Sq) bool | None."""
     B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
-    row_ok = kmask = None
-    if seqlens_q is not None:
-        row_ok = torch.arange(Sq, device=q.device) < seqlens_q[:, None]  # (B, Sq)
-        q = torch.where(row_ok[:, None, :, None], q, 0.0)
-    if seqlens_k is not None:
-        kvalid = torch.arange(Sk, device=q.device) < seqlens_k[:, None]  # (B, Sk)
-        k = torch.where(kvalid[:, None, :, None], k, 0.0)
-        v = torch.where(kvalid[:, None, :, None], v, 0.0)
-        if not causal:
-            empty = (seqlens_k == 0)[:, None]  # (B, 1): such samples see their zeroed keys
-            kmask = kvalid | empty
-            ok = (~empty).expand(B, Sq)
-            row_ok = ok if row_ok is None else row_ok & ok
+    q, k, v = zero_padding(q, k, v, seqlens_q, seqlens_k)
+    row_ok = None if seqlens_q is None else _valid(seqlens_q, Sq)
+    kmask = None
+    if seqlens_k is not None and not causal:
+        empty = (seqlens_k == 0)[:, None]  # (B, 1): such samples see their zeroed keys
+        kmask = _valid(seqlens_k, Sk) | empty
+        ok = (~empty).expand(B, Sq)
+        row_ok = ok if row_ok is None else row_ok & ok
     return q, k, v, kmask, row_ok
 
 
@@ -114,14 +123,14 @@ def _kernel_fwd(q, k, v, kmask, causal, scale):
     return r[0], r[1][..., :Sq]
 
 
-def _empty(q, k):
+def empty(q, k):
     return (q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0)
 
 
 def forward(q, k, v, seqlens_q, seqlens_k, causal, scale):
     """q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) -> out (B, Hq, Sq, D), lse (B, Hq, Sq) fp32."""
     B, Hq, Sq, D = q.shape
-    if _empty(q, k):
+    if empty(q, k):
         return (q.new_zeros(B, Hq, Sq, v.shape[-1]),
                 torch.full((B, Hq, Sq), float("-inf"), device=q.device))
     q, k, v, kmask, row_ok = _prepare(q, k, v, seqlens_q, seqlens_k, causal)
@@ -139,7 +148,7 @@ def backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, causal, scale):
     Recomputes through F.scaled_dot_product_attention under autograd: on CUDA in one call
     (SDPA picks its kernel), on the CPU with the math kernel over query chunks of bounded
     size (its softmax backward is exact; see the module docstring)."""
-    if _empty(q, k):
+    if empty(q, k):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     q, k, v, kmask, row_ok = _prepare(q, k, v, seqlens_q, seqlens_k, causal)
     if row_ok is not None:

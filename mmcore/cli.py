@@ -46,6 +46,10 @@ def cmd_info(args) -> int:
               f"{torch.ops.mmcore_C.num_threads()} threads, "
               f"cuda kernels {'built' if torch.ops.mmcore_C.with_cuda() else 'not built'})")
     print(f"MMCORE_BACKEND={os.environ.get('MMCORE_BACKEND', 'auto')}")
+    from mmcore.ops import tables
+
+    for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        print(f"dispatch table ({dev}): {tables.describe(dev)}")
     for op, rows in registry.report().items():
         print(f"\n{op}:")
         for backend, why, lim in rows:

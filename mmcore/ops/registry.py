@@ -181,6 +181,8 @@ def plan(op: str, p: Problem) -> tuple:
     A dispatch table entry for p's bucket ranks the backends it measured (fastest first,
     whatever their auto_devices); the ones it did not measure follow in heuristic order.
     Backends that failed for p's failure key are left out.  Empty when none can serve."""
+    if torch.compiler.is_compiling():  # traced: no cache writes (side effects in a graph)
+        return _make_plan(op, p)
     key = p.key()
     hit = _PLANS.get(key)
     if hit is None:
@@ -319,6 +321,7 @@ def _load_backends() -> None:
     for impls in _REGISTRY.values():
         for impl in impls.values():
             impl._why = impl.available()
+    tables.preload()
     clear_cache()
 
 

@@ -149,6 +149,7 @@ def use(path: str | None) -> None:
 
 def _reset():
     _LOADED.clear()
+    preload()
     reg = sys.modules.get("mmcore.ops.registry")
     if reg is not None:
         reg.clear_cache()
@@ -193,11 +194,24 @@ def _read(path: str) -> dict:
 
 
 def table_for(device_type: str):
-    """(table or None, description) for this device type (loaded once)."""
+    """(table or None, description) for this device type (loaded once; never while
+    torch.compile traces: preload() runs when the backends load)."""
     hit = _LOADED.get(device_type)
     if hit is None:
+        import torch
+
+        if torch.compiler.is_compiling():
+            return None, "not loaded"
         hit = _LOADED[device_type] = _load(device_type)
     return hit
+
+
+def preload() -> None:
+    """Load the tables of the devices present, outside any torch.compile trace."""
+    import torch
+
+    for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        table_for(dev)
 
 
 def lookup(op: str, p) -> list | None:

@@ -274,3 +274,27 @@ def test_info_shows_the_dispatch_table():
     assert "dispatch table (cpu): off" in r.stdout
     for b in ("sdpa", "flex", "composed"):
         assert f"  {b} " in r.stdout
+
+
+# ------------------------------------------------------------------ mmcore bench --tune
+def test_tune_writes_a_table_that_dispatch_follows(tmp_path):
+    """benchmarks/tune.py on two small CPU points: every serving backend timed, the table
+    written for this device and stack, and auto then takes the measured fastest."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import tune
+
+    pts = [dict(op="cross_attention", dtype=torch.float32, bwd=False, B=1, H=2, Sq=256, Sk=49,
+                D=32, lengths=True),
+           dict(op="lora_linear", dtype=torch.float32, bwd=True, M=64, K=32, N=48, r=4,
+                adapters=2)]
+    path = tune.run("cpu", out=str(tmp_path / "cpu.json"), points=pts, log=lambda *a: None,
+                    reps=1)
+    t = json.load(open(path))
+    assert tables.matches(t, "cpu") is None
+    cross, lora = t["ops"]["cross_attention"][0], t["ops"]["lora_linear"][0]
+    assert {"sdpa", "torch"} <= set(cross["ms"]) and "triton" not in cross["ms"]
+    assert {"composed", "torch"} <= set(lora["ms"]) and lora["kind"].endswith("adapters2")
+    assert cross["order"] == sorted(cross["ms"], key=cross["ms"].get)
+    tables.use(path)
+    _, _, p = tune._inputs(pts[0], "cpu")
+    assert order("cross_attention", p)[0] == cross["order"][0]

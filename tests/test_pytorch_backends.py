@@ -8,19 +8,10 @@ import torch
 import mmcore
 from kit import attention_cases, case_problem, check_attention_case, check_lora_case, lora_cases
 from mmcore.ops import registry
+from test_cross_attention import case  # B=2, Hq=2, Hkv=1, Sq=40, Sk=33, D=32 fp32, overrides
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-N_SDPA = 40
-
-
-def case(**kw):
-    c = dict(B=2, Hq=2, Hkv=1, Sq=40, Sk=33, D=32, dtype=F32, noncontig=False, scale=None,
-             window=None, causal=False, G=0, seqlens_q=None, seqlens_k=None)
-    c.update(kw)
-    for n in ("seqlens_q", "seqlens_k"):
-        if isinstance(c[n], list):
-            c[n] = torch.tensor(c[n])
-    return c
+N_SDPA = 24
 
 
 # ------------------------------------------------------------------ sdpa: cross_attention
@@ -86,7 +77,7 @@ def test_sdpa_refuses_what_it_cannot_express():
 
 
 # ------------------------------------------------------------------ flex: window_attention
-N_FLEX = 16
+N_FLEX = 8
 
 
 @pytest.mark.parametrize("i", range(N_FLEX))
@@ -98,7 +89,8 @@ def test_flex_window_random(i):
     check_attention_case("window_attention", "flex", c, grads=False, seed=i)
 
 
-@pytest.mark.parametrize("name", ["causal sinks are a subset", "causal self-attention padding, GQA"])
+@pytest.mark.parametrize("name", ["causal sinks are a subset",
+                                  "causal self-attention padding, GQA"])
 def test_flex_window_edge(name):
     check_attention_case("window_attention", "flex", WINDOW_EDGE[name], grads=False)
 
@@ -152,7 +144,7 @@ def test_flex_block_mask_cached_without_lengths():
 
 
 # ------------------------------------------------------------------ composed: lora_linear
-N_COMPOSED = 30
+N_COMPOSED = 20
 
 
 @pytest.mark.parametrize("i", range(N_COMPOSED))
@@ -175,3 +167,25 @@ def test_composed_lora_base_rows_and_flags():
     y.sum().backward()
     assert x.grad is not None and A.grad is not None and Bm.grad is None
     assert torch.all(A.grad[1].abs().sum(-1) > 0)
+
+
+# ------------------------------------------------------------------ compiled, on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(6))
+@pytest.mark.parametrize("op,backend", [("cross_attention", "sdpa"),
+                                        ("window_attention", "sdpa"),
+                                        ("window_attention", "flex")])
+def test_gpu_attention(op, backend, i):
+    """The CUDA paths: SDPA's flash / efficient kernels with their lse and the recomputing
+    backward; compiled FlexAttention with the block lists from block indices, and its
+    backward through autograd (the eager path)."""
+    c = attention_cases(op, backend, 1, seed=9500 + i, device="cuda", max_s=300,
+                        dims=(64, 128), dtypes=(BF16, F16))[0]
+    check_attention_case(op, backend, c, device="cuda", seed=i)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(6))
+def test_gpu_composed_lora(i):
+    c = lora_cases("composed", 1, seed=9600 + i, max_m=300, max_nk=300)[0]
+    check_lora_case("composed", c, device="cuda", seed=i)

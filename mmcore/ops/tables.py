@@ -183,7 +183,8 @@ def _read(path: str) -> dict:
     with open(path) as f:
         table = json.load(f)
     if table.get("format") != FORMAT:
-        raise ValueError(f"dispatch table {path}: format {table.get('format')!r}, expected {FORMAT}")
+        raise ValueError(f"dispatch table {path}: format {table.get('format')!r}, "
+                         f"expected {FORMAT}")
     index = {}
     for op, entries in table.get("ops", {}).items():
         for e in entries:

@@ -1,7 +1,7 @@
 """lora_linear composed from PyTorch's GEMMs (the `composed` backend).
 
-    y = F.linear(x, W, b)                 one base GEMM (cuBLAS on a GPU, ATen's BLAS on a CPU)
-    y.addmm_(s·(x Aᵀ), Bᵀ)                the low-rank term added in place (no (M, N) temporary)
+    y = F.linear(x, W, b)      one base GEMM (cuBLAS on a GPU, ATen's BLAS on a CPU)
+    y.addmm_(s·(x Aᵀ), Bᵀ)     the low-rank term added in place (no (M, N) temporary)
 
 Multi-adapter batches group rows by adapter: one stable sort of the ids and one read of the
 group sizes (a host synchronisation), then per adapter the low-rank term of its rows,

@@ -1,9 +1,8 @@
 """lora_linear kernels against what a user would run instead (peft's own layer: bench_lora_peft).
 
 GPU (bf16): mmcore's triton kernel, the `composed` backend and `auto` vs F.linear alone
-(the floor: LoRA for free), the merged
-weight (F.linear with W + s·B A, inference only), and the naive composition (F.linear plus
-two matmuls and an add, what peft runs); forward, backward (dx, dA, dB vs the base GEMM's dx),
+(the floor: LoRA for free), the merged weight (F.linear with W + s·B A, inference only), and
+the naive composition (F.linear plus two matmuls and an add, what peft runs); forward, backward (dx, dA, dB vs the base GEMM's dx),
 and fwd+bwd through autograd; multi-adapter batches with 1 / 8 / 64 distinct adapters vs the
 single-adapter time and vs a boolean-indexing loop over adapters (peft's mixed batch).
 CPU (fp32): the C++ kernel (and its measured variants) vs F.linear and the naive composition.

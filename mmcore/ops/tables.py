@@ -208,11 +208,15 @@ def table_for(device_type: str):
 
 
 def preload() -> None:
-    """Load the tables of the devices present, outside any torch.compile trace."""
+    """Load the tables of the devices in use, outside any torch.compile trace: the CPU's, and
+    CUDA's once CUDA is initialised (naming the GPU initialises CUDA, which importing mmcore
+    must not do; otherwise the first eager CUDA call loads it, and a graph traced before any
+    eager CUDA call uses the heuristics)."""
     import torch
 
-    for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
-        table_for(dev)
+    table_for("cpu")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        table_for("cuda")
 
 
 def lookup(op: str, p) -> list | None:

@@ -65,8 +65,9 @@ def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seq
         raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
     if global_tokens > Sk:
         raise ValueError(f"global_tokens ({global_tokens}) must be <= Sk ({Sk})")
+    same = seqlens_q is seqlens_k  # one lengths tensor for both sides: offset 0 everywhere
     seqlens_q = V.seqlens("seqlens_q", seqlens_q, B, q)
-    seqlens_k = V.seqlens("seqlens_k", seqlens_k, B, q)
+    seqlens_k = seqlens_q if same else V.seqlens("seqlens_k", seqlens_k, B, q)
     scale = _scale(scale, D)
     q, k, v = (V.last_dim_contiguous(t) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

@@ -28,6 +28,7 @@ from . import sdpa
 BLOCK = 128
 _BIG = 1 << 30  # an unbounded window side
 _CACHE: OrderedDict = OrderedDict()
+_PARAMS: dict = {}
 _COMPILED = []
 
 
@@ -56,9 +57,17 @@ def _call(q, k, v, block_mask, scale):
 
 
 def _params(left, right, causal, G, device):
-    """(left, right, G, causal) as an int32 tensor the mask reads (no recompiles)."""
-    return torch.tensor([_BIG if left < 0 else left, _BIG if right < 0 else right, G,
-                         int(causal)], dtype=torch.int32, device=device)
+    """(left, right, G, causal) as an int32 tensor the mask reads (no recompiles; cached:
+    never written after creation)."""
+    key = (left, right, causal, G, device)
+    t = _PARAMS.get(key)
+    if t is None:
+        if len(_PARAMS) > 256:
+            _PARAMS.clear()
+        t = _PARAMS[key] = torch.tensor([_BIG if left < 0 else left,
+                                         _BIG if right < 0 else right, G, int(causal)],
+                                        dtype=torch.int32, device=device)
+    return t
 
 
 def _mask_mod(prm, Lq, Lk):

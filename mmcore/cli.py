@@ -62,8 +62,10 @@ def cmd_info(args) -> int:
             state = "loaded " if why is None else "refused"
             dts = ",".join(lim["dtypes"])
             hd = f" D<={lim['max_head_dim']}" if lim["max_head_dim"] else ""
-            print(f"  {backend:<7} {state}  devices={','.join(lim['devices'])} dtypes={dts}{hd}"
-                  f" bwd={'yes' if lim['backward'] else 'no'}" + (f"  ({why})" if why else ""))
+            prio = ",".join(f"{d}={n}" for d, n in lim["priority"].items())
+            print(f"  {backend:<8} {state}  devices={','.join(lim['devices'])} dtypes={dts}{hd}"
+                  f" bwd={'yes' if lim['backward'] else 'no'} priority {prio}"
+                  + (f"  ({why})" if why else ""))
     return 0
 
 

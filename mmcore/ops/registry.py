@@ -337,7 +337,9 @@ def report() -> dict:
                 "max_head_dim": impl.max_head_dim,
                 "backward": impl.supports_backward,
                 "gqa": impl.supports_gqa,
-                "priority": {d: impl.priority_on(d) for d in sorted(impl.devices)},
+                # heuristic rank per device where auto may pick it without a table
+                "priority": {d: impl.priority_on(d) for d in sorted(impl.devices)
+                             if impl.auto_devices is None or d in impl.auto_devices},
             }
             rows.append((impl.backend, impl.available(), lim))
         out[op] = rows

@@ -158,10 +158,11 @@ def backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, causal, scale):
         return _math_backward(dout, q, k, v, kmask, causal, scale, gqa)
     mask = None if kmask is None else kmask[:, None, None, :]
 
-    def attend(q_, k_, v_):
+    def attend(q_, k_, v_):  # k/v repeated as in the forward (enable_gqa rules out the
+        k_, v_ = _repeat_kv(q_, k_, v_)  # efficient kernel); their grads come back summed
         return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, is_causal=causal,
-                                              scale=scale, enable_gqa=gqa)
-    # torch.func.vjp, not torch.autograd: this runs inside a custom op, below autograd
+                                              scale=scale)
+    # torch.func.vjp, not torch.autograd: this may run inside a custom op, below autograd
     return torch.func.vjp(attend, q, k, v)[1](dout)
 
 

@@ -189,3 +189,25 @@ def test_gpu_attention(op, backend, i):
 def test_gpu_composed_lora(i):
     c = lora_cases("composed", 1, seed=9600 + i, max_m=300, max_nk=300)[0]
     check_lora_case("composed", c, device="cuda", seed=i)
+
+
+def test_sdpa_cuda_backward_logic_on_cpu():
+    """The CUDA backward (one recompute through SDPA, k/v repeated for GQA, key mask) run on
+    CPU tensors: same gradients as the CPU path, padding and empty samples included.  (Its
+    tolerance-rule test is test_gpu_attention; here SDPA's CPU kernel stands in.)"""
+    from mmcore.ops.backends import sdpa
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 6, 20, 16, generator=g), torch.randn(3, 2, 9, 16, generator=g),
+               torch.randn(3, 2, 9, 16, generator=g))
+    dout = torch.randn(3, 6, 20, 16, generator=g)
+    sq, sk = torch.tensor([20, 7, 0]), torch.tensor([9, 0, 4])
+    for causal, lens in ((False, (sq, sk)), (False, (None, None)), (True, (None, None))):
+        kq = k if not causal else torch.randn(3, 2, 20, 16, generator=g)
+        vq = v if not causal else torch.randn(3, 2, 20, 16, generator=g)
+        qq, kk, vv, kmask, row_ok = sdpa._prepare(q, kq, vq, *lens, causal)
+        d = dout if row_ok is None else torch.where(row_ok[:, None, :, None], dout, 0.0)
+        got = sdpa._fused_backward(d, qq, kk, vv, kmask, causal, 0.25)
+        want = sdpa._math_backward(d, qq, kk, vv, kmask, causal, 0.25, True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -153,9 +153,13 @@ def backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, causal, scale):
     q, k, v, kmask, row_ok = _prepare(q, k, v, seqlens_q, seqlens_k, causal)
     if row_ok is not None:
         dout = torch.where(row_ok[:, None, :, None], dout, 0.0)
-    gqa = q.shape[1] != k.shape[1]
     if q.device.type != "cuda":
-        return _math_backward(dout, q, k, v, kmask, causal, scale, gqa)
+        return _math_backward(dout, q, k, v, kmask, causal, scale, q.shape[1] != k.shape[1])
+    return _fused_backward(dout, q, k, v, kmask, causal, scale)
+
+
+def _fused_backward(dout, q, k, v, kmask, causal, scale):
+    """One recompute through F.scaled_dot_product_attention (SDPA picks its kernel)."""
     mask = None if kmask is None else kmask[:, None, None, :]
 
     def attend(q_, k_, v_):  # k/v repeated as in the forward (enable_gqa rules out the

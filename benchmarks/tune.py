@@ -3,7 +3,7 @@ problems on this device, and write the dispatch table `backend="auto"` reads.
 
     mmcore bench --tune [--device cuda] [--out PATH] [--budget SECONDS]
 
-The table goes to mmcore/ops/tables/<device key>.json (mmcore/ops/tables.py: keyed by the
+The table goes to mmcore/ops/dispatch_tables/<device key>.json (mmcore/ops/tables.py: keyed by the
 device name and the torch / Triton versions), or to --out.  Each point is one problem
 (op, dtype, head dim, flags, sizes), forward alone (no_grad) and forward + backward
 (autograd), so that training and inference calls each get their own ranking.  Every backend

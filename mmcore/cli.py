@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     b.add_argument("--no-save", action="store_true", help="print only")
     b.add_argument("--tune", action="store_true",
                    help="time every backend on a grid of problems and write this device's "
-                        "dispatch table (mmcore/ops/tables/, or --out)")
+                        "dispatch table (mmcore/ops/dispatch_tables/, or --out)")
     b.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole run (default on CUDA: 400 for the grid, 300 for"
                         " --tune); cases past it are written as skipped rows")

@@ -1,7 +1,7 @@
 """Measured dispatch tables: which backend is fastest for a problem, per device.
 
 `mmcore bench --tune` (benchmarks/tune.py) times every backend that can serve each point of
-a grid of problems and writes one JSON file per device and stack into mmcore/ops/tables/,
+a grid of problems and writes one JSON file per device and stack into mmcore/ops/dispatch_tables/,
 named ``<cuda|cpu>-<device name>-torch<X.Y>-triton<X.Y>.json``.  A table is used when its
 device name, torch and Triton versions (major.minor) equal this process's; then
 ``backend="auto"`` ranks the backends of the nearest measured point of the same kind (same
@@ -23,7 +23,7 @@ import os
 import re
 import sys
 
-TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tables")
+TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_tables")
 FORMAT = 1
 MAX_OCTAVES = 2.0  # a measured point serves problems within 4x of it in every size
 

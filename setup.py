@@ -53,6 +53,7 @@ setup(
     packages=["mmcore", "mmcore.ops", "mmcore.ops.backends", "mmcore.ops.reference",
               "mmcore.nn", "mmcore.patch", "mmcore.models", "mmcore.kernels"],
     package_dir={"mmcore.kernels": "kernels"},
+    package_data={"mmcore.ops": ["dispatch_tables/*.json"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.4", "safetensors", "numpy"],

@@ -1,7 +1,7 @@
 """cross_attention and two-direction co-attention vs PyTorch SDPA (`mmcore bench --op cross_attention`).
 
-GPU (bf16): mmcore triton vs SDPA with each backend forced (math / efficient / flash / cudnn),
-lengths given to SDPA as a (B, 1, Sq, Sk) bool mask.  The flash backend cannot take a mask,
+GPU (bf16): mmcore triton, mmcore's `sdpa` backend and `auto` vs SDPA with each backend
+forced (math / efficient / flash / cudnn), lengths given to SDPA as a (B, 1, Sq, Sk) bool mask.  The flash backend cannot take a mask,
 so it is compared on an equal-lengths row (both sides without lengths), which is marked.
 Co-attention: one launch for both directions with the residual fused, vs two SDPA calls
 (best masked backend) plus the two residual adds.  Sweep Sq x Sk x D, fwd and fwd+bwd, peak
@@ -73,6 +73,9 @@ def _gpu_case(rows, B, Hq, Sq, Sk, D, bwd, dtype, device, mem):
     Lq, Lk = _lengths(B, Sq, 0.4), _lengths(B, Sk, 0.5)
     shape = dict(B=B, Hq=Hq, Hkv=Hq, Sq=Sq, Sk=Sk, D=D, Lq=Lq.tolist(), Lk=Lk.tolist())
     case = f"{'fwd+bwd' if bwd else 'fwd'} Sq={Sq} Sk={Sk} D={D}"
+    if H.out_of_time():
+        rows.append(H.skipped(OP, case, shape, dtype, device))
+        return
     q, k, v, dout = _inputs(B, Hq, Hq, Sq, Sk, D, dtype, device, bwd)
     sq, sk = Lq.to(device), Lk.to(device)
     fl = _flops(Hq, D, Lq, Lk, bwd)
@@ -107,6 +110,17 @@ def _gpu_case(rows, B, Hq, Sq, Sk, D, bwd, dtype, device, mem):
     t, pk = _measure(fn, device, mem)
     rows.append(H.row(OP, case, "mmcore:triton", shape, dtype, device, t, flops=fl, peak=pk,
                       baseline_ms=base.get(best), note=f"vs best masked SDPA: {best}"))
+    for be in ("sdpa", "auto"):  # PyTorch's kernels behind mmcore, and what auto picks
+        f = (lambda q_, k_, v_, be=be: mmcore.cross_attention(
+            q_, k_, v_, seqlens_q=sq, seqlens_k=sk, backend=be))
+        try:
+            t = H.time_fn(_call(f, bwd, q, k, v, dout), device)
+        except Exception as e:
+            rows.append(H.row(OP, case, f"mmcore:{be}", shape, dtype, device, None,
+                              note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+            continue
+        rows.append(H.row(OP, case, f"mmcore:{be}", shape, dtype, device, t, flops=fl,
+                          baseline_ms=base.get(best), note=f"vs best masked SDPA: {best}"))
     eq = lambda q_, k_, v_: mmcore.cross_attention(q_, k_, v_, backend="triton")  # noqa: E731
     fn = _call(eq, bwd, q, k, v, dout)
     t = H.time_fn(fn, device)
@@ -123,6 +137,9 @@ def _co_case(rows, B, Hh, St, Sv, D, bwd, dtype, device, mem):
     Lt, Lv = _lengths(B, St, 0.4), _lengths(B, Sv, 0.5)
     shape = dict(B=B, H=Hh, St=St, Sv=Sv, D=D, Lt=Lt.tolist(), Lv=Lv.tolist())
     case = f"co-attention {'fwd+bwd' if bwd else 'fwd'} St={St} Sv={Sv} D={D}"
+    if H.out_of_time():
+        rows.append(H.skipped(OP, case, shape, dtype, device))
+        return
     g = torch.Generator().manual_seed(1)
     mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_(bwd)  # noqa
     qt, kt, vt, rt = (mk(B, Hh, St, D) for _ in range(4))
@@ -171,6 +188,14 @@ def _co_case(rows, B, Hh, St, Sv, D, bwd, dtype, device, mem):
                       device, t, flops=fl, peak=pk, baseline_ms=best[1] if best else None,
                       note=f"vs 2x sdpa-{best[0]} + adds" if best else None))
 
+    def auto():
+        return co_attention(qt, kt, vt, qv, kv, vv, text_lengths=lt, image_lengths=lv,
+                            residual_t=rt, residual_v=rv, backend="auto")
+    t = H.time_fn(run(auto), device)
+    rows.append(H.row(OP, case, "mmcore:co_attention auto", shape, dtype, device, t, flops=fl,
+                      baseline_ms=best[1] if best else None,
+                      note=f"vs 2x sdpa-{best[0]} + adds" if best else None))
+
 
 def _cpu(rows, quick):
     device = "cpu"
@@ -195,11 +220,12 @@ def _cpu(rows, quick):
             rows.append(H.row(OP, case, "sdpa (bool mask)" if lengths else "sdpa", shape,
                               dtype, device, t_sd, flops=fl))
             sq, sk = (Lq, Lk) if lengths else (None, None)
-            ours = _call(lambda q_, k_, v_: mmcore.cross_attention(
-                q_, k_, v_, seqlens_q=sq, seqlens_k=sk, backend="cpu"), bwd, q, k, v, dout)
-            t = H.time_fn(ours, device, warmup=1, rep=rep)
-            rows.append(H.row(OP, case, "mmcore:cpu", shape, dtype, device, t, flops=fl,
-                              baseline_ms=t_sd["median_ms"]))
+            for be in ("cpu", "sdpa"):
+                ours = _call(lambda q_, k_, v_, be=be: mmcore.cross_attention(
+                    q_, k_, v_, seqlens_q=sq, seqlens_k=sk, backend=be), bwd, q, k, v, dout)
+                t = H.time_fn(ours, device, warmup=1, rep=rep)
+                rows.append(H.row(OP, case, f"mmcore:{be}", shape, dtype, device, t, flops=fl,
+                                  baseline_ms=t_sd["median_ms"]))
     return rows
 
 
@@ -208,11 +234,16 @@ def run(quick: bool, device: str) -> list:
     if not str(device).startswith("cuda"):
         return _cpu(rows, quick)
     dtype = torch.bfloat16
+    import os
+
     if quick:
         shapes = [(2048, 197, 64), (8192, 577, 64), (8192, 50, 128)]
-    else:
+    elif os.environ.get("MMCORE_BENCH_SWEEP") == "1":
         shapes = [(sq, sk, d) for d in (64, 128) for sq in (512, 2048, 8192, 32768)
                   for sk in (50, 197, 257, 577, 1025)]
+    else:  # the grid of `mmcore bench --device cuda` (8 minutes for every op)
+        shapes = [(2048, 197, 64), (8192, 577, 64), (8192, 50, 128), (8192, 1025, 64),
+                  (32768, 257, 128)]
     for sq, sk, d in shapes:
         B = max(1, 16384 // sq) if sq < 32768 else 1
         Hq = 8 if d == 64 else 4

@@ -1,8 +1,8 @@
 """lora_linear kernels against what a user would run instead (peft's own layer: bench_lora_peft).
 
-GPU (bf16): mmcore's triton kernel vs F.linear alone (the floor: LoRA for free), the merged
-weight (F.linear with W + s·B A, inference only), and the naive composition (F.linear plus
-two matmuls and an add, what peft runs); forward, backward (dx, dA, dB vs the base GEMM's dx),
+GPU (bf16): mmcore's triton kernel, the `composed` backend and `auto` vs F.linear alone
+(the floor: LoRA for free), the merged weight (F.linear with W + s·B A, inference only), and
+the naive composition (F.linear plus two matmuls and an add, what peft runs); forward, backward (dx, dA, dB vs the base GEMM's dx),
 and fwd+bwd through autograd; multi-adapter batches with 1 / 8 / 64 distinct adapters vs the
 single-adapter time and vs a boolean-indexing loop over adapters (peft's mixed batch).
 CPU (fp32): the C++ kernel (and its measured variants) vs F.linear and the naive composition.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import harness
 import mmcore
 from harness import row, time_fn
 
@@ -43,13 +44,19 @@ def _flops(M, K, N, r):
 def _gpu_single(rows, quick, device):
     from mmcore.kernels import lora_linear as kern
 
+    import os
+
     dtype = torch.bfloat16
-    shapes = SHAPES[:2] if quick else SHAPES
-    Ms = (16, 8192) if quick else (1, 16, 512, 8192, 16384)
+    sweep = os.environ.get("MMCORE_BENCH_SWEEP") == "1"
+    shapes = SHAPES[:2] if quick else SHAPES if sweep else SHAPES[:3]
+    Ms = (16, 8192) if quick else (1, 16, 512, 8192, 16384) if sweep else (16, 512, 8192)
     combos = [(sh, M, 16) for sh in shapes for M in Ms]
     if not quick:
-        combos += [(sh, 8192, r) for sh in shapes for r in (8, 64)]
+        combos += [(sh, 8192, r) for sh in (shapes if sweep else SHAPES[1:2]) for r in (8, 64)]
     for (label, K, N), M, r in combos:
+        if harness.out_of_time():
+            rows.append(harness.skipped(OP, f"{label} M={M} r={r}", {}, dtype, device))
+            continue
         try:
             x, w, b, la, lb, s, dy = _operands(M, K, N, r, 1, dtype, device)
         except torch.cuda.OutOfMemoryError:
@@ -71,6 +78,9 @@ def _gpu_single(rows, quick, device):
             "naive (F.linear + 2 matmuls + add)": lambda: F.linear(x, w, b) + (x @ a2.t()) @ (
                 b2.t() * sc),
             "mmcore:triton": lambda: mmcore.lora_linear(x, w, b, a2, b2, sc, backend="triton"),
+            "mmcore:composed": lambda: mmcore.lora_linear(x, w, b, a2, b2, sc,
+                                                          backend="composed"),
+            "mmcore:auto": lambda: mmcore.lora_linear(x, w, b, a2, b2, sc),
         }
         for name, fn in impls.items():
             rows.append(row(OP, case, name, shape, dtype, device, time_fn(fn, device), flops=fl,
@@ -103,11 +113,13 @@ def _gpu_single(rows, quick, device):
             def naive():
                 (F.linear(xg, w, b) + (xg @ ag.t()) @ bg.t() * sc).backward(dy)
 
-            def ours():
-                mmcore.lora_linear(xg, w, b, ag, bg, sc, backend="triton").backward(dy)
+            def ours(be="triton"):
+                mmcore.lora_linear(xg, w, b, ag, bg, sc, backend=be).backward(dy)
             t_l = time_fn(lin, device)
             rows.append(row(OP, case, "F.linear fwd+bwd(dx) (floor)", shape, dtype, device, t_l))
-            for name, fn in (("naive autograd", naive), ("mmcore:triton", ours)):
+            for name, fn in (("naive autograd", naive), ("mmcore:triton", ours),
+                             ("mmcore:composed", lambda: ours("composed")),
+                             ("mmcore:auto", lambda: ours("auto"))):
                 rows.append(row(OP, case, name, shape, dtype, device, time_fn(fn, device),
                                 baseline_ms=t_l["median_ms"]))
         del x, w, b, la, lb, dy, wm
@@ -121,6 +133,10 @@ def _gpu_multi(rows, quick, device):
     for M in ((64, 8192) if not quick else (64,)):
         single = None
         for n in (1, 8, 64):
+            if harness.out_of_time():
+                rows.append(harness.skipped(OP, f"multi-adapter M={M} distinct={n}", {}, dtype,
+                                            device))
+                continue
             x, w, b, la, lb, s, dy = _operands(M, K, N, r, n, dtype, device)
             g = torch.Generator(device=device).manual_seed(1)
             ids = (torch.arange(M, device=device) % n)[torch.randperm(M, generator=g,
@@ -147,6 +163,11 @@ def _gpu_multi(rows, quick, device):
                             device, time_fn(loop, device), baseline_ms=single))
             rows.append(row(OP, case, "mmcore:triton", shape, dtype, device, t,
                             baseline_ms=single))
+            for be in ("composed", "auto"):
+                rows.append(row(OP, case, f"mmcore:{be}", shape, dtype, device,
+                                time_fn(lambda be=be: mmcore.lora_linear(
+                                    x, w, b, la, lb, s, adapter_ids=ids, backend=be), device),
+                                baseline_ms=single))
 
 
 def _cpu(rows, quick, device):
@@ -164,7 +185,9 @@ def _cpu(rows, quick, device):
         base = t_lin["median_ms"]
         impls = {"naive (F.linear + 2 matmuls + add)":
                  lambda: F.linear(x, w, b) + (x @ a2.t()) @ (b2.t() * 2.0),
-                 "mmcore:cpu": lambda: mmcore.lora_linear(x, w, b, a2, b2, 2.0, backend="cpu")}
+                 "mmcore:cpu": lambda: mmcore.lora_linear(x, w, b, a2, b2, 2.0, backend="cpu"),
+                 "mmcore:composed": lambda: mmcore.lora_linear(x, w, b, a2, b2, 2.0,
+                                                               backend="composed")}
         from mmcore.ops.backends import _loaders
         if _loaders.ext_error() is None:  # loads mmcore._C: its ops appear in torch.ops
             for v, name in ((0, "two-pass"), (1, "aug-K"), (2, "merged")):

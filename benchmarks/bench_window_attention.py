@@ -99,6 +99,7 @@ def _flex(left, right, causal, G, N, device):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     r = 0 if causal else right
+    left = left if left >= 0 else N  # -1: unbounded
     # Every call compiles afresh (new mask_mod closure / N): reset dynamo first, or after 8
     # compiles (its recompile_limit per function) flex_attention would silently run eagerly.
     torch._dynamo.reset()
@@ -215,54 +216,93 @@ def _case_rows(label, shape, dtype, device, impls, flops, ours="mmcore:triton", 
     return rows
 
 
+def gpu_grid(quick, sweep=False):
+    """(case name, left, right, causal, G, D, N, modes) of each GPU case.
+
+    Default: the 8-minute grid of `mmcore bench --device cuda` (D = 128, N 4k / 16k / 32k,
+    fwd+bwd up to 16k); sweep (MMCORE_BENCH_SWEEP=1): N 4k..128k at D 64 and 128."""
+    both, fwd = ("fwd", "fwd+bwd"), ("fwd",)
+    if sweep:
+        return [(c, l, r, ca, G, D, N, both) for D in (64, 128)
+                for c, l, r, ca, G in (("causal w=(4096,0)", 4096, 0, True, 0),
+                                       ("bidir w=±256", 256, 256, False, 0),
+                                       ("longformer w=±256 G=64", 256, 256, False, 64))
+                for N in (4096, 8192, 16384, 32768, 65536, 131072)]
+    if quick:
+        return [(c, l, r, ca, 0, 64, N, both) for N in (4096, 16384)
+                for c, l, r, ca in (("causal w=(4096,0)", 4096, 0, True),
+                                    ("bidir w=±256", 256, 256, False))]
+    g = []
+    for N in (4096, 16384, 32768):
+        modes = both if N <= 16384 else fwd
+        g += [("causal w=(4096,0)", 4096, 0, True, 0, 128, N, modes),
+              ("bidir w=±256", 256, 256, False, 0, 128, N, modes),
+              ("causal full", -1, 0, True, 0, 128, N, modes)]
+    g.append(("longformer w=±256 G=64", 256, 256, False, 64, 128, 16384, both))
+    return g
+
+
 def _gpu(quick, device):
+    """Per case: mmcore auto and each backend that serves it (triton, flex, sdpa) against
+    SDPA with a dense mask, FlexAttention as a user writes it, and flash-attn; every row's
+    ratio is against auto (the rule: auto >= 0.95x the fastest row)."""
+    import os
+
     rows = []
     B, H, dtype = 1, 16, torch.bfloat16
-    Ns = (4096, 16384) if quick else (4096, 8192, 16384, 32768, 65536, 131072)
-    Ds = (64,) if quick else (64, 128)
-    cases = [("causal w=(4096,0)", 4096, 0, True, 0), ("bidir w=±256", 256, 256, False, 0)]
-    if not quick:
-        cases.append(("longformer w=±256 G=64", 256, 256, False, 64))
     flash = _flash_attn()
-    for D in Ds:
-        for cname, left, right, causal, G in cases:
-            for N in Ns:
-                pairs = allowed_pairs(N, left, right, causal, G)
-                shape = dict(B=B, H=H, N=N, D=D, left=left, right=right, G=G, pairs=pairs)
-                for mode in ("fwd", "fwd+bwd"):
-                    grad = mode == "fwd+bwd"
-                    q, k, v, do = _mk(B, H, N, D, dtype, device, grad)
-                    flops = 4 * B * H * pairs * D * (3.5 if grad else 1.0)
+    for cname, left, right, causal, G, D, N, modes in gpu_grid(
+            quick, os.environ.get("MMCORE_BENCH_SWEEP") == "1"):
+        pairs = allowed_pairs(N, left, right, causal, G)
+        shape = dict(B=B, H=H, N=N, D=D, left=left, right=right, G=G, pairs=pairs)
+        for mode in modes:
+            label = f"{mode} {cname} D={D} N={N}"
+            if harness.out_of_time():
+                rows.append(harness.skipped(OP, label, shape, dtype, device))
+                continue
+            grad = mode == "fwd+bwd"
+            q, k, v, do = _mk(B, H, N, D, dtype, device, grad)
+            flops = 4 * B * H * pairs * D * (3.5 if grad else 1.0)
 
-                    def wrap(f, grad=grad, q=q, k=k, v=v, do=do):
-                        return _runner(f, grad, q, k, v, do)
+            def wrap(f, grad=grad, q=q, k=k, v=v, do=do):
+                return _runner(f, grad, q, k, v, do)
 
-                    impls = [("mmcore:triton", wrap(lambda q, k, v: mmcore.window_attention(
-                        q, k, v, window=(left, right), causal=causal, global_tokens=G,
-                        backend="triton")))]
-                    if N * N * 3 > _DENSE_LIMIT:
-                        impls.append(("sdpa-dense-mask",
-                                      f"OOM/skipped: dense mask {N * N * 3 / 1e9:.0f} GB"))
-                    else:
-                        mask = _dense_mask(N, left, right, causal, G, device)
-                        impls.append(("sdpa-dense-mask", wrap(
-                            lambda q, k, v, m=mask: F.scaled_dot_product_attention(
-                                q, k, v, attn_mask=m))))
-                    try:
-                        fl = _flex(left, right, causal, G, N, device)
-                        impls.append(("flex-attention", wrap(fl)))
-                    except Exception as e:
-                        impls.append(("flex-attention", f"unavailable: {type(e).__name__}"))
-                    if flash is not None and G == 0:
-                        impls.append(("flash-attn", wrap(
-                            lambda q, k, v: flash(q.transpose(1, 2), k.transpose(1, 2),
-                                                  v.transpose(1, 2), causal=causal,
-                                                  window_size=(left, 0 if causal else right)
-                                                  ).transpose(1, 2))))
-                    label = f"{mode} {cname} D={D} N={N}"
-                    rows += _case_rows(label, shape, dtype, device, impls, flops)
-                    del q, k, v, do, impls
-                    torch.cuda.empty_cache()
+            def ours(be):
+                return wrap(lambda q, k, v: mmcore.window_attention(
+                    q, k, v, window=(left, right), causal=causal, global_tokens=G,
+                    backend=be))
+            p = registry.Problem(OP, "cuda", dtype, head_dim=D, needs_grad=grad,
+                                 global_tokens=G, extra={
+                                     "Sq": N, "Sk": N, "window": (left, right),
+                                     "causal": causal, "aligned": True})
+            impls = [("mmcore:auto", ours("auto"))]
+            for be in ("triton", "flex", "sdpa"):
+                why = registry.get(OP, be).refuse(p)
+                impls.append((f"mmcore:{be}", f"refused: {why[0]}" if why else
+                              ours(be)))
+            if N * N * 3 > _DENSE_LIMIT:
+                impls.append(("sdpa-dense-mask",
+                              f"OOM/skipped: dense mask {N * N * 3 / 1e9:.0f} GB"))
+            else:
+                mask = _dense_mask(N, left, right, causal, G, device)
+                impls.append(("sdpa-dense-mask", wrap(
+                    lambda q, k, v, m=mask: F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=m))))
+            try:
+                fl = _flex(left, right, causal, G, N, device)
+                impls.append(("flex-attention", wrap(fl)))
+            except Exception as e:
+                impls.append(("flex-attention", f"unavailable: {type(e).__name__}"))
+            if flash is not None and G == 0:
+                impls.append(("flash-attn", wrap(
+                    lambda q, k, v: flash(q.transpose(1, 2), k.transpose(1, 2),
+                                          v.transpose(1, 2), causal=causal,
+                                          window_size=(left, 0 if causal else right)
+                                          ).transpose(1, 2))))
+            rows += _case_rows(label, shape, dtype, device, impls, flops,
+                               ours="mmcore:auto")
+            del q, k, v, do, impls
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -18,6 +18,22 @@ import time
 import torch
 
 _ROOFLINE: dict = {}
+_DEADLINE = [None]  # time.monotonic() past which the running benchmark stops adding cases
+
+
+def set_budget(seconds):
+    """Time box for the cases that follow (None: no limit); see out_of_time()."""
+    _DEADLINE[0] = None if seconds is None else time.monotonic() + seconds
+
+
+def out_of_time() -> bool:
+    """True once the time box is spent: a module then writes "skipped" rows for the rest."""
+    return _DEADLINE[0] is not None and time.monotonic() > _DEADLINE[0]
+
+
+def skipped(op, case, shape, dtype, device):
+    return row(op, case, "(all)", shape, dtype, device, None,
+               note="skipped: time box of this run spent")
 
 
 def sync(device):

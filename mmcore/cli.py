@@ -6,6 +6,7 @@ import importlib
 import os
 import platform
 import sys
+import time
 
 # op (as given to --op) -> benchmark modules in benchmarks/
 BENCH_MODULES = {
@@ -14,6 +15,11 @@ BENCH_MODULES = {
     "lora_linear": ["bench_lora_linear", "bench_lora_peft"],
     "patch": ["bench_patch"],
 }
+
+
+BENCH_BUDGET_S = 400.0  # CUDA default for the whole `mmcore bench` grid (--budget overrides)
+BENCH_SHARE = {"bench_window_attention": 3.0, "bench_cross_attention": 2.0,
+               "bench_lora_linear": 2.0, "bench_lora_peft": 1.0, "bench_patch": 1.0}
 
 
 def cmd_info(args) -> int:
@@ -46,14 +52,20 @@ def cmd_info(args) -> int:
               f"{torch.ops.mmcore_C.num_threads()} threads, "
               f"cuda kernels {'built' if torch.ops.mmcore_C.with_cuda() else 'not built'})")
     print(f"MMCORE_BACKEND={os.environ.get('MMCORE_BACKEND', 'auto')}")
+    from mmcore.ops import tables
+
+    for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        print(f"dispatch table ({dev}): {tables.describe(dev)}")
     for op, rows in registry.report().items():
         print(f"\n{op}:")
         for backend, why, lim in rows:
             state = "loaded " if why is None else "refused"
             dts = ",".join(lim["dtypes"])
             hd = f" D<={lim['max_head_dim']}" if lim["max_head_dim"] else ""
-            print(f"  {backend:<7} {state}  devices={','.join(lim['devices'])} dtypes={dts}{hd}"
-                  f" bwd={'yes' if lim['backward'] else 'no'}" + (f"  ({why})" if why else ""))
+            prio = ",".join(f"{d}={n}" for d, n in lim["priority"].items())
+            print(f"  {backend:<8} {state}  devices={','.join(lim['devices'])} dtypes={dts}{hd}"
+                  f" bwd={'yes' if lim['backward'] else 'no'} priority {prio}"
+                  + (f"  ({why})" if why else ""))
     return 0
 
 
@@ -72,19 +84,35 @@ def cmd_bench(args) -> int:
     sys.path.insert(0, d)
     harness = importlib.import_module("harness")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tune:
+        importlib.import_module("tune").run(device, out=args.out, budget=args.budget)
+        return 0
     ops = args.op or list(BENCH_MODULES)
-    rows = []
     for op in ops:
         if op not in BENCH_MODULES:
             raise SystemExit(f"--op must be one of {sorted(BENCH_MODULES)}, got {op!r}")
-        for name in BENCH_MODULES[op]:
-            if not os.path.exists(os.path.join(d, name + ".py")):
-                print(f"[{op}] {name}.py not present; skipped", file=sys.stderr)
-                continue
-            mod = importlib.import_module(name)
-            print(f"[{op}] running {name} ({'quick' if args.quick else 'full'}, {device})",
-                  file=sys.stderr)
-            rows.extend(mod.run(args.quick, device))
+    mods = [(op, n) for op in ops for n in BENCH_MODULES[op]
+            if os.path.exists(os.path.join(d, n + ".py"))]
+    # time box: on CUDA the whole grid in BENCH_BUDGET_S (within 8 minutes with start-up),
+    # shared between the modules by BENCH_SHARE; a module past its share writes "skipped"
+    # rows for the rest of its cases
+    budget = args.budget if args.budget is not None else (
+        BENCH_BUDGET_S if device.startswith("cuda") else None)
+    t0 = time.monotonic()
+    rows = []
+    for n, (op, name) in enumerate(mods):
+        mod = importlib.import_module(name)
+        share = None
+        if budget is not None:
+            left = budget - (time.monotonic() - t0)
+            weights = [BENCH_SHARE.get(m, 1.0) for _, m in mods[n:]]
+            share = max(0.0, left) * weights[0] / sum(weights)
+        harness.set_budget(share)
+        print(f"[{op}] running {name} ({'quick' if args.quick else 'full'}, {device}"
+              + (f", time box {share:.0f} s" if share is not None else "") + ")",
+              file=sys.stderr)
+        rows.extend(mod.run(args.quick, device))
+    harness.set_budget(None)
     rl = harness.roofline(device)
     print(f"device: {harness.device_name(device)}; versions {harness.versions()}")
     fma = rl.get("fma_peak_tflops")
@@ -109,6 +137,12 @@ def main(argv=None) -> int:
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     b.add_argument("--out", default=None, help="JSON-lines file to append rows to")
     b.add_argument("--no-save", action="store_true", help="print only")
+    b.add_argument("--tune", action="store_true",
+                   help="time every backend on a grid of problems and write this device's "
+                        "dispatch table (mmcore/ops/dispatch_tables/, or --out)")
+    b.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole run (default on CUDA: 400 for the grid, 300 for"
+                        " --tune); cases past it are written as skipped rows")
     from .cli_read import add_read_parser, run_read
 
     add_read_parser(sub).set_defaults(func=run_read)

@@ -147,18 +147,70 @@ ODD_D = (40, 72, 80, 96)
 
 
 def attention_cases(op, backend, n, seed, device="cpu", max_s=160, dims=(16, 32, 40, 64, 72,
-                    80, 96, 128), dtypes=None):
+                    80, 96, 128), dtypes=None, grads=True):
     """n random window/cross attention cases that `backend` declares it can serve.
 
     Each case is a dict: B, Hq, Hkv, Sq, Sk, D, dtype, window, causal, G, seqlens_q,
-    seqlens_k (int64 or None), noncontig, scale."""
+    seqlens_k (int64 or None), noncontig, scale.  A draw the backend's check() refuses (e.g.
+    a banded window for `sdpa`) is redrawn in the shapes it serves (conform_window)."""
     impl = registry.get(op, backend)
     rng = random.Random(seed)
+    cases = []
+    for c in _draw_attention(op, impl, n, rng, max_s, dims, dtypes):
+        redraw = random.Random(seed * 7919 + len(cases))
+        for _ in range(50):
+            if not impl.refuse(case_problem(op, c, device, grads)):
+                break
+            c = conform_window(c, redraw)
+        else:
+            raise AssertionError(f"{backend} refuses every redraw of {c}: "
+                                 f"{impl.refuse(case_problem(op, c, device, grads))}")
+        cases.append(c)
+    return cases
+
+
+def case_problem(op, c, device="cpu", grads=False):
+    """The dispatch Problem of a case (as the op builds it from the call)."""
+    import importlib
+    from types import SimpleNamespace
+
+    X = importlib.import_module("mmcore.ops.cross_attention")
+    W = importlib.import_module("mmcore.ops.window_attention")
+    dev = torch.device(device)
+    q = SimpleNamespace(shape=(c["B"], c["Hq"], c["Sq"], c["D"]), device=dev, dtype=c["dtype"])
+    k = SimpleNamespace(shape=(c["B"], c["Hkv"], c["Sk"], c["D"]), device=dev, dtype=c["dtype"])
+    if op == "cross_attention":
+        return X.problem(q, k, c["seqlens_q"], c["seqlens_k"], grads)
+    left, right = c["window"] if c["window"] is not None else (-1, -1)
+    left, right = -1 if left is None else left, -1 if right is None else right
+    return W.problem(q, k, c["seqlens_q"], c["seqlens_k"], left, 0 if c["causal"] else right,
+                     c["causal"], c["G"], grads)
+
+
+def conform_window(c, rng):
+    """Redraw a window case as one SDPA expresses: dense (the window reaches every key), or
+    causal with offset 0 (Sq == Sk, the same lengths tensor for q and k)."""
+    c = dict(c)
+    if rng.random() < 0.5:
+        c["window"] = rng.choice([None, (-1, -1), (c["Sk"], c["Sq"]), (-1, c["Sq"] + 3)])
+        c["causal"] = c["Sq"] == 1 and rng.random() < 0.5
+    else:
+        c["Sk"] = c["Sq"]
+        c["window"], c["causal"] = rng.choice([((-1, 0), True), (None, True), ((-1, 0), False)])
+        if not c["causal"]:
+            c["G"] = 0
+        c["G"] = min(c["G"], c["Sk"])
+        L = None if rng.random() < 0.4 else torch.tensor(
+            [rng.randint(0, c["Sq"]) for _ in range(c["B"])])
+        c["seqlens_q"] = c["seqlens_k"] = L
+    return c
+
+
+def _draw_attention(op, impl, n, rng, max_s, dims, dtypes):
     dts = sorted((d for d in (dtypes or impl.dtypes) if d in impl.dtypes and d != torch.float64),
                  key=str)  # sorted: a frozenset's order changes between processes
     Ds = [d for d in dims if impl.max_head_dim is None or d <= impl.max_head_dim]
-    cases = []
-    while len(cases) < n:
+    for _ in range(n):
         B = rng.choice([1, 2, 3])
         Hkv = rng.choice([1, 2])
         g = rng.choice([1, 2, 3]) if impl.supports_gqa else 1
@@ -184,8 +236,7 @@ def attention_cases(op, backend, n, seed, device="cpu", max_s=160, dims=(16, 32,
             c["seqlens_k"] = torch.tensor([rng.randint(0, Sk) for _ in range(B)])
             if rng.random() < 0.5:
                 c["seqlens_q"] = torch.tensor([rng.randint(0, Sq) for _ in range(B)])
-        cases.append(c)
-    return cases
+        yield c
 
 
 def make_attention_inputs(c, device, requires_grad=True, seed=0):

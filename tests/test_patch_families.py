@@ -16,13 +16,15 @@ FAMILIES = ["bert", "roberta", "xlm-roberta", "modernbert", "clip", "siglip", "m
 
 
 def cpu_backends():
-    """window_attention backends that run CPU tensors here (torch; cpu C++ and interpreted
-    triton once they are merged)."""
-    out = []
-    for impl in implementations("window_attention"):
-        if "cpu" in impl.devices and impl.available() is None and impl.backward is not None:
-            out.append(impl.backend)
-    return out
+    """window_attention backends that serve every window problem of a model on CPU tensors,
+    with gradients (torch, cpu C++, interpreted triton; not sdpa, which takes dense and
+    offset-0 causal windows only, nor flex, which has no CPU backward)."""
+    from mmcore.ops.registry import Problem
+
+    p = Problem("window_attention", "cpu", torch.float32, head_dim=16, needs_grad=True,
+                global_tokens=1, seqlens=True,
+                extra={"Sq": 11, "Sk": 11, "window": (3, 3), "causal": False, "aligned": False})
+    return [i.backend for i in implementations("window_attention") if not i.refuse(p)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import _validate as V
-from . import registry
+from . import failures, registry, tables
 from .cross_attention import cross_attention
 from .window_attention import _scale
 
@@ -67,12 +67,23 @@ def co_attention(q_t, k_t, v_t, q_v, k_v, v_v, *, text_lengths=None, image_lengt
                          gqa=H != k_t.shape[1], needs_grad=needs_grad,
                          seqlens=len_t is not None or len_v is not None,
                          extra={"Sq": max(St, Sv), "Sk": min(St, Sv)})
+    auto = registry.requested(backend) == "auto"
     impl = registry.select("cross_attention", p, backend)
+    done = False
     if impl.backend == "triton":
-        o_t, lse_t, o_v, lse_v, _, _ = torch.ops.mmcore.co_attention_fwd(
-            *ts, len_t, len_v, res[0], res[1], scale, needs_grad)
-    else:
-        kw = dict(scale=scale, return_lse=True, backend=impl.backend)
+        try:
+            o_t, lse_t, o_v, lse_v, _, _ = torch.ops.mmcore.co_attention_fwd(
+                *ts, len_t, len_v, res[0], res[1], scale, needs_grad)
+            done = True
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # auto: log once, remember, and serve with two calls
+            if not auto:
+                raise
+            failures.record("cross_attention", "triton", "co_attention", tables.failure_key(p), e)
+            registry.clear_cache()
+    if not done:
+        kw = dict(scale=scale, return_lse=True, backend="auto" if auto else impl.backend)
         o_t, lse_t = cross_attention(ts[0], ts[4], ts[5], seqlens_q=len_t, seqlens_k=len_v, **kw)
         o_v, lse_v = cross_attention(ts[3], ts[1], ts[2], seqlens_q=len_v, seqlens_k=len_t, **kw)
         if res[0] is not None:

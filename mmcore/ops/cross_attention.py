@@ -40,20 +40,24 @@ def cross_attention(q, k, v, *, seqlens_q=None, seqlens_k=None, scale=None, retu
     scale = _scale(scale, D)
     q, k, v = (V.last_dim_contiguous(t) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    p = registry.Problem("cross_attention", q.device.type, q.dtype, head_dim=D,
-                         gqa=Hq != k.shape[1], needs_grad=needs_grad,
-                         seqlens=seqlens_q is not None or seqlens_k is not None,
-                         extra={"Sq": Sq, "Sk": k.shape[2]})
-    impl = registry.select("cross_attention", p, backend)
-    out, lse = _call(q, k, v, seqlens_q, seqlens_k, scale,
-                                                    impl.backend)
+    p = problem(q, k, seqlens_q, seqlens_k, needs_grad)
+    chosen = registry.dispatch("cross_attention", p, backend)
+    out, lse = _call(q, k, v, seqlens_q, seqlens_k, scale, chosen)
     return (out, lse) if return_lse else out
+
+
+def problem(q, k, seqlens_q, seqlens_k, needs_grad):
+    """The dispatch Problem of a call (normalised arguments; metadata only)."""
+    return registry.Problem("cross_attention", q.device.type, q.dtype, head_dim=q.shape[3],
+                            gqa=q.shape[1] != k.shape[1], needs_grad=needs_grad,
+                            seqlens=seqlens_q is not None or seqlens_k is not None,
+                            extra={"Sq": q.shape[2], "Sk": k.shape[2]})
 
 
 def _call(*args):
     """Eager fast path for plain tensors, else the registered custom op."""
-    if _eager.plain(*args[:7]):
-        return _Eager.apply(*args) if _eager.needs_grad(*args[:7]) else _fwd_impl(*args)
+    if _eager.plain(*args[:5]):
+        return _Eager.apply(*args) if _eager.needs_grad(*args[:5]) else _fwd_impl(*args)
     return torch.ops.mmcore.cross_attention_fwd(*args)
 
 
@@ -62,8 +66,9 @@ def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Opti
               ) -> tuple[torch.Tensor, torch.Tensor]:
     V.seqlens_values("seqlens_q", seqlens_q, q.shape[2])
     V.seqlens_values("seqlens_k", seqlens_k, k.shape[2])
-    out, lse = registry.get("cross_attention", backend).forward(q, k, v, seqlens_q, seqlens_k,
-                                                                scale)
+    out, lse = registry.run("cross_attention", backend, "forward",
+                            (q, k, v, seqlens_q, seqlens_k, scale),
+                            lambda: problem(q, k, seqlens_q, seqlens_k, False))
     return out.contiguous(), lse.contiguous()
 
 
@@ -80,11 +85,9 @@ def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
               out: torch.Tensor, lse: torch.Tensor, seqlens_q: Optional[torch.Tensor],
               seqlens_k: Optional[torch.Tensor], scale: float, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = registry.get("cross_attention", backend)
-    if impl.backward is None:
-        raise RuntimeError(f"cross_attention backend {backend!r} has no backward")
-    dq, dk, dv = impl.backward(V.last_dim_contiguous(dout), q, k, v, out, lse, seqlens_q,
-                               seqlens_k, scale)
+    args = (V.last_dim_contiguous(dout), q, k, v, out, lse, seqlens_q, seqlens_k, scale)
+    dq, dk, dv = registry.run("cross_attention", backend, "backward", args,
+                              lambda: problem(q, k, seqlens_q, seqlens_k, True))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

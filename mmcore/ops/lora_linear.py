@@ -76,12 +76,18 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, b
     x2, weight, lora_a, lora_b = (V.last_dim_contiguous(t) for t in (x2, weight, lora_a, lora_b))
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, lora_a, lora_b))
-    p = registry.Problem("lora_linear", x.device.type, x.dtype, head_dim=K, rank=r,
-                         adapters=A_, needs_grad=needs_grad, extra={"M": x2.shape[0], "N": N})
-    impl = registry.select("lora_linear", p, backend)
-    y = _call(x2, weight, bias, lora_a, lora_b, scaling, ids,
-                                         impl.backend)
+    p = problem(x2, weight, lora_a, needs_grad)
+    chosen = registry.dispatch("lora_linear", p, backend)
+    y = _call(x2, weight, bias, lora_a, lora_b, scaling, ids, chosen)
     return y.reshape(*lead, N)
+
+
+def problem(x2, weight, lora_a, needs_grad):
+    """The dispatch Problem of a call: x2 (M, K), weight (N, K), lora_a (A, r, K)."""
+    return registry.Problem("lora_linear", x2.device.type, x2.dtype, head_dim=x2.shape[1],
+                            rank=lora_a.shape[1], adapters=lora_a.shape[0],
+                            needs_grad=needs_grad,
+                            extra={"M": x2.shape[0], "N": weight.shape[0]})
 
 
 _SCALING_CACHE: dict = {}  # (float scaling, A, device) -> (A,) fp32 tensor, never mutated
@@ -144,8 +150,9 @@ def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
               lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
               adapter_ids: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     _check_ids(adapter_ids, lora_a.shape[0])
-    y = registry.get("lora_linear", backend).forward(x, weight, bias, lora_a, lora_b, scaling,
-                                                     adapter_ids)
+    y = registry.run("lora_linear", backend, "forward",
+                     (x, weight, bias, lora_a, lora_b, scaling, adapter_ids),
+                     lambda: problem(x, weight, lora_a, False))
     return y.contiguous()
 
 
@@ -161,11 +168,10 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: t
               lora_b: torch.Tensor, scaling: torch.Tensor, adapter_ids: Optional[torch.Tensor],
               need_dx: bool, need_da: bool, need_db: bool, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = registry.get("lora_linear", backend)
-    if impl.backward is None:
-        raise RuntimeError(f"lora_linear backend {backend!r} has no backward")
-    dx, da, db = impl.backward(V.last_dim_contiguous(dy), x, weight, lora_a, lora_b, scaling,
-                               adapter_ids, need_dx, need_da, need_db)
+    args = (V.last_dim_contiguous(dy), x, weight, lora_a, lora_b, scaling, adapter_ids,
+            need_dx, need_da, need_db)
+    dx, da, db = registry.run("lora_linear", backend, "backward", args,
+                              lambda: problem(x, weight, lora_a, True))
     # custom ops cannot return None: unrequested grads come back as empty tensors (one each:
     # outputs of a custom op may not alias each other)
     e = lambda: x.new_empty(0)  # noqa: E731

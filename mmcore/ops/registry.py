@@ -1,10 +1,17 @@
 """Backend registry and dispatch (xformers style).
 
 Every backend declares, per op, an :class:`OpImpl`: what it can serve (devices, dtypes,
-head dims, backward, GQA, ...) and two callables, ``forward`` and ``backward``.  The
-dispatcher walks the implementations of an op in priority order and takes the first one
-that refuses nothing; when the caller forces a backend that cannot serve, one error lists
-every backend and why it refused.
+head dims, backward, GQA, ...) and two callables, ``forward`` and ``backward``.
+
+``backend="auto"`` orders the implementations that can serve a problem (:func:`plan`):
+by the measured dispatch table of this device where one matches (``mmcore bench --tune``,
+mmcore/ops/tables.py), else by each backend's declared priority on that device (the
+heuristics).  The op passes the whole order to its custom op as ``"auto:a,b,c"``, and
+:func:`run` serves the call from the first backend that does not fail: a backend that
+raises while compiling or launching is logged once, remembered for that problem
+(mmcore/ops/failures.py) and skipped from then on.  A forced backend that cannot serve
+raises one error listing every backend and why it refused; one that fails raises one error
+with the facts of the failure.
 
 The same declarations drive the random-shape test generator (tests/kit.py), so dispatch,
 errors and tests cannot drift apart.
@@ -17,8 +24,10 @@ from typing import Callable, Optional
 
 import torch
 
+from . import failures, tables
+
 OPS = ("window_attention", "cross_attention", "lora_linear")
-BACKENDS = ("triton", "cuda", "cpu", "torch")
+BACKENDS = ("triton", "cuda", "sdpa", "flex", "composed", "cpu", "torch")
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,9 @@ class Problem:
 
     head_dim: D of the attention (or K of lora_linear); gqa: Hq != Hkv; needs_grad: any input
     requires grad; global_tokens / window: window_attention only; rank / adapters: lora only.
+    extra: sizes and flags of the op (window_attention / cross_attention: Sq, Sk, and for
+    windows ``window`` (left, right), ``causal``, ``aligned`` (every sample has Lq = Lk);
+    lora_linear: M, N).
     """
 
     op: str
@@ -41,14 +53,23 @@ class Problem:
     adapters: int = 1
     extra: dict = field(default_factory=dict)
 
+    def key(self) -> tuple:
+        """A hashable identity of the problem (the dispatch cache key)."""
+        return (self.op, self.device, self.dtype, self.head_dim, self.gqa, self.needs_grad,
+                self.global_tokens, self.seqlens, self.rank, self.adapters,
+                tuple(sorted(self.extra.items())))
+
 
 @dataclass
 class OpImpl:
     """One backend's implementation of one op, with its declared limits.
 
-    forward / backward signatures are op specific; see mmcore/ops/<op>.py (``_FWD_DOC``).
+    forward / backward signatures are op specific; see mmcore/ops/<op>.py (module docstring).
     available() returns None when the backend loaded, else the reason it did not.
     check(problem) returns extra refusal reasons beyond the declared attributes.
+    priority: rank under ``auto`` when no dispatch table matches (higher first);
+    device_priority overrides it per device type (e.g. PyTorch's SDPA ranks above mmcore's
+    Triton kernels on CUDA but below the C++ kernels on the CPU).
     """
 
     op: str
@@ -65,13 +86,18 @@ class OpImpl:
     supports_multi_adapter: bool = True
     available: Callable[[], Optional[str]] = lambda: None
     check: Optional[Callable[[Problem], list]] = None
-    # devices where backend="auto" may pick it (None: all of `devices`); the interpreted
-    # Triton path serves CPU tensors only when asked for by name
+    # devices where the heuristics of backend="auto" may pick it (None: all of `devices`);
+    # a dispatch table may still pick it elsewhere.  The interpreted Triton path serves CPU
+    # tensors only when asked for by name.
     auto_devices: Optional[frozenset] = None
+    device_priority: dict = field(default_factory=dict)
 
     @property
     def supports_backward(self) -> bool:
         return self.backward is not None
+
+    def priority_on(self, device: str) -> int:
+        return self.device_priority.get(device, self.priority)
 
     def refuse(self, p: Problem) -> list:
         """Reasons this implementation cannot serve ``p`` (empty list: it can).
@@ -107,18 +133,22 @@ _REGISTRY: dict = {op: {} for op in OPS}
 
 
 class BackendError(RuntimeError):
-    """No backend can serve the call (or the forced one cannot); the message lists why."""
+    """No backend can serve the call (or the forced one cannot, or failed); the message
+    lists why."""
 
 
 def register(impl: OpImpl) -> OpImpl:
     if impl.op not in _REGISTRY:
         raise ValueError(f"unknown op {impl.op!r}")
+    if impl.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {impl.backend!r}; add it to BACKENDS {BACKENDS}")
     _REGISTRY[impl.op][impl.backend] = impl
+    clear_cache()
     return impl
 
 
 def implementations(op: str) -> list:
-    """The registered implementations of ``op``, best first."""
+    """The registered implementations of ``op``, by declared priority (highest first)."""
     _load_backends()
     return sorted(_REGISTRY[op].values(), key=lambda i: -i.priority)
 
@@ -128,38 +158,152 @@ def get(op: str, backend: str) -> OpImpl:
     return _REGISTRY[op][backend]
 
 
-def select(op: str, p: Problem, backend: str = "auto") -> OpImpl:
-    """Pick the implementation of ``op`` for problem ``p``.
-
-    backend: "auto" (or env MMCORE_BACKEND when the caller says "auto"), or a name from
-    BACKENDS.  Raises BackendError listing every backend and its reasons.
-    """
+def requested(backend) -> str:
     if backend is None or backend == "auto":
         backend = os.environ.get("MMCORE_BACKEND", "auto") or "auto"
-    impls = implementations(op)
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    reasons = {}
-    for impl in impls:
-        if backend != "auto" and impl.backend != backend:
-            continue
-        why = impl.refuse(p)
-        if (not why and backend == "auto" and impl.auto_devices is not None
-                and p.device not in impl.auto_devices):
-            why = [f"serves {p.device} only when asked for by name"]
-        if not why:
+    return backend
+
+
+# problem key -> (impls in auto order, the "auto:a,b,c" argument); cleared when a backend
+# registers, a failure is recorded or the dispatch table changes
+_PLANS: dict = {}
+
+
+def clear_cache() -> None:
+    _PLANS.clear()
+
+
+def plan(op: str, p: Problem) -> tuple:
+    """The implementations ``auto`` may use for ``p``, best first (cached per problem).
+
+    A dispatch table entry for p's bucket ranks the backends it measured (fastest first,
+    whatever their auto_devices); the ones it did not measure follow in heuristic order.
+    Backends that failed for p's failure key are left out.  Empty when none can serve."""
+    if torch.compiler.is_compiling():  # traced: no cache writes (side effects in a graph)
+        return _make_plan(op, p)
+    key = p.key()
+    hit = _PLANS.get(key)
+    if hit is None:
+        hit = _PLANS[key] = _make_plan(op, p)
+        if len(_PLANS) > 4096:  # many shapes: start over rather than grow without bound
+            _PLANS.clear()
+            _PLANS[key] = hit
+    return hit
+
+
+def _make_plan(op, p):
+    fkey = tables.failure_key(p)
+    ok = [i for i in implementations(op)
+          if not i.refuse(p) and not failures.failed(op, i.backend, fkey)]
+    heuristic = sorted((i for i in ok if i.auto_devices is None or p.device in i.auto_devices),
+                       key=lambda i: -i.priority_on(p.device))
+    order = tables.lookup(op, p)
+    if order:
+        rank = {b: n for n, b in enumerate(order)}
+        measured = sorted((i for i in ok if i.backend in rank), key=lambda i: rank[i.backend])
+        heuristic = measured + [i for i in heuristic if i.backend not in rank]
+    impls = tuple(heuristic)
+    return impls, "auto:" + ",".join(i.backend for i in impls)
+
+
+def select(op: str, p: Problem, backend: str = "auto") -> OpImpl:
+    """Pick the implementation of ``op`` for problem ``p`` (the first of the auto order).
+
+    backend: "auto" (or env MMCORE_BACKEND when the caller says "auto"), or a name from
+    BACKENDS.  Raises BackendError listing every backend and its reasons."""
+    backend = requested(backend)
+    if backend == "auto":
+        impls, _ = plan(op, p)
+        if impls:
+            return impls[0]
+    else:
+        impl = _REGISTRY[op].get(backend) if _loaded else None
+        if impl is None:
+            _load_backends()
+            impl = _REGISTRY[op].get(backend)
+        if impl is not None and not impl.refuse(p):
             return impl
+    raise _refusal(op, p, backend)
+
+
+def dispatch(op: str, p: Problem, backend: str = "auto") -> str:
+    """The backend argument for the op's custom op: a forced name, or ``"auto:a,b,c"`` (the
+    auto order, which :func:`run` walks when a backend fails).  Raises like :func:`select`."""
+    backend = requested(backend)
+    if backend != "auto":
+        return select(op, p, backend).backend
+    impls, arg = plan(op, p)
+    if not impls:
+        raise _refusal(op, p, backend)
+    return arg
+
+
+def _refusal(op, p, backend) -> BackendError:
+    impls = implementations(op)
+    reasons = {}
+    fkey = tables.failure_key(p)
+    for impl in impls:
+        why = impl.refuse(p)
+        if not why and failures.failed(op, impl.backend, fkey):
+            why = [f"failed earlier for this problem: {failures.failed(op, impl.backend, fkey)}"]
+        if not why and backend == "auto" and impl.auto_devices is not None \
+                and p.device not in impl.auto_devices:
+            why = [f"serves {p.device} only when asked for by name"]
+        if backend != "auto" and impl.backend != backend and not why:
+            why = ["(can serve; not the one asked for)"]
         reasons[impl.backend] = why
-    for impl in impls:  # complete the report with the backends not asked for
-        reasons.setdefault(impl.backend, impl.refuse(p) or ["(can serve; not the one asked for)"])
     for b in BACKENDS:
         reasons.setdefault(b, [f"no implementation of {op}"])
     lines = "\n".join(f"  {b}: {'; '.join(r)}" for b, r in reasons.items())
     asked = "any backend" if backend == "auto" else f"backend {backend!r}"
-    raise BackendError(
+    return BackendError(
         f"{op}: {asked} cannot serve device={p.device} dtype={p.dtype} head_dim={p.head_dim}"
-        f" needs_grad={p.needs_grad}:\n{lines}"
-    )
+        f" needs_grad={p.needs_grad}:\n{lines}")
+
+
+def run(op: str, backend: str, method: str, args: tuple, problem: Callable[[], Problem]):
+    """Call ``get(op, name).<method>(*args)`` for the backend argument of a custom op.
+
+    backend: a name (forced: a failure raises one BackendError with its facts) or
+    ``"auto:a,b,c"``: the first of a, b, c that has not failed for this problem serves; a
+    failure is logged once, remembered (failures.record) and the next one is tried.
+    problem(): the call's Problem, built only when a failure needs its key.
+    Out-of-memory errors are never treated as a backend failure."""
+    if not backend.startswith("auto:"):
+        fn = getattr(get(op, backend), method)
+        if fn is None:
+            raise BackendError(f"{op}: backend {backend!r} has no {method}")
+        try:
+            return fn(*args)
+        except (torch.OutOfMemoryError, ValueError, TypeError):
+            raise
+        except Exception as e:
+            raise BackendError(failures.describe(op, backend, method, e, forced=True)) from e
+    names = backend[5:].split(",")
+    fkey = None
+    first = None
+    for name in names:
+        if failures.any_recorded():
+            fkey = fkey or tables.failure_key(problem())
+            if failures.failed(op, name, fkey):
+                continue
+        fn = getattr(get(op, name), method)
+        if fn is None:
+            continue
+        try:
+            return fn(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            fkey = fkey or tables.failure_key(problem())
+            failures.record(op, name, method, fkey, e)
+            clear_cache()
+            first = first or e
+    if first is None:
+        raise BackendError(f"{op}: every backend of {names} failed earlier for this problem")
+    raise first
 
 
 _loaded = False
@@ -177,6 +321,8 @@ def _load_backends() -> None:
     for impls in _REGISTRY.values():
         for impl in impls.values():
             impl._why = impl.available()
+    tables.preload()
+    clear_cache()
 
 
 def report() -> dict:
@@ -191,6 +337,9 @@ def report() -> dict:
                 "max_head_dim": impl.max_head_dim,
                 "backward": impl.supports_backward,
                 "gqa": impl.supports_gqa,
+                # heuristic rank per device where auto may pick it without a table
+                "priority": {d: impl.priority_on(d) for d in sorted(impl.devices)
+                             if impl.auto_devices is None or d in impl.auto_devices},
             }
             rows.append((impl.backend, impl.available(), lim))
         out[op] = rows

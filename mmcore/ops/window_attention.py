@@ -65,25 +65,38 @@ def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seq
         raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
     if global_tokens > Sk:
         raise ValueError(f"global_tokens ({global_tokens}) must be <= Sk ({Sk})")
+    same = seqlens_q is seqlens_k  # one lengths tensor for both sides: offset 0 everywhere
     seqlens_q = V.seqlens("seqlens_q", seqlens_q, B, q)
-    seqlens_k = V.seqlens("seqlens_k", seqlens_k, B, q)
+    seqlens_k = seqlens_q if same else V.seqlens("seqlens_k", seqlens_k, B, q)
     scale = _scale(scale, D)
     q, k, v = (V.last_dim_contiguous(t) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    p = registry.Problem("window_attention", q.device.type, q.dtype, head_dim=D,
-                         gqa=Hq != Hkv, needs_grad=needs_grad, global_tokens=global_tokens,
-                         seqlens=seqlens_q is not None or seqlens_k is not None,
-                         extra={"Sq": Sq, "Sk": Sk, "window": (left, right)})
-    impl = registry.select("window_attention", p, backend)
+    p = problem(q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, needs_grad)
+    chosen = registry.dispatch("window_attention", p, backend)
     out, lse = _call(
-        q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, impl.backend)
+        q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, chosen)
     return (out, lse) if return_lse else out
+
+
+def problem(q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, needs_grad):
+    """The dispatch Problem of a call (normalised arguments; metadata only).
+
+    aligned: every sample has Lq = Lk (offset 0), known without reading lengths: Sq == Sk
+    and no lengths, or the same lengths tensor for both sides (self-attention padding)."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    aligned = Sq == Sk and (seqlens_q is seqlens_k)
+    return registry.Problem(
+        "window_attention", q.device.type, q.dtype, head_dim=q.shape[3],
+        gqa=q.shape[1] != k.shape[1], needs_grad=needs_grad, global_tokens=global_tokens,
+        seqlens=seqlens_q is not None or seqlens_k is not None,
+        extra={"Sq": Sq, "Sk": Sk, "window": (left, right), "causal": causal,
+               "aligned": aligned})
 
 
 def _call(*args):
     """Eager fast path for plain tensors, else the registered custom op."""
-    if _eager.plain(*args[:7]):
-        return _Eager.apply(*args) if _eager.needs_grad(*args[:7]) else _fwd_impl(*args)
+    if _eager.plain(*args[:5]):
+        return _Eager.apply(*args) if _eager.needs_grad(*args[:5]) else _fwd_impl(*args)
     return torch.ops.mmcore.window_attention_fwd(*args)
 
 
@@ -119,9 +132,9 @@ def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Opti
               global_tokens: int, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     V.seqlens_values("seqlens_q", seqlens_q, q.shape[2])
     V.seqlens_values("seqlens_k", seqlens_k, k.shape[2])
-    impl = registry.get("window_attention", backend)
-    out, lse = impl.forward(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
-                            scale)
+    args = (q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale)
+    out, lse = registry.run("window_attention", backend, "forward", args, lambda: problem(
+        q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, False))
     return out.contiguous(), lse.contiguous()
 
 
@@ -139,12 +152,11 @@ def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
               seqlens_k: Optional[torch.Tensor], left: int, right: int, causal: bool,
               global_tokens: int, scale: float, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = registry.get("window_attention", backend)
-    if impl.backward is None:
-        raise RuntimeError(f"window_attention backend {backend!r} has no backward")
     dout = V.last_dim_contiguous(dout)
-    dq, dk, dv = impl.backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right,
-                               causal, global_tokens, scale)
+    args = (dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal, global_tokens,
+            scale)
+    dq, dk, dv = registry.run("window_attention", backend, "backward", args, lambda: problem(
+        q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, True))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

@@ -41,14 +41,44 @@ def triton_devices():
 
 @functools.lru_cache(None)
 def ext_error():
-    """None when mmcore._C imported; else why (logged once, the torch backend serves)."""
+    """None when mmcore._C imported; else why, with the command that builds it (logged
+    once; the pure-PyTorch backends serve meanwhile)."""
     try:
         from mmcore import _C  # noqa: F401
     except Exception as e:
-        msg = f"mmcore._C did not load ({type(e).__name__}: {e})"
-        log.warning("%s; the 'torch' backend will serve instead", msg)
+        msg = explain_ext_error(e)
+        log.warning("%s\n  Until then the C++ kernels are off and the PyTorch backends "
+                    "(torch, sdpa, composed) serve.", msg)
         return msg
     return None
+
+
+def explain_ext_error(e: BaseException, pkg_dir: str | None = None) -> str:
+    """What is wrong with mmcore._C (absent, built against another torch, or broken) and
+    the exact command that builds it.  (Python's own message for an absent extension,
+    "cannot import name '_C' from partially initialized module 'mmcore' (most likely due to
+    a circular import)", points at a bug that is not there.)"""
+    import glob
+    import importlib.machinery
+
+    pkg_dir = pkg_dir or os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    root = os.path.dirname(pkg_dir)
+    found = [p for sfx in importlib.machinery.EXTENSION_SUFFIXES
+             for p in glob.glob(os.path.join(pkg_dir, "_C" + sfx))]
+    if os.path.exists(os.path.join(root, "setup.py")):
+        how = (f"build it against this torch ({torch.__version__}) with\n"
+               f"    cd {root} && pip install --no-build-isolation --use-pep517 -e .\n"
+               f"  (or ./bootstrap.sh, which also makes the venv)")
+    else:
+        how = (f"reinstall mmcore from its source tree against this torch "
+               f"({torch.__version__}): pip install --no-build-isolation --use-pep517 <src>")
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    if not found:
+        return f"mmcore._C is not built (no compiled extension in {pkg_dir}); {how}"
+    if "undefined symbol" in first or "version" in first.lower():
+        return (f"mmcore._C ({found[0]}) was built against another torch than this one "
+                f"({type(e).__name__}: {first}); {how}")
+    return f"mmcore._C ({found[0]}) could not be loaded ({type(e).__name__}: {first}); {how}"
 
 
 def has_kernel(name: str, key: str) -> bool:

@@ -52,3 +52,22 @@ registry.register(registry.OpImpl(
     forward=_cpu_fwd, backward=_cpu_bwd,
     available=lambda: _loaders.cpp_error("cross_attention_fwd"),
 ))
+
+
+# ----------------------------------------------------------------------------- sdpa (PyTorch)
+from . import sdpa  # noqa: E402
+
+
+def _sdpa_fwd(q, k, v, seqlens_q, seqlens_k, scale):
+    return sdpa.forward(q, k, v, seqlens_q, seqlens_k, False, scale)
+
+
+def _sdpa_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
+    return sdpa.backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, False, scale)
+
+
+registry.register(registry.OpImpl(
+    op="cross_attention", backend="sdpa", priority=50, device_priority={"cpu": 10},
+    devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
+    forward=_sdpa_fwd, backward=_sdpa_bwd, check=sdpa.device_check,
+))

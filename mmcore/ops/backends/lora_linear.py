@@ -55,3 +55,13 @@ registry.register(registry.OpImpl(
     forward=_cpu_fwd, backward=_cpu_bwd, supports_multi_adapter=True,
     available=lambda: _loaders.cpp_error("lora_linear_fwd"),
 ))
+
+
+# ---------------------------------------------------------------- composed (PyTorch GEMMs)
+from . import composed  # noqa: E402
+
+registry.register(registry.OpImpl(
+    op="lora_linear", backend="composed", priority=50, device_priority={"cpu": 10},
+    devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
+    forward=composed.forward, backward=composed.backward, supports_multi_adapter=True,
+))

@@ -56,3 +56,24 @@ registry.register(registry.OpImpl(
     forward=_cpu_fwd, backward=_cpu_bwd,
     available=lambda: _loaders.cpp_error("window_attention_fwd"),
 ))
+
+
+# ------------------------------------------------------ sdpa (PyTorch): dense and causal windows
+from . import sdpa  # noqa: E402
+
+registry.register(registry.OpImpl(
+    op="window_attention", backend="sdpa", priority=50, device_priority={"cpu": 10},
+    devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
+    forward=sdpa.window_forward, backward=sdpa.window_backward,
+    check=lambda p: sdpa.device_check(p) or sdpa.window_check(p),
+))
+
+
+# ------------------------------------------------------ flex (PyTorch FlexAttention): every window
+from . import flex  # noqa: E402
+
+registry.register(registry.OpImpl(
+    op="window_attention", backend="flex", priority=45, auto_devices=frozenset({"cuda"}),
+    devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32}),
+    forward=flex.forward, backward=flex.backward, max_head_dim=256, check=flex.check,
+))

@@ -26,35 +26,31 @@ using sgmv::kThreads;
 
 // ---------------------------------------------------------------- plan
 
+// Inclusive scan of an int pair across a warp.
+__device__ __forceinline__ int2 warp_inclusive_scan(int2 v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int x = __shfl_up_sync(0xffffffffu, v.x, o);
+    const int y = __shfl_up_sync(0xffffffffu, v.y, o);
+    if (lane >= o) {
+      v.x += x;
+      v.y += y;
+    }
+  }
+  return v;
+}
+
 // Exclusive scan of one (rows, tiles) pair per thread across the block.
 __device__ __forceinline__ int2 block_exclusive_scan(int2 v) {
   __shared__ int2 warp_tot[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nwarps = (blockDim.x + 31) >> 5;
-  int2 inc = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int x = __shfl_up_sync(0xffffffffu, inc.x, o);
-    const int y = __shfl_up_sync(0xffffffffu, inc.y, o);
-    if (lane >= o) {
-      inc.x += x;
-      inc.y += y;
-    }
-  }
+  const int2 inc = warp_inclusive_scan(v, lane);
   if (lane == 31) warp_tot[warp] = inc;
   __syncthreads();
   if (warp == 0) {
-    int2 w = lane < nwarps ? warp_tot[lane] : make_int2(0, 0);
-    int2 wi = w;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int x = __shfl_up_sync(0xffffffffu, wi.x, o);
-      const int y = __shfl_up_sync(0xffffffffu, wi.y, o);
-      if (lane >= o) {
-        wi.x += x;
-        wi.y += y;
-      }
-    }
+    const int2 w = lane < nwarps ? warp_tot[lane] : make_int2(0, 0);
+    const int2 wi = warp_inclusive_scan(w, lane);
     if (lane < nwarps) warp_tot[lane] = make_int2(wi.x - w.x, wi.y - w.y);  // exclusive
   }
   __syncthreads();

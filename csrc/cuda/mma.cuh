@@ -13,6 +13,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #define MMCORE_SM80_ONLY 0
 #else
@@ -22,56 +24,58 @@
 namespace mmcore {
 namespace cuda {
 
+// Conversions of one 16-bit float type; Half<T> adds what is common to both.
 template <typename T>
-struct Half;
+struct Conv;
 
 template <>
-struct Half<__nv_bfloat16> {
+struct Conv<__nv_bfloat16> {
+  using Pair = __nv_bfloat162;
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
     return __float2bfloat16_rn(x);
   }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
+  static __device__ __forceinline__ Pair pair(float lo, float hi) {
+    return __floats2bfloat162_rn(lo, hi);
   }
-  static __device__ __forceinline__ float2 unpack(uint32_t u) {
-    __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162*>(&u);
-    return __bfloat1622float2(v);
-  }
-  // d += a * b, m16n8k16, fp32 accumulate
-  static __device__ __forceinline__ void mma(float* d, const uint32_t* a, const uint32_t* b) {
-#if MMCORE_SM80_ONLY
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-    __trap();
-#endif
-  }
+  static __device__ __forceinline__ float2 floats(Pair v) { return __bfloat1622float2(v); }
 };
 
 template <>
-struct Half<__half> {
+struct Conv<__half> {
+  using Pair = __half2;
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ Pair pair(float lo, float hi) {
+    return __floats2half2_rn(lo, hi);
+  }
+  static __device__ __forceinline__ float2 floats(Pair v) { return __half22float2(v); }
+};
+
+// d += a * b, m16n8k16, fp32 accumulate; AB = "bf16" or "f16"
+#define MMCORE_MMA_M16N8K16(AB)                                                          \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 "                \
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"      \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+
+template <typename T>
+struct Half : Conv<T> {
+  // two floats rounded to T, as one 32-bit word (lo in the low half)
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
+    typename Conv<T>::Pair v = Conv<T>::pair(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
   static __device__ __forceinline__ float2 unpack(uint32_t u) {
-    __half2 v = *reinterpret_cast<__half2*>(&u);
-    return __half22float2(v);
+    return Conv<T>::floats(*reinterpret_cast<typename Conv<T>::Pair*>(&u));
   }
   static __device__ __forceinline__ void mma(float* d, const uint32_t* a, const uint32_t* b) {
 #if MMCORE_SM80_ONLY
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+      MMCORE_MMA_M16N8K16("bf16");
+    } else {
+      MMCORE_MMA_M16N8K16("f16");
+    }
 #else
     __trap();
 #endif

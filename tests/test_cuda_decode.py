@@ -221,8 +221,8 @@ def gpu_case(c, seed=0):
 class TestGPU:
     @pytest.mark.parametrize("Hq,Hkv", [(32, 8), (32, 4), (8, 8)])
     def test_decode_gqa(self, Hq, Hkv):
-        gpu_case(case(B=4, Hq=Hq, Hkv=Hkv, Sq=1, Sk=8192, D=128, window=(4095, 0), causal=True,
-                      G=4, seqlens_k=torch.tensor([8192, 5000, 4097, 17])))
+        gpu_case(case(B=3, Hq=Hq, Hkv=Hkv, Sq=1, Sk=4096, D=128, window=(2047, 0), causal=True,
+                      G=4, seqlens_k=torch.tensor([4096, 3000, 17])))
 
     @pytest.mark.parametrize("D,dtype", [(64, F16), (80, BF16), (256, BF16), (40, F16)])
     def test_head_dims(self, D, dtype):
@@ -235,7 +235,8 @@ class TestGPU:
                       seqlens_q=torch.tensor([Sq, 1, 0]), seqlens_k=torch.tensor([2048, 99, 0])))
 
     def test_unbounded_long(self):
-        gpu_case(case(B=1, Hq=32, Hkv=8, Sq=1, Sk=131072, D=128, causal=True))
+        """64k keys: many splits per (sample, kv head), merged by the combine kernel."""
+        gpu_case(case(B=1, Hq=8, Hkv=2, Sq=1, Sk=65536, D=128, causal=True))
 
     @pytest.mark.parametrize("i", range(10))
     def test_random(self, i):

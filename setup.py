@@ -1,10 +1,13 @@
 """Build mmcore and its extension mmcore._C.
 
-C++ CPU sources (csrc/cpu/*.cpp, csrc/ops.cpp) are always built, with OpenMP and -O3 (no
--march=native: the binary must run on other CPUs; kernels pick their vector ISA at run time).
-CUDA sources (csrc/cuda/*.cu) are added when torch is a CUDA build and nvcc is found, or when
-MMCORE_CUDA=1; TORCH_CUDA_ARCH_LIST is honoured by torch's build helpers.  MMCORE_CUDA=0 skips
-them.  Install against the torch already present:
+C++ sources (csrc/ops.cpp, csrc/cpu/*.cpp, and csrc/cuda/*.cpp: the CUDA ops' schemas, argument
+checks and CPU emulation) are always built, with OpenMP and -O3 (no -march=native: the binary
+must run on other CPUs; kernels pick their vector ISA at run time).  The CUDA kernels
+(csrc/cuda/*.cu) are added, and the .cpp files compiled with -DMMCORE_WITH_CUDA (which registers
+their CUDA implementations), when torch is a CUDA build and nvcc is found, or when MMCORE_CUDA=1;
+MMCORE_CUDA=0 skips them.  The kernels need sm_80+ (bf16 MMA, cp.async): TORCH_CUDA_ARCH_LIST
+(e.g. "8.0;9.0") is honoured by torch's build helpers, else the visible GPU's arch is used.
+Install against the torch already present:
 
     pip install --no-build-isolation --use-pep517 -e .
 """
@@ -31,6 +34,7 @@ def _want_cuda():
 def _extension():
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     cpp = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cpp += sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     cpp = [rel(os.path.join(ROOT, "csrc", "ops.cpp"))] + [rel(p) for p in cpp]
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
     link = ["-fopenmp"]

@@ -14,6 +14,7 @@ BENCH_MODULES = {
     "cross_attention": ["bench_cross_attention"],
     "lora_linear": ["bench_lora_linear", "bench_lora_peft"],
     "patch": ["bench_patch"],
+    "cuda_kernels": ["bench_cuda_kernels"],  # csrc/cuda decode + SGMV (GPU only)
 }
 
 

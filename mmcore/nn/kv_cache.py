@@ -19,6 +19,11 @@ the chunk's queries on the last T keys.  Positions missing from that list (betwe
 and the window) are exactly those no query of the chunk can see, so the result equals one
 window_attention call over the whole sequence.
 
+When dispatch picks the `cuda` backend for a step (T <= 16; forced with ``backend="cuda"`` or
+chosen by a measured tuning table), ``attend`` skips that gather: the decode kernel reads the
+prefix, the ring and the chunk where they are (mmcore.ops.window_decode), then the chunk is
+written.  Same result, no copy of the window per step.
+
 Positions are batch-uniform: every sample of the batch advances by the same T per call (pad
 prompts on the left, or run one cache per sample, for ragged batches).
 """
@@ -29,6 +34,7 @@ from typing import Optional
 import torch
 
 from ..ops.window_attention import window_attention
+from ..ops.window_decode import rolling_kernel_selected, rolling_window_decode
 
 
 class RollingKVCache:
@@ -112,6 +118,12 @@ class RollingKVCache:
         with ``window=(left, 0), causal=True, global_tokens=global_tokens`` (bottom-right
         alignment: the chunk's queries are the last T positions)."""
         self._check(layer, k_new, v_new)
+        k, v, g = self._keys(layer, k_new, v_new)
+        self._write(layer, k_new, v_new)
+        return k, v, g
+
+    def _keys(self, layer, k_new, v_new):
+        """The keys/values a chunk at positions [pos, pos+T) sees, gathered in position order."""
         T, pos, G, W = k_new.shape[2], self._pos[layer], self.G, self.capacity
         g = min(G, pos + T)  # prefix positions that exist after this chunk
         s0 = max(g, pos - self.left)  # first non-prefix position the chunk can see
@@ -134,7 +146,15 @@ class RollingKVCache:
         parts_v.append(v_new[:, :, c0:])
         k = torch.cat(parts_k, 2) if len(parts_k) > 1 else parts_k[0]
         v = torch.cat(parts_v, 2) if len(parts_v) > 1 else parts_v[0]
-        # write the chunk: prefix positions once, the newest W other positions into the ring
+        return k, v, g
+
+    def _write(self, layer, k_new, v_new):
+        """Store the chunk: prefix positions once, the newest W other positions in the ring."""
+        T, pos, G, W = k_new.shape[2], self._pos[layer], self.G, self.capacity
+        g = min(G, pos + T)
+        c0 = max(pos, g) - pos  # chunk tokens that are not prefix positions
+        kg, vg, kr, vr = (self.k_global[layer], self.v_global[layer], self.k_ring[layer],
+                          self.v_ring[layer])
         if g > pos:
             kg[:, :, pos:g] = k_new[:, :, :g - pos]
             vg[:, :, pos:g] = v_new[:, :, :g - pos]
@@ -144,7 +164,6 @@ class RollingKVCache:
             kr.index_copy_(2, idx, k_new[:, :, r0 - pos:].to(kr.dtype))
             vr.index_copy_(2, idx, v_new[:, :, r0 - pos:].to(vr.dtype))
         self._pos[layer] = pos + T
-        return k, v, g
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
@@ -156,6 +175,15 @@ class RollingKVCache:
             raise ValueError(f"q must be (B, Hq, T, D) with T = k_new.shape[2] "
                              f"({k_new.shape[2]}), got "
                              f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q)}")
+        self._check(layer, k_new, v_new)
+        if rolling_kernel_selected(q, k_new, v_new, self._pos[layer], self.left, self.G,
+                                   backend):
+            out = rolling_window_decode(
+                q, k_new, v_new, self.k_global[layer], self.v_global[layer],
+                self.k_ring[layer], self.v_ring[layer], pos=self._pos[layer], left=self.left,
+                global_tokens=self.G, scale=scale)
+            self._write(layer, k_new, v_new)  # after the read: the ring slots are reused
+            return out
         k, v, g = self.update(layer, k_new, v_new)
         return window_attention(q, k, v, window=(self.left, 0), causal=True, global_tokens=g,
                                 scale=scale, backend=backend)

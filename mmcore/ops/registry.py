@@ -316,7 +316,7 @@ def _load_backends() -> None:
     if _loaded:
         return
     _loaded = True
-    from .backends import window_attention, cross_attention, lora_linear  # noqa: F401
+    from .backends import window_attention, cross_attention, lora_linear, cuda  # noqa: F401
 
     for impls in _REGISTRY.values():
         for impl in impls.values():

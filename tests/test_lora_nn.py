@@ -12,48 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kit import assert_close
-from mmcore.nn import (LoRALinear, adapter_batch, add_lora, convert_peft_model,
-                       disable_adapters, load_adapter, save_adapter)
+from kit_peft import K, N, Holder, Toy, randomize as _randomize
+from mmcore.nn import (LoRALinear, adapter_batch, add_lora, disable_adapters, load_adapter,
+                       save_adapter, set_adapter)
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-
-K, N = 37, 29  # odd sizes
-
-
-class Holder(nn.Module):
-    """One nn.Linear named `proj` (what peft targets)."""
-
-    def __init__(self, k=K, n=N, bias=True, dtype=torch.float32):
-        super().__init__()
-        self.proj = nn.Linear(k, n, bias=bias, dtype=dtype)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-class Toy(nn.Module):
-    """A small MLP-ish model: several targets, a non-target and a head."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(24, 19), "v": nn.Linear(19, 24),
-                                                   "norm": nn.LayerNorm(24)}) for _ in range(2))
-        self.head = nn.Linear(24, 5)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b["norm"](x + b["v"](torch.tanh(b["q"](x))))
-        return self.head(x)
-
-
-def _randomize(model, seed, scale=0.3):
-    """Random non-zero values for every LoRA A/B (and bias) in model."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
 
 
 def _peft_layer(bias=True, r=8, alpha=16, rslora=False, dtype=torch.float32, seed=0, **kw):
@@ -510,48 +474,38 @@ def test_load_adapter_strict_errors(tmp_path):
         load_adapter(m, str(tmp_path))
 
 
-# --------------------------------------------------------------------- convert a peft model
-
-
-def test_convert_peft_model_in_place():
-    plain, pm = _toy_peft(111, r=4, lora_alpha=8)
-    pm.add_adapter("b", LoraConfig(r=6, lora_alpha=12, target_modules=["q", "v"]))
-    _randomize(pm, 112)
-    pm.base_model.model.blocks[0]["q"].set_scale("b", 0.5)
-    pm.set_adapter("b")
-    pm.eval()
-    ref_model = copy.deepcopy(pm)
-    keys = list(pm.state_dict())
-    x = torch.randn(4, 3, 24)
-    names = ["b", "__base__", "default", "b"]
-    with torch.no_grad():
-        want_active = ref_model(x)
-        want_mixed = ref_model(x, adapter_names=names)
-    rep = convert_peft_model(pm)
-    assert len(rep["converted"]) == 4 and not rep["skipped"]
-    assert list(pm.state_dict()) == keys
-    q0 = pm.base_model.model.blocks[0]["q"]
-    assert isinstance(q0, LoRALinear) and q0.active_adapters == ["b"]
-    assert q0.scaling["b"] == ref_model.base_model.model.blocks[0]["q"].scaling["b"]
-    oracle = copy.deepcopy(ref_model).double()
-    with torch.no_grad():
-        got = pm(x)
-        ref = oracle(x.double())
-        assert_close("converted", got, ref, want_active)
-        with adapter_batch(pm, names):
-            got = pm.base_model.model(x)
-        ref = oracle(x.double(), adapter_names=names)
-    assert_close("converted mixed", got, ref, want_mixed)
-
-
-def test_convert_skips_unsupported():
-    torch.manual_seed(0)
-    pm = get_peft_model(Toy(), LoraConfig(r=4, target_modules=["q", "v"], use_dora=True))
-    rep = convert_peft_model(pm)
-    assert not rep["converted"] and all("variant" in w for w in rep["skipped"].values())
-
-
 # --------------------------------------------------------------------- module API
+
+
+def _per_sample(model, x, names):
+    """Each sample run alone with its adapter made active (or all disabled for the base)."""
+    outs = []
+    for i, n in enumerate(names):
+        if n == "__base__":
+            with disable_adapters(model):
+                outs.append(model(x[i:i + 1]))
+        else:
+            set_adapter(model, n)
+            outs.append(model(x[i:i + 1]))
+    return torch.cat(outs)
+
+
+def test_adapter_batch_through_a_whole_model():
+    """adapter_batch(model, names): a mixed batch through a model whose forward does not pass
+    adapter_ids down = each sample run with its own adapter."""
+    torch.manual_seed(0)
+    m = Toy()
+    add_lora(m, ["q", "v"], r=4, lora_alpha=8, init_lora_weights=False)
+    add_lora(m, ["q", "v"], adapter_name="b", r=3, lora_alpha=3, init_lora_weights=False)
+    x = torch.randn(4, 5, 24)
+    names = ["b", "__base__", "default", "b"]
+    oracle = copy.deepcopy(m).double()
+    with torch.no_grad():
+        with adapter_batch(m, names):
+            got = m(x)
+        base = _per_sample(copy.deepcopy(m), x, names)
+        ref = _per_sample(oracle, x.double(), names)
+    assert_close("adapter_batch", got, ref, base)
 
 
 def test_adapter_management():

@@ -122,8 +122,9 @@ def patch(model, *, attention=True, lora=True, long_context=None, backend="auto"
         any other such model) to the ``"mmcore"`` implementation; weights and the module tree
         are untouched.  Modules that cannot be served exactly (softcapping,
         output_attentions=True, Longformer's own attention) are left and reported.
-    lora: peft ``lora.Linear`` layers -> ``mmcore.nn.LoRALinear`` (when mmcore.nn provides it;
-        ``lora_route="wrap"`` forces the in-place fused forward instead).
+    lora: peft ``lora.Linear`` layers keep their class's whole API and run their forward on
+        ``mmcore.ops.lora_linear`` (``mmcore.nn.convert_peft_model``); ``lora_route`` is kept
+        for compatibility: "auto", "wrap" and "convert" all take this route.
     long_context: a :class:`LongContext` for absolute-position encoders (BERT family):
         window (w, w) + G global tokens in every self-attention layer and a position table
         extended to ``max_length`` tokens.
@@ -143,26 +144,13 @@ def patch(model, *, attention=True, lora=True, long_context=None, backend="auto"
         unpatch(model)
     hfi.register()
     report = PatchReport()
-    state = {"configs": [], "modules": [], "embeddings": [], "lora_wrap": [],
-             "lora_convert": [], "longformer": []}
+    state = {"configs": [], "modules": [], "embeddings": [], "lora": False,
+             "longformer": []}
 
     if attention:
         _patch_attention(model, report, state, long_context, backend)
     if lora:
-        res = None if lora_route == "wrap" else _lora.convert(model, backend)
-        if res is None and lora_route == "convert":
-            raise ImportError("lora_route='convert' needs mmcore.nn.convert_peft_model")
-        if res is not None:
-            rep, left, undo = res
-            state["lora_convert"] = undo
-        else:
-            rep, left, undo = _lora.wrap(model, backend)
-            state["lora_wrap"] = undo
-            if rep:
-                report.notes.append("mmcore.nn.LoRALinear not available: peft lora.Linear "
-                                    "layers keep their class; their forward calls "
-                                    "mmcore.ops.lora_linear (peft's forward for merged / "
-                                    "multi-adapter / dropout-while-training calls)")
+        rep, left, state["lora"] = _lora.convert(model, backend)
         report.replaced.extend(rep)
         report.left.extend(left)
     setattr(model, _STATE_ATTR, state)
@@ -257,9 +245,7 @@ def unpatch(model):
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         return model
-    if state["lora_convert"]:
-        _lora.unconvert(model, state["lora_convert"])
-    _lora.unwrap(state["lora_wrap"])
+    _lora.unconvert(model, state["lora"])
     for undo in state.get("longformer", []):
         _longformer.unwrap(undo)
     for undo in reversed(state["embeddings"]):

@@ -460,8 +460,8 @@ def test_load_adapter_strict_errors(tmp_path):
         assert not any(isinstance(x, LoRALinear) for x in m.modules())  # untouched
         assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
-    expect({k.replace("blocks.1.q", "blocks.1.k"): v for k, v in sd.items()},
-           "does not have")
+    expect({k.replace("blocks.1.q", "blocks.2.q"): v for k, v in sd.items()},
+           "does not have")  # targeted by "q", but the model has no blocks.2
     expect({k: v for k, v in sd.items() if not k.endswith("blocks.0.v.lora_B.weight")},
            "no lora_B")
     expect({**sd, "base_model.model.blocks.0.q.lora_A.weight": torch.zeros(4, 7)}, "do not fit")
@@ -472,6 +472,76 @@ def test_load_adapter_strict_errors(tmp_path):
     load_adapter(m, str(tmp_path))
     with pytest.raises(ValueError, match="already has an adapter"):
         load_adapter(m, str(tmp_path))
+
+
+def _edit_config(tmp_path, **fields):
+    import json
+    f = tmp_path / "adapter_config.json"
+    cfg = json.loads(f.read_text())
+    cfg.update(fields)
+    f.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("fields", [{"target_modules": ["q"]},
+                                    {"exclude_modules": ["blocks.1.q", "blocks.0.v"]},
+                                    {"target_modules": "blocks\\.1\\.(q|v)"},
+                                    {"layers_to_transform": [1], "layers_pattern": "blocks"}],
+                         ids=["target", "exclude", "regex", "layers"])
+def test_load_adapter_honours_target_and_exclude_modules(tmp_path, fields):
+    """Issue 16 item 10: load_adapter applied every LoRA weight in the file, ignoring the
+    config's target_modules / exclude_modules, so outputs differed from PeftModel by up to 0.91.
+    peft injects only the targeted modules (and ignores the other weights): so must we."""
+    plain, pm = _toy_peft(121, r=4, lora_alpha=8, init_lora_weights=False)
+    pm.save_pretrained(tmp_path)
+    _edit_config(tmp_path, **fields)
+    torch.manual_seed(0)
+    ref = PeftModel.from_pretrained(copy.deepcopy(plain), str(tmp_path))
+    rep = load_adapter(plain, str(tmp_path))
+    lora_layers = sorted(n for n, m in ref.base_model.model.named_modules()
+                         if hasattr(m, "lora_A"))
+    assert rep["modules"] == lora_layers and 0 < len(rep["modules"]) < 4
+    assert sorted(rep["ignored"] + rep["modules"]) == ["blocks.0.q", "blocks.0.v",
+                                                       "blocks.1.q", "blocks.1.v"]
+    ref.eval()
+    _model_rule("targeted", plain, ref, torch.randn(3, 5, 24))
+
+
+@pytest.mark.parametrize("content, match", [
+    ([1, 2], "JSON object"), (None, "JSON object"), (4, "JSON object"), ("x", "JSON object"),
+    ({"rank_pattern": {"(": 4}}, "rank_pattern.*regular expression"),
+    ({"alpha_pattern": {"q": "x"}}, "alpha_pattern.*finite number"),
+    ({"rank_pattern": {"q": 0}}, "rank_pattern.*positive int"),
+    ({"lora_alpha": "eight"}, "lora_alpha must be a finite number"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+    ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number"),
+    ({"lora_dropout": "abc"}, "lora_dropout must be a number in"),
+    ({"lora_dropout": 1.5}, "lora_dropout must be a number in"),
+    ({"r": "4"}, "r must be a positive int"),
+    ({"use_rslora": "yes"}, "use_rslora must be true or false"),
+    ({"target_modules": 7}, "target_modules must be"),
+    ({"target_modules": "(q"}, "target_modules.*regular expression"),
+    ({"exclude_modules": [1]}, "exclude_modules must be"),
+    ({"layers_to_transform": "1"}, "layers_to_transform must be"),
+], ids=lambda v: repr(v)[:40])
+def test_load_adapter_bad_config_fields(tmp_path, content, match):
+    """Issue 16 items 10 and 16: adapter_config.json holding [1, 2], null or 4 gave an
+    AttributeError, rank_pattern {"(": 4} a raw re.error, lora_alpha "eight" / dropout "abc"
+    raw errors, and lora_alpha NaN / Infinity was accepted (NaN outputs).  Each is now a
+    ValueError naming the file and the field, before the model is touched."""
+    import json
+    plain, pm = _toy_peft(131, r=4, lora_alpha=8)
+    pm.save_pretrained(tmp_path)
+    f = tmp_path / "adapter_config.json"
+    if isinstance(content, dict):
+        cfg = json.loads(f.read_text())
+        cfg.update(content)
+        content = cfg
+    f.write_text(json.dumps(content))  # NaN / Infinity written as JSON allows in Python
+    m = copy.deepcopy(plain)
+    with pytest.raises(ValueError, match=match) as e:
+        load_adapter(m, str(tmp_path))
+    assert "adapter_config.json" in str(e.value)
+    assert not any(isinstance(x, LoRALinear) for x in m.modules())
 
 
 # --------------------------------------------------------------------- module API

@@ -59,7 +59,9 @@ class AttentionOverride:
 
 # ------------------------------------------------------------------ stats (for tests / report)
 class Stats:
-    """Attention calls served by the op and calls that took the dense path (with the reason)."""
+    """Attention calls served by the op and calls that took the dense path (with the reason).
+
+    Eager calls only: inside a torch.compile'd graph nothing is counted."""
 
     def __init__(self):
         self.reset()
@@ -82,6 +84,8 @@ STATS = Stats()  # process-wide
 
 
 def _count(module, reason=None):
+    if _compiling():  # a counter in a traced graph is a guard on its value: a recompile per call
+        return
     for st in (STATS, getattr(module, STATS_ATTR, None)):
         if st is None:
             continue
@@ -104,15 +108,24 @@ def _hf_sdpa_mask():
 def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                 attention_mask=None, local_size=None, use_vmap=False, device="cpu", **kwargs):
     """AttentionMaskInterface function: a tagged 2-D padding mask (or HF's dense bool mask
-    for patterns that cannot be expressed exactly)."""
-    if getattr(attention_mask, "_mmcore_spec", None) is not None:
-        # one of our own masks handed back in (generate() prepares the mask before the
-        # forward, which builds it again): start from the 2-D mask it was made from
-        attention_mask = attention_mask._mmcore_source
+    for patterns that cannot be expressed exactly).
+
+    The 2-D mask returned covers key columns [0, kv_offset + kv_length) (the attention function
+    reads its last Sk columns): it is a valid 2-D padding mask itself, so when HF hands it back
+    in (generate() builds the masks before the forward, which builds them again) the result is
+    the same, with or without its tag (torch.compile's tracing drops attributes on ``.to()``)."""
+    # a static cache hands its live length counter as the offset, and bumps it in place before
+    # the attention runs: keep the value it has now
+    if isinstance(q_offset, torch.Tensor):
+        q_offset = q_offset.clone() if _compiling() else int(q_offset)
+    if isinstance(kv_offset, torch.Tensor) and not _compiling():
+        kv_offset = int(kv_offset)
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function
         mask_function = causal_mask_function
-    if _compiling():
+    if isinstance(kv_offset, torch.Tensor):
+        cls = None  # no transformers cache gives one today
+    elif _compiling():
         cls = classify_traced(mask_function, local_size, use_vmap, attention_mask,
                               kwargs.get("config"), kwargs)
     else:
@@ -126,22 +139,17 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
                                mask_function=mask_function, attention_mask=attention_mask,
                                allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
                                use_vmap=use_vmap, device=device)
+    need = kv_offset + kv_length
     if attention_mask is None:
-        pm = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+        pm = torch.ones(batch_size, need, dtype=torch.bool, device=device)
     else:
-        am = attention_mask.to(device=device, dtype=torch.bool)
-        need = kv_length + (kv_offset if isinstance(kv_offset, int) else 0)
-        if isinstance(kv_offset, int):
-            if am.shape[-1] < need:
-                am = torch.nn.functional.pad(am, (0, need - am.shape[-1]))
-            pm = am[:, kv_offset:kv_offset + kv_length].contiguous()
-        else:  # a tensor offset (traced static cache): gather the columns
-            am = torch.nn.functional.pad(am, (0, kv_length))
-            cols = (torch.arange(kv_length, device=am.device) + kv_offset).clamp(
-                max=am.shape[-1] - 1)
-            pm = am[:, cols].contiguous()
+        pm = attention_mask.to(device=device, dtype=torch.bool)
+        if pm.shape[-1] < need:
+            pm = torch.nn.functional.pad(pm, (0, need - pm.shape[-1]))
+        pm = pm[:, :need].contiguous()
+    if pm is attention_mask:
+        pm = pm.clone()  # the tag must not land on the caller's tensor
     pm._mmcore_spec = MaskSpec(cls[0], cls[1], q_offset, kv_offset, cls[2])
-    pm._mmcore_source = attention_mask
     return pm
 
 

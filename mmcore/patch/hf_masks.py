@@ -139,24 +139,27 @@ def classify_traced(mask_function, local_size, use_vmap, attention_mask, config,
     probe is enforced with torch._assert_async."""
     if use_vmap:
         return None
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+    if mask_function is causal_mask_function:
+        return "causal", None, None
+    if mask_function is bidirectional_mask_function:
+        return "bidirectional", None, None
     qn = _qualname(mask_function)
-    if qn == "causal_mask_function":
-        cls = ("causal", None)
-    elif qn == "bidirectional_mask_function":
-        cls = ("bidirectional", None)
-    elif qn.startswith("and_masks.") or qn == "and_mask":
-        chunk = getattr(config, "attention_chunk_size", None)
-        if local_size is None or attention_mask is None or chunk is not None \
-                or not isinstance(local_size, int) or local_size < 0:
-            return None  # maybe packed sequences or chunked attention: HF's dense mask
-        kind = "bidirectional" if "allow_is_bidirectional_skip" in kwargs else "causal"
-        cls = (kind, local_size)
-    else:
+    if not (qn.startswith("and_masks.") or qn == "and_mask"):
         return None
-    torch._assert_async(_probe(mask_function, *cls).all(),
-                        f"mmcore: the attention mask is not the {cls[0]} pattern "
-                        f"(window {cls[1]}) that mmcore recognised under torch.compile")
-    return cls[0], cls[1], None
+    chunk = getattr(config, "attention_chunk_size", None)
+    if local_size is None or attention_mask is None or chunk is not None \
+            or not isinstance(local_size, int) or local_size < 0:
+        return None  # maybe packed sequences or chunked attention: HF's dense mask
+    kind = "bidirectional" if "allow_is_bidirectional_skip" in kwargs else "causal"
+    # the probe indices depend on a run-time zero: a probe of constants only is folded by
+    # inductor into a reduction it fails to generate code for (torch 2.13)
+    zero = attention_mask.long().sum().clamp(max=0)  # 0, unknown to the compiler
+    wrong = (~_probe(mask_function, kind, local_size, zero)).sum()
+    torch._assert_async(wrong == 0, f"mmcore: the attention mask is not the {kind} sliding "
+                                    f"window {local_size} that mmcore recognised under "
+                                    f"torch.compile")
+    return kind, local_size, None
 
 
 # ------------------------------------------------------------------ the patterns themselves
@@ -173,12 +176,12 @@ def expected(kind, window, q, kv):
     return m
 
 
-def _probe(mask_function, kind, window):
+def _probe(mask_function, kind, window, zero=0):
     """Bool tensor: the mask function equals the pattern on rows around the window edges."""
     w = 4 if window is None else window
     n = 2 * w + 6
-    q = torch.tensor([0, 1, w - 1, w, w + 1, 2 * w + 3]).clamp(min=0)[:, None]
-    kv = torch.arange(n)[None, :]
+    q = torch.tensor([0, 1, w - 1, w, w + 1, 2 * w + 3]).clamp(min=0)[:, None] + zero
+    kv = torch.arange(n)[None, :] + zero
     b = torch.zeros(1, 1, dtype=torch.long)
     h = torch.zeros(1, 1, dtype=torch.long)
     try:

@@ -38,6 +38,9 @@ def test_family_forward_and_grads(family):
     m.train()  # a training step (dropouts are 0 in these configs)
     K.compare(family, m, kind, K.inputs(kind, padding="left" if kind == "decoder" else "right"))
     assert hfi.STATS.op_calls > 0 and hfi.STATS.fallback_calls == 0, hfi.STATS.fallback_reasons
+    # the report counts this model's calls (the compare() references are unpatched models)
+    assert rep.runtime.op_calls == hfi.STATS.op_calls and rep.fallback_calls == 0
+    assert f"{rep.runtime.op_calls} attention calls on the mmcore op, 0 on the dense" in str(rep)
 
 
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "torch"] or ["torch"])
@@ -131,11 +134,14 @@ def test_siglip_pooling_head_reported():
     assert any(n.endswith("head.attention") for n in rep.left_names)
 
 
+_LAST_REPORT = []
+
+
 def _served_case(family, kw, valid=None):
     """mmcore (patched) vs the unpatched model: the tolerance rule on the valid rows, and the
     number of op calls / dense fallbacks."""
     m, kind = K.load(family)
-    mmcore.patch(m)
+    _LAST_REPORT[:] = [mmcore.patch(m)]
     base, _ = K.load(family)
     oracle = K.load(family, "sdpa")[0].double()
     hfi.STATS.reset()
@@ -176,11 +182,14 @@ def test_holey_padding_served_by_the_op():
 
 def test_holey_padding_in_a_sliding_window_layer_falls_back_exactly():
     """A sliding window counts positions, holes included: compaction would shorten distances,
-    so those layers take the dense path (the full-attention layers still use the op)."""
+    so those layers take the dense path (the full-attention layers still use the op); the
+    patch report counts the fallbacks."""
     ids = torch.randint(3, K.V, (2, 16))
     am = torch.ones(2, 16, dtype=torch.long)
     am[0, 5:7] = 0
     st = _served_case("qwen2", {"input_ids": ids, "attention_mask": am}, am.bool())
+    rep = _LAST_REPORT[0]
+    assert rep.fallback_calls == 2 and "2x: holes in the padding" in str(rep)
     # qwen2 here: layer 0 full attention, layers 1-2 sliding (max_window_layers=1)
     assert st["fallback_reasons"] == {"holes in the padding of a sliding-window layer": 2}, st
     assert st["op_calls"] == 1, st

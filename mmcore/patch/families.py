@@ -143,7 +143,7 @@ def patch(model, *, attention=True, lora=True, long_context=None, backend="auto"
     if getattr(model, _STATE_ATTR, None) is not None:
         unpatch(model)
     hfi.register()
-    report = PatchReport()
+    report = PatchReport(runtime=hfi.Stats())
     state = {"configs": [], "modules": [], "embeddings": [], "lora": False,
              "longformer": []}
 
@@ -167,6 +167,9 @@ def _patch_attention(model, report, state, long_context, backend):
                 report.left.append((name, why))
                 continue
             state["longformer"].append(_longformer.wrap(mod, backend))
+            state["modules"].append((mod, mod.__dict__.get(hfi.OVERRIDE_ATTR),
+                                     mod.__dict__.get("_mmcore_backend")))
+            mod.__dict__[hfi.STATS_ATTR] = report.runtime
             report.replaced.append((name, f"{type(mod).__name__} (longformer) forward -> "
                                           "mmcore window_attention (window + global prefix; "
                                           "global rows on the *_global projections)"))
@@ -195,6 +198,7 @@ def _patch_attention(model, report, state, long_context, backend):
             state["modules"].append((mod, mod.__dict__.get(hfi.OVERRIDE_ATTR),
                                      mod.__dict__.get("_mmcore_backend")))
             mod._mmcore_backend = backend
+            mod.__dict__[hfi.STATS_ATTR] = report.runtime
             what = f"{type(mod).__name__} ({fam}) -> attn_implementation='mmcore'"
             if long_context is not None:
                 ok = _apply_long_context(model, name, mod, long_context, report, state)
@@ -210,10 +214,10 @@ def _patch_attention(model, report, state, long_context, backend):
         _set_impl(top, hfi.NAME)
     if switched:
         report.notes.append("per call, the mmcore attention falls back to a dense torch path "
-                            "(exact, counted in mmcore.patch.hf_interface.STATS) for attention "
-                            "dropout while training and for mask patterns the op cannot "
-                            "express (custom or/and mask overlays, packed sequences, "
-                            "non-contiguous padding)")
+                            "(exact; counted in report.runtime) for attention dropout while "
+                            "training, holes in the padding of a sliding-window layer, and "
+                            "mask patterns the op cannot express (custom or/and mask "
+                            "overlays, chunked attention)")
 
 
 def _apply_long_context(model, name, mod, lc, report, state):
@@ -251,6 +255,7 @@ def unpatch(model):
     for undo in reversed(state["embeddings"]):
         restore_embeddings(undo)
     for mod, override, backend in state["modules"]:
+        mod.__dict__.pop(hfi.STATS_ATTR, None)
         for attr, val in ((hfi.OVERRIDE_ATTR, override), ("_mmcore_backend", backend)):
             if val is None:
                 mod.__dict__.pop(attr, None)

@@ -83,7 +83,8 @@ class Stats:
 STATS = Stats()  # process-wide
 
 
-def _count(module, reason=None):
+def count(module, reason=None):
+    """One attention call of `module`: served by the op (reason None) or by the dense path."""
     if _compiling():  # a counter in a traced graph is a guard on its value: a recompile per call
         return
     for st in (STATS, getattr(module, STATS_ATTR, None)):
@@ -249,7 +250,7 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     override = getattr(module, OVERRIDE_ATTR, None)
     reason = _static_reason(module, query, value, dropout, softcap, training, kwargs)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        _count(module, reason or "dense 4-D mask (pattern not expressible)")
+        count(module, reason or "dense 4-D mask (pattern not expressible)")
         out = _dense_attention(query, key, value, attention_mask, scaling, dropout, softcap,
                                training)
         return out.transpose(1, 2).contiguous(), None
@@ -276,11 +277,11 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     if reason is None:
         out, reason = _attend(op, query, key, value, pm, spec, causal, window, G)
     if reason is not None:
-        _count(module, reason)
+        count(module, reason)
         mask = _dense_allowed(spec, override, pm, B, Sq, Sk, query.device)
         out = _dense_attention(query, key, value, mask, scaling, dropout, softcap, training)
     else:
-        _count(module)
+        count(module)
     return out.transpose(1, 2).contiguous(), None
 
 

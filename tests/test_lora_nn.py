@@ -484,14 +484,18 @@ def _edit_config(tmp_path, **fields):
 
 @pytest.mark.parametrize("fields", [{"target_modules": ["q"]},
                                     {"exclude_modules": ["blocks.1.q", "blocks.0.v"]},
-                                    {"target_modules": "blocks\\.1\\.(q|v)"},
+                                    {"target_modules": "0\\.blocks\\.1\\.(q|v)"},
                                     {"layers_to_transform": [1], "layers_pattern": "blocks"}],
                          ids=["target", "exclude", "regex", "layers"])
 def test_load_adapter_honours_target_and_exclude_modules(tmp_path, fields):
     """Issue 16 item 10: load_adapter applied every LoRA weight in the file, ignoring the
     config's target_modules / exclude_modules, so outputs differed from PeftModel by up to 0.91.
     peft injects only the targeted modules (and ignores the other weights): so must we."""
-    plain, pm = _toy_peft(121, r=4, lora_alpha=8, init_lora_weights=False)
+    torch.manual_seed(121)
+    plain = nn.Sequential(Toy())  # names "0.blocks.1.q": a layer index after a dot, which
+    pm = get_peft_model(copy.deepcopy(plain), LoraConfig(  # every peft version matches
+        target_modules=["q", "v"], r=4, lora_alpha=8, init_lora_weights=False))
+    _randomize(pm, 122)
     pm.save_pretrained(tmp_path)
     _edit_config(tmp_path, **fields)
     torch.manual_seed(0)
@@ -500,8 +504,8 @@ def test_load_adapter_honours_target_and_exclude_modules(tmp_path, fields):
     lora_layers = sorted(n for n, m in ref.base_model.model.named_modules()
                          if hasattr(m, "lora_A"))
     assert rep["modules"] == lora_layers and 0 < len(rep["modules"]) < 4
-    assert sorted(rep["ignored"] + rep["modules"]) == ["blocks.0.q", "blocks.0.v",
-                                                       "blocks.1.q", "blocks.1.v"]
+    assert sorted(rep["ignored"] + rep["modules"]) == [f"0.blocks.{i}.{t}" for i in (0, 1)
+                                                       for t in ("q", "v")]
     ref.eval()
     _model_rule("targeted", plain, ref, torch.randn(3, 5, 24))
 

@@ -3,8 +3,8 @@ exactly, recognised two ways.
 
 * Eagerly (``classify``): the mask function's closures are read (HF builds ``and_masks`` of
   ``causal_mask_function`` / ``sliding_window_overlay(w)`` / ...), the window value is taken from
-  the closure, packed sequences (``remap_positions_for_packed_sequence`` + ``packed_sequence_mask_function``)
-  give their per-token segment ids, and the result is checked on a few probe rows.
+  the closure, packed sequences (``packed_sequence_mask_function``) give their per-token
+  segment ids, and the result is checked on a few probe rows.
 * Under ``torch.compile`` (``classify_traced``): closures cannot be read there (dynamo does not
   trace ``__closure__``), so only what is trace-safe is used: the code object's name, the
   ``local_size`` HF passes for sliding masks, the config, and which skip flags were passed.
@@ -101,15 +101,20 @@ def _combine(leaves):
 
 
 def _packed(leaves):
-    """HF's packed-sequence mask: and_masks(remap_positions_for_packed_sequence(inner,
-    position_ids), packed_sequence_mask_function(ids)) -> (kind, window, ids) or None."""
-    remap = [f for f in leaves if _qualname(f).startswith("remap_positions_for_packed_sequence.")]
+    """HF's packed-sequence mask -> (kind, window, ids) or None.  Leaves: one
+    ``packed_sequence_mask_function(ids)`` and either the pattern's own leaves (transformers
+    <= 5.17: on token indices) or one ``remap_positions_for_packed_sequence(inner,
+    position_ids)`` (later: on positions, which within a segment are the indices shifted)."""
     packs = [f for f in leaves if _qualname(f).startswith("packed_sequence_mask_function.")]
-    if len(remap) != 1 or len(packs) != 1 or len(leaves) != 2:
+    if len(packs) != 1:
         return None
-    inner = _leaves(_closure_vars(remap[0]).get("mask_function"))
+    rest = [f for f in leaves if f is not packs[0]]
+    if any(_qualname(f).startswith("remap_positions_for_packed_sequence.") for f in rest):
+        if len(rest) != 1:
+            return None
+        rest = _leaves(_closure_vars(rest[0]).get("mask_function"))
     ids = _closure_vars(packs[0]).get("packed_sequence_mask")
-    cls = _combine(inner) if inner else None
+    cls = _combine(rest) if rest else None
     if cls is None or cls[0] != "causal" or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         return None
     return cls[0], cls[1], ids

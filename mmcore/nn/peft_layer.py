@@ -251,6 +251,9 @@ def convert_peft_model(peft_model: nn.Module, backend: str = "auto") -> dict:
         return {"converted": [], "skipped": {}}
     from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.lora.model import LoraModel
+
+    from ..patch.versions import check
+    check("peft")
     converted, skipped = [], {}
     for name, mod in peft_model.named_modules():
         if isinstance(mod, LoraModel):

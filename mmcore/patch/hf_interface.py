@@ -1,5 +1,5 @@
-"""The ``"mmcore"`` attention implementation for Hugging Face transformers (see
-``mmcore.patch.versions`` for the supported range).
+"""The ``"mmcore"`` attention implementation for Hugging Face transformers (the supported
+versions: requirements-hf.txt, ``mmcore.patch.versions``).
 
 Two functions are registered:
 
@@ -340,6 +340,8 @@ def register():
     global _REGISTERED
     if _REGISTERED:
         return
+    from .versions import check
+    check("transformers")
     from transformers import AttentionInterface
     try:
         from transformers import AttentionMaskInterface

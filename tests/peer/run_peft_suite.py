@@ -66,12 +66,17 @@ def peft_tests(version, cache=CACHE):
     return tests
 
 
-def run_once(tests, mmcore_on, select, timeout):
-    """-> (result dict from the plugin, seconds, pytest's tail on failure to run)."""
+def run_once(tests, mmcore_on, select, timeout, only=None):
+    """-> (result dict from the plugin, seconds).  only: node ids to run (else the selection)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
+        extra = {}
+        if only is not None:
+            extra["MMCORE_PEER_ONLY"] = os.path.join(tmp, "only.json")
+            with open(extra["MMCORE_PEER_ONLY"], "w") as f:
+                json.dump(sorted(only), f)
         env = dict(os.environ, MMCORE_PEER_MMCORE="1" if mmcore_on else "0",
-                   MMCORE_PEER_SELECT=select, MMCORE_PEER_OUT=out,
+                   MMCORE_PEER_SELECT=select, MMCORE_PEER_OUT=out, **extra,
                    PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]),
                    HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                    PYTHONDONTWRITEBYTECODE="1")
@@ -103,15 +108,23 @@ def compare(off, on):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fast", action="store_true", help="the CI selection only")
+    ap.add_argument("--fast", action="store_true",
+                    help="the CI selection, run with mmcore; only tests that do not pass are "
+                         "rerun without it")
     ap.add_argument("--json", help="write the summary here")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per pytest run")
     args = ap.parse_args(argv)
     version = importlib.metadata.version("peft")
     tests = peft_tests(version)
     select = "fast" if args.fast else "full"
-    off, t_off = run_once(tests, False, select, args.timeout)
     on, t_on = run_once(tests, True, select, args.timeout)
+    if args.fast:  # the baseline only for the tests that failed with mmcore
+        redo = [n for n, v in on["outcomes"].items() if v in ("failed", "error")]
+        off, t_off = run_once(tests, False, select, args.timeout, only=redo) if redo else (
+            {"outcomes": {}}, 0.0)
+        off["outcomes"] = {**on["outcomes"], **off["outcomes"]}
+    else:
+        off, t_off = run_once(tests, False, select, args.timeout)
     summary = compare(off, on)
     summary.update(peft=version, selection=select, seconds={"without": round(t_off, 1),
                                                             "with": round(t_on, 1)},
@@ -119,7 +132,8 @@ def main(argv=None):
                    converted_layers=on.get("converted_layers", 0), lora=on.get("lora", {}))
     print(f"peft {version} TestPeftCustomModel 'Vanilla MLP 1..6 LoRA' ({select}): "
           f"{summary['tests']} tests")
-    print(f"  without mmcore: {summary['without_mmcore']}  ({t_off:.0f} s)")
+    print(f"  without mmcore: {summary['without_mmcore']}  ({t_off:.0f} s"
+          f"{'; only the tests that failed with mmcore were run' if args.fast else ''})")
     print(f"  with mmcore:    {summary['with_mmcore']}  ({t_on:.0f} s)")
     lo = summary["lora"]
     print(f"  mmcore: {summary['converted_layers']} peft layers converted in "
@@ -128,8 +142,10 @@ def main(argv=None):
     for why, n in sorted(lo.get("fallback_reasons", {}).items(), key=lambda kv: -kv[1]):
         print(f"    peft's forward {n:6d}x: {why}")
     print(f"  pass without mmcore, fail with it: {len(summary['regressions'])}")
-    for n in summary["regressions"]:
+    for n in summary["regressions"][:40]:
         print(f"    {n}  ->  {on['outcomes'].get(n, 'not run')}")
+    if len(summary["regressions"]) > 40:
+        print(f"    ... and {len(summary['regressions']) - 40} more (--json for all)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..ops import lora_linear
+from .call_stats import CallStats
 from .lora import _plain_float_weight, concat_adapters, stack_adapters
 
 _BACKEND_ATTR = "_mmcore_backend"
@@ -75,27 +76,7 @@ def __getattr__(name):  # PEP 562: pickle finds FusedLoraLinear by name without 
 # ---------------------------------------------------------------------- forward
 
 
-class _Stats:
-    """Calls served by the op and calls left to peft's forward (with the reason), process-wide."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.op_calls = 0
-        self.fallback_calls = 0
-        self.fallback_reasons: dict = {}
-
-    def fallback(self, reason):
-        self.fallback_calls += 1
-        self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
-
-    def as_dict(self):
-        return {"op_calls": self.op_calls, "fallback_calls": self.fallback_calls,
-                "fallback_reasons": dict(self.fallback_reasons)}
-
-
-STATS = _Stats()
+STATS = CallStats()  # peft layers' calls: on the op / on peft's forward (with reasons)
 
 
 def _forward(self, x, *args, **kwargs):

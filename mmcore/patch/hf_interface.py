@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 
+from ..nn.call_stats import CallStats
 from ..ops import window_attention
 from . import varlen
 from .hf_masks import MaskSpec, classify, classify_traced, expected
@@ -58,28 +59,7 @@ class AttentionOverride:
 
 
 # ------------------------------------------------------------------ stats (for tests / report)
-class Stats:
-    """Attention calls served by the op and calls that took the dense path (with the reason).
-
-    Eager calls only: inside a torch.compile'd graph nothing is counted."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.op_calls = 0
-        self.fallback_calls = 0
-        self.fallback_reasons: dict = {}
-
-    def fallback(self, reason):
-        self.fallback_calls += 1
-        self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
-
-    def as_dict(self):
-        return {"op_calls": self.op_calls, "fallback_calls": self.fallback_calls,
-                "fallback_reasons": dict(self.fallback_reasons)}
-
-
+Stats = CallStats  # attention calls: on the op / on the dense path; eager calls only
 STATS = Stats()  # process-wide
 
 

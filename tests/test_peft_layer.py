@@ -277,3 +277,21 @@ def test_convert_argument_errors():
         convert_peft_model("not a model")
     with pytest.raises(TypeError, match="backend"):
         convert_peft_model(nn.Linear(2, 2), backend=3)
+
+
+def test_compiled_fullgraph_peft_model():
+    """A converted peft model traces whole under torch.compile(fullgraph=True) (the plain-LoRA
+    check and the op), forward and backward, equal to peft within the tolerance rule."""
+    pm, ref, _ = _pair(18)
+    oracle = copy.deepcopy(ref).double()
+    torch._dynamo.reset()
+    f = torch.compile(pm, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        assert_close("compiled", f(x), oracle(x.double()), ref(x))
+    f(x).pow(2).sum().backward()
+    oracle(x.double()).pow(2).sum().backward()
+    ref(x).pow(2).sum().backward()
+    name = "base_model.model.blocks.1.v.lora_B.default.weight"
+    grads = [dict(m.named_parameters())[name].grad for m in (pm, oracle, ref)]
+    assert_close("compiled grad", *grads, grad=True)

@@ -76,19 +76,22 @@ def __getattr__(name):  # PEP 562: pickle finds FusedLoraLinear by name without 
 # ---------------------------------------------------------------------- forward
 
 
-STATS = CallStats()  # peft layers' calls: on the op / on peft's forward (with reasons)
+STATS = CallStats()  # peft layers' eager calls: on the op / on peft's forward (with reasons)
 
 
 def _forward(self, x, *args, **kwargs):
     """peft's lora.Linear.forward, through mmcore.ops.lora_linear where it is exact."""
     plan = _plan(self, x, args, kwargs)
+    counting = not torch.compiler.is_compiling()  # a traced counter recompiles every call
     if isinstance(plan, str):
-        STATS.fallback(plan)
+        if counting:
+            STATS.fallback(plan)
         return _peft_linear().forward(self, x, *args, **kwargs)
     base = self.base_layer
     backend = self.__dict__.get(_BACKEND_ATTR, "auto")
     names, ids = plan
-    STATS.op_calls += 1
+    if counting:
+        STATS.op_calls += 1
     if ids is None:
         la, lb, s = concat_adapters(self, names, x.dtype)
         return lora_linear(x, base.weight, base.bias, la, lb, s, backend=backend)

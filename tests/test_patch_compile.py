@@ -46,7 +46,7 @@ def test_compiled_generate_static_cache_same_tokens():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("padding", ["left", "holey", "packed"])
+@pytest.mark.parametrize("padding", ["holey", "packed"])  # left: the generate test
 def test_compiled_forward_traces_masks_and_layouts(padding):
     """model.forward compiled fullgraph: the masks are made inside the trace (trace-safe
     classification), left and holey padding go through the compaction, packed rows take HF's

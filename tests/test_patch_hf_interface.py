@@ -64,7 +64,7 @@ def test_mmcore_equals_eager(family, padding):
 
 
 @pytest.mark.parametrize("padding", ["left", "holey", "packed"])
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma3"])  # sliding + full layers, GQA, head_dim 16
 def test_mmcore_equals_eager_bf16(family, padding):
     st = _run_pair(family, padding, torch.bfloat16, B=2, S=21)
     assert st["op_calls"] > 0, st

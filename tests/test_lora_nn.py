@@ -12,48 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kit import assert_close
-from mmcore.nn import (LoRALinear, adapter_batch, add_lora, convert_peft_model,
-                       disable_adapters, load_adapter, save_adapter)
+from kit_peft import K, N, Holder, Toy, randomize as _randomize
+from mmcore.nn import (LoRALinear, adapter_batch, add_lora, disable_adapters, load_adapter,
+                       save_adapter, set_adapter)
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-
-K, N = 37, 29  # odd sizes
-
-
-class Holder(nn.Module):
-    """One nn.Linear named `proj` (what peft targets)."""
-
-    def __init__(self, k=K, n=N, bias=True, dtype=torch.float32):
-        super().__init__()
-        self.proj = nn.Linear(k, n, bias=bias, dtype=dtype)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-class Toy(nn.Module):
-    """A small MLP-ish model: several targets, a non-target and a head."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(24, 19), "v": nn.Linear(19, 24),
-                                                   "norm": nn.LayerNorm(24)}) for _ in range(2))
-        self.head = nn.Linear(24, 5)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b["norm"](x + b["v"](torch.tanh(b["q"](x))))
-        return self.head(x)
-
-
-def _randomize(model, seed, scale=0.3):
-    """Random non-zero values for every LoRA A/B (and bias) in model."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
 
 
 def _peft_layer(bias=True, r=8, alpha=16, rslora=False, dtype=torch.float32, seed=0, **kw):
@@ -496,8 +460,8 @@ def test_load_adapter_strict_errors(tmp_path):
         assert not any(isinstance(x, LoRALinear) for x in m.modules())  # untouched
         assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
-    expect({k.replace("blocks.1.q", "blocks.1.k"): v for k, v in sd.items()},
-           "does not have")
+    expect({k.replace("blocks.1.q", "blocks.2.q"): v for k, v in sd.items()},
+           "does not have")  # targeted by "q", but the model has no blocks.2
     expect({k: v for k, v in sd.items() if not k.endswith("blocks.0.v.lora_B.weight")},
            "no lora_B")
     expect({**sd, "base_model.model.blocks.0.q.lora_A.weight": torch.zeros(4, 7)}, "do not fit")
@@ -510,48 +474,112 @@ def test_load_adapter_strict_errors(tmp_path):
         load_adapter(m, str(tmp_path))
 
 
-# --------------------------------------------------------------------- convert a peft model
+def _edit_config(tmp_path, **fields):
+    import json
+    f = tmp_path / "adapter_config.json"
+    cfg = json.loads(f.read_text())
+    cfg.update(fields)
+    f.write_text(json.dumps(cfg))
 
 
-def test_convert_peft_model_in_place():
-    plain, pm = _toy_peft(111, r=4, lora_alpha=8)
-    pm.add_adapter("b", LoraConfig(r=6, lora_alpha=12, target_modules=["q", "v"]))
-    _randomize(pm, 112)
-    pm.base_model.model.blocks[0]["q"].set_scale("b", 0.5)
-    pm.set_adapter("b")
-    pm.eval()
-    ref_model = copy.deepcopy(pm)
-    keys = list(pm.state_dict())
-    x = torch.randn(4, 3, 24)
-    names = ["b", "__base__", "default", "b"]
-    with torch.no_grad():
-        want_active = ref_model(x)
-        want_mixed = ref_model(x, adapter_names=names)
-    rep = convert_peft_model(pm)
-    assert len(rep["converted"]) == 4 and not rep["skipped"]
-    assert list(pm.state_dict()) == keys
-    q0 = pm.base_model.model.blocks[0]["q"]
-    assert isinstance(q0, LoRALinear) and q0.active_adapters == ["b"]
-    assert q0.scaling["b"] == ref_model.base_model.model.blocks[0]["q"].scaling["b"]
-    oracle = copy.deepcopy(ref_model).double()
-    with torch.no_grad():
-        got = pm(x)
-        ref = oracle(x.double())
-        assert_close("converted", got, ref, want_active)
-        with adapter_batch(pm, names):
-            got = pm.base_model.model(x)
-        ref = oracle(x.double(), adapter_names=names)
-    assert_close("converted mixed", got, ref, want_mixed)
-
-
-def test_convert_skips_unsupported():
+@pytest.mark.parametrize("fields", [{"target_modules": ["q"]},
+                                    {"exclude_modules": ["blocks.1.q", "blocks.0.v"]},
+                                    {"target_modules": "0\\.blocks\\.1\\.(q|v)"},
+                                    {"layers_to_transform": [1], "layers_pattern": "blocks"}],
+                         ids=["target", "exclude", "regex", "layers"])
+def test_load_adapter_honours_target_and_exclude_modules(tmp_path, fields):
+    """Issue 16 item 10: load_adapter applied every LoRA weight in the file, ignoring the
+    config's target_modules / exclude_modules, so outputs differed from PeftModel by up to 0.91.
+    peft injects only the targeted modules (and ignores the other weights): so must we."""
+    torch.manual_seed(121)
+    plain = nn.Sequential(Toy())  # names "0.blocks.1.q": a layer index after a dot, which
+    pm = get_peft_model(copy.deepcopy(plain), LoraConfig(  # every peft version matches
+        target_modules=["q", "v"], r=4, lora_alpha=8, init_lora_weights=False))
+    _randomize(pm, 122)
+    pm.save_pretrained(tmp_path)
+    _edit_config(tmp_path, **fields)
     torch.manual_seed(0)
-    pm = get_peft_model(Toy(), LoraConfig(r=4, target_modules=["q", "v"], use_dora=True))
-    rep = convert_peft_model(pm)
-    assert not rep["converted"] and all("variant" in w for w in rep["skipped"].values())
+    ref = PeftModel.from_pretrained(copy.deepcopy(plain), str(tmp_path))
+    rep = load_adapter(plain, str(tmp_path))
+    lora_layers = sorted(n for n, m in ref.base_model.model.named_modules()
+                         if hasattr(m, "lora_A"))
+    assert rep["modules"] == lora_layers and 0 < len(rep["modules"]) < 4
+    assert sorted(rep["ignored"] + rep["modules"]) == [f"0.blocks.{i}.{t}" for i in (0, 1)
+                                                       for t in ("q", "v")]
+    ref.eval()
+    _model_rule("targeted", plain, ref, torch.randn(3, 5, 24))
+
+
+@pytest.mark.parametrize("content, match", [
+    ([1, 2], "JSON object"), (None, "JSON object"), (4, "JSON object"), ("x", "JSON object"),
+    ({"rank_pattern": {"(": 4}}, "rank_pattern.*regular expression"),
+    ({"alpha_pattern": {"q": "x"}}, "alpha_pattern.*finite number"),
+    ({"rank_pattern": {"q": 0}}, "rank_pattern.*positive int"),
+    ({"lora_alpha": "eight"}, "lora_alpha must be a finite number"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+    ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number"),
+    ({"lora_dropout": "abc"}, "lora_dropout must be a number in"),
+    ({"lora_dropout": 1.5}, "lora_dropout must be a number in"),
+    ({"r": "4"}, "r must be a positive int"),
+    ({"use_rslora": "yes"}, "use_rslora must be true or false"),
+    ({"target_modules": 7}, "target_modules must be"),
+    ({"target_modules": "(q"}, "target_modules.*regular expression"),
+    ({"exclude_modules": [1]}, "exclude_modules must be"),
+    ({"layers_to_transform": "1"}, "layers_to_transform must be"),
+], ids=lambda v: repr(v)[:40])
+def test_load_adapter_bad_config_fields(tmp_path, content, match):
+    """Issue 16 items 10 and 16: adapter_config.json holding [1, 2], null or 4 gave an
+    AttributeError, rank_pattern {"(": 4} a raw re.error, lora_alpha "eight" / dropout "abc"
+    raw errors, and lora_alpha NaN / Infinity was accepted (NaN outputs).  Each is now a
+    ValueError naming the file and the field, before the model is touched."""
+    import json
+    plain, pm = _toy_peft(131, r=4, lora_alpha=8)
+    pm.save_pretrained(tmp_path)
+    f = tmp_path / "adapter_config.json"
+    if isinstance(content, dict):
+        cfg = json.loads(f.read_text())
+        cfg.update(content)
+        content = cfg
+    f.write_text(json.dumps(content))  # NaN / Infinity written as JSON allows in Python
+    m = copy.deepcopy(plain)
+    with pytest.raises(ValueError, match=match) as e:
+        load_adapter(m, str(tmp_path))
+    assert "adapter_config.json" in str(e.value)
+    assert not any(isinstance(x, LoRALinear) for x in m.modules())
 
 
 # --------------------------------------------------------------------- module API
+
+
+def _per_sample(model, x, names):
+    """Each sample run alone with its adapter made active (or all disabled for the base)."""
+    outs = []
+    for i, n in enumerate(names):
+        if n == "__base__":
+            with disable_adapters(model):
+                outs.append(model(x[i:i + 1]))
+        else:
+            set_adapter(model, n)
+            outs.append(model(x[i:i + 1]))
+    return torch.cat(outs)
+
+
+def test_adapter_batch_through_a_whole_model():
+    """adapter_batch(model, names): a mixed batch through a model whose forward does not pass
+    adapter_ids down = each sample run with its own adapter."""
+    torch.manual_seed(0)
+    m = Toy()
+    add_lora(m, ["q", "v"], r=4, lora_alpha=8, init_lora_weights=False)
+    add_lora(m, ["q", "v"], adapter_name="b", r=3, lora_alpha=3, init_lora_weights=False)
+    x = torch.randn(4, 5, 24)
+    names = ["b", "__base__", "default", "b"]
+    oracle = copy.deepcopy(m).double()
+    with torch.no_grad():
+        with adapter_batch(m, names):
+            got = m(x)
+        base = _per_sample(copy.deepcopy(m), x, names)
+        ref = _per_sample(oracle, x.double(), names)
+    assert_close("adapter_batch", got, ref, base)
 
 
 def test_adapter_management():

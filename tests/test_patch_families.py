@@ -7,6 +7,7 @@ import torch
 
 import kit_patch as K
 import mmcore
+from kit import assert_close
 from mmcore.ops.registry import implementations
 from mmcore.patch import hf_interface as hfi
 from mmcore.patch.families import FAMILIES as FAMILY_CLASSES
@@ -39,6 +40,9 @@ def test_family_forward_and_grads(family):
     m.train()  # a training step (dropouts are 0 in these configs)
     K.compare(family, m, kind, K.inputs(kind, padding="left" if kind == "decoder" else "right"))
     assert hfi.STATS.op_calls > 0 and hfi.STATS.fallback_calls == 0, hfi.STATS.fallback_reasons
+    # the report counts this model's calls (the compare() references are unpatched models)
+    assert rep.runtime.op_calls == hfi.STATS.op_calls and rep.fallback_calls == 0
+    assert f"{rep.runtime.op_calls} attention calls on the mmcore op, 0 on the dense" in str(rep)
 
 
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "torch"] or ["torch"])
@@ -132,38 +136,65 @@ def test_siglip_pooling_head_reported():
     assert any(n.endswith("head.attention") for n in rep.left_names)
 
 
-def _dense_fallback_case(m, kw):
-    base, kind = K.load("llama")
+_LAST_REPORT = []
+
+
+def _served_case(family, kw, valid=None):
+    """mmcore (patched) vs the unpatched model: the tolerance rule on the valid rows, and the
+    number of op calls / dense fallbacks."""
+    m, kind = K.load(family)
+    _LAST_REPORT[:] = [mmcore.patch(m)]
+    base, _ = K.load(family)
+    oracle = K.load(family, "sdpa")[0].double()
     hfi.STATS.reset()
-    out = m(**kw).logits
-    assert hfi.STATS.fallback_calls > 0
-    return out, base(**kw).logits
+    with torch.no_grad():
+        out = m(**kw).logits
+        stats = hfi.STATS.as_dict()
+        ref = oracle(**kw).logits
+        b = base(**kw).logits
+    if valid is not None:
+        out, ref, b = out[valid], ref[valid], b[valid]
+    assert_close(family, out, ref, b)
+    return stats
 
 
-def test_packed_sequences_fall_back_exactly():
-    """position_ids restarting inside a row (packed sequences) make HF build an and-mask the
-    op cannot express: the dense path runs and the answer stays exact."""
-    m, kind = K.load("llama")
-    mmcore.patch(m)
+def test_packed_sequences_served_by_the_op():
+    """Issue 17: position_ids restarting inside a row (packed sequences) took the dense path;
+    now each segment is attended on its own by the op (causal, and sliding window)."""
     ids = torch.randint(3, K.V, (2, 14))
-    pos = torch.cat([torch.arange(6), torch.arange(8)])[None].expand(2, -1)
-    out, ref = _dense_fallback_case(m, {"input_ids": ids, "position_ids": pos,
-                                        "use_cache": False})
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert any("4-D" in r for r in hfi.STATS.fallback_reasons)
+    pos = torch.cat([torch.arange(6), torch.arange(8)])[None].expand(2, -1).clone()
+    pos[1] = torch.cat([torch.arange(3), torch.arange(9), torch.arange(2)])
+    for family in ("llama", "mistral"):  # full causal; sliding window 6 (segments longer)
+        st = _served_case(family, {"input_ids": ids, "position_ids": pos, "use_cache": False})
+        assert st["op_calls"] == 2 and st["fallback_calls"] == 0, st
 
 
-def test_non_contiguous_padding_falls_back_exactly():
-    m, kind = K.load("llama")
-    mmcore.patch(m)
-    ids = torch.randint(3, K.V, (2, 12))
-    am = torch.ones(2, 12, dtype=torch.long)
+def test_holey_padding_served_by_the_op():
+    """Issue 17: a padding mask with holes took the dense path ("not one contiguous run");
+    causal full attention is exact on the compacted tokens."""
+    ids = torch.randint(3, K.V, (3, 12))
+    am = torch.ones(3, 12, dtype=torch.long)
     am[0, 3] = 0  # a hole
-    out, ref = _dense_fallback_case(m, {"input_ids": ids, "attention_mask": am})
-    valid = am.bool()
-    valid[0, 3] = False
-    torch.testing.assert_close(out[valid], ref[valid], rtol=1e-5, atol=1e-5)
-    assert "padding is not one contiguous run per sample" in hfi.STATS.fallback_reasons
+    am[1, :2] = 0  # left padding and a hole
+    am[1, 7:9] = 0
+    am[2, 10:] = 0  # right padding
+    st = _served_case("llama", {"input_ids": ids, "attention_mask": am}, am.bool())
+    assert st["op_calls"] == 2 and st["fallback_calls"] == 0, st
+
+
+def test_holey_padding_in_a_sliding_window_layer_falls_back_exactly():
+    """A sliding window counts positions, holes included: compaction would shorten distances,
+    so those layers take the dense path (the full-attention layers still use the op); the
+    patch report counts the fallbacks."""
+    ids = torch.randint(3, K.V, (2, 16))
+    am = torch.ones(2, 16, dtype=torch.long)
+    am[0, 5:7] = 0
+    st = _served_case("qwen2", {"input_ids": ids, "attention_mask": am}, am.bool())
+    rep = _LAST_REPORT[0]
+    assert rep.fallback_calls == 2 and "2x: holes in the padding" in str(rep)
+    # qwen2 here: layer 0 full attention, layers 1-2 sliding (max_window_layers=1)
+    assert st["fallback_reasons"] == {"holes in the padding of a sliding-window layer": 2}, st
+    assert st["op_calls"] == 1, st
 
 
 def test_attention_dropout_training_falls_back():

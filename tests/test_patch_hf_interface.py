@@ -20,20 +20,73 @@ def _pair(family):
     return eager, ours
 
 
-@pytest.mark.parametrize("padding", ["none", "left", "right"])
-@pytest.mark.parametrize("family", DECODERS)
-def test_mmcore_equals_eager(family, padding):
+def _run_pair(family, padding, dtype=torch.float32, B=3, S=23):
+    """mmcore vs eager (base, same dtype) and sdpa in float64 (oracle) on one padding layout;
+    -> the attention call counts."""
     eager, ours = _pair(family)
     oracle = K.load(family, "sdpa")[0].double()
-    kw = K.inputs("decoder", B=3, S=23, padding=padding)
+    eager, ours = eager.to(dtype), ours.to(dtype)
+    kw = K.inputs("decoder", B=B, S=S, padding=padding)
     if padding == "none":
         kw.pop("attention_mask")
+    valid = K.valid_rows(kw)
     hfi.STATS.reset()
-    out = ours(**kw).logits
-    assert hfi.STATS.op_calls > 0 and hfi.STATS.fallback_calls == 0, hfi.STATS.fallback_reasons
-    valid = kw.get("attention_mask", torch.ones(3, 23, dtype=torch.long)).bool()
-    assert_close(f"{family}/{padding}", out[valid], oracle(**kw).logits[valid],
-                 eager(**kw).logits[valid])
+    with torch.no_grad():
+        out = ours(**kw).logits
+        stats = hfi.STATS.as_dict()
+        assert_close(f"{family}/{padding}/{dtype}", out[valid], oracle(**kw).logits[valid],
+                     eager(**kw).logits[valid])
+    return stats
+
+
+def _sliding_layers(family):
+    cfg = K.build(family)[0]
+    types = getattr(cfg, "layer_types", None)
+    if types is None:  # e.g. Mistral: every layer has the window
+        return cfg.num_hidden_layers if getattr(cfg, "sliding_window", None) else 0
+    return sum(t == "sliding_attention" for t in types)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right", "holey", "packed"])
+@pytest.mark.parametrize("family", DECODERS)
+def test_mmcore_equals_eager(family, padding):
+    """Every padding layout is served by the op: right padding as seqlens, left and holey
+    padding compacted per sample, packed rows as segments -- except holes inside a
+    sliding-window layer, which count positions and take the dense path."""
+    st = _run_pair(family, padding)
+    n_layers = K.build(family)[0].num_hidden_layers
+    dense = _sliding_layers(family) if padding == "holey" else 0
+    assert st["op_calls"] == n_layers - dense, st
+    assert st["fallback_calls"] == dense, st
+    if dense:
+        assert st["fallback_reasons"] == {"holes in the padding of a sliding-window layer":
+                                          dense}
+
+
+@pytest.mark.parametrize("padding", ["left", "holey", "packed"])
+@pytest.mark.parametrize("family", ["gemma3"])  # sliding + full layers, GQA, head_dim 16
+def test_mmcore_equals_eager_bf16(family, padding):
+    st = _run_pair(family, padding, torch.bfloat16, B=2, S=21)
+    assert st["op_calls"] > 0, st
+
+
+def test_attention_implementation_switching():
+    """set_attn_implementation: eager -> mmcore -> sdpa -> mmcore on one loaded model."""
+    register()
+    m, _ = K.load("qwen2", "eager")
+    oracle = K.load("qwen2", "sdpa")[0].double()
+    kw = K.inputs("decoder", B=2, S=15, padding="left")
+    valid = K.valid_rows(kw)
+    with torch.no_grad():
+        ref = oracle(**kw).logits[valid]
+        base = m(**kw).logits[valid]
+        for impl, served in (("mmcore", True), ("sdpa", False), ("mmcore", True)):
+            m.set_attn_implementation(impl)
+            assert m.config._attn_implementation == impl
+            hfi.STATS.reset()
+            out = m(**kw).logits[valid]
+            assert (hfi.STATS.op_calls > 0) == served
+            assert_close(f"switch to {impl}", out, ref, base)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3"])

@@ -93,7 +93,6 @@ class LoRALinear(nn.Module):
         self._active_adapter: list = []
         self._disable_adapters = False
         self._ctx_adapter_ids = None  # set by `adapter_batch(model, ids)`
-        self._stack_cache = None
         if adapter_name is not None:
             self.add_adapter(adapter_name, r, lora_alpha, lora_dropout=lora_dropout,
                              use_rslora=use_rslora, init_lora_weights=init_lora_weights)
@@ -229,7 +228,6 @@ class LoRALinear(nn.Module):
         if not active and len(self.lora_A):
             active = [next(iter(self.lora_A.keys()))]
         self.set_adapter(active)
-        self._stack_cache = None
 
     # ------------------------------------------------------------------ merge
 
@@ -297,7 +295,7 @@ class LoRALinear(nn.Module):
             return F.linear(x, W, b)
         if self.training and any(self._p(n) > 0 for n in active):
             return self._forward_dropout(x, active)
-        la, lb, s = self._concat(active, x.dtype)
+        la, lb, s = concat_adapters(self, active, x.dtype)
         return lora_linear(x, W, b, la, lb, s, backend=self.backend)
 
     def _p(self, name):
@@ -313,20 +311,6 @@ class LoRALinear(nn.Module):
             xd = self.lora_dropout[n](x.to(a.weight.dtype))
             y = y + b(a(xd)) * self.scaling[n]  # promoted, rounded once at the end (as peft)
         return y.to(dt)
-
-    def _concat(self, names, dtype):
-        """Active adapters -> one (r_total, K) / (N, r_total) pair and a float scaling."""
-        if len(names) == 1:
-            n = names[0]
-            return (self.lora_A[n].weight.to(dtype), self.lora_B[n].weight.to(dtype),
-                    float(self.scaling[n]))
-        la = torch.cat([self.lora_A[n].weight.to(dtype) for n in names], 0)
-        ss = [float(self.scaling[n]) for n in names]
-        if all(s == ss[0] for s in ss):
-            lb = torch.cat([self.lora_B[n].weight.to(dtype) for n in names], 1)
-            return la, lb, ss[0]
-        lb = torch.cat([self.lora_B[n].weight.to(dtype) * s for n, s in zip(names, ss)], 1)
-        return la, lb, 1.0
 
     def _ids_tensor(self, x, adapter_ids):
         names = self.adapter_names
@@ -346,29 +330,6 @@ class LoRALinear(nn.Module):
                 ids.append(int(a))
         return torch.tensor(ids, dtype=torch.long, device=x.device)
 
-    def _stacked(self, dtype):
-        """All adapters stacked: A (n, r_max, K), B (n, N, r_max), scaling (n,) fp32.
-
-        Cached while nothing needs a gradient (keyed on the parameters' versions)."""
-        names = self.adapter_names
-        params = [p for n in names for p in (self.lora_A[n].weight, self.lora_B[n].weight)]
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        dev = self.base_layer.weight.device
-        key = (dtype, str(dev), tuple(float(self.scaling[n]) for n in names),
-               tuple((id(p), p.data_ptr(), p.dtype, p._version) for p in params))
-        if not grad and self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
-        rmax = max(self.r[n] for n in names)
-        A = torch.stack([F.pad(self.lora_A[n].weight.to(dtype), (0, 0, 0, rmax - self.r[n]))
-                         for n in names])  # (n, rmax, K)
-        B = torch.stack([F.pad(self.lora_B[n].weight.to(dtype), (0, rmax - self.r[n]))
-                         for n in names])  # (n, N, rmax)
-        s = torch.tensor([float(self.scaling[n]) for n in names], dtype=torch.float32,
-                         device=dev)
-        out = (A, B, s)
-        self._stack_cache = None if grad else (key, out)
-        return out
-
     def _forward_multi(self, x, adapter_ids):
         if not len(self.lora_A):
             raise ValueError("adapter_ids given but this layer has no adapters")
@@ -376,7 +337,7 @@ class LoRALinear(nn.Module):
         names = self.adapter_names
         if self.training and any(self._p(n) > 0 for n in names):
             return self._forward_multi_dropout(x, ids)
-        A, B, s = self._stacked(x.dtype)
+        A, B, s = stack_adapters(self, names, x.dtype)
         return lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, s,
                            adapter_ids=ids, backend=self.backend)
 
@@ -403,6 +364,57 @@ class LoRALinear(nn.Module):
         ad = ", ".join(f"{n}: r={self.r[n]} s={self.scaling[n]:.4g}" for n in self.lora_A)
         return (f"in={self.in_features}, out={self.out_features}, adapters=[{ad}], "
                 f"active={self._active_adapter}, merged={self.merged_adapters}")
+
+
+# ---------------------------------------------------------------------- adapter weights for the op
+# Shared by LoRALinear and peft's own lora.Linear (mmcore.nn.peft_layer): both hold
+# ``lora_A`` / ``lora_B`` ModuleDicts of nn.Linear and a ``scaling`` dict per adapter.
+
+
+def concat_adapters(mod, names, dtype):
+    """Adapters `names` summed in one low-rank term -> A (r_total, K), B (N, r_total), scaling.
+
+    [A_1; A_2] and [s_1 B_1, s_2 B_2] (one shared float scaling when all are equal); weights
+    cast to `dtype` (differentiably: gradients reach the parameters in their own dtype)."""
+    if len(names) == 1:
+        n = names[0]
+        return (mod.lora_A[n].weight.to(dtype), mod.lora_B[n].weight.to(dtype),
+                float(mod.scaling[n]))
+    la = torch.cat([mod.lora_A[n].weight.to(dtype) for n in names], 0)
+    ss = [float(mod.scaling[n]) for n in names]
+    if all(s == ss[0] for s in ss):
+        lb = torch.cat([mod.lora_B[n].weight.to(dtype) for n in names], 1)
+        return la, lb, ss[0]
+    lb = torch.cat([mod.lora_B[n].weight.to(dtype) * s for n, s in zip(names, ss)], 1)
+    return la, lb, 1.0
+
+
+_STACK_ATTR = "_mmcore_stack"
+
+
+def stack_adapters(mod, names, dtype):
+    """Adapters `names` stacked: A (n, r_max, K), B (n, N, r_max), scaling (n,) fp32; ranks
+    that differ are zero-padded to the largest (exact).
+
+    Cached on `mod` while nothing needs a gradient (keyed on the parameters' versions)."""
+    params = [p for n in names for p in (mod.lora_A[n].weight, mod.lora_B[n].weight)]
+    grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    dev = params[0].device
+    key = (tuple(names), dtype, str(dev), tuple(float(mod.scaling[n]) for n in names),
+           tuple((id(p), p.data_ptr(), p.dtype, p._version) for p in params))
+    cached = mod.__dict__.get(_STACK_ATTR)
+    if not grad and cached is not None and cached[0] == key:
+        return cached[1]
+    ranks = [mod.lora_A[n].weight.shape[0] for n in names]
+    rmax = max(ranks)
+    A = torch.stack([F.pad(mod.lora_A[n].weight.to(dtype), (0, 0, 0, rmax - r))
+                     for n, r in zip(names, ranks)])  # (n, rmax, K)
+    B = torch.stack([F.pad(mod.lora_B[n].weight.to(dtype), (0, rmax - r))
+                     for n, r in zip(names, ranks)])  # (n, N, rmax)
+    s = torch.tensor([float(mod.scaling[n]) for n in names], dtype=torch.float32, device=dev)
+    out = (A, B, s)
+    mod.__dict__[_STACK_ATTR] = None if grad else (key, out)
+    return out
 
 
 # ---------------------------------------------------------------------- model-level helpers

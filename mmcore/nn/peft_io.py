@@ -14,6 +14,8 @@ Only safetensors is read: pickle checkpoints (adapter_model.bin, or a pickle/zip
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 from typing import Optional
@@ -22,6 +24,8 @@ import torch
 from torch import nn
 
 from .lora import LoRALinear, _plain_float_weight, _set_submodule, lora_modules
+
+logger = logging.getLogger("mmcore.nn")
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -40,7 +44,7 @@ _UNSUPPORTED = {
 
 
 def _pattern_key(patterns, key):
-    """peft.utils.other.get_pattern_key: the first pattern p with (.*\\.)?(p)$ matching key."""
+    """peft's get_pattern_key: the first pattern p with (.*\\.)?(p)$ matching key."""
     for p in patterns:
         if re.match(rf"(.*\.)?({p})$", key):
             return p
@@ -53,6 +57,114 @@ def _config_value(cfg, name, key, default):
     return pat[p] if p is not None else default
 
 
+def _names_match(names, key):
+    """peft's rule for target_modules / exclude_modules: a str is a full-match regex, a list
+    matches the name itself or a dotted suffix of it."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith("." + n) for n in names)
+
+
+def _layer_index(cfg, key):
+    """The layer index in `key` for layers_to_transform (None if there is none)."""
+    patterns = cfg.get("layers_pattern")
+    if not patterns:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+    else:
+        m = None
+        for p in [patterns] if isinstance(patterns, str) else patterns:
+            m = re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", key)
+            if m:
+                break
+    return int(m.group(1)) if m else None
+
+
+def targeted(cfg, key) -> bool:
+    """Does an adapter config target the module named `key` (peft's injection rule:
+    exclude_modules, modules_to_save, target_modules, layers_to_transform / layers_pattern)?"""
+    excl = cfg.get("exclude_modules")
+    if excl and _names_match(excl, key):
+        return False
+    for m in cfg.get("modules_to_save") or []:
+        if re.match(rf"(^|.*\.){m}($|\..*)", key):
+            return False
+    target = cfg.get("target_modules")
+    if target is None or target == "all-linear":
+        return True  # all-linear: peft saves the expanded list; an old file may not
+    if not _names_match(target, key):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if isinstance(target, str) or layers is None or layers == []:
+        return True
+    idx = _layer_index(cfg, key)
+    return idx is not None and (idx == layers if isinstance(layers, int) else idx in layers)
+
+
+def _is_real(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_regex(path, field, pattern):
+    if not isinstance(pattern, str):
+        raise ValueError(f"{path}: {field} must hold strings, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{path}: {field} holds {pattern!r}, not a valid regular expression "
+                         f"({e})") from None
+
+
+def _check_fields(path, cfg):
+    """Types and ranges of the LoraConfig fields load_adapter reads: a clear error naming the
+    file and the field, never a raw TypeError / re.error or a NaN adapter."""
+    def bad(field, want):
+        raise ValueError(f"{path}: {field} must be {want}, got {cfg[field]!r}")
+    if "peft_type" in cfg and not isinstance(cfg["peft_type"], str):
+        bad("peft_type", "a string")
+    if "r" in cfg and (not isinstance(cfg["r"], int) or isinstance(cfg["r"], bool)
+                       or cfg["r"] < 1):
+        bad("r", "a positive int")
+    if "lora_alpha" in cfg and not (_is_real(cfg["lora_alpha"])
+                                    and math.isfinite(cfg["lora_alpha"])):
+        bad("lora_alpha", "a finite number")
+    if "lora_dropout" in cfg and not (_is_real(cfg["lora_dropout"])
+                                      and 0 <= cfg["lora_dropout"] < 1):
+        bad("lora_dropout", "a number in [0, 1)")
+    if "use_rslora" in cfg and not isinstance(cfg["use_rslora"], bool):
+        bad("use_rslora", "true or false")
+    for field, ok, want in (("rank_pattern", lambda v: isinstance(v, int)
+                             and not isinstance(v, bool) and v >= 1, "a positive int"),
+                            ("alpha_pattern", lambda v: _is_real(v) and math.isfinite(v),
+                             "a finite number")):
+        pat = cfg.get(field)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict):
+            bad(field, "an object {pattern: value}")
+        for k, v in pat.items():
+            _check_regex(path, field, k)
+            if not ok(v):
+                raise ValueError(f"{path}: {field}[{k!r}] must be {want}, got {v!r}")
+    for field in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+        v = cfg.get(field)
+        if v is None:
+            continue
+        if isinstance(v, str) and field != "modules_to_save":
+            _check_regex(path, field, v)
+        elif isinstance(v, list) and all(isinstance(t, str) for t in v):
+            if field == "modules_to_save":
+                for t in v:
+                    _check_regex(path, field, t)
+        else:
+            bad(field, "a list of module names" + ("" if field == "modules_to_save"
+                                                   else " or a regular expression"))
+    lt = cfg.get("layers_to_transform")
+    if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool)) and not (
+            isinstance(lt, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                         for i in lt)):
+        bad("layers_to_transform", "an int or a list of ints")
+
+
 def _read_config(directory):
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
@@ -61,8 +173,12 @@ def _read_config(directory):
     with open(path) as f:
         try:
             cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: must hold a JSON object (peft's LoraConfig fields), got "
+                         f"{type(cfg).__name__} {cfg!r:.80}")
+    _check_fields(path, cfg)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only 'LORA' adapters "
                          f"can be loaded into LoRALinear")
@@ -119,7 +235,12 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     (``bias="all"/"lora_only"``).  The adapter gets r from the tensors, lora_alpha and
     use_rslora from the config (rank_pattern / alpha_pattern honoured), dtype = the base
     weight's unless given.  is_trainable=False (peft's default) freezes it.
-    Returns a report: {"adapter_name", "modules": [paths], "other_keys": [keys], "config"}.
+    Weights of modules the config does not target (``target_modules`` / ``exclude_modules`` /
+    ``layers_to_transform`` / ``modules_to_save``) are ignored with a warning, as peft ignores
+    them.  Config fields of the wrong type or range (``lora_alpha`` NaN, a ``rank_pattern``
+    that is not a regex, ...) are an error naming the file and the field.
+    Returns a report: {"adapter_name", "modules": [paths], "other_keys": [keys],
+    "ignored": [paths], "config"}.
     """
     cfg = _read_config(directory)
     sd = _read_weights(directory)
@@ -143,6 +264,19 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
             other[rel] = v
     if not pairs:
         raise ValueError(f"{directory}: {WEIGHTS_NAME} holds no lora_A/lora_B weights")
+    # peft injects LoRA only where the config targets (target_modules, exclude_modules,
+    # layers_to_transform, modules_to_save) and ignores other weights in the file: the same here
+    ignored = sorted(p for p in pairs if not targeted(cfg, p))
+    if ignored:
+        logger.warning("%s: weights for %s are not targeted by %s (target_modules=%r, "
+                       "exclude_modules=%r); ignored, as peft does", directory, ignored,
+                       CONFIG_NAME, cfg.get("target_modules"), cfg.get("exclude_modules"))
+        pairs = {p: ab for p, ab in pairs.items() if p not in ignored}
+        if not pairs:
+            raise ValueError(f"{directory}: {CONFIG_NAME}'s target_modules "
+                             f"{cfg.get('target_modules')!r} / exclude_modules "
+                             f"{cfg.get('exclude_modules')!r} target none of the modules the "
+                             f"weights are for ({ignored})")
     # check everything before touching the model
     plan = []
     for path, ab in pairs.items():
@@ -220,7 +354,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         for rel, target, v in extras:
             target.copy_(v)
     return {"adapter_name": adapter_name, "modules": sorted(names),
-            "other_keys": sorted(rel for rel, _, _ in extras), "config": cfg}
+            "other_keys": sorted(rel for rel, _, _ in extras), "ignored": ignored,
+            "config": cfg}
 
 
 def _in_modules_to_save(cfg, mpath):
@@ -294,68 +429,3 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
     return cfg
-
-
-def convert_peft_model(peft_model: nn.Module, backend: str = "auto") -> dict:
-    """Swap, in place, every peft ``lora.Linear`` (on an nn.Linear base) of a loaded peft model
-    for an mmcore LoRALinear holding the same tensors (shared, not copied): all adapters,
-    their r / alpha / scaling (including set_scale changes) / rsLoRA / dropout, the active
-    adapter(s), the merged list and the disabled flag.
-
-    Layers using things LoRALinear does not do (DoRA and other variants, lora_bias,
-    fan_in_fan_out / Conv1D, Embedding and Conv LoRA, quantised bases) are left as peft
-    layers and listed under "skipped" with the reason.  After conversion, drive the adapters
-    through mmcore (``mmcore.nn.set_adapter`` / ``adapter_batch``): peft's model-level calls
-    no longer reach the converted layers.
-    Returns {"converted": [names], "skipped": {name: reason}}.
-    """
-    try:
-        from peft.tuners.lora.layer import LoraLayer
-    except ImportError:  # no peft: nothing can be a peft layer
-        return {"converted": [], "skipped": {}}
-    converted, skipped = [], {}
-    for name, mod in list(peft_model.named_modules()):
-        if not isinstance(mod, LoraLayer):
-            continue
-        why = _why_not(mod)
-        if why:
-            skipped[name] = why
-            continue
-        new = LoRALinear(mod.base_layer, adapter_name=None, backend=backend)
-        new.lora_A, new.lora_B, new.lora_dropout = mod.lora_A, mod.lora_B, mod.lora_dropout
-        new.r, new.lora_alpha = dict(mod.r), dict(mod.lora_alpha)
-        new.scaling = {k: float(v) for k, v in mod.scaling.items()}
-        new.use_rslora = {k: bool(mod.use_rslora.get(k, False)) for k in mod.lora_A}
-        new.merged_adapters = list(mod.merged_adapters)
-        new._active_adapter = [a for a in mod.active_adapters if a in mod.lora_A]
-        new._disable_adapters = bool(mod.disable_adapters)
-        new.train(mod.training)
-        _set_submodule(peft_model, name, new)
-        converted.append(name)
-    return {"converted": converted, "skipped": skipped}
-
-
-def _why_not(mod) -> Optional[str]:
-    if type(mod).__name__ != "Linear" or not hasattr(mod, "fan_in_fan_out"):
-        return f"{type(mod).__name__} LoRA layer (only Linear is converted)"
-    if not isinstance(mod.base_layer, nn.Linear) or not _plain_float_weight(mod.base_layer):
-        return (f"base layer is {type(mod.base_layer).__name__}, not an nn.Linear with a "
-                f"float weight")
-    if mod.fan_in_fan_out:
-        return "fan_in_fan_out=True (Conv1D-style weight)"
-    if getattr(mod, "lora_variant", None):
-        return f"LoRA variant(s) {sorted(mod.lora_variant)} (e.g. DoRA)"
-    if any(getattr(mod, "lora_bias", {}).values()):
-        return "lora_bias=True"
-    if len(getattr(mod, "lora_embedding_A", {})) or len(getattr(mod, "lora_magnitude_vector",
-                                                                {})):
-        return "embedding / magnitude weights present"
-    for a in mod.lora_A:
-        if not isinstance(mod.lora_A[a], nn.Linear) or not isinstance(mod.lora_B[a], nn.Linear):
-            return f"adapter {a!r} is not a pair of nn.Linear"
-        if mod.lora_B[a].bias is not None:
-            return f"adapter {a!r} has a lora_B bias"
-        d = mod.lora_dropout[a]
-        if not isinstance(d, (nn.Dropout, nn.Identity)):
-            return f"adapter {a!r} dropout is {type(d).__name__}"
-    return None

@@ -122,8 +122,9 @@ def patch(model, *, attention=True, lora=True, long_context=None, backend="auto"
         any other such model) to the ``"mmcore"`` implementation; weights and the module tree
         are untouched.  Modules that cannot be served exactly (softcapping,
         output_attentions=True, Longformer's own attention) are left and reported.
-    lora: peft ``lora.Linear`` layers -> ``mmcore.nn.LoRALinear`` (when mmcore.nn provides it;
-        ``lora_route="wrap"`` forces the in-place fused forward instead).
+    lora: peft ``lora.Linear`` layers keep their class's whole API and run their forward on
+        ``mmcore.ops.lora_linear`` (``mmcore.nn.convert_peft_model``); ``lora_route`` is kept
+        for compatibility: "auto", "wrap" and "convert" all take this route.
     long_context: a :class:`LongContext` for absolute-position encoders (BERT family):
         window (w, w) + G global tokens in every self-attention layer and a position table
         extended to ``max_length`` tokens.
@@ -142,27 +143,14 @@ def patch(model, *, attention=True, lora=True, long_context=None, backend="auto"
     if getattr(model, _STATE_ATTR, None) is not None:
         unpatch(model)
     hfi.register()
-    report = PatchReport()
-    state = {"configs": [], "modules": [], "embeddings": [], "lora_wrap": [],
-             "lora_convert": [], "longformer": []}
+    report = PatchReport(runtime=hfi.Stats())
+    state = {"configs": [], "modules": [], "embeddings": [], "lora": False,
+             "longformer": []}
 
     if attention:
         _patch_attention(model, report, state, long_context, backend)
     if lora:
-        res = None if lora_route == "wrap" else _lora.convert(model, backend)
-        if res is None and lora_route == "convert":
-            raise ImportError("lora_route='convert' needs mmcore.nn.convert_peft_model")
-        if res is not None:
-            rep, left, undo = res
-            state["lora_convert"] = undo
-        else:
-            rep, left, undo = _lora.wrap(model, backend)
-            state["lora_wrap"] = undo
-            if rep:
-                report.notes.append("mmcore.nn.LoRALinear not available: peft lora.Linear "
-                                    "layers keep their class; their forward calls "
-                                    "mmcore.ops.lora_linear (peft's forward for merged / "
-                                    "multi-adapter / dropout-while-training calls)")
+        rep, left, state["lora"] = _lora.convert(model, backend)
         report.replaced.extend(rep)
         report.left.extend(left)
     setattr(model, _STATE_ATTR, state)
@@ -179,6 +167,9 @@ def _patch_attention(model, report, state, long_context, backend):
                 report.left.append((name, why))
                 continue
             state["longformer"].append(_longformer.wrap(mod, backend))
+            state["modules"].append((mod, mod.__dict__.get(hfi.OVERRIDE_ATTR),
+                                     mod.__dict__.get("_mmcore_backend")))
+            mod.__dict__[hfi.STATS_ATTR] = report.runtime
             report.replaced.append((name, f"{type(mod).__name__} (longformer) forward -> "
                                           "mmcore window_attention (window + global prefix; "
                                           "global rows on the *_global projections)"))
@@ -207,6 +198,7 @@ def _patch_attention(model, report, state, long_context, backend):
             state["modules"].append((mod, mod.__dict__.get(hfi.OVERRIDE_ATTR),
                                      mod.__dict__.get("_mmcore_backend")))
             mod._mmcore_backend = backend
+            mod.__dict__[hfi.STATS_ATTR] = report.runtime
             what = f"{type(mod).__name__} ({fam}) -> attn_implementation='mmcore'"
             if long_context is not None:
                 ok = _apply_long_context(model, name, mod, long_context, report, state)
@@ -222,10 +214,10 @@ def _patch_attention(model, report, state, long_context, backend):
         _set_impl(top, hfi.NAME)
     if switched:
         report.notes.append("per call, the mmcore attention falls back to a dense torch path "
-                            "(exact, counted in mmcore.patch.hf_interface.STATS) for attention "
-                            "dropout while training and for mask patterns the op cannot "
-                            "express (custom or/and mask overlays, packed sequences, "
-                            "non-contiguous padding)")
+                            "(exact; counted in report.runtime) for attention dropout while "
+                            "training, holes in the padding of a sliding-window layer, and "
+                            "mask patterns the op cannot express (custom or/and mask "
+                            "overlays, chunked attention)")
 
 
 def _apply_long_context(model, name, mod, lc, report, state):
@@ -257,14 +249,13 @@ def unpatch(model):
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         return model
-    if state["lora_convert"]:
-        _lora.unconvert(model, state["lora_convert"])
-    _lora.unwrap(state["lora_wrap"])
+    _lora.unconvert(model, state["lora"])
     for undo in state.get("longformer", []):
         _longformer.unwrap(undo)
     for undo in reversed(state["embeddings"]):
         restore_embeddings(undo)
     for mod, override, backend in state["modules"]:
+        mod.__dict__.pop(hfi.STATS_ATTR, None)
         for attr, val in ((hfi.OVERRIDE_ATTR, override), ("_mmcore_backend", backend)):
             if val is None:
                 mod.__dict__.pop(attr, None)

@@ -66,7 +66,7 @@ def make_forward(mod, orig_forward, backend):
         if why is None and lay is None:
             why = "Longformer mask layout not a right-padded batch with a common global prefix"
         if why is not None:
-            hfi.STATS.fallback(why)
+            hfi.count(mod, why)
             return orig_forward(hidden_states, attention_mask=attention_mask,
                                 is_index_masked=is_index_masked,
                                 is_index_global_attn=is_index_global_attn,
@@ -92,7 +92,7 @@ def make_forward(mod, orig_forward, backend):
                                   torch.full_like(L, G), seqlens_k=seq, scale=scale,
                                   backend=backend)
             out = torch.cat([og, out[:, :, G:]], dim=2)
-        hfi.STATS.op_calls += 1
+        hfi.count(mod)
         return (out.transpose(1, 2).reshape(B, S, E),)
     return forward
 

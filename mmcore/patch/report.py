@@ -11,10 +11,19 @@ class PatchReport:
     replaced: ``(module name, what it became)``, one per swapped module.
     left: ``(module name, reason)``, one per module left on its original implementation.
     notes: model-wide remarks (runtime fallbacks that may happen, long-context changes).
+    runtime: counters of the patched attention modules' calls since the patch (eager calls;
+        a torch.compile'd graph counts nothing): ``op_calls``, ``fallback_calls`` (the dense
+        torch path) and ``fallback_reasons``; shown by ``str(report)``.
     """
     replaced: list = dataclasses.field(default_factory=list)
     left: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
+    runtime: object = None
+
+    @property
+    def fallback_calls(self) -> int:
+        """Attention calls of this model that took the dense path since the patch."""
+        return self.runtime.fallback_calls if self.runtime is not None else 0
 
     @property
     def replaced_names(self) -> list:
@@ -42,4 +51,10 @@ class PatchReport:
             lines.append(f"  left      {n or '<root>'}: {r}")
         for note in self.notes:
             lines.append(f"  note      {note}")
+        rt = self.runtime
+        if rt is not None and (rt.op_calls or rt.fallback_calls):
+            lines.append(f"  runtime   {rt.op_calls} attention calls on the mmcore op, "
+                         f"{rt.fallback_calls} on the dense path")
+            for why, n in sorted(rt.fallback_reasons.items(), key=lambda kv: -kv[1]):
+                lines.append(f"    dense   {n}x: {why}")
         return "\n".join(lines)

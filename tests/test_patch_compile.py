@@ -1,0 +1,104 @@
+"""attn_implementation="mmcore" under torch.compile(fullgraph=True).
+
+Issue 17: dynamo could not trace the mask function's introspection (mmcore_mask -> _classify ->
+_leaves -> _closure_vars: ``__closure__`` is not traceable), so HF's compiled generation broke.
+The compiled calls here are compared with eager HF.  CI compiles with the "aot_eager" backend
+(dynamo's full-graph trace plus AOTAutograd on fake tensors, which checks the ops' fake
+kernels); inductor on the CPU gives the same tokens but spends minutes compiling C++."""
+import pytest
+import torch
+
+import kit_patch as K
+from kit import assert_close
+from mmcore.patch import hf_interface as hfi
+from mmcore.patch import register
+
+BACKEND = "aot_eager"
+
+
+def _models(family):
+    register()
+    eager, _ = K.load(family, "eager")
+    ours, _ = K.load(family, "mmcore")
+    return eager, ours
+
+
+def _graphs():
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_generate_static_cache_same_tokens():
+    """HF's own compiled decoding (generate with a static cache and a fullgraph CompileConfig)
+    on Qwen2 with a full-attention layer (its static cache hands a live tensor offset) and two
+    sliding-window layers, left-padded batch: the same tokens as eager."""
+    from transformers import CompileConfig
+    torch._dynamo.reset()
+    eager, ours = _models("qwen2")
+    kw = K.inputs("decoder", B=2, S=9, padding="left", seed=4)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    want = eager.generate(**kw, **gen)
+    cc = CompileConfig(fullgraph=True, backend=BACKEND, mode=None)
+    cc._compile_all_devices = True  # HF compiles decoding on GPUs only unless told
+    before = _graphs()
+    got = ours.generate(**kw, **gen, compile_config=cc)
+    assert _graphs() > before, "generate did not compile"
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("padding", ["holey", "packed"])  # left: the generate test
+def test_compiled_forward_traces_masks_and_layouts(padding):
+    """model.forward compiled fullgraph: the masks are made inside the trace (trace-safe
+    classification), left and holey padding go through the compaction, packed rows take HF's
+    dense mask (their layout depends on the data)."""
+    torch._dynamo.reset()
+    eager, ours = _models("llama")
+    oracle = K.load("llama", "sdpa")[0].double()
+    fwd = torch.compile(ours.forward, fullgraph=True, backend=BACKEND)
+    kw = K.inputs("decoder", B=3, S=13, padding=padding, seed=5)
+    kw["use_cache"] = False
+    valid = K.valid_rows(kw)
+    with torch.no_grad():
+        out = fwd(**kw).logits
+        assert_close(f"compiled/{padding}", out[valid], oracle(**kw).logits[valid],
+                     eager(**kw).logits[valid])
+
+
+def test_compiled_holes_in_a_sliding_window_layer_raise():
+    """Under compile the dense fallback cannot be chosen by a Python branch: a holey mask in a
+    sliding-window layer raises (torch._assert_async) instead of a wrong answer."""
+    torch._dynamo.reset()
+    _, ours = _models("mistral")
+    fwd = torch.compile(ours.forward, fullgraph=True, backend=BACKEND)
+    kw = K.inputs("decoder", B=2, S=12, padding="left", seed=6)
+    kw["use_cache"] = False
+    with torch.no_grad():
+        fwd(**kw)  # contiguous padding: fine
+        kw["attention_mask"][0, 5] = 0
+        with pytest.raises(RuntimeError, match="holes"):
+            fwd(**kw)
+
+
+def test_traced_mask_classification_matches_eager():
+    """classify_traced (what dynamo can see) agrees with the eager closure reading on HF's
+    own mask functions, and declines what it cannot prove."""
+    from transformers.masking_utils import (and_masks, bidirectional_mask_function,
+                                            causal_mask_function,
+                                            sliding_window_bidirectional_mask_function,
+                                            sliding_window_causal_mask_function)
+    from mmcore.patch import hf_masks
+    am = torch.ones(2, 9, dtype=torch.bool)
+    cases = [(causal_mask_function, None, {}), (bidirectional_mask_function, None, {}),
+             (sliding_window_causal_mask_function(5), 5, {}),
+             (sliding_window_bidirectional_mask_function(3), 3,
+              {"allow_is_bidirectional_skip": True})]
+    for fn, local, extra in cases:
+        want = hf_masks.classify(fn, 9, 9, 0, 0)
+        assert want is not None
+        assert hf_masks.classify_traced(fn, local, False, am, None, extra) == want
+    odd = and_masks(causal_mask_function, lambda b, h, q, kv: kv != 2)
+    assert hf_masks.classify_traced(odd, 5, True, am, None, {}) is None  # use_vmap: custom
+    assert hf_masks.classify_traced(sliding_window_causal_mask_function(5), 5, False, None,
+                                    None, {}) is None  # no padding mask: maybe packed
+    with pytest.raises(RuntimeError, match="not the causal sliding window 4"):
+        hf_masks.classify_traced(sliding_window_causal_mask_function(5), 4, False, am, None, {})

@@ -1,4 +1,4 @@
-"""The `mmcore` command: info | bench | read."""
+"""The `mmcore` command: info | bench | read | train."""
 from __future__ import annotations
 
 import argparse
@@ -112,6 +112,9 @@ def main(argv=None) -> int:
     from .cli_read import add_read_parser, run_read
 
     add_read_parser(sub).set_defaults(func=run_read)
+    from .cli_train import add_train_parser, run_train
+
+    add_train_parser(sub).set_defaults(func=run_train)
     args = ap.parse_args(argv)
     if args.cmd == "info":
         return cmd_info(args)

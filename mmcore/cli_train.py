@@ -95,8 +95,8 @@ def _config(args):
 def run_train(args) -> int:
     from .train.config import TrainConfig
 
-    file_cfg, flags = _config(args)
     try:
+        file_cfg, flags = _config(args)
         if args.resume:
             from .train.checkpoint import find_checkpoint, read_state
 

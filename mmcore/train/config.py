@@ -30,7 +30,7 @@ class TrainConfig:
     label_field: str = "label"
     image_field: str = "images"
     synthetic_sizes: list = field(default_factory=lambda: [96, 32, 96])  # no train_file: the
-    synthetic_tokens: list = field(default_factory=lambda: [560, 760])  # generated set's size
+    synthetic_tokens: list = field(default_factory=lambda: [560, 660])  # generated set's size
     labels: Optional[list] = None  # label names in order (default: sorted from train)
     max_tokens: Optional[int] = None  # cut documents at this many tokens (None: read whole)
     window: int = 128  # window attention per side in long documents (0: full attention)

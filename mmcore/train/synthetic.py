@@ -6,7 +6,7 @@ past token `decide_after` (512 by default).  A reader that sees only the first 5
 nothing to go on (chance, 50 %); a reader of the whole document can find the sentence.
 
     from mmcore.train.synthetic import long_document_splits
-    splits = long_document_splits(seed=0)       # {"train": [...], "validation": [...], "test": [...]}
+    splits = long_document_splits(seed=0)   # {"train": [...], "validation": [...], "test": [...]}
     splits["train"][0]  # {"text": ..., "label": "granted", "decide_token": 587, "tokens": 655}
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ from .run import load_records, train
 DEFAULT = dict(
     task="classification", mode="lora", target_modules=["q", "v"], lora_r=8, lora_alpha=16,
     lora_bias="none", window=128, pooling="attention", dropout=0.0,
-    lr=5e-4, head_lr=2e-2, weight_decay=0.01, schedule="constant", warmup_steps=4,
+    lr=1e-4, head_lr=2e-2, weight_decay=0.01, schedule="constant", warmup_steps=4,
     epochs=2, batch_size=4, eval_every=0, eval_metric="accuracy", eval_batch_size=8,
     synthetic_sizes=[96, 32, 96], synthetic_tokens=[560, 660],
     out_dir="mmcore-train-default", progress=True, seed=0, keep_last=1,

@@ -39,7 +39,7 @@ def test_cross_entropy_formula(eps, weighted):
             q = eps / C + (1 - eps) * (c == int(y[i]))
             num += float(w[c]) * q * -float(lp[i, c])
     want = num / float(w[y].sum())
-    assert abs(float(got) - want) < 1e-12
+    assert abs(float(got.detach()) - want) < 1e-12
 
 
 def test_cross_entropy_bad_input_names_argument():
@@ -101,7 +101,7 @@ def test_distillation_formula(tau, alpha):
     kl = float((torch.exp(lt) * (lt - ls)).sum()) / B
     ce = -float(_logp(zs.detach())[torch.arange(B), y].mean())
     want = alpha * tau * tau * kl + (1 - alpha) * ce
-    assert abs(float(got) - want) < 1e-12
+    assert abs(float(got.detach()) - want) < 1e-12
     got.backward()
     assert zt.grad is None and zs.grad is not None
 
@@ -129,7 +129,7 @@ def test_uncertainty_weighting_formula_and_optimum():
     got = uw(ls)
     s = uw.log_vars.detach()
     want = sum(0.5 * math.exp(-float(s[i])) * float(ls[i]) + 0.5 * float(s[i]) for i in range(3))
-    assert abs(float(got) - want) < 1e-12
+    assert abs(float(got.detach()) - want) < 1e-12
     got.backward()
     for i in range(3):
         assert abs(float(uw.log_vars.grad[i]) - (0.5 - 0.5 * math.exp(-float(s[i])) *
@@ -204,9 +204,9 @@ def test_visual_consistency_formula():
         a, c = pt[i] / pt[i].norm(), v[i].detach() / v[i].detach().norm()
         terms.append(0.5 * float(((a - c) ** 2).sum()))
     want = (terms[0] + terms[2] + terms[3]) / 3
-    assert abs(float(got) - want) < 1e-12
+    assert abs(float(got.detach()) - want) < 1e-12
     got.backward()
     assert v.grad is None and t.grad is not None
-    assert float(L.visual_consistency(t, v, projection=P, mask=torch.zeros(4))) == 0.0
+    assert float(L.visual_consistency(t, v, projection=P, mask=torch.zeros(4)).detach()) == 0.0
     with pytest.raises(ValueError, match="image_embed"):
         L.visual_consistency(t, v)  # 6 != 5 without a projection

@@ -1,4 +1,4 @@
-"""The `mmcore` command: info | bench | read."""
+"""The `mmcore` command: info | bench | read | train."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ BENCH_MODULES = {
     "lora_linear": ["bench_lora_linear", "bench_lora_peft"],
     "patch": ["bench_patch"],
     "cuda_kernels": ["bench_cuda_kernels"],  # csrc/cuda decode + SGMV (GPU only)
+    "train": ["bench_train"],
 }
 
 
@@ -147,6 +148,9 @@ def main(argv=None) -> int:
     from .cli_read import add_read_parser, run_read
 
     add_read_parser(sub).set_defaults(func=run_read)
+    from .cli_train import add_train_parser, run_train
+
+    add_train_parser(sub).set_defaults(func=run_train)
     args = ap.parse_args(argv)
     if args.cmd == "info":
         return cmd_info(args)

@@ -1,7 +1,9 @@
 """lora_linear: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, single- or multi-adapter, frozen base weight.
 
 Public function -> validation -> backend selection -> custom op ``mmcore::lora_linear_fwd``
-(+ fake + autograd via ``mmcore::lora_linear_bwd``; no gradient ever flows to weight/bias).
+(+ fake + autograd via ``mmcore::lora_linear_bwd``).  Gradients: dx, d lora_a, d lora_b from the
+backend's backward; d bias (peft's ``bias="all" | "lora_only"``) and d scaling (a learnable
+scale) at the autograd level, the same for every backend; never d weight (frozen).
 
 Backend implementations take normalised arguments:
 
@@ -15,6 +17,7 @@ contiguous last dim.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -29,15 +32,20 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, b
     Args:
         x: (..., K).  weight: (N, K) (frozen: no gradient).  bias: (N,) or None.
         lora_a: (r, K) or stacked (A, r, K); lora_b: (N, r) or (A, N, r) (peft's shapes).
-        scaling: float (single adapter) or tensor (A,) (stacked).
+        scaling: float, or a tensor (1,) / () (single adapter) or (A,) (stacked).
         adapter_ids: with stacked adapters, int tensor shaped x.shape[:-1] (per token) or
             x.shape[:1] (per sequence, broadcast); -1 = base only.  None = adapter 0 for all.
     Returns y (..., N) in x's dtype.
+
+    Differentiable in x, lora_a, lora_b, bias and a scaling tensor that requires grad
+    (d bias = Σ_rows dy;  d scaling_a = Σ_{rows of a} Σ_r (dy B_a)[m, r] · (x A_aᵀ)[m, r]);
+    weight never gets a gradient.
     """
     V.tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dim (..., K)")
     V.tensor("weight", weight, ndim=2)
+    x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
     V.float_dtype("x", x)
     V.same_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     V.same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
@@ -75,7 +83,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, b
     x2 = x.reshape(-1, K)
     x2, weight, lora_a, lora_b = (V.last_dim_contiguous(t) for t in (x2, weight, lora_a, lora_b))
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, lora_a, lora_b))
+        t is not None and t.requires_grad for t in (x, lora_a, lora_b, bias, scaling))
     p = problem(x2, weight, lora_a, needs_grad)
     chosen = registry.dispatch("lora_linear", p, backend)
     y = _call(x2, weight, bias, lora_a, lora_b, scaling, ids, chosen)
@@ -88,6 +96,24 @@ def problem(x2, weight, lora_a, needs_grad):
                             rank=lora_a.shape[1], adapters=lora_a.shape[0],
                             needs_grad=needs_grad,
                             extra={"M": x2.shape[0], "N": weight.shape[0]})
+
+
+def _autocast(*ts):
+    """Inside torch.autocast, compute in the autocast dtype as F.linear does (differentiable
+    casts of the float operands; the op itself accumulates in fp32)."""
+    x = ts[0]
+    if not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        return ts
+    dt = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in ts)
+
+
+def _no_autocast(x):
+    """Backends get operands already in one dtype: autocast must not re-cast inside them."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 _SCALING_CACHE: dict = {}  # (float scaling, A, device) -> (A,) fp32 tensor, never mutated
@@ -150,9 +176,10 @@ def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
               lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
               adapter_ids: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     _check_ids(adapter_ids, lora_a.shape[0])
-    y = registry.run("lora_linear", backend, "forward",
-                     (x, weight, bias, lora_a, lora_b, scaling, adapter_ids),
-                     lambda: problem(x, weight, lora_a, False))
+    with _no_autocast(x):
+        y = registry.run("lora_linear", backend, "forward",
+                         (x, weight, bias, lora_a, lora_b, scaling, adapter_ids),
+                         lambda: problem(x, weight, lora_a, False))
     return y.contiguous()
 
 
@@ -170,8 +197,9 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: t
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (V.last_dim_contiguous(dy), x, weight, lora_a, lora_b, scaling, adapter_ids,
             need_dx, need_da, need_db)
-    dx, da, db = registry.run("lora_linear", backend, "backward", args,
-                              lambda: problem(x, weight, lora_a, True))
+    with _no_autocast(x):
+        dx, da, db = registry.run("lora_linear", backend, "backward", args,
+                                  lambda: problem(x, weight, lora_a, True))
     # custom ops cannot return None: unrequested grads come back as empty tensors (one each:
     # outputs of a custom op may not alias each other)
     e = lambda: x.new_empty(0)  # noqa: E731
@@ -193,18 +221,46 @@ def _setup(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, ids, backend = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, scaling, ids)
     ctx.backend = backend
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _backward(ctx, dy, bwd=None):
     x, weight, lora_a, lora_b, scaling, ids = ctx.saved_tensors
-    nx, _, _, na, nb = ctx.needs_input_grad[:5]
-    if not (nx or na or nb):
-        return (None,) * 8
-    bwd = bwd or torch.ops.mmcore.lora_linear_bwd
-    dx, da, db = bwd(dy, x, weight, lora_a, lora_b, scaling, ids,
-                     nx, na, nb, ctx.backend)
-    return (dx if nx else None, None, None, da if na else None, db if nb else None,
-            None, None, None)
+    nx, _, nbias, na, nb, ns = ctx.needs_input_grad[:6]
+    dx = da = db = None
+    if nx or na or nb:
+        bwd = bwd or torch.ops.mmcore.lora_linear_bwd
+        dx, da, db = bwd(dy, x, weight, lora_a, lora_b, scaling, ids, nx, na, nb, ctx.backend)
+    with _no_autocast(x):
+        dbias = _dbias(dy, ctx.bias_dtype) if nbias else None
+        dscaling = _dscaling(dy, x, lora_a, lora_b, ids) if ns else None
+    return (dx if nx else None, None, dbias, da if na else None, db if nb else None,
+            dscaling, None, None)
+
+
+def _cdt(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dbias(dy, dtype):
+    """dy (M, N) -> d bias (N,) = Σ_m dy[m], accumulated in fp32 (fp64 for fp64)."""
+    return dy.sum(0, dtype=_cdt(dy.dtype)).to(dtype)
+
+
+def _dscaling(dy, x, lora_a, lora_b, ids):
+    """d scaling (A,) fp32: ds_a = Σ_{m: ids[m] = a} Σ_r (dy B_a)[m, r] · T_a[m, r], T_a = x A_aᵀ.
+
+    dy (M, N), x (M, K), lora_a (A, r, K), lora_b (A, N, r), ids (M,) or None (all rows use
+    adapter 0; -1 rows use none).  Two thin matmuls per adapter, in fp32 (fp64 for fp64)."""
+    cdt = _cdt(x.dtype)
+    xc, dyc = x.to(cdt), dy.to(cdt)
+    out = []
+    for a in range(lora_a.shape[0]):
+        t = xc @ lora_a[a].to(cdt).t()  # (M, r)
+        g = dyc @ lora_b[a].to(cdt)  # (M, r)
+        rows = (t * g).sum(1)  # (M,)
+        out.append((rows if ids is None else rows * (ids == a)).sum())
+    return torch.stack(out).to(torch.float32)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,161 @@
+"""Data: JSONL / CSV records, tokenised whole (long-document mode) or cut at `max_tokens`,
+dynamic padding, and a length-bucketed, seeded, distributed-aware batch sampler.
+
+    records = read_records("train.jsonl")                  # [{"text": ..., "label": ...}, ...]
+    sampler = LengthBucketSampler(lengths, step_batch=8, seed=0)
+    for step_indices in sampler.batches(epoch):            # one optimizer step's examples
+        for micro in split_micro(step_indices, accum=2):   # grad-accumulation micro-batches
+            mine = shard(micro, rank, world)               # this process's share
+
+A batch is never padded to the longest document of the data set: each step's examples are
+drawn from a bucket of similar lengths, and a micro-batch pads only to its own longest.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+
+__all__ = ["read_records", "encode_texts", "pad_batch", "LengthBucketSampler", "split_micro",
+           "shard"]
+
+
+def read_records(path: str, *, text_field: str = "text", label_field: Optional[str] = "label",
+                 image_field: Optional[str] = "images") -> List[dict]:
+    """JSON-lines (.jsonl / .json, one object a line) or CSV (.csv / .tsv, header row) ->
+    [{"text": str, "label": value or None, "images": [paths]}, ...] plus any other fields.
+
+    image_field: a list of paths, or one path, or a ';'-separated string (CSV); relative
+    paths are resolved against the file's directory."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    base = os.path.dirname(os.path.abspath(path))
+    rows = []
+    if path.endswith((".csv", ".tsv")):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+    else:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not a JSON object ({e})") from None
+                if not isinstance(r, dict):
+                    raise ValueError(f"{path}:{i}: each line must be a JSON object, got "
+                                     f"{type(r).__name__}")
+                rows.append(r)
+    out = []
+    for i, r in enumerate(rows, 1):
+        if text_field not in r or not isinstance(r[text_field], str):
+            raise ValueError(f"{path}: record {i} has no string field {text_field!r} "
+                             f"(set text_field)")
+        rec = dict(r)
+        rec["text"] = r[text_field]
+        rec["label"] = r.get(label_field) if label_field else None
+        imgs = r.get(image_field) if image_field else None
+        if isinstance(imgs, str):
+            imgs = [p for p in imgs.split(";") if p]
+        rec["images"] = [p if os.path.isabs(p) else os.path.join(base, p)
+                         for p in (imgs or [])]
+        out.append(rec)
+    if not out:
+        raise ValueError(f"data file {path!r} holds no records")
+    return out
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_tokens: Optional[int] = None) -> list:
+    """[CLS] text [SEP] ids per text (lists of int), whole, or cut to `max_tokens` (the last
+    kept token is [SEP], as a BERT user's truncation=True, max_length=N gives)."""
+    enc = tokenizer.tok.encode_batch(list(texts), add_special_tokens=False)
+    out = []
+    for e in enc:
+        ids = [tokenizer.cls] + e.ids + [tokenizer.sep]
+        if max_tokens is not None and len(ids) > max_tokens:
+            ids = ids[:max_tokens - 1] + [tokenizer.sep]
+        out.append(ids)
+    return out
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0):
+    """Dynamic padding: -> input_ids (B, S_max) int64 right-padded, lengths (B,) int64."""
+    if not seqs:
+        raise ValueError("pad_batch needs at least one sequence")
+    S = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+
+
+class LengthBucketSampler:
+    """Seeded batches of similar lengths, the same on every process.
+
+    Each epoch: shuffle all indices (seed + epoch), cut them into buckets of
+    `step_batch * bucket_batches` examples, sort each bucket by length, cut it into step
+    batches of `step_batch`, and shuffle the order of the step batches.  `step_batch` is the
+    number of examples of one optimizer step over all processes and micro-batches.
+    bucket=False: plain shuffled batches.  shuffle=False: the data order, unbucketed
+    (evaluation)."""
+
+    def __init__(self, lengths: Sequence[int], step_batch: int, *, seed: int = 0,
+                 shuffle: bool = True, bucket: bool = True, bucket_batches: int = 16,
+                 drop_last: bool = False):
+        if step_batch < 1:
+            raise ValueError(f"step_batch must be >= 1, got {step_batch}")
+        self.lengths = list(lengths)
+        self.step_batch = step_batch
+        self.seed, self.shuffle, self.bucket = seed, shuffle, bucket
+        self.bucket_batches, self.drop_last = bucket_batches, drop_last
+
+    def batches(self, epoch: int) -> List[List[int]]:
+        n, B = len(self.lengths), self.step_batch
+        idx = list(range(n))
+        if not self.shuffle:
+            out = [idx[i:i + B] for i in range(0, n, B)]
+        else:
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            rng.shuffle(idx)
+            if self.bucket:
+                size = B * self.bucket_batches
+                out = []
+                for i in range(0, n, size):
+                    chunk = sorted(idx[i:i + size], key=lambda j: self.lengths[j])
+                    out.extend(chunk[k:k + B] for k in range(0, len(chunk), B))
+                rng.shuffle(out)
+            else:
+                out = [idx[i:i + B] for i in range(0, n, B)]
+        if self.drop_last:
+            out = [b for b in out if len(b) == B]
+        return out
+
+    def __len__(self) -> int:
+        n, B = len(self.lengths), self.step_batch
+        return n // B if self.drop_last else -(-n // B)
+
+
+def split_micro(indices: Sequence[int], accum: int) -> List[List[int]]:
+    """One step's examples -> `accum` micro-batches (sizes differ by at most one; empty ones
+    are dropped)."""
+    n = len(indices)
+    bounds = [round(i * n / accum) for i in range(accum + 1)]
+    return [list(indices[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def shard(indices: Sequence[int], rank: int, world: int) -> List[int]:
+    """A micro-batch's share for process `rank` of `world`: contiguous, sizes differing by at
+    most one, so that world = 1 with the whole batch sees the same examples."""
+    n = len(indices)
+    a, b = round(rank * n / world), round((rank + 1) * n / world)
+    return list(indices[a:b])
+
+
+def chunks(seq: Sequence, size: int) -> Iterable:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import autotune, smem_budget
+from ._autotune import autotune, config_class, smem_budget
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET_UPCAST = tl.constexpr(_INTERPRET)
@@ -336,15 +336,23 @@ def _mm_configs():
         return [_cfg(64, 64, 4, 1, gm=4)]
     return [_cfg(*c) for c in ((128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4),
                                (128, 128, 8, 3), (64, 128, 4, 4), (256, 32, 8, 4),
-                               (128, 32, 4, 5), (64, 32, 4, 3), (128, 64, 4, 3))]
+                               (128, 32, 4, 5), (64, 32, 4, 3), (128, 64, 4, 3),
+                               (64, 64, 8, 3))]
 
 
-def _default_config(bm, dtype, br=16):
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) used without autotuning (first after prune)."""
-    if dtype == torch.float32:
+def _default_config(bm, cls, br=16, has_map=False, write_t=False):
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) used without autotuning (first after prune),
+    for config class `cls` (_autotune.config_class); each compiles without spills for sm_90 /
+    sm_80 (benchmarks/sm90_audit.py)."""
+    if cls == "fp32":
         return 64, 32, 4, 3
+    if cls == "sm80" and bm >= 128:
+        # mma.sync keeps more in registers: (256, 32, 8, 4) spilled 3.5 KB on sm_80; the
+        # multi-adapter dx (ids + T written) 16 bytes at 128 x 128
+        return (64, 64, 8, 3) if (has_map and write_t) else (128, 64, 8, 3)
     if bm >= 128 and br <= 32:  # what the autotuner picked on an H100 at M=8192 (4096², 768x3072)
-        return 256, 32, 8, 4
+        # (the multi-adapter dx spilled 24 bytes with it on sm_90)
+        return (128, 64, 8, 3) if (has_map and write_t) else (256, 32, 8, 4)
     if bm >= 128:  # unfused rank chunks of 64 in the epilogue: 8 warps (4 spilled, sm_90)
         return 128, 64, 8, 3
     return 128, 64, 4, 3
@@ -386,7 +394,8 @@ def _prune(configs, named_args, **kwargs):
                 and c.kwargs["BLOCK_K"] <= 32]
     else:
         keep = [c for c in keep if _acc_regs(bm, c, br, per_row, fused) <= 160]
-    default = _default_config(bm, x.dtype, br)
+    default = _default_config(bm, config_class(x.dtype, x.device), br,
+                              kwargs.get("HAS_MAP", False), kwargs.get("WRITE_T", False))
     keep.sort(key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                              c.num_stages) != default)  # stable: the default first
     return keep or configs[-1:]

@@ -58,9 +58,11 @@ _LN2 = tl.constexpr(0.6931471805599453)
 _NEG_INF = tl.constexpr(float("-inf"))
 
 # scalars that change between calls: never specialise (no recompiles, no constexpr ints).
-# D stays specialised: its divisibility by 16 lets the head-dim masks keep loads vectorised.
-_NO_SPEC = ["H", "GROUP", "Sq", "Sk", "left", "right", "G", "TUNE_KEY"]
+# D stays specialised: its divisibility by 16 lets the head-dim masks keep loads vectorised;
+# so does the GQA group GROUP: GROUP == 1 (no GQA) drops dK/dV's loop over the group's heads.
+_NO_SPEC = ["H", "Sq", "Sk", "left", "right", "G", "TUNE_KEY"]
 MAX_SPLITS = 64  # split-K decoding: at most this many key slices per query block
+_ROW_STRIDE_LIMIT = 1 << 24  # row strides below this keep in-tile offsets within int32
 
 
 # ---------------------------------------------------------------- shared device helpers
@@ -422,8 +424,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
                                       BLOCK_M, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    qT_tile = offs_m.to(tl.int64)[None, :] * stride_qm + offs_d[:, None]  # (BLOCK_D, BLOCK_M)
-    do_tile = offs_m.to(tl.int64)[:, None] * stride_dm + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    # in-tile offsets in int32 (the launcher guarantees BLOCK_M row strides fit): two int64
+    # (BLOCK_M, BLOCK_D) tiles held across the loops cost 64 registers, and at D = 128 the
+    # non-causal / global-token variant spilled; the tile bases below are int64
+    qT_tile = offs_m[None, :] * stride_qm + offs_d[:, None]  # (BLOCK_D, BLOCK_M)
+    do_tile = offs_m[:, None] * stride_dm + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
     for gi in range(0, GROUP):
         h64 = hk64 * GROUP + gi
         bh = b64 * H + h64
@@ -508,7 +513,7 @@ else:
         # sm_80: every 128-key config spilled 0.7-4.9 KB
         "sm80": ((64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
         # fp32: K and V stay in registers as FMA operands: 16 x 32 tiles (32 x 32 spilled)
-        "fp32": ((16, 32, 8, 2), (32, 16, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)),
+        "fp32": ((16, 32, 8, 2), (32, 16, 8, 2), (16, 32, 4, 2)),
     }
 
 
@@ -678,6 +683,10 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
     BLOCK_D = _block_d(D)
     sq, sk = _seq_args(seqlens_q, seqlens_k, q)
     lse = lse.contiguous()
+    # the dK/dV kernel computes offsets inside a query tile in int32 (row index < 128 times the
+    # row stride): rows further apart than 2^24 elements are copied first
+    if max(q.stride(2), dout.stride(2)) >= _ROW_STRIDE_LIMIT:
+        q, dout = q.contiguous(), dout.contiguous()
     flags = dict(HAS_SQ=seqlens_q is not None, HAS_SK=seqlens_k is not None,
                  CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype))
 

@@ -41,19 +41,19 @@ SCRIPT = textwrap.dedent("""
             L.lora_forward(x, w, None, a, b, torch.ones(1), None)
             L.lora_backward(x.new_empty(M, N), x, w, a, b, torch.ones(1), None, True, True, True)
 
-    def window():  # lengths, windows, global tokens, heads and GQA groups vary; D = 64, causal
-        for B, H, Hkv, S, win, G in [(1, 12, 12, 113, 64, 0), (2, 8, 2, 1000, 256, 1),
+    def window():  # lengths, windows, global tokens, heads, GQA groups vary; D = 64, causal, GQA
+        for B, H, Hkv, S, win, G in [(1, 12, 6, 113, 64, 0), (2, 8, 2, 1000, 256, 1),
                                      (1, 16, 4, 4096, 1024, 4), (3, 4, 1, 2049, 16, 0)]:
             q, k = torch.randn(B, H, S, 64, dtype=bf), torch.randn(B, Hkv, S, 64, dtype=bf)
             _, lse = W.window_attention_fwd(q, k, k, None, None, win, 0, True, G, 0.125)
             W.window_attention_bwd(q, q, k, k, q, lse, None, None, win, 0, True, G, 0.125)
 
     def decode():  # one new token against caches of different fills and head counts
-        for B, H, Hkv, Sk in [(1, 32, 8, 4096), (4, 8, 8, 700), (2, 16, 2, 100000)]:
+        for B, H, Hkv, Sk in [(1, 32, 8, 4096), (4, 8, 2, 700), (2, 16, 2, 100000)]:
             q, k = torch.randn(B, H, 1, 128, dtype=bf), torch.randn(B, Hkv, Sk, 128, dtype=bf)
             W.window_attention_fwd(q, k, k, None, None, -1, 0, True, 4, 0.09)
 
-    def cross():  # text lengths and image token counts vary (looped K), per-sample lengths
+    def cross():  # text lengths, image token counts (looped K), heads vary; no GQA
         for B, H, Sq, Sk in [(2, 8, 100, 577), (1, 12, 4097, 1025), (3, 8, 1000, 729)]:
             q, k = torch.randn(B, H, Sq, 128, dtype=bf), torch.randn(B, H, Sk, 128, dtype=bf)
             sq, sk = torch.full((B,), Sq), torch.full((B,), Sk - 3)

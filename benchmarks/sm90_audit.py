@@ -209,54 +209,56 @@ def _lora(rec, level, dtypes):
         L.lora_forward(x[:64], w, torch.randn(4096, dtype=dt), a, b, s, ids[:64])
 
 
+def _dims_dtypes(rec, level, dtypes):
+    """(D, dtype) pairs of an attention op's sweep; sets whether every config is recorded."""
+    for D in (64, 128, 256) if level == "full" else (128,):
+        for dt in dtypes:
+            rec.default_only = not _every(level, dt)
+            yield D, dt
+
+
 def _window(rec, level, dtypes):
     import torch
     from mmcore.kernels import window_attention as W
-    dims = (64, 128, 256) if level == "full" else (128,)
-    for D in dims:
-        for dt in dtypes:
-            rec.default_only = not _every(level, dt)
-            q, k = torch.randn(1, 16, 4096, D, dtype=dt), torch.randn(1, 4, 4096, D, dtype=dt)
-            rec.label = f"window fwd D={D} {dt}"
-            _, lse = W.window_attention_fwd(q, k, k, None, None, 4096, 0, True, 0, D ** -0.5)
-            rec.label = f"window bwd D={D} {dt}"
-            W.window_attention_bwd(q, q, k, k, q, lse, None, None, 4096, 0, True, 0, D ** -0.5)
-            if level == "smoke" or not _extras(level, dt, dtypes):
-                continue
-            # non-causal, per-sample lengths, global tokens: other constexpr variants
-            rec.default_only = level != "full"
-            lens = torch.tensor([4096])
-            rec.label = f"window fwd lens+G D={D} {dt}"
-            _, lse = W.window_attention_fwd(q, k, k, lens, lens, 256, 256, False, 2, D ** -0.5)
-            rec.label = f"window bwd lens+G D={D} {dt}"
-            W.window_attention_bwd(q, q, k, k, q, lse, lens, lens, 256, 256, False, 2,
-                                   D ** -0.5)
-            rec.label = f"window decode D={D} {dt}"
-            W.window_attention_fwd(q[:, :, :1], k, k, None, lens, 4096, 0, True, 0, 0.1)
-            W.window_attention_fwd(q[:, :, :1], k[:, :, :64], k[:, :, :64], None, None, 4096,
-                                   0, True, 0, 0.1)  # a single split: no combine
+    for D, dt in _dims_dtypes(rec, level, dtypes):
+        q, k = torch.randn(1, 16, 4096, D, dtype=dt), torch.randn(1, 4, 4096, D, dtype=dt)
+        rec.label = f"window fwd D={D} {dt}"
+        _, lse = W.window_attention_fwd(q, k, k, None, None, 4096, 0, True, 0, D ** -0.5)
+        rec.label = f"window bwd D={D} {dt}"
+        W.window_attention_bwd(q, q, k, k, q, lse, None, None, 4096, 0, True, 0, D ** -0.5)
+        if level == "smoke" or not _extras(level, dt, dtypes):
+            continue
+        # non-causal, per-sample lengths, global tokens: other constexpr variants
+        rec.default_only = level != "full"
+        lens = torch.tensor([4096])
+        rec.label = f"window fwd lens+G D={D} {dt}"
+        _, lse = W.window_attention_fwd(q, k, k, lens, lens, 256, 256, False, 2, D ** -0.5)
+        rec.label = f"window bwd lens+G D={D} {dt}"
+        W.window_attention_bwd(q, q, k, k, q, lse, lens, lens, 256, 256, False, 2,
+                               D ** -0.5)
+        rec.label = f"window decode D={D} {dt}"
+        W.window_attention_fwd(q[:, :, :1], k, k, None, lens, 4096, 0, True, 0, 0.1)
+        W.window_attention_fwd(q[:, :, :1], k[:, :, :64], k[:, :, :64], None, None, 4096,
+                               0, True, 0, 0.1)  # a single split: no combine
 
 
 def _cross(rec, level, dtypes):
     import torch
     from mmcore.kernels import cross_attention as C
-    dims = (64, 128, 256) if level == "full" else (128,)
-    for D in dims:
-        for dt in dtypes:
-            rec.default_only = not _every(level, dt)
-            q, k = torch.randn(2, 8, 4096, D, dtype=dt), torch.randn(2, 8, 577, D, dtype=dt)
-            sq, sk = torch.tensor([4096, 3000]), torch.tensor([577, 400])
-            rec.label = f"cross fwd D={D} {dt}"
-            _, lse = C.cross_attention_fwd(q, k, k, sq, sk, D ** -0.5)
-            rec.label = f"cross bwd D={D} {dt}"
-            C.cross_attention_bwd(q, q, k, k, q, lse, sq, sk, D ** -0.5)
-            if level == "smoke" or not _extras(level, dt, dtypes):
-                continue
-            rec.default_only = level != "full"
-            rec.label = f"cross fwd short K D={D} {dt}"  # the whole K/V in one tile
-            C.cross_attention_fwd(q, k[:, :, :49], k[:, :, :49], None, None, D ** -0.5)
-            rec.label = f"co-attention fwd D={D} {dt}"
-            C.co_attention_fwd(q, k, k, sq, sk, k, q, q, sk, sq, D ** -0.5, res_a=q, res_b=k)
+    for D, dt in _dims_dtypes(rec, level, dtypes):
+        q, k = torch.randn(2, 8, 4096, D, dtype=dt), torch.randn(2, 8, 577, D, dtype=dt)
+        sq, sk = torch.tensor([4096, 3000]), torch.tensor([577, 400])
+        rec.label = f"cross fwd D={D} {dt}"
+        _, lse = C.cross_attention_fwd(q, k, k, sq, sk, D ** -0.5)
+        rec.label = f"cross bwd D={D} {dt}"
+        C.cross_attention_bwd(q, q, k, k, q, lse, sq, sk, D ** -0.5)
+        if level == "smoke" or not _extras(level, dt, dtypes):
+            continue
+        rec.default_only = level != "full"
+        rec.label = f"cross fwd short K D={D} {dt}"  # the whole K/V in one tile
+        C.cross_attention_fwd(q, k[:, :, :49], k[:, :, :49], None, None, D ** -0.5)
+        rec.label = f"co-attention fwd D={D} {dt}"
+        C.co_attention_fwd(q, k, k, sq, sk, k, q, q, sk, sq, D ** -0.5, res_a=q, res_b=k)
 
 
 OPS = {"lora": _lora, "window": _window, "cross": _cross}

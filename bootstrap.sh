@@ -3,6 +3,8 @@
 #
 #   ./bootstrap.sh demo   # venv + torch + build, then the long-document reader demo
 #   ./bootstrap.sh test   # venv + torch + build, then the test suite (what CI runs)
+#   ./bootstrap.sh audit  # the full offline compile audit of every Triton kernel (sm_90 and
+#                         # sm_80, every config and dtype) under triton 3.9 and 3.6
 #   ./bootstrap.sh        # set up only
 #
 # torch: a torch already importable by $PYTHON (e.g. a CUDA build) is kept (the venv sees the
@@ -43,6 +45,23 @@ if [ ! -f .mmcore-built ] || [ -n "$(find csrc setup.py -newer .mmcore-built 2>/
   touch .mmcore-built
 fi
 
+# a second environment with triton 3.6 (what torch 2.11 pins) for the offline compile audit:
+# the main venv's packages (torch, ...) through a .pth file, its own triton first on the path
+VENV36=${MMCORE_TRITON36_VENV:-.venv-triton36}
+triton36() {
+  if [ -x "$VENV36/bin/python" ] && "$VENV36/bin/python" -c \
+      "import triton, torch, sys; sys.exit(triton.__version__ != '3.6.0')" 2>/dev/null; then
+    return 0
+  fi
+  echo "[bootstrap] creating $VENV36 (triton==3.6.0 beside the main venv's torch)"
+  "$PYTHON" -m venv --clear "$VENV36" || return 1
+  local sp36
+  sp36=$("$VENV36/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  "$PY" -c "import site, sys; print('\n'.join(p for p in sys.path if p.endswith(('site-packages', 'dist-packages'))))" \
+    > "$sp36/_mmcore_main_venv.pth"
+  "$VENV36/bin/python" -m pip install -q --no-deps "triton==3.6.0"
+}
+
 case "${1:-setup}" in
   demo)
     "$VENV/bin/mmcore" info
@@ -54,7 +73,19 @@ case "${1:-setup}" in
   test)
     shift
     export PYTHONUNBUFFERED=1
+    # tests/test_sm90_audit.py compiles under both Triton versions (its message says what is
+    # missing if this fails)
+    triton36 || echo "[bootstrap] warning: could not create $VENV36" >&2
     "$PY" -m pytest -q -p no:cacheprovider "$@" tests ;;
+  audit)
+    shift
+    triton36
+    rc=0
+    for py in "$PY" "$VENV36/bin/python"; do
+      env -u TRITON_INTERPRET PYTHONPATH="$PWD" "$py" benchmarks/sm90_audit.py --level full \
+        --check --quiet "$@" || rc=1
+    done
+    exit $rc ;;
   setup) ;;
-  *) echo "usage: $0 [demo|test|setup]" >&2; exit 2 ;;
+  *) echo "usage: $0 [demo|test|audit|setup]" >&2; exit 2 ;;
 esac

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune, config_class, smem_budget
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -173,7 +175,14 @@ def _fwd_program(pid_m, bh, Q, K, V, O, OR, R, LSE, SQL, SKL,
 # ----------------------------------------------------------------------------- forward kernels
 
 
-@triton.jit
+# lengths, head counts and autotune buckets are runtime values: one compile per dtype and
+# head dim serves every sequence length (they bound loops and row masks only).  The GQA group
+# G stays specialised: G == 1 (no GQA, the common case) drops the loop over the group's heads
+# in dK/dV (223 registers instead of 242 at D = 128, sm_90)
+_NO_SPEC = ["H", "Sq", "Sk", "SQ_KEY", "SK_KEY"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _cross_fwd_kernel(Q, K, V, O, OR, R, LSE, SQL, SKL,
                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                       sorb, sorh, sorm, srb, srh, srm,
@@ -189,7 +198,8 @@ def _cross_fwd_kernel(Q, K, V, O, OR, R, LSE, SQL, SKL,
                  STORE_ATTN, PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BHA", "HA", "SqA", "SkA", "BHB", "HB", "SqB", "SkB", "SQ_KEY",
+                               "SK_KEY"])
 def _co_fwd_kernel(
         # direction A (e.g. text queries over image keys)
         QA, KA, VA, OA, ORA, RA, LSEA, SQLA, SKLA,
@@ -231,7 +241,7 @@ def _co_fwd_kernel(
 # ----------------------------------------------------------------------------- backward kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                    sdob, sdoh, sdom,
@@ -294,7 +304,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
              dq.to(DQ.dtype.element_ty), mask=(offs_m < Sq)[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hkv", "Sq", "Sk", "Q_PER_SPLIT", "SQ_KEY", "SK_KEY"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SQL, SKL,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                      sd_split, Hkv, G, Sq, Sk, qk_scale, scale, Q_PER_SPLIT, SQ_KEY, SK_KEY,
@@ -375,8 +385,8 @@ def _block_d(D: int) -> int:
 
 
 def _key(S: int) -> int:
-    """Autotune bucket of a length (powers of 2, capped)."""
-    return min(_pow2(max(S, 1)), 1 << 16)
+    """Autotune bucket of a length: powers of 2 from 64 to 16384 (one tuning per bucket)."""
+    return min(max(_pow2(max(S, 1)), 64), 1 << 14)
 
 
 def _prec(dtype):
@@ -385,78 +395,111 @@ def _prec(dtype):
     return "upcast" if (_interpret() and dtype == torch.bfloat16) else None
 
 
-def _single_limit(block_d: int) -> int:
+def _single_limit(block_d: int, fp32: bool = False) -> int:
     """Largest key tile kept whole on chip for one program (K and V both resident)."""
+    if fp32:  # no tensor cores: the score tile and both operands sit in registers
+        return 64 if block_d <= 64 else 32
     return 128 if block_d <= 64 else (64 if block_d <= 128 else 32)
 
 
-def _fwd_heur_n(nargs_sk, block_d):
+def _fwd_heur_n(nargs_sk, block_d, fp32=False):
     """(BLOCK_N, SINGLE) for a problem with Sk keys: the whole K/V when it fits, else a loop."""
     if _interpret():
         bn = max(16, _pow2(nargs_sk))
         return (bn, True) if bn <= 32 else (32, False)
-    lim = _single_limit(block_d)
+    lim = _single_limit(block_d, fp32)
     bn = max(16, _pow2(nargs_sk))
     if bn <= lim:
         return bn, True
+    if fp32:
+        return 32, False
     return (128 if block_d <= 64 else 64 if block_d <= 128 else 32), False
 
 
-
-def _gpu_fwd_configs():
-    cs = []
-    # first: the config used without autotuning; (128, 1, 4, 2) spilled registers in an sm_90
-    # compile (24 bytes at D = 64, 136 at D = 128), (128, 1, 8, 2) did not
-    for bm, mb, w, st in ((128, 1, 8, 2), (128, 1, 4, 2), (128, 1, 8, 3), (64, 1, 4, 3),
-                          (64, 2, 4, 2), (128, 2, 8, 2), (64, 1, 4, 2)):
-        cs.append(triton.Config({"BLOCK_M": bm, "M_BLOCKS": mb}, num_warps=w, num_stages=st))
-    return cs
-
-
-def _prune_fwd(configs, named_args, **kwargs):
-    bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-    out = [c for c in configs if not (bd > 128 and c.kwargs["BLOCK_M"] > 64)]
-    return out or configs[-1:]
-
-
-def _gpu_bwd_configs(dkdv=False):
-    cfgs = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2),
-            (32, 32, 4, 1))
-    if dkdv:
-        # dK/dV accumulators (BLOCK_N, D) x 2 next to K and V: at D = 128 every config above
-        # but the 32-row ones spilled registers (sm_90 compile); 8 warps over 32 query rows
-        # first (the config used without autotuning)
-        cfgs = ((32, 128, 8, 2), (32, 64, 8, 2)) + cfgs
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in cfgs]
+# Config lists per class (_autotune.config_class); the first of a class is its default (used
+# without autotuning), chosen from sm_90 / sm_80 compiles at D = 128 (benchmarks/sm90_audit.py)
+# as large tiles that do not spill registers.
+# forward: (BLOCK_M, M_BLOCKS, warps, stages).  16-bit: (128, 1, 4, 2) spilled registers in
+# an sm_90 compile (24 bytes at D = 64, 136 at D = 128), (128, 1, 8, 2) did not.  fp32 (FMA,
+# operands in registers): (32, 1, 4, 2) spilled 600 bytes at D = 128, (64, 1, 8, 2) 424,
+# (16, 2, 4, 2) none.
+_FWD_16 = ((128, 1, 8, 2), (128, 1, 4, 2), (128, 1, 8, 3), (64, 1, 4, 3), (64, 2, 4, 2),
+           (128, 2, 8, 2), (64, 1, 4, 2))
+_FWD = {"sm90": _FWD_16, "sm80": _FWD_16, "fp32": ((16, 2, 4, 2), (16, 1, 4, 2))}
+# backward: (BLOCK_M, BLOCK_N, warps, stages).  dK/dV: accumulators (BLOCK_N, D) x 2 next to
+# K and V: at D = 128 every 16-bit config but the 32-row ones spilled registers on sm_90, so
+# 8 warps over 32 query rows come first; on sm_80, (32, 128, 8, 2) spilled 56 bytes.
+_BWD_16 = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2),
+           (32, 32, 4, 1))
+_DQ = {"sm90": _BWD_16, "sm80": _BWD_16,
+       "fp32": ((32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2))}
+# fp32 dK/dV: K and V resident as FMA operands; (32, 32, 8, 2) spilled 128 bytes at D = 128
+# under triton 3.6 (none under 3.9), (32, 32, 4, 2) 464-672 bytes under both
+_DKDV = {"sm90": ((32, 128, 8, 2), (32, 64, 8, 2)) + _BWD_16,
+         "sm80": ((64, 64, 8, 2), (32, 64, 8, 2)) + _BWD_16,
+         "fp32": ((16, 32, 8, 2), (32, 16, 8, 2), (16, 32, 4, 2))}
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-    if bd > 128:
-        out = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048]
-    elif bd > 64:
-        out = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 8192]
-    else:
-        out = configs
-    return out or configs[-1:]
+def _fwd_cfg(c):
+    return triton.Config({"BLOCK_M": c[0], "M_BLOCKS": c[1]}, num_warps=c[2], num_stages=c[3])
+
+
+def _bwd_cfg(c):
+    return triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2], num_stages=c[3])
+
+
+def _cfg_tuple(c):
+    kw = c.kwargs
+    return (kw["BLOCK_M"], kw.get("M_BLOCKS", kw.get("BLOCK_N")), c.num_warps, c.num_stages)
+
+
+def _prune(kind, table):
+    """The configs of the problem's class (dtype, GPU generation) that fit the head dim and
+    the device's shared memory, the class's default first."""
+
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"] if "Q" in named_args else named_args["QA"]
+        bd, es = kwargs["BLOCK_D"], q.element_size()
+        budget = smem_budget(q.device)
+        by_key = {_cfg_tuple(c): c for c in configs}
+        order = table[config_class(q.dtype, q.device)]
+        out = []
+        for key in order:
+            c = by_key[key]
+            bm, st = c.kwargs["BLOCK_M"], max(c.num_stages, 1)
+            if kind == "fwd":
+                bn = max(kwargs.get("BLOCK_N", 0), kwargs.get("BLOCK_N_A", 0),
+                         kwargs.get("BLOCK_N_B", 0))
+                if bd > 128 and bm > 64:
+                    continue
+                smem = (bm * st + 2 * bn * st) * bd * es  # q blocks, K and V tiles
+            else:
+                bn = c.kwargs["BLOCK_N"]
+                if bm * bn > (2048 if bd > 128 else 8192 if bd > 64 else 1 << 30):
+                    continue
+                smem = (2 * bn + 2 * bm * st) * bd * es if kind == "dkdv" else \
+                    (2 * bm + 2 * bn * st) * bd * es
+            if smem <= budget:
+                out.append(c)
+        return out or [by_key[order[-1]]]
+
+    return prune
 
 
 _KEY = ["SQ_KEY", "SK_KEY", "D"]
-_PRUNE_F = {"early_config_prune": _prune_fwd, "perf_model": None, "top_k": None}
-_PRUNE_B = {"early_config_prune": _prune_bwd, "perf_model": None, "top_k": None}
 
 
-def _tuned(kernel, configs, prune):
+def _tuned(kernel, kind, table, make):
     if _interpret():
         return kernel
-    return triton.autotune(configs=configs, key=_KEY, prune_configs_by=prune)(kernel)
+    keys = list(dict.fromkeys(k for ks in table.values() for k in ks))
+    return autotune([make(c) for c in keys], _KEY, _prune(kind, table))(kernel)
 
 
-_fwd = _tuned(_cross_fwd_kernel, _gpu_fwd_configs(), _PRUNE_F)
-_co_fwd = _tuned(_co_fwd_kernel, _gpu_fwd_configs(), _PRUNE_F)
-_dq = _tuned(_bwd_dq_kernel, _gpu_bwd_configs(), _PRUNE_B)
-_dkdv = _tuned(_bwd_dkdv_kernel, _gpu_bwd_configs(dkdv=True), _PRUNE_B)
+_fwd = _tuned(_cross_fwd_kernel, "fwd", _FWD, _fwd_cfg)
+_co_fwd = _tuned(_co_fwd_kernel, "fwd", _FWD, _fwd_cfg)
+_dq = _tuned(_bwd_dq_kernel, "dq", _DQ, _bwd_cfg)
+_dkdv = _tuned(_bwd_dkdv_kernel, "dkdv", _DKDV, _bwd_cfg)
 
 _INTERP_FWD = {"BLOCK_M": 32, "M_BLOCKS": 2}
 _INTERP_BWD = {"BLOCK_M": 32, "BLOCK_N": 32}
@@ -496,7 +539,7 @@ def cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, residual=None, sto
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     bd = _block_d(D)
-    bn, single = _fwd_heur_n(Sk, bd)
+    bn, single = _fwd_heur_n(Sk, bd, q.dtype == torch.float32)
     has_res = residual is not None
     o = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device) \
         if (store_attn or not has_res) else None
@@ -540,7 +583,7 @@ def co_attention_fwd(qa, ka, va, sqa, ska, qb, kb, vb, sqb, skb, scale, res_a=No
         orr = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device) if has_res else None
         lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
         args, m = _direction_args(q, k, v, o if o is not None else orr, orr, r, lse, sq, sk)
-        bn, single = _fwd_heur_n(k.shape[2], bd)
+        bn, single = _fwd_heur_n(k.shape[2], bd, q.dtype == torch.float32)
         packs.append((args, m, bn, single))
         outs.append((o, lse, orr))
     (a_args, ma, bna, sa), (b_args, mb, bnb, sb) = packs

@@ -25,7 +25,7 @@ adapter -1 (base only) skip the low-rank term.
 Backward for a frozen base (never dW):
     dx = dy W + s (dy B) A      -> ``_lora_mm_kernel`` (T = dy B written once for dA)
     dA = s (dy B)ᵀ x            -> ``_seg_outer_kernel`` per adapter segment
-    dB = s dyᵀ (x Aᵀ)           -> ``_rows_lowrank_kernel`` (x Aᵀ) + ``_seg_outer_kernel``
+    dBᵀ = s (x Aᵀ)ᵀ dy          -> ``_rows_lowrank_kernel`` (x Aᵀ) + ``_seg_outer_kernel``
 The segment reductions are split over rows (SPLIT programs per output tile, fp32 partials
 summed afterwards: deterministic, no atomics).
 
@@ -39,6 +39,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ._autotune import autotune, config_class, smem_budget
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET_UPCAST = tl.constexpr(_INTERPRET)
@@ -90,16 +92,6 @@ def _dot_hi_lo_acc(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _dot_hi_lo_b_acc(a, b, acc, IEEE: tl.constexpr):
-    """acc + a (any dtype) @ b (fp32), b split as in _dot_hi_lo_acc."""
-    if IEEE:
-        return _dot_acc(a, b, acc, IEEE)
-    else:
-        hi, lo = _hi_lo(b, a.dtype)
-        return _dot_acc(a, lo, _dot_acc(a, hi, acc, IEEE), IEEE)
-
-
-@triton.jit
 def _tile_rows(TILES, PERM, pid_m, M, BLOCK_M: tl.constexpr, HAS_MAP: tl.constexpr):
     """-> (adapter, rows (BLOCK_M,) int64, row mask, empty) of row tile pid_m."""
     offs = tl.arange(0, BLOCK_M).to(tl.int64)
@@ -119,12 +111,17 @@ def _tile_rows(TILES, PERM, pid_m, M, BLOCK_M: tl.constexpr, HAS_MAP: tl.constex
     return adapter, rows, rmask, lo >= hi
 
 
-@triton.jit
+# sizes are runtime values: one compile serves every M and rank (the row count and rank only
+# bound loops and row masks).  N and K keep Triton's divisibility-by-16 hint: they bound the
+# masks along the contiguous dims, and without the hint masked loads / stores are not
+# vectorised; a model whose widths are multiples of 16 compiles once per flag set.
+@triton.jit(do_not_specialize=["M", "R", "NUM_TILES", "sln", "stm", "N_KEY", "K_KEY",
+                               "M_BUCKET"])
 def _lora_mm_kernel(
     X, W, BIAS, AOP, LOP, S, OUT, T_BUF, PERM, TILES, IDS,
     M, N, K, R, NUM_TILES,
     sxm, sxk, swk, swn, saa, sak, sar, sla, slr, sln, som, son, stm,
-    M_BUCKET,
+    N_KEY, K_KEY, M_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MAP: tl.constexpr, FUSE_T: tl.constexpr,
     WRITE_T: tl.constexpr, PER_ROW: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -149,10 +146,14 @@ def _lora_mm_kernel(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
+    offs_k64 = offs_k.to(tl.int64)  # times a row stride (dx: W's), which may be large
     offs_r = tl.arange(0, BLOCK_R)
-    x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxk
-    w_ptrs = W + offs_k[:, None] * swk + offs_n[None, :] * swn
-    a_ptrs = AOP + a64 * saa + offs_k[:, None] * sak + offs_r[None, :] * sar
+    x_ptrs = X + rows[:, None] * sxm + offs_k64[None, :] * sxk
+    w_ptrs = W + offs_k64[:, None] * swk + offs_n[None, :] * swn
+    a_ptrs = AOP + a64 * saa + offs_k64[:, None] * sak + offs_r.to(tl.int64)[None, :] * sar
+    x_step = tl.cast(sxk, tl.int64) * BLOCK_K
+    w_step = tl.cast(swk, tl.int64) * BLOCK_K
+    a_step = tl.cast(sak, tl.int64) * BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -164,9 +165,9 @@ def _lora_mm_kernel(
         if FUSE_T:
             at = tl.load(a_ptrs, mask=kmask[:, None] & (offs_r[None, :] < r_eff), other=0.0)
             t += _dot(xt, at, IEEE)
-            a_ptrs += BLOCK_K * sak
-        x_ptrs += BLOCK_K * sxk
-        w_ptrs += BLOCK_K * swk
+            a_ptrs += a_step
+        x_ptrs += x_step
+        w_ptrs += w_step
 
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -208,7 +209,7 @@ def _lora_mm_kernel(
              acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R", "stm"])
 def _rows_lowrank_kernel(
     X, AOP, T_BUF, PERM, TILES, M, K, R,
     sxm, sxk, saa, sak, sar, stm,
@@ -226,22 +227,25 @@ def _rows_lowrank_kernel(
         return
     a64 = adapter.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_k64 = offs_k.to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxk
-    a_ptrs = AOP + a64 * saa + offs_k[:, None] * sak + offs_r[None, :] * sar
+    x_ptrs = X + rows[:, None] * sxm + offs_k64[None, :] * sxk
+    a_ptrs = AOP + a64 * saa + offs_k64[:, None] * sak + offs_r.to(tl.int64)[None, :] * sar
+    x_step = tl.cast(sxk, tl.int64) * BLOCK_K
+    a_step = tl.cast(sak, tl.int64) * BLOCK_K
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kmask = (k0 + offs_k) < K
         xt = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
         at = tl.load(a_ptrs, mask=kmask[:, None] & (offs_r[None, :] < R), other=0.0)
         t += _dot(xt, at, IEEE)
-        x_ptrs += BLOCK_K * sxk
-        a_ptrs += BLOCK_K * sak
+        x_ptrs += x_step
+        a_ptrs += a_step
     tl.store(T_BUF + rows[:, None] * stm + offs_r[None, :], t,
              mask=rmask[:, None] & (offs_r[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "stm"])
 def _rows_gather_kernel(
     X, AOP, IDS, T_BUF, K, R, sxm, sxk, saa, sak, sar, stm,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -256,21 +260,25 @@ def _rows_gather_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
+        kk = k0 + offs_k.to(tl.int64)
         xt = tl.load(X + m * sxm + kk * sxk, mask=kk < K, other=0.0).to(tl.float32)
-        at = tl.load(AOP + a.to(tl.int64) * saa + kk[None, :] * sak + offs_r[:, None] * sar,
+        at = tl.load(AOP + a.to(tl.int64) * saa + kk[None, :] * sak
+                     + offs_r.to(tl.int64)[:, None] * sar,
                      mask=(kk[None, :] < K) & (offs_r[:, None] < R), other=0.0)
         acc += at.to(tl.float32) * xt[None, :]
     tl.store(T_BUF + m * stm + offs_r, tl.sum(acc, 1), mask=offs_r < R)
 
 
-@triton.jit
+# I is the rank (P is an (M, r) low-rank buffer): it and P's row stride are runtime values,
+# so every rank up to BLOCK_I shares a compile; J (K or N, the contiguous dim of Q and OUT)
+# keeps the divisibility hint
+@triton.jit(do_not_specialize=["M", "I", "NA", "spm", "SPLIT"])
 def _seg_outer_kernel(
     P, Q, OUT, PERM, SEG_START, SEG_COUNT, S,
     M, I, J, NA,
-    spm, spi, sqm, sqj,
-    HAS_MAP: tl.constexpr, CAST_P: tl.constexpr, CAST_Q: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    spm, spi, sqm, sqj, SPLIT,
+    HAS_MAP: tl.constexpr, CAST_P: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """OUT[split, a, i, j] = s_a * sum over rows m of adapter a (this split's share)
     of P[m, i] Q[m, j].  Grid: (NA * tiles_i * tiles_j, SPLIT)."""
@@ -307,8 +315,6 @@ def _seg_outer_kernel(
                      mask=pm[:, None] & jmask[None, :], other=0.0)
         if CAST_P:  # P is the fp32 low-rank buffer, Q the 16-bit input
             acc = _dot_hi_lo_acc(tl.trans(pt), qt, acc, IEEE)
-        elif CAST_Q:
-            acc = _dot_hi_lo_b_acc(tl.trans(pt), qt, acc, IEEE)
         else:
             acc = _dot_acc(tl.trans(pt), qt, acc, IEEE)
     s = tl.load(S + a)
@@ -317,20 +323,39 @@ def _seg_outer_kernel(
              mask=imask[:, None] & jmask[None, :])
 
 
-# ------------------------------------------------------------------ autotuning (Hopper)
+# ------------------------------------------------------------------ autotuning
+
+
+def _cfg(bn, bk, w, st, gm=8):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}, num_warps=w,
+                         num_stages=st)
 
 
 def _mm_configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4,
-                              num_stages=1)]
-    cfgs = []
-    for bn, bk, w, st in ((128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4),
-                          (128, 128, 8, 3), (64, 128, 4, 4), (256, 32, 8, 4), (128, 32, 4, 5),
-                          (64, 32, 4, 3)):
-        cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
-                                  num_stages=st))
-    return cfgs
+        return [_cfg(64, 64, 4, 1, gm=4)]
+    return [_cfg(*c) for c in ((128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4),
+                               (128, 128, 8, 3), (64, 128, 4, 4), (256, 32, 8, 4),
+                               (128, 32, 4, 5), (64, 32, 4, 3), (128, 64, 4, 3),
+                               (64, 64, 8, 3))]
+
+
+def _default_config(bm, cls, br=16, has_map=False, write_t=False):
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) used without autotuning (first after prune),
+    for config class `cls` (_autotune.config_class); each compiles without spills for sm_90 /
+    sm_80 (benchmarks/sm90_audit.py)."""
+    if cls == "fp32":
+        return 64, 32, 4, 3
+    if cls == "sm80" and bm >= 128:
+        # mma.sync keeps more in registers: (256, 32, 8, 4) spilled 3.5 KB on sm_80; the
+        # multi-adapter dx (ids + T written) 16 bytes at 128 x 128
+        return (64, 64, 8, 3) if (has_map and write_t) else (128, 64, 8, 3)
+    if bm >= 128 and br <= 32:  # what the autotuner picked on an H100 at M=8192 (4096², 768x3072)
+        # (the multi-adapter dx spilled 24 bytes with it on sm_90)
+        return (128, 64, 8, 3) if (has_map and write_t) else (256, 32, 8, 4)
+    if bm >= 128:  # unfused rank chunks of 64 in the epilogue: 8 warps (4 spilled, sm_90)
+        return 128, 64, 8, 3
+    return 128, 64, 4, 3
 
 
 def _acc_regs(bm, c, br, per_row, fused):
@@ -345,49 +370,53 @@ def _acc_regs(bm, c, br, per_row, fused):
     return regs // threads
 
 
+def _smem(bm, c, br, fused, es):
+    """Shared memory of the K loop's pipeline: every stage holds an x, a W (and an A) tile."""
+    bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    return max(c.num_stages, 1) * (bm * bk + bk * bn + (bk * br if fused else 0)) * es
+
+
 def _prune(configs, named_args, **kwargs):
     """Keep configs whose tiles fit: 16-bit tensor-core tiles up to ~160 accumulator
     registers per thread (sm_90 compiles of the ones above spilled), fp32 (no tensor cores,
-    operands in registers too) up to 64x64 tiles with BLOCK_K <= 32."""
+    operands in registers too) up to 64x64 tiles with BLOCK_K <= 32, and the pipeline within
+    the device's shared memory.  The default config comes first."""
     N = named_args["N"]
+    x = named_args["X"]
     bm = kwargs.get("BLOCK_M", 128)
     br = kwargs.get("BLOCK_R", 16)
     per_row, fused = kwargs.get("PER_ROW", False), kwargs.get("FUSE_T", True)
-    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(N))]
-    if named_args["X"].dtype == torch.float32:
+    budget = smem_budget(x.device)
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(N))
+            and _smem(bm, c, br, fused and not per_row, x.element_size()) <= budget]
+    if x.dtype == torch.float32:
         keep = [c for c in keep if c.kwargs["BLOCK_N"] * bm <= 64 * 64
                 and c.kwargs["BLOCK_K"] <= 32]
     else:
         keep = [c for c in keep if _acc_regs(bm, c, br, per_row, fused) <= 160]
+    default = _default_config(bm, config_class(x.dtype, x.device), br,
+                              kwargs.get("HAS_MAP", False), kwargs.get("WRITE_T", False))
+    keep.sort(key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                             c.num_stages) != default)  # stable: the default first
     return keep or configs[-1:]
 
 
-_lora_mm = triton.autotune(
-    configs=_mm_configs(),
-    key=["N", "K", "M_BUCKET", "BLOCK_M", "BLOCK_R", "FUSE_T", "HAS_MAP", "WRITE_T", "PER_ROW"],
-    prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune},
+def _bucket(n):
+    """Autotune bucket of a width: the next power of two (one tuning per bucket)."""
+    return triton.next_power_of_2(max(int(n), 16))
+
+
+_lora_mm = autotune(
+    _mm_configs(),
+    ["N_KEY", "K_KEY", "M_BUCKET", "BLOCK_M", "BLOCK_R", "FUSE_T", "HAS_MAP", "WRITE_T",
+     "PER_ROW"],
+    None if _INTERPRET else _prune,
 )(_lora_mm_kernel)
 
 
 # ------------------------------------------------------------------ launchers
 
 MAX_FUSED_RANK = 64  # above this, T = x Aᵀ is precomputed instead of riding in the K loop
-
-
-def _autotune():
-    """MMCORE_AUTOTUNE=0: one heuristic config per shape instead of timing every config the
-    first time a shape is seen (tests over many shapes; autotuning is for benchmarks / use)."""
-    return os.environ.get("MMCORE_AUTOTUNE", "1") != "0"
-
-
-def _default_config(bm, dtype, br=16):
-    if dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    if bm >= 128 and br <= 32:  # what the autotuner picked on an H100 at M=8192 (4096², 768x3072)
-        return dict(BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)
-    if bm >= 128:  # unfused rank chunks of 64 in the epilogue: 8 warps (4 spilled, sm_90)
-        return dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
 
 
 def _block_r(r):
@@ -484,10 +513,7 @@ def _fused_mm(X, Wop, w_strides, bias, aop, a_strides, lop, l_strides, scaling, 
     bm = seg.block_m
     grid = lambda meta: (seg.n_tiles * triton.cdiv(Nout, meta["BLOCK_N"]),)  # noqa: E731
     dummy = out
-    kernel, extra = _lora_mm, {}
-    if not _INTERPRET and not _autotune():
-        kernel, extra = _lora_mm_kernel, _default_config(bm, X.dtype, br)
-    kernel[grid](
+    _lora_mm[grid](
         X, Wop, bias if bias is not None else dummy, aop, lop, scaling, out,
         T if T is not None else dummy, seg.perm if seg.has_map else dummy,
         seg.tiles if seg.has_map else dummy,
@@ -495,11 +521,11 @@ def _fused_mm(X, Wop, w_strides, bias, aop, a_strides, lop, l_strides, scaling, 
         M, Nout, Kdim, R, seg.n_tiles,
         X.stride(0), X.stride(1), *w_strides, *a_strides, *l_strides,
         out.stride(0), out.stride(1), T.stride(0) if T is not None else 0,
-        triton.next_power_of_2(max(M, 16)) if M < 4096 else 4096,
+        _bucket(Nout), _bucket(Kdim), min(_bucket(M), 4096),
         HAS_BIAS=bias is not None, HAS_MAP=seg.has_map, FUSE_T=fuse,
         WRITE_T=bool(fuse and want_t), PER_ROW=per_row_ids is not None,
         IEEE=_ieee(X.dtype),
-        BLOCK_M=bm, BLOCK_R=br, **extra,
+        BLOCK_M=bm, BLOCK_R=br,
     )
     return (out.to(X.dtype) if trunc else out), T
 
@@ -510,13 +536,16 @@ def _num_sms(device):
     return 4
 
 
-def _seg_outer(P, Q, scaling, seg, M, I, J, NA, cast_p, cast_q, out_dtype):
-    """(NA, I, J) out_dtype: out[a] = s_a * P[rows of a]ᵀ @ Q[rows of a]."""
+def _seg_outer(P, Q, scaling, seg, M, I, J, NA):
+    """(NA, I, J) in Q's dtype: out[a] = s_a * P[rows of a]ᵀ @ Q[rows of a], for P (M, I) the
+    fp32 low-rank buffer (I = the rank) and Q (M, J) an input (x or dy)."""
+    out_dtype = Q.dtype
     ieee = _ieee(out_dtype)
+    cast_p = not ieee
     bm = 64
     bi = max(16, min(triton.next_power_of_2(I), 64 if _INTERPRET else 128))
     bj = max(16, min(triton.next_power_of_2(J), 64 if _INTERPRET else 128))
-    if (ieee or cast_p or cast_q) and not _INTERPRET:
+    if not _INTERPRET:
         # fp32 tiles (operands or the hi / lo halves of the fp32 low-rank buffer): 64 wide at
         # most, the 128x128 tiles spilled registers in an sm_90 compile at r = 128
         bi, bj = min(bi, 64), min(bj, 64)
@@ -530,9 +559,9 @@ def _seg_outer(P, Q, scaling, seg, M, I, J, NA, cast_p, cast_q, out_dtype):
         P, Q, part, seg.perm if seg.has_map else dummy,
         seg.seg_start if seg.has_map else dummy, seg.seg_count if seg.has_map else dummy,
         scaling, M, I, J, NA,
-        P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
-        HAS_MAP=seg.has_map, CAST_P=cast_p, CAST_Q=cast_q, IEEE=ieee,
-        SPLIT=split, BLOCK_M=bm, BLOCK_I=bi, BLOCK_J=bj,
+        P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), split,
+        HAS_MAP=seg.has_map, CAST_P=cast_p, IEEE=ieee,
+        BLOCK_M=bm, BLOCK_I=bi, BLOCK_J=bj,
         num_warps=4, num_stages=1 if _INTERPRET else 3,
     )
     out = part[0] if split == 1 else part.sum(0)
@@ -602,7 +631,6 @@ def lora_backward(dy, x, weight, lora_a, lora_b, scaling, adapter_ids,
             lora_bt, b_as_aop,
             lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
             scaling, seg, M, K, N, R, want_t=need_da)
-    low = dy.dtype != torch.float32
     NA = A if seg.has_map else 1  # without ids only adapter 0 has rows
     # the (M, r) low-rank products are memory bound: 32-row tiles give the GPU 4x the
     # programs of the GEMM's 128-row tiles (not re-measured; see README, "LoRA kernels")
@@ -610,10 +638,11 @@ def lora_backward(dy, x, weight, lora_a, lora_b, scaling, adapter_ids,
     if need_da:
         if T is None:
             T = _lowrank_rows(dy, lora_bt, b_as_aop, R, seg_lr, M, N)
-        da = _pad_adapters(_seg_outer(T, x, scaling, seg, M, R, K, NA, low, False, x.dtype), A)
+        da = _pad_adapters(_seg_outer(T, x, scaling, seg, M, R, K, NA), A)
     if need_db:
         XA = _lowrank_rows(x, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
                            R, seg_lr, M, K)
-        db = _pad_adapters(_seg_outer(dy, XA, scaling, seg, M, N, R, NA, False, low, x.dtype),
-                           A)
+        # dB (N, r) = s dyᵀ XA, computed as its transpose (r, N) = s XAᵀ dy: the same kernel
+        # variant as dA (the fp32 low-rank buffer on the left)
+        db = _pad_adapters(_seg_outer(XA, dy, scaling, seg, M, R, N, NA).transpose(1, 2), A)
     return dx, da, db

@@ -20,7 +20,7 @@ blocks when the key block holds global keys).  Both lists are walked as one loop
 
 Kernels
   _fwd_kernel       online softmax, fp32 accumulators, lse in fp32 (natural log); with
-                    NUM_SPLITS > 1 each program takes a slice of the key blocks and writes
+                    SPLIT_K each program takes a slice of the key blocks and writes
                     fp32 partials that _combine_kernel merges by lse (split-K decoding).
   _bwd_delta_kernel delta = rowsum(dO * O)
   _bwd_dq_kernel    one program per query block, loops over its key blocks
@@ -45,9 +45,9 @@ import triton.language as tl
 
 __all__ = ["window_attention_fwd", "window_attention_bwd", "DECODE_MAX_SQ"]
 
+from ._autotune import autotune, config_class, smem_budget
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# MMCORE_TRITON_AUTOTUNE=0: take the first config that fits instead of benchmarking them
-_AUTOTUNE = os.environ.get("MMCORE_TRITON_AUTOTUNE", "1") != "0" and not _INTERPRET
 
 _UNBOUNDED = 1 << 30  # a window side of -1 (unbounded) becomes this many positions
 LOG2E = 1.4426950408889634
@@ -58,8 +58,11 @@ _LN2 = tl.constexpr(0.6931471805599453)
 _NEG_INF = tl.constexpr(float("-inf"))
 
 # scalars that change between calls: never specialise (no recompiles, no constexpr ints).
-# D stays specialised: its divisibility by 16 lets the head-dim masks keep loads vectorised.
-_NO_SPEC = ["H", "GROUP", "Sq", "Sk", "left", "right", "G", "TUNE_KEY"]
+# D stays specialised: its divisibility by 16 lets the head-dim masks keep loads vectorised;
+# so does the GQA group GROUP: GROUP == 1 (no GQA) drops dK/dV's loop over the group's heads.
+_NO_SPEC = ["H", "Sq", "Sk", "left", "right", "G", "TUNE_KEY"]
+MAX_SPLITS = 64  # split-K decoding: at most this many key slices per query block
+_ROW_STRIDE_LIMIT = 1 << 24  # row strides below this keep in-tile offsets within int32
 
 
 # ---------------------------------------------------------------- shared device helpers
@@ -181,17 +184,18 @@ def _lengths(SEQ_Q, SEQ_K, b, Sq, Sk, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr
 # ---------------------------------------------------------------- forward
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
+# (the lse strides follow Sq: unspecialised too, they only place one (BLOCK_M,) row)
+@triton.jit(do_not_specialize=_NO_SPEC + ["n_splits", "stride_lb", "stride_lh"])
 def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
                 stride_qb, stride_qh, stride_qm,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_os, stride_om,
                 stride_lb, stride_lh, stride_ls,
-                H, GROUP, Sq, Sk, D, left, right, G, qk_scale, TUNE_KEY,
+                H, GROUP, Sq, Sk, D, left, right, G, qk_scale, TUNE_KEY, n_splits,
                 HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                NUM_SPLITS: tl.constexpr, PREC: tl.constexpr):
+                SPLIT_K: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -217,8 +221,8 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
     lo, n_win, n_glob = _key_blocks(start_m, Lq, Lk, off, left, right, G, CAUSAL,
                                     BLOCK_M, BLOCK_N)
     n_tot = n_glob + n_win
-    if NUM_SPLITS > 1:
-        per = (n_tot + NUM_SPLITS - 1) // NUM_SPLITS
+    if SPLIT_K:
+        per = (n_tot + n_splits - 1) // n_splits
         t0 = pid_s * per
         t1 = tl.minimum(t0 + per, n_tot)
     else:
@@ -236,12 +240,11 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
         kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
         n64 = start_n.to(tl.int64)
         k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PREC)  # (BLOCK_M, BLOCK_N)
-        if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M, BLOCK_N):
-            s = s * qk_scale
-        else:
+        s = _dot(q, tl.trans(k), PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if not _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
+                           BLOCK_M, BLOCK_N):
             ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
-            s = tl.where(ok, s * qk_scale, _NEG_INF)
+            s = tl.where(ok, s, _NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row with nothing seen yet
         p = tl.exp2(s - m_use[:, None])  # masked -> exactly 0
@@ -263,21 +266,22 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
     tl.store(l_ptrs, lse, mask=offs_m < Sq)
 
 
-@triton.jit(do_not_specialize=["Sq"])
-def _combine_kernel(OP, LP, O, LSE, Sq, D,
-                    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge split-K partials: OP (BH, S, Sq, D) fp32 normalised, LP (BH, S, Sq) -> O, LSE."""
+@triton.jit(do_not_specialize=["Sq", "n_splits"])
+def _combine_kernel(OP, LP, O, LSE, Sq, D, n_splits,
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge split-K partials: OP (BH, S, Sq, D) fp32 normalised, LP (BH, S, Sq) -> O, LSE
+    (S = n_splits <= BLOCK_S, a runtime value: one compile serves every split count)."""
     row = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < NUM_SPLITS
-    lp = tl.load(LP + bh * NUM_SPLITS * Sq + offs_s * Sq + row, mask=s_ok, other=_NEG_INF)
+    s_ok = offs_s < n_splits
+    lp = tl.load(LP + bh * n_splits * Sq + offs_s * Sq + row, mask=s_ok, other=_NEG_INF)
     m = tl.max(lp, 0)
     m_use = tl.where(m == _NEG_INF, 0.0, m)
     w = tl.exp(lp - m_use)  # -inf -> 0
     tot = tl.sum(w, 0)
-    op = tl.load(OP + (bh * NUM_SPLITS * Sq + offs_s[:, None] * Sq + row) * D + offs_d[None, :],
+    op = tl.load(OP + (bh * n_splits * Sq + offs_s[:, None] * Sq + row) * D + offs_d[None, :],
                  mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     out = tl.sum(op * w[:, None], 0) / tl.where(tot == 0.0, 1.0, tot)
     lse = tl.where(tot == 0.0, _NEG_INF, m_use + tl.log(tl.where(tot == 0.0, 1.0, tot)))
@@ -367,12 +371,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K,
         n64 = start_n.to(tl.int64)
         k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
         v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PREC)
-        if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M, BLOCK_N):
-            s = s * qk_scale
-        else:
+        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        if not _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
+                           BLOCK_M, BLOCK_N):
             ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
-            s = tl.where(ok, s * qk_scale, _NEG_INF)
+            s = tl.where(ok, s, _NEG_INF)
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
@@ -421,8 +424,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
                                       BLOCK_M, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    qT_tile = offs_m.to(tl.int64)[None, :] * stride_qm + offs_d[:, None]  # (BLOCK_D, BLOCK_M)
-    do_tile = offs_m.to(tl.int64)[:, None] * stride_dm + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    # in-tile offsets in int32 (the launcher guarantees BLOCK_M row strides fit): two int64
+    # (BLOCK_M, BLOCK_D) tiles held across the loops cost 64 registers, and at D = 128 the
+    # non-causal / global-token variant spilled; the tile bases below are int64
+    qT_tile = offs_m[None, :] * stride_qm + offs_d[:, None]  # (BLOCK_D, BLOCK_M)
+    do_tile = offs_m[:, None] * stride_dm + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
     for gi in range(0, GROUP):
         h64 = hk64 * GROUP + gi
         bh = b64 * H + h64
@@ -441,14 +447,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
             lse = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)
             delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
-            sT = _dot(k, qT, PREC)  # (BLOCK_N, BLOCK_M)
-            if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
-                           BLOCK_M, BLOCK_N):
-                sT = sT * qk_scale
-            else:
+            sT = _dot(k, qT, PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+            if not _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
+                               BLOCK_M, BLOCK_N):
                 ok = _allowed(rows[None, :], offs_n[:, None], off, Lq, Lk, left, right, G,
                               CAUSAL)
-                sT = tl.where(ok, sT * qk_scale, _NEG_INF)
+                sT = tl.where(ok, sT, _NEG_INF)
             pT = tl.exp2(sT - lse2[None, :])
             dv += _dot(pT.to(do.dtype), do, PREC)
             dpT = _dot(v, tl.trans(do), PREC)
@@ -469,37 +473,65 @@ def _cfg(m, n, w, s):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
 
+def _key_of(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) per config class (_autotune.config_class): the first of a
+# class is its default (used without autotuning), chosen from sm_90 / sm_80 compiles at
+# D = 128 (benchmarks/sm90_audit.py) as the largest tiles that keep every variant free of
+# register spills; the small ones stay for D = 256, where big tiles do not fit.
 if _INTERPRET:
     # the interpreter runs every config it is given: one small config
     # (asymmetric blocks, so that a BLOCK_M / BLOCK_N mix-up cannot pass the tests)
-    _FWD_CONFIGS = [_cfg(32, 64, 4, 1)]
-    _DQ_CONFIGS = [_cfg(64, 32, 4, 1)]
-    _DKDV_CONFIGS = [_cfg(32, 64, 4, 1)]
+    _FWD = {"any": ((32, 64, 4, 1),)}
+    _DQ = {"any": ((64, 32, 4, 1),)}
+    _DKDV = {"any": ((32, 64, 4, 1),)}
 else:
-    # Hopper-sized first; the small ones stay for D = 256 / fp32, where big tiles do not fit
-    _FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2),
-                    _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 1)]
-    _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 32, 4, 3),
-                   _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 1)]
-    # (32, 128, 8, 2) and (32, 64, 8, 2): the D = 128 configs that compile for sm_90 without
-    # spilling registers (the others spill 56-1168 bytes at D = 128; at D = 64 they do not);
-    # the first is also the one used without autotuning
-    _DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3),
-                     _cfg(64, 64, 4, 2), _cfg(32, 64, 8, 2), _cfg(32, 64, 4, 2),
-                     _cfg(32, 32, 4, 1)]
+    _FWD = {
+        "sm90": ((128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                 (64, 32, 4, 2), (32, 32, 4, 1)),
+        "sm80": ((128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2),
+                 (32, 32, 4, 1)),
+        # fp32 (FMA): operands must stream through shared memory (>= 2 stages); one stage
+        # spilled 450 bytes at D = 128, (64, 64, 4, 3) 900
+        "fp32": ((64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
+    }
+    _DQ = {
+        "sm90": ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 2),
+                 (32, 32, 4, 1)),
+        # (128, 64, 8, 2) spilled 1.7 KB on sm_80 (mma.sync keeps more in registers)
+        "sm80": ((64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2),
+                 (32, 32, 4, 1)),
+        "fp32": ((64, 32, 8, 2), (32, 32, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
+    }
+    _DKDV = {
+        # (32, 128, 8, 2) and (32, 64, 8, 2): the D = 128 configs that compile for sm_90
+        # without spilling registers (the others spill 56-1168 bytes at D = 128)
+        "sm90": ((32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 2),
+                 (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
+        # sm_80: every 128-key config spilled 0.7-4.9 KB
+        "sm80": ((64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
+        # fp32: K and V stay in registers as FMA operands: 16 x 32 tiles (32 x 32 spilled)
+        "fp32": ((16, 32, 8, 2), (32, 16, 8, 2), (16, 32, 4, 2)),
+    }
 
-_SMEM_BUDGET = 224 * 1024  # Hopper: 227 KB of shared memory per block, a little kept back
 
-
-def _prune(kind):
-    """Drop configs whose tiles cannot fit shared memory (rough count); without autotuning
-    keep only the first that fits."""
+def _prune(kind, table):
+    """The configs of the problem's class (dtype, GPU generation) whose tiles fit the device's
+    shared memory (count below), the class's default first.  MMCORE_TRITON_AUTOTUNE=0 takes
+    the first kept."""
 
     def prune(configs, named_args, **kwargs):
         bd = kwargs["BLOCK_D"]
-        es = named_args["Q"].element_size()
+        q = named_args["Q"]
+        es = q.element_size()
+        budget = smem_budget(q.device)
+        by_key = {_key_of(c): c for c in configs}
+        order = table.get(config_class(q.dtype, q.device)) or table["any"]
         keep = []
-        for c in configs:
+        for key in order:
+            c = by_key[key]
             # num_stages buffers of each streamed tile: this count matched the shared memory
             # of sm_90 compiles exactly (16-bit, D = 64..256); the (stages - 1) count used
             # before let D = 256 configs through that need 256-320 KB and cannot launch
@@ -510,22 +542,23 @@ def _prune(kind):
                 smem = (2 * m + 2 * n * st) * bd * es
             else:  # k, v resident, q, do streamed
                 smem = (2 * n + 2 * m * st) * bd * es
-            if smem <= _SMEM_BUDGET:
+            if smem <= budget:
                 keep.append(c)
-        keep = keep or configs[-1:]
-        return keep if _AUTOTUNE else keep[:1]
+        return keep or [by_key[order[-1]]]
 
     return prune
 
 
+def _all(table):
+    """Every config of a table once, for the autotuner (the prune picks a class's list)."""
+    keys = list(dict.fromkeys(k for ks in table.values() for k in ks))
+    return [_cfg(*k) for k in keys]
+
+
 _KEY = ["BLOCK_D", "TUNE_KEY", "CAUSAL"]  # (+ the dtypes of the tensor arguments)
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY,
-                             prune_configs_by={"early_config_prune": _prune("fwd")})(_fwd_kernel)
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY,
-                            prune_configs_by={"early_config_prune": _prune("dq")})(_bwd_dq_kernel)
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY,
-                              prune_configs_by={"early_config_prune": _prune("dkdv")}
-                              )(_bwd_dkdv_kernel)
+_fwd_tuned = autotune(_all(_FWD), _KEY, _prune("fwd", _FWD))(_fwd_kernel)
+_dq_tuned = autotune(_all(_DQ), _KEY, _prune("dq", _DQ))(_bwd_dq_kernel)
+_dkdv_tuned = autotune(_all(_DKDV), _KEY, _prune("dkdv", _DKDV))(_bwd_dkdv_kernel)
 
 
 # ---------------------------------------------------------------- launchers
@@ -568,7 +601,7 @@ def _num_splits(B, H, Sq, Sk, left, right, G, device, block_n):
         want = triton.cdiv(2 * sms, max(B * H, 1))
     else:  # interpreter: a few splits, so the combine path is exercised
         want = 4
-    return max(1, min(want, n_blocks // 2, 64))
+    return max(1, min(want, n_blocks // 2, MAX_SPLITS))
 
 
 def _store_dtype(dt):
@@ -611,8 +644,8 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
             _fwd_kernel[(1, B * H, 1)](
                 q, k, v, out, lse, sq, sk, *strides,
                 out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
-                H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, 0,
-                BLOCK_M=BM, BLOCK_N=BN, NUM_SPLITS=1, num_warps=warps, num_stages=2, **common)
+                H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, 0, 1,
+                BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=False, num_warps=warps, num_stages=2, **common)
             return out.to(q.dtype), lse
         o_part = torch.empty((B, H, ns, Sq, D), dtype=torch.float32, device=q.device)
         l_part = torch.empty((B, H, ns, Sq), dtype=torch.float32, device=q.device)
@@ -620,18 +653,18 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
             q, k, v, o_part, l_part, sq, sk, *strides,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
             l_part.stride(0), l_part.stride(1), l_part.stride(2),
-            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, 0,
-            BLOCK_M=BM, BLOCK_N=BN, NUM_SPLITS=ns, num_warps=warps, num_stages=2, **common)
-        _combine_kernel[(Sq, B * H)](o_part, l_part, out, lse, Sq, D, NUM_SPLITS=ns,
-                                     BLOCK_S=triton.next_power_of_2(ns), BLOCK_D=BLOCK_D)
+            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, 0, ns,
+            BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=True, num_warps=warps, num_stages=2, **common)
+        _combine_kernel[(Sq, B * H)](o_part, l_part, out, lse, Sq, D, ns,
+                                     BLOCK_S=MAX_SPLITS, BLOCK_D=BLOCK_D)
         return out.to(q.dtype), lse
 
     grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H, 1)  # noqa: E731
     _fwd_tuned[grid](
         q, k, v, out, lse, sq, sk, *strides,
         out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
-        H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, _tune_key(Sq, Sk, left, right, G),
-        NUM_SPLITS=1, **common)
+        H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, _tune_key(Sq, Sk, left, right, G), 1,
+        SPLIT_K=False, **common)
     return out.to(q.dtype), lse
 
 
@@ -650,6 +683,10 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
     BLOCK_D = _block_d(D)
     sq, sk = _seq_args(seqlens_q, seqlens_k, q)
     lse = lse.contiguous()
+    # the dK/dV kernel computes offsets inside a query tile in int32 (row index < 128 times the
+    # row stride): rows further apart than 2^24 elements are copied first
+    if max(q.stride(2), dout.stride(2)) >= _ROW_STRIDE_LIMIT:
+        q, dout = q.contiguous(), dout.contiguous()
     flags = dict(HAS_SQ=seqlens_q is not None, HAS_SK=seqlens_k is not None,
                  CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype))
 

@@ -344,3 +344,61 @@ def test_gpu_decode(M):
 def test_gpu_multi_adapter(M, A):
     ids = torch.randint(-1, A, (M,), device="cuda")
     _gpu_case(M, 4096, 4096, 16, A=A, ids=ids)
+
+
+@pytest.mark.gpu
+def test_gpu_regression_rank2_multi_adapter_bf16_illegal_address():
+    """README "Known issue": on an H100 (triton 3.6) the backward's dx kernel hit an illegal
+    memory access (a second run hung) for M=65, K=38, N=30, r=2, A=5 adapters with ids, bf16,
+    128-row tiles, while reading B in place as (N, r) rows of r = 2 elements.  B is now read
+    from an (A, r, N) copy.  Compiled here, twice (the second run once hung); the watchdog
+    (tests/watchdog.py) turns a hang into a failure of this test."""
+    for _ in range(2):
+        g = torch.Generator().manual_seed(4)
+        ids = torch.randint(-1, 5, (65,), generator=g).cuda()
+        _run("triton", "cuda", M=65, K=38, N=30, r=2, A=5, dtype=torch.bfloat16, ids=ids)
+        torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_gpu_backward_bitwise_deterministic():
+    """dA / dB are split-row partials summed in a fixed order (no atomics): bitwise equal
+    reruns, multi-adapter with a long segment."""
+    torch.manual_seed(1)
+    M, K, N, r, A = 5000, 1024, 768, 16, 4
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 32
+    la = torch.randn(A, r, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    lb = torch.randn(A, N, r, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    s = torch.rand(A, device="cuda") + 0.5
+    ids = torch.randint(-1, A, (M,), device="cuda")
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+
+    def grads():
+        y = mmcore.lora_linear(x, w, None, la, lb, s, adapter_ids=ids, backend="triton")
+        return torch.autograd.grad(y, (x, la, lb), dy)
+
+    a, b = grads(), grads()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_2_31_elements():
+    """A real x of 2^31 + 2^22 elements (4 GiB bf16): rows past element 2^31 are checked
+    against a float64 oracle of those rows only (the others are the same arithmetic)."""
+    M, K, N, r = (2 ** 31 + 2 ** 22) // 4096, 4096, 256, 16
+    torch.manual_seed(3)
+    x = torch.empty(M, K, device="cuda", dtype=torch.bfloat16).normal_()
+    w = (torch.randn(N, K, device="cuda") / 64).to(torch.bfloat16)
+    la = (torch.randn(r, K, device="cuda") / 64).to(torch.bfloat16)
+    lb = (torch.randn(N, r, device="cuda") / 4).to(torch.bfloat16)
+    with torch.no_grad():
+        y = mmcore.lora_linear(x, w, None, la, lb, 0.5, backend="triton")
+    tail = slice(M - 1024, M)  # rows 2^31 / K + ... : past element 2^31 of x
+    assert (M - 1024) * K > 2 ** 31
+    xs = x[tail]
+    ref = lora_dense(xs.double().cpu(), w.double().cpu(), None, la.double().cpu()[None],
+                     lb.double().cpu()[None], torch.tensor([0.5]).double(), None, torch.float64)
+    base = lora_dense(xs, w, None, la[None], lb[None], torch.tensor([0.5], device="cuda"),
+                      None, torch.bfloat16)
+    assert_close("y rows past 2^31", y[tail], ref, base)

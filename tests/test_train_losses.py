@@ -59,7 +59,7 @@ def test_info_nce_formula_and_learnable_temperature():
     a = torch.randn(B, Dm, generator=g, dtype=D64, requires_grad=True)
     b = torch.randn(B, Dm, generator=g, dtype=D64, requires_grad=True)
     temp = L.LearnableTemperature(init_temperature=0.2)
-    assert abs(float(temp()) - 5.0) < 1e-5  # init: 1 / τ₀
+    assert abs(float(temp().detach()) - 5.0) < 1e-5  # init: 1 / τ₀
     temp = temp.double()
     with torch.no_grad():
         temp.logit_scale.fill_(math.log(5.0))

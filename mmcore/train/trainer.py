@@ -351,7 +351,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{lr:.2e}",
                                     **{cfg.eval_metric: f"{m[cfg.eval_metric]:.4f}"})
             do_save = (cfg.save_every and st["step"] % cfg.save_every == 0) or \
-                (not cfg.save_every and do_eval)
+                (not cfg.save_every and do_eval) or (do_eval and st["best_step"] == st["step"])
             if end_of_epoch:
                 st["epoch"] += 1
                 st["batch_in_epoch"] = 0

@@ -1,7 +1,7 @@
 """Memory of the chunked top-k retrieval over a 1M × 384 gallery (issue 14's target: within
 2 GB of extra memory).
 
-    python benchmarks/retrieval_memory.py [--n 1000000] [--dim 384] [--queries 10000]
+    python benchmarks/retrieval_memory.py [--n 1000000] [--dim 384] [--queries 1000]
 
 The gallery is built the way a task builds it — embeddings added batch by batch to a
 RetrievalIndex (normalised, kept as chunks) — then searched (top-10) and ranked (first
@@ -24,7 +24,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--queries", type=int, default=10_000)
+    ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=65_536, help="gallery embeddings per add()")
     ap.add_argument("--classes", type=int, default=1000)
     a = ap.parse_args(argv)

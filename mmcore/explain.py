@@ -18,6 +18,7 @@ once with return_lse=True (O(N) extra), then only the chosen rows are recomputed
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -174,7 +175,8 @@ def explain_read(out_png: str, *, enc, tokenizer, ids: List[int], span, window,
         for i in range(per.numel() // T):
             tok = per[i * T:(i + 1) * T]
             pic = (pixels[i].cpu().float() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
-            name = str(image_names[i]) if i < len(image_names) else f"image {i}"
+            name = os.path.basename(str(image_names[i])) if i < len(image_names) else \
+                f"image {i}"
             images.append((pic, tok[1:].view(g, g), f"{name}\n(CLS {float(tok[0]):.2f}, "
                                                      f"patches {float(tok[1:].sum()):.2f})"))
             info.append(dict(image=name, cls=float(tok[0]), patches=float(tok[1:].sum())))

@@ -8,7 +8,7 @@ import torch
 
 import mmcore
 from kit import assert_close, attention_cases, case_mask, case_scale, make_attention_inputs, \
-    poison_allocator, window_mask
+    poison_allocator, poison_padding, window_mask
 from kit_memory import LargestTensor
 from mmcore.ops import registry
 from mmcore.ops.attention_maps import co_attention_rows, cross_attention_rows, \
@@ -93,9 +93,11 @@ def test_co_attention_rows_match_oracle(backend):
     dev = _device(backend)
     g = torch.Generator().manual_seed(16)
     B, H, St, Sv, D = 3, 2, 37, 17, 40
-    mk = lambda S: torch.randn(B, H, S, D, generator=g)  # noqa: E731
-    q_t, k_t, v_t, q_v, k_v, v_v = mk(St), mk(St), mk(St), mk(Sv), mk(Sv), mk(Sv)
     lt, lv = torch.tensor([37, 20, 9]), torch.tensor([17, 0, 5])
+    # NaN past each stream's length: padding must never be read
+    mk = lambda S, L: poison_padding(torch.randn(B, H, S, D, generator=g), L, 2).to(dev)  # noqa: E731
+    q_t, k_t, v_t = mk(St, lt), mk(St, lt), mk(St, lt)
+    q_v, k_v, v_v = mk(Sv, lv), mk(Sv, lv), mk(Sv, lv)
     rt, rv = [0, 8, 19, 36], [0, 4, 16]
     p_t, p_v = co_attention_rows(q_t, k_t, v_t, q_v, k_v, v_v, text_rows=rt, image_rows=rv,
                                  text_lengths=lt, image_lengths=lv, backend=backend)

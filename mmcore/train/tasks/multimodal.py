@@ -34,7 +34,7 @@ SMALL_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
 
 # The offline digits recipes (`mmcore train --task T` without data files): LoRA r=8 on the
 # text tower's q/v, the small vision tower, projections and heads trained in full, batch 64.
-DIGITS_DEMO = dict(mode="lora", target_modules=["q", "v"], lr=1e-3, head_lr=2e-3, epochs=8,
+DIGITS_DEMO = dict(mode="lora", target_modules=["q", "v"], lr=1e-3, head_lr=2e-3, epochs=10,
                    batch_size=64, warmup_ratio=0.05, window=0, eval_batch_size=128, keep_last=1,
                    log_every=5, synthetic_sizes=[1257, 180, 360])
 

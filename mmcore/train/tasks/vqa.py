@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Dict
 
-import torch
 from torch import nn
 
 from ...models import MultimodalReader, ReaderConfig, mean_pool

@@ -13,6 +13,7 @@ BENCH_MODULES = {
     "cross_attention": ["bench_cross_attention"],
     "lora_linear": ["bench_lora_linear", "bench_lora_peft"],
     "patch": ["bench_patch"],
+    "train": ["bench_train"],
 }
 
 

@@ -33,18 +33,35 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="print one JSON object of results as the last line")
     from .train.config import TrainConfig
 
+    notes = _field_notes(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in _SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _kind(f)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+            else f.default
+        text = (notes.get(f.name, "") + f" (default {default})").strip()
         if kind is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS)
+                           default=argparse.SUPPRESS, help=text)
         else:
             p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(kind),
-                           type=_parser(f.name, kind))
+                           type=_parser(f.name, kind), help=text)
     return p
+
+
+def _field_notes(cls) -> dict:
+    """The comment after each field of the dataclass's source: one place documents a knob."""
+    import inspect
+    import re
+
+    notes = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            notes[m.group(1)] = m.group(2).replace("%", "%%")
+    return notes
 
 
 def _kind(f):
@@ -95,8 +112,8 @@ def _config(args):
 def run_train(args) -> int:
     from .train.config import TrainConfig
 
-    file_cfg, flags = _config(args)
     try:
+        file_cfg, flags = _config(args)
         if args.resume:
             from .train.checkpoint import find_checkpoint, read_state
 

@@ -33,8 +33,7 @@ def _names(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-HEAD = {"pool.proj.weight", "pool.proj.bias", "pool.score.weight", "pool.score.bias",
-        "head.weight", "head.bias"}
+HEAD = {"pool.proj.weight", "pool.proj.bias", "pool.score.weight", "head.weight", "head.bias"}
 
 
 @pytest.mark.parametrize("bias", ["none", "lora_only", "all"])

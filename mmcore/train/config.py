@@ -21,17 +21,18 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 @dataclass
 class TrainConfig:
     # task and data
-    task: str = "classification"
+    task: str = "classification"  # a registered task, or pkg.module:Class
     model: Optional[str] = None  # BERT-family dir (config.json, safetensors, tokenizer.json)
     train_file: Optional[str] = None  # JSONL / CSV
-    val_file: Optional[str] = None
-    test_file: Optional[str] = None
-    text_field: str = "text"
+    val_file: Optional[str] = None  # JSONL / CSV
+    test_file: Optional[str] = None  # JSONL / CSV
+    text_field: str = "text"  # record fields
     label_field: str = "label"
     image_field: str = "images"
-    synthetic_sizes: list = field(default_factory=lambda: [96, 32, 96])  # no train_file: the
-    synthetic_tokens: list = field(default_factory=lambda: [560, 760])  # generated set's size
-    labels: Optional[list] = None  # label names in order (default: sorted from train)
+    # without train_file: the generated long-document set (train, validation, test documents)
+    synthetic_sizes: list = field(default_factory=lambda: [96, 32, 96])  # generated set: docs
+    synthetic_tokens: list = field(default_factory=lambda: [560, 660])  # generated set: tokens
+    labels: Optional[list] = None  # label names in order (default: sorted from train data)
     max_tokens: Optional[int] = None  # cut documents at this many tokens (None: read whole)
     window: int = 128  # window attention per side in long documents (0: full attention)
     pooling: str = "cls"  # cls | mean | attention
@@ -39,49 +40,49 @@ class TrainConfig:
     task_options: dict = field(default_factory=dict)  # task-specific knobs (each task's doc)
     # mode
     mode: str = "lora"  # lora | bitfit | full | head
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: list = field(default_factory=lambda: ["q", "v"])
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA scaling = lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the LoRA path (peft)
+    target_modules: list = field(default_factory=lambda: ["q", "v"])  # peft: names, or a regex
     lora_bias: str = "none"  # peft's bias: none | lora_only | all
     # objective
-    label_smoothing: float = 0.0
-    class_weights: Optional[list] = None
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    class_weights: Optional[list] = None  # cross-entropy weight per label
     fgm_epsilon: float = 0.0  # > 0: FGM adversarial step on the word embeddings
     # optimisation
-    lr: float = 2e-4
+    lr: float = 2e-4  # peak learning rate
     head_lr: Optional[float] = None  # default: lr
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW (not on biases / LayerNorm)
     betas: tuple = (0.9, 0.999)
-    adam_eps: float = 1e-8
+    adam_eps: float = 1e-8  # AdamW epsilon
     fused: Optional[bool] = None  # None: fused AdamW where torch has it for the device
-    schedule: str = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    epochs: int = 3
-    max_steps: Optional[int] = None
+    schedule: str = "linear"  # linear | cosine | constant, after the warm-up
+    warmup_steps: int = 0  # linear warm-up from 0
+    warmup_ratio: float = 0.0  # warm-up as a fraction of the steps
+    epochs: int = 3  # passes over the training data (unless max_steps)
+    max_steps: Optional[int] = None  # optimizer steps (overrides epochs)
     batch_size: int = 8  # per process and micro-batch; global = batch_size·world·grad_accum
-    grad_accum: int = 1
-    max_grad_norm: Optional[float] = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: Optional[float] = 1.0  # gradient clipping (null: none)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; a GradScaler for fp16)
     # evaluation, stopping, checkpoints
     eval_every: int = 0  # steps; 0 = at the end of each epoch
-    eval_metric: str = "accuracy"
+    eval_metric: str = "accuracy"  # for early stopping and the best checkpoint
     eval_mode: str = "max"  # max | min
     patience: Optional[int] = None  # evaluations without improvement before stopping
     save_every: int = 0  # steps; 0 = at each evaluation
-    keep_last: int = 2
+    keep_last: int = 2  # newest checkpoints kept (plus the best)
     load_best: bool = True  # test with the best checkpoint's weights
-    out_dir: str = "mmcore-train"
+    out_dir: str = "mmcore-train"  # metrics, curves, report, checkpoints
     # run
-    seed: int = 0
-    threads: Optional[int] = None
-    device: str = "cpu"
-    fsdp: bool = False
+    seed: int = 0  # data order, initialisation, dropout
+    threads: Optional[int] = None  # torch CPU threads (default: torch's)
+    device: str = "cpu"  # cpu | cuda
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
     bucket: bool = True  # length-bucketed batches
-    log_every: int = 10
-    progress: bool = True
-    eval_batch_size: Optional[int] = None
+    log_every: int = 10  # steps between train rows of metrics.jsonl
+    progress: bool = True  # progress bar (loss, lr, tokens/s)
+    eval_batch_size: Optional[int] = None  # default: batch_size
     backend: str = "auto"  # mmcore op backend for the model
 
     def __post_init__(self):

@@ -55,8 +55,11 @@ def format_report(rep: dict, digits: int = 3) -> str:
     width = max([len(n) for n in names] + [len("weighted avg")])
     head = f"{'':>{width}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}"
     lines = [head, ""]
-    row = lambda n, d: (f"{n:>{width}} {d['precision']:>9.{digits}f} {d['recall']:>9.{digits}f}"  # noqa: E731
-                        f" {d['f1']:>9.{digits}f} {d['support']:>9}")
+
+    def row(n, d):
+        nums = " ".join(f"{d[k]:>9.{digits}f}" for k in ("precision", "recall", "f1"))
+        return f"{n:>{width}} {nums} {d['support']:>9}"
+
     lines += [row(n, rep["per_class"][n]) for n in names]
     n = rep["macro avg"]["support"]
     lines += ["", f"{'accuracy':>{width}} {'':>9} {'':>9} {rep['accuracy']:>9.{digits}f} {n:>9}",

@@ -64,8 +64,9 @@ def train(cfg: TrainConfig, records: Optional[dict] = None, *, resume: Optional[
           log: Optional[Callable[[str], None]] = None, dist: Optional[D.Dist] = None) -> dict:
     """Run training (and the test evaluation when a test split exists).
 
-    Returns {"state", "validation", "test", "report", "seconds", "trainable", "out_dir",
-    "best_checkpoint"}; the same (minus the report's text) is written to results.json."""
+    Returns {"model" (the trained nn.Module, unwrapped), "state", "validation", "test",
+    "report", "report_text", "seconds", "trainable", "out_dir", "best_checkpoint"}; the same
+    but the model is written to results.json."""
     d = dist or D.setup(cfg.device, cfg.fsdp)
     say = (log or print) if d.main else (lambda s: None)
     t0 = time.perf_counter()
@@ -102,7 +103,8 @@ def train(cfg: TrainConfig, records: Optional[dict] = None, *, resume: Optional[
             trainer.load_weights(best)
             say(f"loaded the best checkpoint ({os.path.basename(best)}, "
                 f"{cfg.eval_metric} {state['best']:.4f}) for the test")
-        res = {"state": state, "validation": state.get("last_eval"), "test": None,
+        res = {"model": trainer.raw, "state": state, "validation": state.get("last_eval"),
+               "test": None,
                "report": None, "report_text": "", "trainable": trainable, "out_dir": cfg.out_dir,
                "best_checkpoint": best}
         if data.get("test"):
@@ -139,4 +141,4 @@ def _write_outputs(cfg, res) -> None:
     save_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"),
                 metric=cfg.eval_metric, title=os.path.basename(os.path.abspath(out)))
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({k: v for k, v in res.items()}, f, indent=1, default=str)
+        json.dump({k: v for k, v in res.items() if k != "model"}, f, indent=1, default=str)

@@ -6,7 +6,7 @@ past token `decide_after` (512 by default).  A reader that sees only the first 5
 nothing to go on (chance, 50 %); a reader of the whole document can find the sentence.
 
     from mmcore.train.synthetic import long_document_splits
-    splits = long_document_splits(seed=0)       # {"train": [...], "validation": [...], "test": [...]}
+    splits = long_document_splits(seed=0)   # {"train": [...], "validation": [...], "test": [...]}
     splits["train"][0]  # {"text": ..., "label": "granted", "decide_token": 587, "tokens": 655}
 """
 from __future__ import annotations
@@ -64,7 +64,8 @@ _DECIDING = {
 def _fill(rng: random.Random, template: str) -> str:
     w = {k: rng.choice(v) for k, v in _SLOTS.items()}
     w["year"] = rng.randint(1780, 1910)
-    return template.format(**w)
+    s = template.format(**w)
+    return s[0].upper() + s[1:]
 
 
 def long_document(rng: random.Random, label: str, count, *, tokens=(560, 760),
@@ -120,3 +121,37 @@ def long_document_splits(n_train: int = 96, n_val: int = 32, n_test: int = 96, s
         out[split] = [long_document(rng, y, tok.count, tokens=tokens, decide_after=decide_after)
                       for y in labels]
     return out
+
+
+def write_jsonl(out_dir: str, sizes=(96, 32, 96), seed: int = 0, tokens=(560, 660)) -> dict:
+    """The generated set as <out_dir>/{train,validation,test}.jsonl -> {split: path}."""
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for split, recs in long_document_splits(*sizes, seed=seed, tokens=tokens).items():
+        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
+        with open(paths[split], "w") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+    return paths
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mmcore.train.synthetic",
+                                 description="write the generated long-document set as JSONL")
+    ap.add_argument("out_dir")
+    ap.add_argument("--sizes", default="96,32,96", help="train,validation,test documents")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    try:
+        sizes = tuple(int(x) for x in a.sizes.split(","))
+        if len(sizes) != 3 or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--sizes must be three positive ints, got {a.sizes!r}")
+    for split, p in write_jsonl(a.out_dir, sizes, a.seed).items():
+        print(f"{split}: {p}")

@@ -233,8 +233,10 @@ class Trainer:
             idx.extend(chunk[:real])
         parts = D.gather_objects((idx, outs), self.d)
         all_idx = [j for ix, _ in parts for j in ix]
-        keys = list(outs[0]) if outs else list(parts[0][1][0]) if parts[0][1] else []
-        merged = {k: torch.cat([o[k] for _, os_ in parts for o in os_]) for k in keys}
+        batches = [o for _, os_ in parts for o in os_]
+        if not batches:
+            return {}
+        merged = {k: torch.cat([o[k] for o in batches]) for k in batches[0]}
         inv = torch.empty(len(all_idx), dtype=torch.long)
         inv[torch.tensor(all_idx, dtype=torch.long)] = torch.arange(len(all_idx))
         return {k: v[inv] for k, v in merged.items()}

@@ -24,27 +24,33 @@ __all__ = ["SequenceClassifier", "AttentionPool", "ClassificationTask"]
 
 
 class AttentionPool(nn.Module):
-    """Additive attention pooling (Yang et al. 2016, hierarchical attention networks):
-    u_t = tanh(W h_t + b), a_t = softmax_t(vᵀ u_t) over the valid tokens, pooled = Σ_t a_t h_t.
-    h (B, S, H), lengths (B,) -> (B, H).  It lets a classifier find the one passage of a long
-    document that decides its label."""
+    """Multi-head additive attention pooling (Yang et al. 2016, hierarchical attention networks;
+    several heads as in Lin et al. 2017, structured self-attentive embedding):
 
-    def __init__(self, hidden: int, attn_dim: int = 64):
+        u_t = tanh(W h_t + b),  a_kt = softmax_t(v_kᵀ u_t) over the valid tokens,
+        pooled = [Σ_t a_1t h_t, ..., Σ_t a_Kt h_t]
+
+    h (B, S, H), lengths (B,) -> (B, K·H).  It lets a classifier find the one passage of a long
+    document that decides its label; with several heads one of them finds it early."""
+
+    def __init__(self, hidden: int, attn_dim: int = 64, heads: int = 4):
         super().__init__()
+        self.heads = heads
         self.proj = nn.Linear(hidden, attn_dim)
-        self.score = nn.Linear(attn_dim, 1)
+        self.score = nn.Linear(attn_dim, heads, bias=False)  # a bias cancels in the softmax
 
     def forward(self, h, lengths=None):
-        s = self.score(torch.tanh(self.proj(h))).squeeze(-1).float()  # (B, S)
+        s = self.score(torch.tanh(self.proj(h))).float()  # (B, S, K)
         if lengths is not None:
             valid = torch.arange(h.shape[1], device=h.device)[None] < lengths[:, None]
-            s = s.masked_fill(~valid, float("-inf"))
-        a = s.softmax(-1).to(h.dtype)  # (B, S)
-        return torch.einsum("bs,bsh->bh", a, h)
+            s = s.masked_fill(~valid[..., None], float("-inf"))
+        a = s.softmax(1).to(h.dtype)  # (B, S, K)
+        return torch.einsum("bsk,bsh->bkh", a, h).flatten(1)  # (B, K·H)
 
 
 class SequenceClassifier(nn.Module):
-    """encoder + pooling (cls | mean | attention) + dropout + linear head.
+    """encoder + pooling (cls | mean | attention: 4-head additive attention) + dropout +
+    linear head.
 
     forward(input_ids (B, S), lengths (B,), labels (B,) | None) -> {"logits" (B, C),
     "loss" (0-dim, when labels are given)}."""
@@ -62,13 +68,16 @@ class SequenceClassifier(nn.Module):
         self.pooling = pooling
         self.pool = AttentionPool(H) if pooling == "attention" else nn.Identity()
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(H, n_labels)
+        self.head = nn.Linear(H * (self.pool.heads if pooling == "attention" else 1), n_labels)
         self.window = int(window)
         self.label_smoothing = label_smoothing
         self.class_weights = class_weights
 
     def fsdp_units(self):
         return list(self.encoder.layers)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.word
 
     def encode(self, input_ids, lengths=None):
         """(B, S) -> hidden (B, S, H): long-document mode when window > 0."""

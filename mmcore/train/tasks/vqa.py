@@ -53,7 +53,8 @@ class FusedClassifier(nn.Module):
         d = reader.text.config.hidden_size
         self.reader = reader
         self.pooling = pooling
-        self.pool = AttentionPool(d) if pooling == "attention" else nn.Identity()
+        # one attention head: the pooled vector stays (B, d), the reader's cls_head's input
+        self.pool = AttentionPool(d, heads=1) if pooling == "attention" else nn.Identity()
         self.vs_weight = float(vs_weight)
         self.vs_proj = nn.Linear(d, d) if vs_weight > 0 else None
         self.head_modules = ("reader.vision", "reader.heads", "pool") + \

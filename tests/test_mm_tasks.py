@@ -141,8 +141,9 @@ def test_fused_matcher_loss_is_itc_plus_itm_on_the_sampled_negatives(text_dir, t
     h_t, h_v, t, v = model.unimodal(inp["input_ids"], inp["lengths"], inp["pixels"])
     g = inp["groups"]
     same = g[:, None] == g[None, :]
-    neg_v = hard_negatives(t @ v.t(), same)
-    neg_t = hard_negatives((t @ v.t()).t(), same.t())
+    sim = model.temperature() * t @ v.t()
+    neg_v = hard_negatives(sim, same)
+    neg_t = hard_negatives(sim.t(), same.t())
     ar = torch.arange(6)
     pos = model.match_logits(h_t, inp["lengths"], h_v, ar, ar)
     n1 = model.match_logits(h_t, inp["lengths"], h_v, ar, neg_v)

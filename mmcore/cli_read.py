@@ -47,6 +47,9 @@ def _arguments(p):
     p.add_argument("--tokens", type=int, default=32768, help="demo: document length in tokens")
     p.add_argument("--seed", type=int, default=0, help="demo: seed of the generated document")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--explain", metavar="PNG", help="write a heatmap of the last layer's "
+                   "attention ([CLS] and the best passage's tokens over the document, and "
+                   "over image patches when a reader fuses images) to PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -62,7 +65,7 @@ def run_read(args) -> int:
     progress = not args.no_progress and not args.json and sys.stderr.isatty()
     common = dict(model=args.model, window=window, device=device, dtype=dtype,
                   top_k=args.top_k, chunk=args.chunk, images=args.image,
-                  vision_model=args.vision_model)
+                  vision_model=args.vision_model, explain=args.explain)
     try:
         if args.file is None:
             return _demo(args, common, progress)
@@ -97,7 +100,7 @@ def _demo(args, common, progress) -> int:
     res = reading.read(doc.text, doc.query, progress=progress, tokenizer=tok, **common)
     # what a BERT user does today: truncate to 512 tokens
     cut = reading.read(doc.text, doc.query, progress=False, truncate=512, tokenizer=tok,
-                       **dict(common, images=()))
+                       **dict(common, images=(), explain=None))
     rank = next((p["rank"] for p in res["passages"]
                  if p["start"] <= doc.needle_start < p["end"]), None)
     res.update(query=doc.query, demo=dict(
@@ -140,6 +143,9 @@ def _format(res) -> str:
                      f"({res['images'][0]['tokens']} tokens each), "
                      + ("fused into the text states" if res.get("fused_images") else
                         "not fused (pass a MultimodalReader dir as --model to fuse them)"))
+    if "explain" in res:
+        lines.append(f"attention: {res['explain']['png']} (layer {res['explain']['layer'] + 1}, "
+                     f"rows: [CLS] + {len(res['explain']['rows']) - 1} passage tokens)")
     if "classification" in res:
         c = res["classification"]
         lines.append(f"class    : {c['label']} {c['probabilities']}")

@@ -123,6 +123,10 @@ def run_train(args) -> int:
         merged = {**file_cfg, **flags}
         if merged.get("train_file") is None and "task" not in merged:
             return _default(merged, args)
+        if merged.get("train_file") is None:  # a task's offline demo: its recipe, then flags
+            from .train.tasks import get_task
+
+            merged = {**getattr(get_task(merged["task"]), "demo_defaults", {}), **merged}
         return _one(TrainConfig.from_dict(merged), args)
     except (ValueError, FileNotFoundError) as e:
         print(f"mmcore train: error: {e}", file=sys.stderr)

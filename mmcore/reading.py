@@ -281,7 +281,7 @@ def read(text: str, query: str, *, model=None, window=(128, 128), device="cpu",
          dtype=torch.float32, top_k: int = 5, chunk: int = 2048, progress: bool = True,
          truncate: Optional[int] = None, images: Sequence[str] = (),
          vision_model: Optional[str] = None, encoder: Optional[TextEncoder] = None,
-         tokenizer: Optional[Tokenizer] = None) -> dict:
+         tokenizer: Optional[Tokenizer] = None, explain: Optional[str] = None) -> dict:
     """Read `text` once in long-document mode and rank its passages against `query`.
 
     Args:
@@ -292,8 +292,12 @@ def read(text: str, query: str, *, model=None, window=(128, 128), device="cpu",
         truncate: read only the first `truncate` tokens (incl. [CLS]/[SEP]) with full
             attention, as a BERT user would (512) — for comparison.
         images: image files (need a vision model: a reader with one, or `vision_model`).
+        explain: a PNG path: draw the last layer's attention of [CLS] and of the best
+            passage's tokens (and their co-attention over fused images), from exact rows
+            recomputed with the saved lse (mmcore.explain; one more partial pass).
     Returns a dict: passages [{rank, start, end, score, text}], tokens, seconds, tokens_per_s,
-        peak_memory_bytes, backend, window, device, dtype [, images, classification, span].
+        peak_memory_bytes, backend, window, device, dtype [, images, classification, span,
+        explain].
     """
     from .models import MultimodalReader, VisionEncoder, is_reader_dir
     from .models.vision_encoder import preprocess
@@ -328,7 +332,7 @@ def read(text: str, query: str, *, model=None, window=(128, 128), device="cpu",
     with torch.no_grad():  # the query first: it also pages the weights in before measuring
         qvec = mean_pool(enc(qids).float())[0]  # (H,), full attention
     bar, cb = _progress(N, progress)
-    extra = {}
+    extra, fusion_in = {}, {}
     with torch.no_grad(), PeakMemory(device) as mem:
         t = time.perf_counter()
         hidden = enc.encode_long(x, window=window, global_tokens=1, chunk=chunk,
@@ -338,6 +342,8 @@ def read(text: str, query: str, *, model=None, window=(128, 128), device="cpu",
             extra["images"] = [dict(path=os.fspath(p), tokens=hv.shape[1]) for p in images]
             if reader is not None and len(reader.heads["fusion"]):
                 h_v = reader.heads["vision_proj"](hv).reshape(1, -1, hidden.shape[1])
+                fusion_in = dict(reader=reader, hidden=hidden, image_hidden=h_v, pixels=pixels,
+                                 image_names=list(images), patch_tokens=hv.shape[1])
                 hidden = reader.fuse(hidden[None], None, h_v, None)[0][0]
                 extra["fused_images"] = True
             else:
@@ -351,6 +357,12 @@ def read(text: str, query: str, *, model=None, window=(128, 128), device="cpu",
         top, _ = _rank(hidden.float(), spans, qvec, top_k)
         if reader is not None:
             extra.update(_head_answers(reader, hidden, offs, text))
+    if explain:
+        from .explain import explain_read
+
+        extra["explain"] = explain_read(explain, enc=enc, tokenizer=tok, ids=ids,
+                                        span=spans[top[0][1]][:2], window=window, chunk=chunk,
+                                        **fusion_in)
     passages = [dict(rank=r + 1, start=spans[i][2], end=spans[i][3], score=round(s, 4),
                      text=text[spans[i][2]:spans[i][3]]) for r, (s, i) in enumerate(top)]
     return dict(passages=passages, tokens=N, seconds=secs, tokens_per_s=N / max(secs, 1e-9),

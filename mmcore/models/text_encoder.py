@@ -136,19 +136,20 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_long(self, input_ids, *, window=(128, 128), global_tokens=1, chunk=4096,
-                    progress=None):
+                    progress=None, layers=None):
         """Inference over one long sequence (1, N) layer by layer, with every dense part
         (QKV, output projection, FFN) done in token chunks so the only full-length tensors
         are the hidden state and q/k/v (O(N·H)); attention itself is the window op, whose
         work and memory are O(N·window).  `progress(n)` is called after each chunk of each
-        layer with n = chunk tokens / layers (so the calls add up to N).  Returns (N, H)."""
+        layer with n = chunk tokens / layers (so the calls add up to N).  `layers`: run only
+        the first `layers` layers (the hidden state entering layer `layers`).  Returns (N, H)."""
         assert input_ids.dim() == 2 and input_ids.shape[0] == 1, "encode_long takes (1, N)"
         N = input_ids.shape[1]
         L = len(self.layers)
         x = torch.cat([self.embed(input_ids[:, i:i + chunk], start=i)[0]
                        for i in range(0, N, chunk)])  # (N, H)
         Hh = self.config.num_attention_heads
-        for li, layer in enumerate(self.layers):
+        for li, layer in enumerate(self.layers[:layers]):
             a = layer.attn
             w_qkv = torch.cat([a.q.weight, a.k.weight, a.v.weight])  # (3H, H)
             b_qkv = torch.cat([a.q.bias, a.k.bias, a.v.bias])

@@ -37,6 +37,7 @@ class TrainConfig:
     window: int = 128  # window attention per side in long documents (0: full attention)
     pooling: str = "cls"  # cls | mean | attention
     dropout: float = 0.1  # before the head
+    task_options: dict = field(default_factory=dict)  # task-specific knobs (each task's doc)
     # mode
     mode: str = "lora"  # lora | bitfit | full | head
     lora_r: int = 8  # LoRA rank

@@ -75,6 +75,8 @@ def train(cfg: TrainConfig, records: Optional[dict] = None, *, resume: Optional[
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)  # the same model init on every rank
         task = get_task(cfg.task)(cfg)
+        if records is None and cfg.train_file is None and hasattr(task, "default_records"):
+            records = task.default_records()  # the task's own offline data set
         data = task.prepare(records if records is not None else load_records(cfg))
         if "train" not in data:
             raise ValueError("no training data: give train_file (or no files at all for the "

@@ -122,4 +122,4 @@ def task_names() -> List[str]:
 
 
 def _builtin():
-    from . import classification  # noqa: F401
+    from . import classification, doc_figures, matching, retrieval, vqa  # noqa: F401

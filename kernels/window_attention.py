@@ -31,7 +31,10 @@ exactly one program, in a fixed loop order, with no atomics.
 
 Rows that see no key: out 0, lse -inf, gradients 0.  Padding past the valid lengths (which
 may hold NaN) is never loaded: every load is masked with other=0, and masked scores are
--inf so their probabilities are exactly 0.  Base offsets are computed in int64.
+-inf so their probabilities are exactly 0.  A NaN / inf inside the valid part reaches only
+the rows that see it: in a block with masked pairs, _dot_masked keeps a non-finite row of
+V (K, Q, dO in the backward) out of the dot for the rows that do not see it.  Base offsets
+are computed in int64.
 
 Nothing here imports the rest of mmcore.
 """
@@ -91,6 +94,48 @@ def _allowed(i, j, off, Lq, Lk, left, right, G, CAUSAL: tl.constexpr):
         glob = glob & (j <= p)
     inwin = (j >= p - left) & (j <= p + right)
     return (i < Lq) & (j < Lk) & (inwin | glob)
+
+
+@_device_fn
+def _nonfinite_terms(a, b, ok):
+    """sum_j a[i, j] * b[j, d] over the non-finite b[j, d] and allowed (ok) pairs only, with
+    IEEE's rules (x * NaN, 0 * inf -> NaN; +inf + -inf -> NaN), from 0/1 counts (exact in
+    fp16 operands with fp32 accumulation)."""
+    af = a.to(tl.float32)
+    bf = b.to(tl.float32)
+    okf = tl.where(ok, 1.0, 0.0).to(tl.float16)
+    pos = tl.where(ok & (af > 0), 1.0, 0.0).to(tl.float16)
+    neg = tl.where(ok & (af < 0), 1.0, 0.0).to(tl.float16)
+    zer = tl.where(ok & (af == 0), 1.0, 0.0).to(tl.float16)
+    b_nan = tl.where(bf != bf, 1.0, 0.0).to(tl.float16)
+    b_pinf = tl.where(bf == float("inf"), 1.0, 0.0).to(tl.float16)
+    b_ninf = tl.where(bf == float("-inf"), 1.0, 0.0).to(tl.float16)
+    n_nan = tl.dot(okf, b_nan) + tl.dot(zer, b_pinf + b_ninf)
+    n_pinf = tl.dot(pos, b_pinf) + tl.dot(neg, b_ninf)
+    n_ninf = tl.dot(pos, b_ninf) + tl.dot(neg, b_pinf)
+    nan = (n_nan > 0) | ((n_pinf > 0) & (n_ninf > 0))
+    return tl.where(nan, float("nan"), tl.where(n_pinf > 0, float("inf"),
+                                                tl.where(n_ninf > 0, float("-inf"), 0.0)))
+
+
+@_device_fn
+def _dot_masked(a, b, ok, all_ok, PREC: tl.constexpr):
+    """a @ b where a[i, j] is 0 wherever ok is False, and such a 0 must not meet a
+    non-finite b[j, :] (0 * NaN = NaN would carry a key / row that i never sees into its
+    result).  In a block that is wholly allowed (all_ok), or whose b is finite (checked
+    per block), this is the plain dot; else b's non-finite entries leave the dot and come
+    back through _nonfinite_terms for the allowed pairs only."""
+    if all_ok:
+        n_bad = all_ok.to(tl.int32) * 0  # an int32 scalar, as tl.sum gives in the else branch
+    else:
+        fin = tl.abs(b.to(tl.float32)) < float("inf")  # False for NaN and +-inf
+        n_bad = tl.sum(tl.sum(tl.where(fin, 0, 1), 1), 0)
+    if n_bad > 0:
+        fin = tl.abs(b.to(tl.float32)) < float("inf")
+        r = _dot(a, tl.where(fin, b, 0.0).to(b.dtype), PREC) + _nonfinite_terms(a, b, ok)
+    else:
+        r = _dot(a, b, PREC)
+    return r
 
 
 @_device_fn
@@ -237,8 +282,11 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
         n64 = start_n.to(tl.int64)
         k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), PREC)  # (BLOCK_M, BLOCK_N)
-        if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M, BLOCK_N):
+        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M,
+                           BLOCK_N)
+        if full:
             s = s * qk_scale
+            ok = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
         else:
             ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
             s = tl.where(ok, s * qk_scale, _NEG_INF)
@@ -248,13 +296,15 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
+        acc = acc * alpha[:, None] + _dot_masked(p.to(v.dtype), v, ok, full, PREC)
         m_i = m_new
 
+    # l NaN: the row met a NaN or +inf score (exp(inf - inf)); out NaN, lse NaN or +inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, _NEG_INF, m_i * _LN2 + tl.log(l_safe))
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     o_ptrs = (O + b64 * stride_ob + h.to(tl.int64) * stride_oh + pid_s.to(tl.int64) * stride_os
               + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
@@ -281,6 +331,7 @@ def _combine_kernel(OP, LP, O, LSE, Sq, D,
                  mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     out = tl.sum(op * w[:, None], 0) / tl.where(tot == 0.0, 1.0, tot)
     lse = tl.where(tot == 0.0, _NEG_INF, m_use + tl.log(tl.where(tot == 0.0, 1.0, tot)))
+    lse = tl.where(m == float("inf"), float("inf"), lse)  # a +inf score: exp(inf - inf) NaN
     tl.store(O + (bh * Sq + row) * D + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
     tl.store(LSE + bh * Sq + row, lse)
 
@@ -368,15 +419,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K,
         k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
         v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), PREC)
-        if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M, BLOCK_N):
+        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M,
+                           BLOCK_N)
+        if full:
             s = s * qk_scale
+            ok = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
         else:
             ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
             s = tl.where(ok, s * qk_scale, _NEG_INF)
-        p = tl.exp2(s - lse2[:, None])
+        # masked pairs are exactly 0 even when the row's lse is NaN or a masked V is not finite
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), PREC)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PREC)
+        ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
+        dq += _dot_masked(ds.to(k.dtype), k, ok, full, PREC)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
@@ -442,18 +497,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
             lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)
             delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
             sT = _dot(k, qT, PREC)  # (BLOCK_N, BLOCK_M)
-            if _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
-                           BLOCK_M, BLOCK_N):
+            full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
+                               BLOCK_M, BLOCK_N)
+            if full:
                 sT = sT * qk_scale
+                ok = tl.full([BLOCK_N, BLOCK_M], 1, tl.int1)
             else:
                 ok = _allowed(rows[None, :], offs_n[:, None], off, Lq, Lk, left, right, G,
                               CAUSAL)
                 sT = tl.where(ok, sT * qk_scale, _NEG_INF)
-            pT = tl.exp2(sT - lse2[None, :])
-            dv += _dot(pT.to(do.dtype), do, PREC)
+            pT = tl.where(ok, tl.exp2(sT - lse2[None, :]), 0.0)
+            dv += _dot_masked(pT.to(do.dtype), do, ok, full, PREC)
             dpT = _dot(v, tl.trans(do), PREC)
-            dsT = pT * (dpT - delta[None, :])
-            dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC)
+            dsT = tl.where(ok, pT * (dpT - delta[None, :]), 0.0)
+            dk += _dot_masked(dsT.to(qT.dtype), tl.trans(qT), ok, full, PREC)
     dk = dk * sm_scale
     out_mask = (offs_n[:, None] < Sk) & d_ok[None, :]
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + cols * stride_dkn + offs_d[None, :],

@@ -62,7 +62,7 @@ def attention_case(rng, op, impl):
         side = lambda: rng.choice([None, -1, 0, 1, 4, rng.choice(BIG)])  # noqa: E731
         c["window"] = rng.choice([None, (side(), side()), [side(), side()]])
         c["causal"] = rng.random() < 0.3
-        c["G"] = rng.choice([0, 0, 1, c["Sk"]])
+        c["G"] = min(rng.choice([0, 0, 1, c["Sk"]]), c["Sk"])
     if c["B"] and rng.random() < 0.5:
         dt = rng.choice([torch.int64, torch.int32])
         c["sk"] = torch.tensor([rng.randint(0, c["Sk"]) for _ in range(c["B"])], dtype=dt)
@@ -133,7 +133,7 @@ def attention_bad(rng, c):
     args = dict(q=q, k=k, v=v)
     B, Sk = c["B"], c["Sk"]
     choices = [
-        ("q", lambda: args.update(q=q[0])), ("k", lambda: args.update(k=k[..., None])),
+        ("q", lambda: args.update(q=q.flatten(0, 1))), ("k", lambda: args.update(k=k[..., None])),
         ("v", lambda: args.update(v=v.tolist())), ("q", lambda: args.update(q=q.long())),
         ("k", lambda: args.update(k=k.to(torch.float64 if k.dtype != torch.float64
                                          else torch.float32))),
@@ -259,7 +259,7 @@ def lora_bad(rng, c):
                                                    else torch.float32))),
         ("bias", lambda: args.update(bias=rng.choice([1.0, torch.randn(N + 1).to(w.dtype),
                                                       torch.randn(1, N).to(w.dtype), [0.0]]))),
-        ("lora_a", lambda: args.update(lora_a=rng.choice([a.tolist(), a[..., 0],
+        ("lora_a", lambda: args.update(lora_a=rng.choice([a.tolist(), a.flatten(-2),
                                                           a[..., None, None]]))),
         ("lora_b", lambda: args.update(lora_b=b[..., :1, :] if b.shape[-2] > 1 else b[..., :0])),
         ("lora_a", lambda: args.update(lora_a=a[..., :0, :], lora_b=b[..., :0])),

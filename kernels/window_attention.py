@@ -97,45 +97,37 @@ def _allowed(i, j, off, Lq, Lk, left, right, G, CAUSAL: tl.constexpr):
 
 
 @_device_fn
-def _nonfinite_terms(a, b, ok):
-    """sum_j a[i, j] * b[j, d] over the non-finite b[j, d] and allowed (ok) pairs only, with
-    IEEE's rules (x * NaN, 0 * inf -> NaN; +inf + -inf -> NaN), from 0/1 counts (exact in
-    fp16 operands with fp32 accumulation)."""
-    af = a.to(tl.float32)
-    bf = b.to(tl.float32)
-    okf = tl.where(ok, 1.0, 0.0).to(tl.float16)
-    pos = tl.where(ok & (af > 0), 1.0, 0.0).to(tl.float16)
-    neg = tl.where(ok & (af < 0), 1.0, 0.0).to(tl.float16)
-    zer = tl.where(ok & (af == 0), 1.0, 0.0).to(tl.float16)
-    b_nan = tl.where(bf != bf, 1.0, 0.0).to(tl.float16)
-    b_pinf = tl.where(bf == float("inf"), 1.0, 0.0).to(tl.float16)
-    b_ninf = tl.where(bf == float("-inf"), 1.0, 0.0).to(tl.float16)
-    n_nan = tl.dot(okf, b_nan) + tl.dot(zer, b_pinf + b_ninf)
-    n_pinf = tl.dot(pos, b_pinf) + tl.dot(neg, b_ninf)
-    n_ninf = tl.dot(pos, b_ninf) + tl.dot(neg, b_pinf)
-    nan = (n_nan > 0) | ((n_pinf > 0) & (n_ninf > 0))
-    return tl.where(nan, float("nan"), tl.where(n_pinf > 0, float("inf"),
-                                                tl.where(n_ninf > 0, float("-inf"), 0.0)))
+def _dot_masked(a, b, acc, all_ok, ri, c0, off, Lq, Lk, left, right, G,
+                CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b for a (R, C) fp32 that is 0 on every masked pair, b (C, N).
+
+    Pair (r, c) is query ri[r] and key c0 + c.
+    A 0 there must not meet a non-finite b[c, :]: 0 * NaN = NaN would carry a key / row that
+    the row never sees into its result.  In a wholly allowed block (all_ok), or when b is
+    finite (checked per block), this is the plain dot of a in b's dtype; else the slow
+    _dot_rows.  Nothing beyond a, b and acc stays live (registers: the sm_90 audit)."""
+    if all_ok:
+        n_bad = all_ok.to(tl.int32) * 0  # an int32 scalar, as tl.sum gives below
+    else:
+        n_bad = tl.sum(tl.sum(tl.where(tl.abs(b.to(tl.float32)) < float("inf"), 0, 1), 1), 0)
+    if n_bad > 0:
+        acc = _dot_rows(a, b, acc, ri, c0, off, Lq, Lk, left, right, G, CAUSAL)
+    else:
+        acc = acc + _dot(a.to(b.dtype), b, PREC)
+    return acc
 
 
 @_device_fn
-def _dot_masked(a, b, ok, all_ok, PREC: tl.constexpr):
-    """a @ b where a[i, j] is 0 wherever ok is False, and such a 0 must not meet a
-    non-finite b[j, :] (0 * NaN = NaN would carry a key / row that i never sees into its
-    result).  In a block that is wholly allowed (all_ok), or whose b is finite (checked
-    per block), this is the plain dot; else b's non-finite entries leave the dot and come
-    back through _nonfinite_terms for the allowed pairs only."""
-    if all_ok:
-        n_bad = all_ok.to(tl.int32) * 0  # an int32 scalar, as tl.sum gives in the else branch
-    else:
-        fin = tl.abs(b.to(tl.float32)) < float("inf")  # False for NaN and +-inf
-        n_bad = tl.sum(tl.sum(tl.where(fin, 0, 1), 1), 0)
-    if n_bad > 0:
-        fin = tl.abs(b.to(tl.float32)) < float("inf")
-        r = _dot(a, tl.where(fin, b, 0.0).to(b.dtype), PREC) + _nonfinite_terms(a, b, ok)
-    else:
-        r = _dot(a, b, PREC)
-    return r
+def _dot_rows(a, b, acc, ri, c0, off, Lq, Lk, left, right, G, CAUSAL: tl.constexpr):
+    """acc + sum over c of a[:, c] b[c, :] on the allowed pairs only, one c at a time in fp32
+    with IEEE rules (x * NaN, 0 * inf -> NaN).  Slow: blocks holding a non-finite value."""
+    kk = tl.arange(0, a.shape[1])
+    for c in range(0, a.shape[1]):
+        ok = _allowed(ri, c0 + c, off, Lq, Lk, left, right, G, CAUSAL)
+        a_c = tl.sum(tl.where(kk[None, :] == c, a, 0.0), 1)  # (R,)
+        b_c = tl.sum(tl.where(kk[:, None] == c, b.to(tl.float32), 0.0), 0)  # (N,)
+        acc += tl.where(ok[:, None], a_c[:, None] * b_c[None, :], 0.0)
+    return acc
 
 
 @_device_fn
@@ -286,7 +278,6 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
                            BLOCK_N)
         if full:
             s = s * qk_scale
-            ok = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
         else:
             ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
             s = tl.where(ok, s * qk_scale, _NEG_INF)
@@ -296,7 +287,8 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot_masked(p.to(v.dtype), v, ok, full, PREC)
+        acc = _dot_masked(p, v, acc * alpha[:, None], full, offs_m, start_n, off, Lq, Lk, left,
+                          right, G, CAUSAL, PREC)
         m_i = m_new
 
     # l NaN: the row met a NaN or +inf score (exp(inf - inf)); out NaN, lse NaN or +inf
@@ -423,15 +415,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K,
                            BLOCK_N)
         if full:
             s = s * qk_scale
-            ok = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
         else:
             ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
             s = tl.where(ok, s * qk_scale, _NEG_INF)
-        # masked pairs are exactly 0 even when the row's lse is NaN or a masked V is not finite
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        # masked (-inf) pairs get P = 0 even when the row's lse is NaN, and dS = 0 wherever
+        # P = 0 even when dP (a masked non-finite V) or delta is not finite
+        p = tl.where(s == _NEG_INF, 0.0, tl.exp2(s - lse2[:, None]))
         dp = _dot(do, tl.trans(v), PREC)
-        ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
-        dq += _dot_masked(ds.to(k.dtype), k, ok, full, PREC)
+        ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))
+        dq = _dot_masked(ds, k, dq, full, offs_m, start_n, off, Lq, Lk, left, right, G, CAUSAL,
+                         PREC)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
@@ -501,16 +494,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
                                BLOCK_M, BLOCK_N)
             if full:
                 sT = sT * qk_scale
-                ok = tl.full([BLOCK_N, BLOCK_M], 1, tl.int1)
             else:
                 ok = _allowed(rows[None, :], offs_n[:, None], off, Lq, Lk, left, right, G,
                               CAUSAL)
                 sT = tl.where(ok, sT * qk_scale, _NEG_INF)
-            pT = tl.where(ok, tl.exp2(sT - lse2[None, :]), 0.0)
-            dv += _dot_masked(pT.to(do.dtype), do, ok, full, PREC)
+            # as in the dq kernel: P = 0 on masked pairs, dS = 0 wherever P = 0.  Unlike there,
+            # a non-finite Q / dO row is not kept out of the dots (0 * NaN reaches the other
+            # keys of this block): at 255 registers on sm_90 any extra tile spills
+            pT = tl.where(sT == _NEG_INF, 0.0, tl.exp2(sT - lse2[None, :]))
+            dv += _dot(pT.to(do.dtype), do, PREC)
             dpT = _dot(v, tl.trans(do), PREC)
-            dsT = tl.where(ok, pT * (dpT - delta[None, :]), 0.0)
-            dk += _dot_masked(dsT.to(qT.dtype), tl.trans(qT), ok, full, PREC)
+            dsT = tl.where(pT == 0.0, 0.0, pT * (dpT - delta[None, :]))
+            dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC)
     dk = dk * sm_scale
     out_mask = (offs_n[:, None] < Sk) & d_ok[None, :]
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + cols * stride_dkn + offs_d[None, :],

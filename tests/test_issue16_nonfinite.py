@@ -34,7 +34,7 @@ def oracle(q, k, v, mask, scale):
     return out, lse
 
 
-def inputs(seed=0, B=1, Hq=2, Hkv=1, S=12, D=16):
+def inputs(seed=0, B=1, Hq=2, Hkv=1, S=24, D=16):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, h, S, D, generator=g) for h in (Hq, Hkv, Hkv))
     k[..., 0] = k[..., 0].abs() + 0.1  # so that q[..., 0] = +-inf gives +-inf scores
@@ -84,7 +84,7 @@ def test_issue16_nonfinite_reaches_only_the_rows_that_see_it(backend, case):
     t = {"q": q, "k": k, "v": v}
     t[which][idx] = val
     window, scale = (2, 1), 0.25
-    mask = window_mask(1, 12, 12, *window, False, 0)
+    mask = window_mask(1, 24, 24, *window, False, 0)
     want, want_lse = oracle(q, k, v, mask, scale)
     out, lse = mmcore.window_attention(q, k, v, window=window, scale=scale, return_lse=True,
                                        backend=backend)
@@ -112,11 +112,11 @@ def test_issue16_nonfinite_gradients_reach_only_what_the_rows_see(backend, case)
     bad[which][idx] = val
     clean[which][idx] = 0.0
     window, scale = (2, 1), 0.25
-    mask = window_mask(1, 12, 12, *window, False, 0)  # (1, 1, Sq, Sk)
+    mask = window_mask(1, 24, 24, *window, False, 0)  # (1, 1, Sq, Sk)
     j = idx[2]
-    rows = mask[0, 0, :, j] if which in "kv" else torch.arange(12) == j  # R
+    rows = mask[0, 0, :, j] if which in "kv" else torch.arange(24) == j  # R
     keys = mask[0, 0][rows].any(0)  # keys seen by R
-    dout = torch.randn(1, 2, 12, 16, generator=torch.Generator().manual_seed(5))
+    dout = torch.randn(1, 2, 24, 16, generator=torch.Generator().manual_seed(5))
     qb, kb, vb = (t.requires_grad_() for t in (bad["q"], bad["k"], bad["v"]))
     out = mmcore.window_attention(qb, kb, vb, window=window, scale=scale, backend=backend)
     out.backward(dout)

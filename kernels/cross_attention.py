@@ -65,6 +65,16 @@ def _length(ptr, b, S, HAS: tl.constexpr):
 
 
 @triton.jit
+def _kv_block(k_base, v_base, kn, offs_d, dmask, Lk, skn, svn):
+    """K and V rows kn (padding past Lk loaded as 0) and which of them are valid."""
+    kvalid = kn < Lk
+    kvm = kvalid[:, None] & dmask[None, :]
+    k = tl.load(k_base + kn[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kvm, other=0.0)
+    v = tl.load(v_base + kn[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kvm, other=0.0)
+    return k, v, kvalid
+
+
+@triton.jit
 def _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
     """One key block of the online softmax (scores in log2 units)."""
     s = _dot(q, tl.trans(k), PREC) * qk_scale
@@ -80,10 +90,12 @@ def _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
 @triton.jit
 def _fwd_epilogue(acc, m_i, l_i, offs_m, offs_d, dmask, Lq, Sq, o_base, som, or_base, sorm,
                   r_base, srm, lse_base, HAS_RES: tl.constexpr, STORE_ATTN: tl.constexpr):
-    valid = (offs_m < Lq) & (l_i > 0)
+    # l NaN (a NaN or +inf score) is valid: the row's out is NaN, its lse NaN or +inf
+    valid = (offs_m < Lq) & (l_i != 0.0)
     l_safe = tl.where(valid, l_i, 1.0)
     out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(valid, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     rows = offs_m < Sq
     smask = rows[:, None] & dmask[None, :]
     offs_m64 = offs_m.to(tl.int64)
@@ -249,7 +261,14 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr,
                    PREC: tl.constexpr):
-    """dQ for one query block, and delta = rowsum(dO * O) (stored for the dK/dV kernel)."""
+    """dQ for one query block, and delta = rowsum(P * dP) (stored for the dK/dV kernel).
+
+    P is renormalised here rather than taken as exp(S - lse): at large logits (|S| ~ 1e4) an
+    fp32 lse is off by an ulp of S, P misses summing to 1 by that much, and dS = P (dP - delta)
+    then fails to cancel where P is one-hot: dQ was off by 2.1 for a true max of 0.017 (bf16,
+    q, k ~ 100 randn; issue 16).  Pass 1 takes the row max m, l = sum exp(S - m) and
+    delta = sum P dP (not rowsum(dO * O): O is rounded to the input dtype); pass 2 uses
+    P = exp(S - m) / l, which sums to 1 to fp32 rounding.  The saved lse is unused."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -271,29 +290,36 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
                 other=0.0)
     do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m64[:, None] * sdom + offs_d[None, :],
                  mask=qm, other=0.0)
-    o = tl.load(O + b64 * sob + h64 * soh + offs_m64[:, None] * som + offs_d[None, :], mask=qm,
-                other=0.0).to(tl.float32)
-    delta = tl.sum(do.to(tl.float32) * o, 1)
     row_base = (b64 * H + h64) * Sq
-    lse = tl.load(LSE + row_base + offs_m64, mask=rvalid, other=0.0)
-    rvalid = rvalid & (lse > float("-inf"))
-    delta = tl.where(rvalid, delta, 0.0)
-    tl.store(DELTA + row_base + offs_m64, delta, mask=offs_m < Sq)
-    lse2 = tl.where(rvalid, lse * 1.4426950408889634, 0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b64 * skb + hk64 * skh
     v_base = V + b64 * svb + hk64 * svh
     hi = tl.where(pid_m * BLOCK_M < Lq, Lk, 0)
+    # pass 1: m, l and delta (online over the key blocks, log2 units)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    d_i = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, hi, BLOCK_N):
-        kn = start_n + offs_n
-        kvalid = kn < Lk
-        kvm = kvalid[:, None] & dmask[None, :]
-        k = tl.load(k_base + kn[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kvm,
-                    other=0.0)
-        v = tl.load(v_base + kn[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kvm,
-                    other=0.0)
+        k, v, kvalid = _kv_block(k_base, v_base, start_n + offs_n, offs_d, dmask, Lk, skn, svn)
+        s = tl.where(kvalid[None, :], _dot(q, tl.trans(k), PREC) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        dp = tl.where(kvalid[None, :], _dot(do, tl.trans(v), PREC), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        d_i = d_i * alpha + tl.sum(p * dp, 1)
+        m_i = m_new
+    rvalid = rvalid & (l_i != 0.0)  # NaN l (a NaN / +inf score) stays valid: NaN propagates
+    l_inv = tl.where(rvalid, 1.0 / l_i, 0.0)
+    m_use = tl.where(rvalid, m_i, 0.0)
+    delta = d_i * l_inv
+    tl.store(DELTA + row_base + offs_m64, delta, mask=offs_m < Sq)
+    # pass 2: dS = P (dP - delta), dQ = scale dS K
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        k, v, kvalid = _kv_block(k_base, v_base, start_n + offs_n, offs_d, dmask, Lk, skn, svn)
         s = _dot(q, tl.trans(k), PREC) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2(s - m_use[:, None]) * l_inv[:, None]
         p = tl.where(rvalid[:, None] & kvalid[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
@@ -362,7 +388,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SQL, SKL,
             dv += _dot(pt.to(do.dtype), do, PREC)
             dpt = _dot(v, tl.trans(do), PREC)
             dst = pt * (dpt - delta[None, :])
-            dst = tl.where(Lk > 1, dst, 0.0)  # one key: dK is exactly 0
+            # padding and one-key rows: exactly 0 (a NaN delta must not reach padded keys)
+            dst = tl.where((Lk > 1) & kvalid[:, None] & rvalid[None, :], dst, 0.0)
             dk += _dot(dst.to(q.dtype), q, PREC)
     dk = dk * scale
     out_off = pid_s.to(tl.int64) * sd_split + (b64 * Hkv + hk64) * Sk * D

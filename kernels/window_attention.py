@@ -31,7 +31,10 @@ exactly one program, in a fixed loop order, with no atomics.
 
 Rows that see no key: out 0, lse -inf, gradients 0.  Padding past the valid lengths (which
 may hold NaN) is never loaded: every load is masked with other=0, and masked scores are
--inf so their probabilities are exactly 0.  Base offsets are computed in int64.
+-inf so their probabilities are exactly 0.  A NaN / inf inside the valid part reaches only
+the rows that see it: in a block with masked pairs, _dot_masked keeps a non-finite row of
+V (K, Q, dO in the backward) out of the dot for the rows that do not see it.  Base offsets
+are computed in int64.
 
 Nothing here imports the rest of mmcore.
 """
@@ -94,6 +97,44 @@ def _allowed(i, j, off, Lq, Lk, left, right, G, CAUSAL: tl.constexpr):
         glob = glob & (j <= p)
     inwin = (j >= p - left) & (j <= p + right)
     return (i < Lq) & (j < Lk) & (inwin | glob)
+
+
+@_device_fn
+def _dot_masked(a, b, acc, all_ok, b_row0, b_stride, offs_d, d_ok, ri, c0, off, Lq, Lk,
+                left, right, G, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b for a (R, C) fp32 that is 0 on every masked pair, b (C, N) the tile of
+    rows c0 .. c0 + C - 1 (row c at b_row0 + c * b_stride in memory).
+
+    Pair (r, c) is query ri[r] and key c0 + c.  A 0 there must not meet a non-finite
+    b[c, :]: 0 * NaN = NaN would carry a key that the row never sees into its result.  In a
+    wholly allowed block (all_ok), or when b is finite (checked per block), this is the plain
+    dot of a in b's dtype; else the slow _dot_rows, which reads b's rows again from memory
+    (keeping a second copy of the tile in registers spilled on sm_90)."""
+    if all_ok:
+        n_bad = all_ok.to(tl.int32) * 0  # an int32 scalar, as tl.sum gives below
+    else:
+        n_bad = tl.sum(tl.sum(tl.where(tl.abs(b.to(tl.float32)) < float("inf"), 0, 1), 1), 0)
+    if n_bad > 0:
+        acc = _dot_rows(a, acc, b_row0, b_stride, offs_d, d_ok, ri, c0, off, Lq, Lk, left,
+                        right, G, CAUSAL)
+    else:
+        acc = acc + _dot(a.to(b.dtype), b, PREC)
+    return acc
+
+
+@_device_fn
+def _dot_rows(a, acc, b_row0, b_stride, offs_d, d_ok, ri, c0, off, Lq, Lk, left, right, G,
+              CAUSAL: tl.constexpr):
+    """acc + sum over c of a[:, c] b[c, :] on the allowed pairs only, one c at a time in fp32
+    with IEEE rules (x * NaN, 0 * inf -> NaN).  Slow: blocks holding a non-finite value."""
+    kk = tl.arange(0, a.shape[1])
+    for c in range(0, a.shape[1]):
+        ok = _allowed(ri, c0 + c, off, Lq, Lk, left, right, G, CAUSAL)
+        a_c = tl.sum(tl.where(kk[None, :] == c, a, 0.0), 1)  # (R,)
+        b_c = tl.load(b_row0 + c * b_stride + offs_d, mask=d_ok & (offs_d * 0 + c0 + c < Lk),
+                      other=0.0).to(tl.float32)  # (N,)
+        acc += tl.where(ok[:, None], a_c[:, None] * b_c[None, :], 0.0)
+    return acc
 
 
 @_device_fn
@@ -181,6 +222,46 @@ def _lengths(SEQ_Q, SEQ_K, b, Sq, Sk, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr
     return Lq, Lk
 
 
+@_device_fn
+def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+              d_ok, start_m, lo, n_glob, t0, t1, Lq, Lk, off, left, right, G, qk_scale,
+              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+    """The online softmax over key blocks t0 .. t1 - 1 of one query block -> (m, l, acc).
+    EXACT: masked pairs never meet a non-finite V row (_dot_masked; slower, more registers)."""
+    m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for t in range(t0, t1):
+        start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
+        n64 = start_n.to(tl.int64)
+        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
+        # the scale right after the dot: triton 3.6's pipeliner fails to compile a wgmma whose
+        # result is read only inside the branches of a runtime if (issue 11)
+        s = _dot(q, tl.trans(k), PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M,
+                           BLOCK_N)
+        if not full:
+            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
+            s = tl.where(ok, s, _NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row with nothing seen yet
+        p = tl.exp2(s - m_use[:, None])  # masked -> exactly 0
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
+        if EXACT:
+            acc = _dot_masked(p, v, acc * alpha[:, None], full, v_base + n64 * stride_vn,
+                              stride_vn, offs_d, d_ok, offs_m, start_n, off, Lq, Lk, left, right,
+                              G, CAUSAL, PREC)
+        else:
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
 # ---------------------------------------------------------------- forward
 
 
@@ -195,7 +276,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
                 H, GROUP, Sq, Sk, D, left, right, G, qk_scale, TUNE_KEY, n_splits,
                 HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                SPLIT_K: tl.constexpr, PREC: tl.constexpr):
+                SPLIT_K: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -229,35 +310,28 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
         t0 = 0 * n_tot
         t1 = n_tot
 
-    m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)  # running max, log2 units
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
     v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
-    for t in range(t0, t1):
-        start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
-        n64 = start_n.to(tl.int64)
-        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if not _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
-                           BLOCK_M, BLOCK_N):
-            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
-            s = tl.where(ok, s, _NEG_INF)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row with nothing seen yet
-        p = tl.exp2(s - m_use[:, None])  # masked -> exactly 0
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
-        m_i = m_new
+    m_i, l_i, acc = _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m,
+                              offs_n, offs_d, d_ok, start_m, lo, n_glob, t0, t1, Lq, Lk, off,
+                              left, right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC,
+                              False)
+    # A NaN / inf in the result may come from a key the row does not see (0 * NaN in a dot
+    # over a block with masked pairs): such row blocks (rare) are recomputed with masked
+    # pairs kept out of the dots.  The first loop stays as lean as it was.  EXACT is off on
+    # the decode path, whose occupancy the extra registers would cut (a documented limit).
+    if EXACT and tl.sum(tl.sum(tl.where(acc * 0.0 == 0.0, 0, 1), 1), 0) > 0:
+        m_i, l_i, acc = _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
+                                  offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, t0, t1, Lq,
+                                  Lk, off, left, right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N,
+                                  BLOCK_D, PREC, True)
 
+    # l NaN: the row met a NaN or +inf score (exp(inf - inf)); out NaN, lse NaN or +inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, _NEG_INF, m_i * _LN2 + tl.log(l_safe))
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     o_ptrs = (O + b64 * stride_ob + h.to(tl.int64) * stride_oh + pid_s.to(tl.int64) * stride_os
               + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
@@ -285,6 +359,7 @@ def _combine_kernel(OP, LP, O, LSE, Sq, D, n_splits,
                  mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     out = tl.sum(op * w[:, None], 0) / tl.where(tot == 0.0, 1.0, tot)
     lse = tl.where(tot == 0.0, _NEG_INF, m_use + tl.log(tl.where(tot == 0.0, 1.0, tot)))
+    lse = tl.where(m == float("inf"), float("inf"), lse)  # a +inf score: exp(inf - inf) NaN
     tl.store(O + (bh * Sq + row) * D + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
     tl.store(LSE + bh * Sq + row, lse)
 
@@ -317,6 +392,42 @@ def _bwd_delta_kernel(O, DO, DELTA, SEQ_Q,
     do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows * stride_dm + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
+
+
+@_device_fn
+def _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m,
+             offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left, right, G,
+             qk_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+    """dQ / scale of one query block over its key blocks.  EXACT: masked pairs never meet a
+    non-finite K row (_dot_masked)."""
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for t in range(0, n_glob + n_win):
+        start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
+        n64 = start_n.to(tl.int64)
+        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
+        # the scale right after the dot: triton 3.6's pipeliner fails to compile a wgmma whose
+        # result is read only inside the branches of a runtime if (issue 11)
+        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M,
+                           BLOCK_N)
+        if not full:
+            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
+            s = tl.where(ok, s, _NEG_INF)
+        # masked (-inf) pairs get P = 0 even when the row's lse is NaN, and dS = 0 wherever
+        # P = 0 even when dP (a masked non-finite V) or delta is not finite
+        p = tl.where(s == _NEG_INF, 0.0, tl.exp2(s - lse2[:, None]))
+        dp = _dot(do, tl.trans(v), PREC)
+        ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))
+        if EXACT:
+            dq = _dot_masked(ds, k, dq, full, k_base + n64 * stride_kn, stride_kn, offs_d, d_ok,
+                             offs_m, start_n, off, Lq, Lk, left, right, G, CAUSAL, PREC)
+        else:
+            dq += _dot(ds.to(k.dtype), k, PREC)
+    return dq
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -361,25 +472,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K,
 
     lo, n_win, n_glob = _key_blocks(start_m, Lq, Lk, off, left, right, G, CAUSAL,
                                     BLOCK_M, BLOCK_N)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
     v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
-    for t in range(0, n_glob + n_win):
-        start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
-        n64 = start_n.to(tl.int64)
-        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PREC) * qk_scale
-        if not _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
-                           BLOCK_M, BLOCK_N):
-            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
-            s = tl.where(ok, s, _NEG_INF)
-        p = tl.exp2(s - lse2[:, None])
-        dp = _dot(do, tl.trans(v), PREC)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PREC)
+    dq = _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
+                  offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left,
+                  right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, False)
+    # as in the forward: a non-finite dQ row may come from a masked key (0 * NaN); recompute
+    if tl.sum(tl.sum(tl.where(dq * 0.0 == 0.0, 0, 1), 1), 0) > 0:
+        dq = _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
+                      offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off,
+                      left, right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, True)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
@@ -453,10 +555,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
                 ok = _allowed(rows[None, :], offs_n[:, None], off, Lq, Lk, left, right, G,
                               CAUSAL)
                 sT = tl.where(ok, sT, _NEG_INF)
-            pT = tl.exp2(sT - lse2[None, :])
+            # as in the dq kernel: P = 0 on masked pairs, dS = 0 wherever P = 0.  Unlike there,
+            # a non-finite Q / dO row is not kept out of the dots (0 * NaN reaches the other
+            # keys of this block): at 255 registers on sm_90 any extra tile spills
+            pT = tl.where(sT == _NEG_INF, 0.0, tl.exp2(sT - lse2[None, :]))
             dv += _dot(pT.to(do.dtype), do, PREC)
             dpT = _dot(v, tl.trans(do), PREC)
-            dsT = pT * (dpT - delta[None, :])
+            dsT = tl.where(pT == 0.0, 0.0, pT * (dpT - delta[None, :]))
             dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC)
     dk = dk * sm_scale
     out_mask = (offs_n[:, None] < Sk) & d_ok[None, :]
@@ -664,7 +769,7 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
         q, k, v, out, lse, sq, sk, *strides,
         out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
         H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, _tune_key(Sq, Sk, left, right, G), 1,
-        SPLIT_K=False, **common)
+        SPLIT_K=False, EXACT=True, **common)
     return out.to(q.dtype), lse
 
 

@@ -28,8 +28,27 @@ def add_read_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+_INT64_MAX = 2 ** 63 - 1
+_MIN_DEMO_TOKENS = 64  # the planted sentence, [CLS]/[SEP] and some filler around it
+
+
+def _int_option(lo, hi=_INT64_MAX, what=""):
+    """argparse type: an int in [lo, hi]; argparse names the option in the error."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not lo <= v <= hi:
+            rng = f">= {lo}" if hi == _INT64_MAX else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {rng}{what}, got {v}")
+        return v
+    parse.__name__ = "int"
+    return parse
+
+
 def _arguments(p):
-    p.add_argument("file", nargs="?", help="text file to read, or - for stdin "
+    p.add_argument("file", nargs="?", help="UTF-8 text file to read, or - for stdin "
                    "(omit for the embedded demo)")
     p.add_argument("--query", "-q", help="what to look for (required with a file)")
     p.add_argument("--model", help="BERT/RoBERTa/MiniLM model dir or MultimodalReader dir "
@@ -37,15 +56,19 @@ def _arguments(p):
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="image file (repeatable); needs --vision-model or a reader --model")
     p.add_argument("--vision-model", metavar="DIR", help="CLIP checkpoint dir for --image")
-    p.add_argument("--window", type=int, default=128,
+    p.add_argument("--window", type=_int_option(0, what=" (0 = full attention)"), default=128,
                    help="attention window per side, in tokens (default 128; 0 = full)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if present)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
                    help="model dtype (default float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--top-k", type=int, default=3, help="passages to print (default 3)")
-    p.add_argument("--chunk", type=int, default=2048, help="tokens per dense chunk")
-    p.add_argument("--tokens", type=int, default=32768, help="demo: document length in tokens")
-    p.add_argument("--seed", type=int, default=0, help="demo: seed of the generated document")
+    p.add_argument("--top-k", type=_int_option(1), default=3,
+                   help="passages to print (default 3)")
+    p.add_argument("--chunk", type=_int_option(1, 2 ** 31 - 1), default=2048,
+                   help="tokens per dense chunk")
+    p.add_argument("--tokens", type=_int_option(_MIN_DEMO_TOKENS, 2 ** 31 - 1), default=32768,
+                   help=f"demo: document length in tokens (>= {_MIN_DEMO_TOKENS})")
+    p.add_argument("--seed", type=_int_option(0), default=0,
+                   help="demo: seed of the generated document")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--explain", metavar="PNG", help="write a heatmap of the last layer's "
                    "attention ([CLS] and the best passage's tokens over the document, and "
@@ -53,12 +76,122 @@ def _arguments(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class _UsageError(Exception):
+    """A bad option or input file: printed as one line, exit status 2."""
+
+
+def _device(arg):
+    """--device -> a device string that exists on this machine."""
+    import torch
+
+    if arg is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(arg)
+    except (RuntimeError, ValueError, TypeError):
+        raise _UsageError(f"--device: {arg!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return str(dev)
+    if dev.type != "cuda":
+        raise _UsageError(f"--device: {arg!r} is not supported (use cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise _UsageError(f"--device {arg}: CUDA is not available on this machine (torch "
+                          f"{torch.__version__}, built {'with' if torch.version.cuda else 'without'}"
+                          f" CUDA); use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise _UsageError(f"--device {arg}: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s)")
+    return str(dev)
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """The document's bytes -> text.  mmcore read takes UTF-8 (a BOM is dropped); anything
+    else is refused with the offending offset instead of being read as replacement
+    characters."""
+    if b"\x00" in data:
+        raise _UsageError(f"{name}: contains NUL bytes (first at offset {data.index(0)}); this "
+                          f"looks like a binary file, not text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _UsageError(
+            f"{name}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); mmcore "
+            f"read takes UTF-8: convert the file first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+def _read_input(path) -> str:
+    if path == "-":
+        if sys.stdin is None or sys.stdin.closed:
+            raise _UsageError("stdin is closed; pipe the text into `mmcore read -` or pass a "
+                              "file")
+        stream = getattr(sys.stdin, "buffer", None)
+        try:
+            data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8")
+        except (OSError, ValueError) as e:
+            raise _UsageError(f"stdin: cannot read ({e})") from None
+        return decode_text(data, "stdin")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise _UsageError(f"{path}: is a directory, not a text file") from None
+    except OSError as e:
+        raise _UsageError(f"{path}: cannot read ({e.strerror or e})") from None
+    return decode_text(data, path)
+
+
+def _check_paths(args):
+    import os
+
+    for opt, path in (("--model", args.model), ("--vision-model", args.vision_model)):
+        if path is not None and not os.path.isdir(path):
+            raise _UsageError(f"{opt} {path}: no such directory")
+    for img in args.image:
+        if not os.path.isfile(img):
+            raise _UsageError(f"--image {img}: no such file")
+    if args.file is not None and args.query is None:
+        raise _UsageError("--query is required when reading a file")
+    if args.explain is not None:
+        parent = os.path.dirname(os.path.abspath(args.explain))
+        if not os.path.isdir(parent):
+            raise _UsageError(f"--explain {args.explain}: no such directory {parent}")
+
+
 def run_read(args) -> int:
+    """Run `mmcore read`; every failure is one line on stderr, never a traceback (set
+    MMCORE_DEBUG=1 to see it)."""
+    import os
+
+    try:
+        return _run_read(args)
+    except _UsageError as e:
+        print(f"mmcore read: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmcore read: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:
+        if os.environ.get("MMCORE_DEBUG"):
+            raise
+        print(f"mmcore read: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line, with how to see more
+        if os.environ.get("MMCORE_DEBUG"):
+            raise
+        print(f"mmcore read: internal error: {type(e).__name__}: {e} (set MMCORE_DEBUG=1 for "
+              f"the traceback)", file=sys.stderr)
+        return 1
+
+
+def _run_read(args) -> int:
+    _check_paths(args)
+    text = _read_input(args.file) if args.file is not None else None
     import torch
 
     from . import reading
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     dtype = getattr(torch, _DTYPES[args.dtype] if args.dtype else
                     ("bfloat16" if device.startswith("cuda") else "float32"))
     window = None if args.window <= 0 else (args.window, args.window)
@@ -66,21 +199,9 @@ def run_read(args) -> int:
     common = dict(model=args.model, window=window, device=device, dtype=dtype,
                   top_k=args.top_k, chunk=args.chunk, images=args.image,
                   vision_model=args.vision_model, explain=args.explain)
-    try:
-        if args.file is None:
-            return _demo(args, common, progress)
-        if args.query is None:
-            print("mmcore read: --query is required when reading a file", file=sys.stderr)
-            return 2
-        if args.file == "-":
-            text = sys.stdin.read()
-        else:
-            with open(args.file, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        res = reading.read(text, args.query, progress=progress, **common)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"mmcore read: error: {e}", file=sys.stderr)
-        return 1
+    if args.file is None:
+        return _demo(args, common, progress)
+    res = reading.read(text, args.query, progress=progress, **common)
     res["query"] = args.query
     print(json.dumps(res, indent=2) if args.json else _format(res))
     return 0

@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -59,6 +60,28 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
                    "dtype must be float32, bfloat16 or float16");
 }
 
+// Whether every value of t is finite: its sum is (a sum that overflows only sends the sample
+// down the exact path, which is right for finite inputs too).
+bool all_finite(const at::Tensor& t) {
+  return t.numel() == 0 || std::isfinite(t.sum().item<double>());
+}
+
+// Attention of one sample with IEEE rules, for samples holding a NaN / inf (ATen's flash
+// kernel returns 0 and lse -inf for a row with a NaN score).  q (Hkv, M, D) stacked rows,
+// k / v (Hkv, Lk, D), fp32.  A NaN score makes its row NaN (lse NaN), a +inf score NaN (lse
+// +inf); a non-finite value reaches every row (no key of a sample is masked).
+std::tuple<at::Tensor, at::Tensor> exact_sample(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, double scale) {
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor s = at::matmul(q, k.transpose(-1, -2)).mul_(scale);  // (Hkv, M, Lk)
+  at::Tensor m = std::get<0>(s.max(-1, true));                    // NaN-propagating
+  at::Tensor p = (s - at::where(m == -inf, at::zeros_like(m), m)).exp_();
+  at::Tensor l = p.sum(-1, true);
+  at::Tensor out = at::where(l == 0, at::zeros({}, q.options()), at::matmul(p, v) / l);
+  at::Tensor lse = at::where(m == inf, m, m + l.log()).squeeze(-1);
+  return {out, lse};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
@@ -71,8 +94,24 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
   const int64_t Hkv = k.size(1), Sk = k.size(2), g = Hq / Hkv;
   auto Lq = valid_lengths(seqlens_q, B, Sq, "seqlens_q");
   auto Lk = valid_lengths(seqlens_k, B, Sk, "seqlens_k");
+  if (B * Hq * Sq * D == 0)  // nothing to compute (ATen's kernel divides by these)
+    return {at::zeros({B, Hq, Sq, D}, q.options()),
+            at::full({B, Hq, Sq}, -std::numeric_limits<float>::infinity(),
+                     q.options().dtype(at::kFloat))};
   bool full = true;
   for (int64_t b = 0; b < B; ++b) full = full && Lq[b] == Sq && Lk[b] == Sk;
+  // samples with a non-finite input take the exact path (their valid part only: padding,
+  // which may hold NaN, is never read)
+  std::vector<char> exact(B, 0);
+  bool any_exact = false;
+  for (int64_t b = 0; b < B; ++b) {
+    if (Lq[b] == 0 || Lk[b] == 0) continue;
+    exact[b] = !(all_finite(q.select(0, b).narrow(1, 0, Lq[b])) &&
+                 all_finite(k.select(0, b).narrow(1, 0, Lk[b])) &&
+                 all_finite(v.select(0, b).narrow(1, 0, Lk[b])));
+    any_exact = any_exact || exact[b];
+  }
+  full = full && !any_exact;
   // ATen's kernel writes its output as (batch, seq, head, D); giving it (B*Hkv, 1, g*S, D)
   // (heads as batch, the g query heads of a group stacked along the sequence) makes that
   // layout our contiguous (B, Hq, S, D), so the full-length case needs no copy at all
@@ -95,6 +134,15 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
       lb.narrow(1, done, Sq - done).fill_(-std::numeric_limits<float>::infinity());
     }
     if (done == 0) continue;
+    if (exact[b]) {
+      auto res = exact_sample(
+          q.select(0, b).narrow(1, 0, lq).to(at::kFloat).reshape({Hkv, g * lq, D}),
+          k.select(0, b).narrow(1, 0, lk).to(at::kFloat),
+          v.select(0, b).narrow(1, 0, lk).to(at::kFloat), scale);
+      ob.narrow(1, 0, lq).copy_(std::get<0>(res).view({Hq, lq, D}));
+      lb.narrow(1, 0, lq).copy_(std::get<1>(res).view({Hq, lq}));
+      continue;
+    }
     auto res = at::_scaled_dot_product_flash_attention_for_cpu(
         q.select(0, b).narrow(1, 0, lq).to(at::kFloat).reshape({Hkv, 1, g * lq, D}),
         k.select(0, b).narrow(1, 0, lk).to(at::kFloat).unsqueeze(1),
@@ -121,16 +169,42 @@ struct Unit {
   int64_t b, h, m0, m1;
 };
 
+// Query rows per partial sum of dK / dV: chunks hold up to 256 rows when Lk is short (fewer
+// than 256 keys), where 4 small GEMMs cost a few per cent; longer Lk keeps one GEMM.
+constexpr int64_t kRows = 64;
+
+// acc += a^T b, a (c, Lk), b (c, D): partial sums over blocks of kRows rows, added pairwise.
+// One GEMM over c rows accumulates them in sequence: dV of a single key summed over many
+// query rows was up to 12x less accurate than PyTorch's and missed the tolerance rule
+// (issue 16).
+void add_at_b_pairwise(at::Tensor acc, const at::Tensor& a, const at::Tensor& b,
+                       at::Tensor parts) {
+  const int64_t c = a.size(0), nb = (c + kRows - 1) / kRows;
+  if (nb == 1) {
+    acc.addmm_(a.t(), b);
+    return;
+  }
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t r0 = i * kRows, n = std::min(kRows, c - r0);
+    at::Tensor pi = parts.select(0, i);
+    at::mm_out(pi, a.narrow(0, r0, n).t(), b.narrow(0, r0, n));
+  }
+  for (int64_t w = 1; w < nb; w *= 2)
+    for (int64_t i = 0; i + w < nb; i += 2 * w) parts.select(0, i).add_(parts.select(0, i + w));
+  acc.add_(parts.select(0, 0));
+}
+
 void unit_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& dout, const at::Tensor& out, double scale, at::Tensor dq,
                    at::Tensor dk, at::Tensor dv) {
   // q/dout/out/dq (M, D) rows of one kv head's stacked queries; k/v/dk/dv (Lk, D)
-  const int64_t M = q.size(0), Lk = k.size(0);
+  const int64_t M = q.size(0), Lk = k.size(0), D = q.size(1);
   const int64_t C = std::max<int64_t>(16, std::min<int64_t>(256, (1 << 16) / std::max<int64_t>(1, Lk)));
   at::Tensor kt = k.t(), vt = v.t();
   // chunk buffers allocated once per unit (fresh pages are costly to fault in)
   at::Tensor sbuf = at::empty({C, Lk}, k.options()), pbuf = at::empty({C, Lk}, k.options());
   at::Tensor dsbuf = at::empty({C, Lk}, k.options());
+  at::Tensor parts = at::empty({(C + kRows - 1) / kRows, Lk, D}, k.options());
   for (int64_t m0 = 0; m0 < M; m0 += C) {
     const int64_t c = std::min(C, M - m0);
     at::Tensor qc = q.narrow(0, m0, c), doc = dout.narrow(0, m0, c);
@@ -138,7 +212,7 @@ void unit_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     at::Tensor s = sbuf.narrow(0, 0, c), p = pbuf.narrow(0, 0, c), ds = dsbuf.narrow(0, 0, c);
     at::mm_out(s, qc, kt).mul_(scale);
     at::_softmax_out(p, s, -1, false);  // (c, Lk)
-    dv.addmm_(p.t(), doc);
+    add_at_b_pairwise(dv, p, doc, parts);
     at::mm_out(ds, doc, vt);
     ds.sub_(delta).mul_(p).mul_(scale);
     at::Tensor dqc = dq.narrow(0, m0, c);
@@ -147,7 +221,7 @@ void unit_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     } else {
       dqc.copy_(at::mm(ds, k));
     }
-    dk.addmm_(ds.t(), qc);
+    add_at_b_pairwise(dk, ds, qc, parts);
   }
 }
 
@@ -173,6 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
   at::Tensor dq = at::zeros({B, Hq, Sq, D}, q.options());
   at::Tensor dk = at::zeros({B, Hkv, Sk, D}, k.options());
   at::Tensor dv = at::zeros({B, Hkv, Sk, D}, v.options());
+  if (dq.numel() == 0 || dk.numel() == 0) return {dq, dk, dv};
   auto f32 = q.options().dtype(at::kFloat);
   // per sample: fp32 (Hkv, g*Lq, D) stacked views / copies (a sample with Lk = 1 has a
   // constant softmax: dQ = dK = 0 exactly, only dV is computed)

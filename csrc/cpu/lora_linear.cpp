@@ -50,6 +50,12 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight, const at::Ten
                        lora_b.scalar_type() == dt, "weight/lora_a/lora_b", "must have x's dtype");
 }
 
+// adapter_ids None means adapter 0 for every row: there must be one.
+void check_adapter0(const at::Tensor& lora_a, const c10::optional<at::Tensor>& ids) {
+  MMCORE_CHECK_ARG(lora_a.size(0) > 0 || (ids.has_value() && ids->defined()), "lora_a",
+                   "holds A = 0 adapters, but adapter_ids=None means adapter 0 for every row");
+}
+
 // Rows of each adapter, in order: groups[a] = row indices with id a (a in [0, A)).
 std::vector<std::vector<int64_t>> group_rows(const at::Tensor& ids_in, int64_t A, int64_t M) {
   MMCORE_CHECK_ARG(ids_in.dim() == 1 && ids_in.size(0) == M, "adapter_ids", "must be (M,)");
@@ -113,6 +119,7 @@ at::Tensor fwd_impl(const at::Tensor& x_, const at::Tensor& weight_,
                     const at::Tensor& lora_b_, const at::Tensor& scaling_,
                     const c10::optional<at::Tensor>& ids, int64_t variant) {
   check_operands(x_, weight_, lora_a_, lora_b_, scaling_);
+  check_adapter0(lora_a_, ids);
   const int64_t M = x_.size(0), N = weight_.size(0), A = lora_a_.size(0), r = lora_a_.size(1);
   auto x = f32(x_), w = f32(weight_), la = f32(lora_a_), lb = f32(lora_b_);
   c10::optional<at::Tensor> bias;
@@ -178,6 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
     const at::Tensor& lora_a_, const at::Tensor& lora_b_, const at::Tensor& scaling_,
     const c10::optional<at::Tensor>& ids, bool need_dx, bool need_da, bool need_db) {
   check_operands(x_, weight_, lora_a_, lora_b_, scaling_);
+  check_adapter0(lora_a_, ids);
   check_cpu_lastdim(dy_, "dy");
   const int64_t M = x_.size(0), N = weight_.size(0), A = lora_a_.size(0), r = lora_a_.size(1);
   MMCORE_CHECK_ARG(dy_.dim() == 2 && dy_.size(0) == M && dy_.size(1) == N, "dy", "must be (M, N)");

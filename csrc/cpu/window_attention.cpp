@@ -83,21 +83,25 @@ __attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
 __attribute__((target("avx2,fma"))) float scale_max_avx2(float* s, int64_t n, float scale) {
   __m256 vs = _mm256_set1_ps(scale);
   __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 vnan = _mm256_setzero_ps();  // lanes that met a NaN (max_ps would drop it)
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), vs);
     _mm256_storeu_ps(s + j, x);
     vm = _mm256_max_ps(vm, x);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
   }
   alignas(32) float t[8];
   _mm256_store_ps(t, vm);
   float m = t[0];
   for (int r = 1; r < 8; ++r) m = std::max(m, t[r]);
+  bool nan = _mm256_movemask_ps(vnan) != 0;
   for (; j < n; ++j) {
     s[j] *= scale;
     m = std::max(m, s[j]);
+    nan = nan || std::isnan(s[j]);
   }
-  return m;
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 __attribute__((target("avx2,fma"))) float exp_sum_avx2(float* s, int64_t n, float m) {
@@ -123,7 +127,7 @@ __attribute__((target("avx2,fma"))) float exp_sum_avx2(float* s, int64_t n, floa
 }
 #endif
 
-// s[0:n) *= scale; returns max (-inf when n == 0).
+// s[0:n) *= scale; returns max (-inf when n == 0; NaN when any s[j] is NaN).
 template <typename acc_t>
 acc_t scale_max(acc_t* s, int64_t n, acc_t scale) {
 #ifdef MMCORE_X86
@@ -132,11 +136,20 @@ acc_t scale_max(acc_t* s, int64_t n, acc_t scale) {
   }
 #endif
   acc_t m = -std::numeric_limits<acc_t>::infinity();
+  bool nan = false;
   for (int64_t j = 0; j < n; ++j) {
     s[j] *= scale;
     m = std::max(m, s[j]);
+    nan = nan || std::isnan(s[j]);
   }
-  return m;
+  return nan ? std::numeric_limits<acc_t>::quiet_NaN() : m;
+}
+
+// max that keeps a NaN of either side (std::max drops a NaN second argument).
+template <typename acc_t>
+inline acc_t nan_max(acc_t a, acc_t b) {
+  return std::isnan(a) || std::isnan(b) ? std::numeric_limits<acc_t>::quiet_NaN()
+                                        : std::max(a, b);
 }
 
 // s[0:n) = exp(s - m) (-inf -> 0); returns the sum.  m must be finite.
@@ -303,7 +316,57 @@ acc_t mask_scale_max(acc_t* s, int64_t c0, int64_t n, const RowKeys& rk, acc_t s
   std::fill(s + b1, s + n, ninf);
   acc_t m1 = scale_max(s + a0, a1 - a0, scale);
   acc_t m2 = scale_max(s + b0, b1 - b0, scale);
-  return std::max(m1, m2);
+  return nan_max(m1, m2);
+}
+
+// Whether key j (absolute) is allowed for a row with keys rk.
+inline bool allowed(const RowKeys& rk, int64_t j) {
+  return j < rk.ghi || (j >= rk.wlo && j < rk.whi);
+}
+
+// Whether a row with keys rk sees every key of [c0, c1).
+inline bool covers(const RowKeys& rk, int64_t c0, int64_t c1) {
+  if (rk.wlo <= rk.ghi) return c1 <= std::max(rk.ghi, rk.whi);  // one interval [0, .)
+  return c1 <= rk.ghi || (c0 >= rk.wlo && c1 <= rk.whi);
+}
+
+// Zeroes the entries of row `s` (keys [c0, c0 + n)) that rk does not allow.
+template <typename acc_t>
+void zero_masked(acc_t* s, int64_t c0, int64_t n, const RowKeys& rk) {
+  for (int64_t x = 0; x < n; ++x)
+    if (!allowed(rk, c0 + x)) s[x] = acc_t(0);
+}
+
+// C (M x N, ldc) += op(A) B, with op(A) M x K (A stored K x M when ta) and B K x N, where
+// op(A)[i][k] is 0 wherever ok(i, k) is false.  Such a zero must not meet a non-finite value
+// of B's row k (0 * NaN = NaN would reach row i, which never sees k): B's non-finite rows are
+// zeroed for the GEMM and their terms added for the allowed (i, k) only.  With every pair
+// allowed (all_ok) it is the plain GEMM.
+template <typename acc_t, typename Ok>
+void gemm_acc_masked(bool ta, int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda,
+                     const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc, bool all_ok, Ok ok) {
+  std::vector<int64_t> bad;
+  if (!all_ok)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t d = 0; d < N; ++d)
+        if (!std::isfinite(B[k * ldb + d])) {
+          bad.push_back(k);
+          break;
+        }
+  if (bad.empty()) {
+    gemm_rm<acc_t>(ta, false, M, N, K, acc_t(1), A, lda, B, ldb, acc_t(1), C, ldc);
+    return;
+  }
+  std::vector<acc_t> clean(static_cast<size_t>(K * N));
+  for (int64_t k = 0; k < K; ++k) std::copy(B + k * ldb, B + k * ldb + N, clean.data() + k * N);
+  for (int64_t k : bad) std::fill(clean.data() + k * N, clean.data() + (k + 1) * N, acc_t(0));
+  gemm_rm<acc_t>(ta, false, M, N, K, acc_t(1), A, lda, clean.data(), N, acc_t(1), C, ldc);
+  for (int64_t k : bad)
+    for (int64_t i = 0; i < M; ++i) {
+      if (!ok(i, k)) continue;
+      const acc_t a = ta ? A[k * lda + i] : A[i * lda + k];
+      for (int64_t d = 0; d < N; ++d) C[i * ldc + d] += a * B[k * ldb + d];
+    }
 }
 
 struct Seg {
@@ -433,6 +496,8 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
     std::fill(m, m + nq, ninf);
     std::fill(l, l + nq, acc_t(0));
     RowKeys rks[BQ];
+    // rows whose scores met a NaN (2) or +inf (1): out NaN, lse NaN / +inf (IEEE softmax)
+    int8_t bad[BQ] = {0};
     for (int64_t r = 0; r < nq; ++r) rks[r] = row_keys(P, s, i0 + r);
     for (int si = 0; si < nseg; ++si) {
       for (int64_t c0 = segs[si].lo; c0 < segs[si].hi; c0 += KC) {
@@ -443,10 +508,18 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
         const acc_t* V = tile<scalar_t, acc_t>(vp + b * vs0 + hk * vs1 + c0 * vs2, vs2, n, D,
                                                w.v.data(), &ldv);
         gemm_rm<acc_t>(false, true, nq, n, D, acc_t(1), Q, ldq, K, ldk, acc_t(0), S, n);
+        bool all_ok = true;
         for (int64_t r = 0; r < nq; ++r) {
           acc_t* sr = S + r * n;
+          all_ok = all_ok && covers(rks[r], c0, c0 + n);
           const acc_t mx = mask_scale_max(sr, c0, n, rks[r], scale);
-          if (mx == ninf) {
+          if (mx == ninf || bad[r]) {
+            if (bad[r] && std::isnan(mx)) bad[r] = 2;
+            std::fill(sr, sr + n, acc_t(0));
+            continue;
+          }
+          if (!(mx < std::numeric_limits<acc_t>::infinity())) {  // NaN or +inf score
+            bad[r] = std::isnan(mx) ? 2 : 1;
             std::fill(sr, sr + n, acc_t(0));
             continue;
           }
@@ -460,13 +533,19 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
             for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
           }
         }
-        gemm_rm<acc_t>(false, false, nq, D, n, acc_t(1), S, n, V, ldv, acc_t(1), acc, D);
+        gemm_acc_masked<acc_t>(false, nq, D, n, S, n, V, ldv, acc, D, all_ok,
+                               [&](int64_t r, int64_t x) { return allowed(rks[r], c0 + x); });
       }
     }
     scalar_t* orow = op + ((b * P.Hq + h) * P.Sq + i0) * D;
     float* lrow = lp + (b * P.Hq + h) * P.Sq + i0;
     for (int64_t r = 0; r < nq; ++r) {
-      if (l[r] > acc_t(0)) {
+      if (bad[r]) {
+        std::fill(orow + r * D, orow + (r + 1) * D,
+                  static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN()));
+        lrow[r] = bad[r] == 2 ? std::numeric_limits<float>::quiet_NaN()
+                              : std::numeric_limits<float>::infinity();
+      } else if (l[r] > acc_t(0)) {
         const acc_t inv = acc_t(1) / l[r];
         for (int64_t d = 0; d < D; ++d) orow[r * D + d] = static_cast<scalar_t>(acc[r * D + d] * inv);
         lrow[r] = static_cast<float>(m[r] + std::log(l[r]));
@@ -503,9 +582,16 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
   // A row that sees a single key has P = 1 and dS = 0 exactly; recomputed scores would give
   // 1 +- ulp and dP - delta = +-ulp, i.e. nonzero gradients where the exact ones are 0.
   // Returns whether the row sees a single key (the caller then zeroes its dS).
+  // A row whose lse is NaN / +inf (its scores met a NaN / +inf) gets P = NaN on its allowed
+  // keys: its gradients reach exactly the keys it sees.
   auto probs = [&](acc_t* sr, int64_t c0, int64_t n, const RowKeys& rk, acc_t L) {
     if (L == ninf) {
       std::fill(sr, sr + n, acc_t(0));
+      return false;
+    }
+    if (!(L < std::numeric_limits<acc_t>::infinity())) {
+      for (int64_t j = 0; j < n; ++j)
+        sr[j] = allowed(rk, c0 + j) ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
       return false;
     }
     mask_scale_max(sr, c0, n, rk, scale);
@@ -582,6 +668,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
           for (int64_t r = 0; r < nq; ++r) {
             acc_t *sr = S + r * c.hi, *dr = dP + r * c.hi;
             if (probs(sr, c.lo, c.hi, rks[r], L[r])) continue;
+            zero_masked(dr, c.lo, c.hi, rks[r]);  // a masked non-finite V must not count
             acc_t sum = 0;
             for (int64_t x = 0; x < c.hi; ++x) sum += sr[x] * dr[x];
             dl[r] += sum;
@@ -602,12 +689,15 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
         const int64_t n = c.hi;
         int64_t ldk;
         const acc_t* K = scores(c, &ldk);
+        bool all_ok = true;
         for (int64_t r = 0; r < nq; ++r) {
           acc_t *sr = S + r * n, *dr = dP + r * n;
+          all_ok = all_ok && covers(rks[r], c.lo, c.lo + n);
           if (probs(sr, c.lo, n, rks[r], L[r])) {
             std::fill(sr, sr + n, acc_t(0));
             continue;
           }
+          zero_masked(dr, c.lo, n, rks[r]);
           if (one) {
             acc_t sum = 0;
             for (int64_t x = 0; x < n; ++x) sum += sr[x] * dr[x];
@@ -615,8 +705,10 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
           }
           const acc_t dlt = dl[r];
           for (int64_t x = 0; x < n; ++x) sr[x] = sr[x] * (dr[x] - dlt) * scale;
+          zero_masked(sr, c.lo, n, rks[r]);
         }
-        gemm_rm<acc_t>(false, false, nq, D, n, acc_t(1), S, n, K, ldk, acc_t(1), acc, D);
+        gemm_acc_masked<acc_t>(false, nq, D, n, S, n, K, ldk, acc, D, all_ok,
+                               [&](int64_t r, int64_t x) { return allowed(rks[r], c.lo + x); });
       }
       scalar_t* dqrow = dqp + ((b * P.Hq + h) * P.Sq + i0) * D;
       for (int64_t x = 0; x < nq * D; ++x) dqrow[x] = static_cast<scalar_t>(acc[x]);
@@ -669,20 +761,25 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
                                                     D, w.d.data(), &ldd);
             gemm_rm<acc_t>(false, true, nq, nk, D, acc_t(1), Q, ldq, K, ldk, acc_t(0), S, nk);
             gemm_rm<acc_t>(false, true, nq, nk, D, acc_t(1), dO, ldd, V, ldv, acc_t(0), dP, nk);
+            bool all_ok = true;
             for (int64_t r = 0; r < nq; ++r) {
               const int64_t i = r0 + r;
               acc_t *sr = S + r * nk, *dr = dP + r * nk;
-              if (probs(sr, j0, nk, row_keys(P, s, i),
-                        static_cast<acc_t>(lp[b * ls0 + h * ls1 + i * ls2]))) {
+              const RowKeys rk = row_keys(P, s, i);
+              all_ok = all_ok && covers(rk, j0, j0 + nk);
+              if (probs(sr, j0, nk, rk, static_cast<acc_t>(lp[b * ls0 + h * ls1 + i * ls2]))) {
                 std::fill(dr, dr + nk, acc_t(0));
                 continue;
               }
               const acc_t dlt = dl[i];
               // dr <- dS (scaled); sr keeps P for dV
               for (int64_t j = 0; j < nk; ++j) dr[j] = sr[j] * (dr[j] - dlt) * scale;
+              zero_masked(dr, j0, nk, rk);
             }
-            gemm_rm<acc_t>(true, false, nk, D, nq, acc_t(1), S, nk, dO, ldd, acc_t(1), dV, D);
-            gemm_rm<acc_t>(true, false, nk, D, nq, acc_t(1), dP, nk, Q, ldq, acc_t(1), dK, D);
+            // dV += P^T dO, dK += dS^T Q over these rows; a row's masked keys take no part
+            auto ok = [&](int64_t j, int64_t r) { return allowed(row_keys(P, s, r0 + r), j0 + j); };
+            gemm_acc_masked<acc_t>(true, nk, D, nq, S, nk, dO, ldd, dV, D, all_ok, ok);
+            gemm_acc_masked<acc_t>(true, nk, D, nq, dP, nk, Q, ldq, dK, D, all_ok, ok);
           }
         }
       }

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 __all__ = ["CheckpointError", "Checkpoint", "read_config", "validate_safetensors",
-           "load_into", "save_safetensors"]
+           "read_safetensors", "load_into", "save_safetensors"]
 
 # safetensors dtype tag -> (itemsize in bytes, torch dtype or None when torch lacks it)
 _DTYPES = {
@@ -46,50 +46,91 @@ KeyMap = Callable[[str], Optional[str]]  # checkpoint key -> model key, or None 
 # ------------------------------------------------------------------ files
 
 
-def _refuse_pickle(path: str) -> None:
+def _refuse_pickle_name(path: str) -> None:
     name = os.path.basename(path)
     if name.lower().endswith(_PICKLE_EXT):
         raise CheckpointError(
             f"{path}: refusing to load a pickle checkpoint ({name}); pickle can run arbitrary "
             "code. Convert it to safetensors first (e.g. with `safetensors.torch.save_file` in "
             "a trusted environment) and pass the .safetensors file / model dir.")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:2] == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+
+
+def _refuse_pickle_magic(path: str, head: bytes) -> None:
+    """Called once the file has failed to parse as safetensors: name a pickle / torch.save
+    archive by its magic bytes.  Never before: a valid header length such as 640 (0x280)
+    starts with the bytes 80 02, which is also how a protocol-2 pickle starts."""
+    kind = None
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        kind = "zip (torch.save)"
+    elif len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        kind = "pickle"
+    if kind:
         raise CheckpointError(
-            f"{path}: the file starts like a {'zip (torch.save)' if head == b'PK' else 'pickle'}"
-            " archive, not a safetensors file; refusing to load it (pickle can run arbitrary "
-            "code). Convert it to safetensors first.")
+            f"{path}: the file starts like a {kind} archive, not a safetensors file; refusing "
+            "to load it (pickle can run arbitrary code). Convert it to safetensors first.")
 
 
-def validate_safetensors(path: str) -> Dict[str, dict]:
-    """Check a .safetensors file's header against its size; return {name: {dtype, shape,
-    data_offsets}} (without ``__metadata__``).  Raises CheckpointError on any inconsistency."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    _refuse_pickle(path)
-    size = os.path.getsize(path)
-    if size < 8:
-        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes < 8-byte header"
-                              " length)")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > min(size - 8, _MAX_HEADER):
-            raise CheckpointError(f"{path}: header length {n} bytes is absurd for a file of "
-                                  f"{size} bytes (truncated or corrupted file)")
-        raw = f.read(n)
-
+def _parse_header(path: str, raw: bytes) -> dict:
+    """The JSON header: an object, no NaN/Infinity, no repeated key, bounded nesting."""
     def no_const(c):
         raise CheckpointError(f"{path}: header contains {c}, not valid safetensors JSON")
 
+    def pairs(kv):
+        d = {}
+        for k, v in kv:
+            if k in d:
+                raise CheckpointError(f"{path}: header repeats the key {k!r}")
+            d[k] = v
+        return d
+
     try:
-        header = json.loads(raw.decode("utf-8"), parse_constant=no_const)
+        header = json.loads(raw.decode("utf-8"), parse_constant=no_const,
+                            object_pairs_hook=pairs)
     except CheckpointError:
         raise
+    except RecursionError:
+        raise CheckpointError(f"{path}: header JSON is nested too deeply; corrupted or "
+                              "hostile file") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e}); corrupted file") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    meta = header.get("__metadata__")
+    meta = {} if meta is None else meta  # null is allowed, as the library allows it
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: __metadata__ must be an object of strings, got "
+                              f"{json.dumps(meta)[:80]}")
+    return header
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_safetensors(path: str) -> Dict[str, dict]:
+    """Check a .safetensors file's header against its size; return {name: {dtype, shape,
+    data_offsets}} (without ``__metadata__``).  Raises CheckpointError, naming the file, on
+    any inconsistency: the tensors must tile the data section exactly (no gap, no overlap,
+    no trailing byte), as the safetensors format requires."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    _refuse_pickle_name(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        try:
+            if size < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes < "
+                                      "8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(f"{path}: header length {n} bytes is absurd for a file "
+                                      f"of {size} bytes (truncated or corrupted file)")
+            header = _parse_header(path, f.read(n))
+        except CheckpointError:
+            _refuse_pickle_magic(path, head)  # say "pickle" where that is what it is
+            raise
     data = size - 8 - n
     spans = []
     out = {}
@@ -97,35 +138,52 @@ def validate_safetensors(path: str) -> Dict[str, dict]:
         if name == "__metadata__":
             continue
         where = f"{path}: tensor {name!r}"
-        if not isinstance(e, dict) or set(e) - {"dtype", "shape", "data_offsets"}:
-            raise CheckpointError(f"{where}: malformed header entry {e!r}")
-        if e.get("dtype") not in _DTYPES:
-            raise CheckpointError(f"{where}: unknown dtype {e.get('dtype')!r}")
-        shape, offs = e.get("shape"), e.get("data_offsets")
-        if not isinstance(shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 48
-                for d in shape):
-            raise CheckpointError(f"{where}: bad shape {shape!r} (need non-negative ints)")
-        if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-            raise CheckpointError(f"{where}: bad data_offsets {offs!r}")
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            raise CheckpointError(f"{where}: malformed header entry {str(e)[:200]}")
+        dt = e["dtype"]
+        if not isinstance(dt, str) or dt not in _DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {str(dt)[:40]}")
+        shape, offs = e["shape"], e["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2 ** 48
+                                                  for d in shape):
+            raise CheckpointError(f"{where}: bad shape {str(shape)[:80]} (need non-negative ints)")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
+            raise CheckpointError(f"{where}: bad data_offsets {str(offs)[:80]}")
         b, end = offs
         if not 0 <= b <= end:
             raise CheckpointError(f"{where}: data_offsets {offs} are not 0 <= begin <= end")
         if end > data:
             raise CheckpointError(f"{where}: data_offsets end {end} is past the end of the data "
                                   f"({data} bytes): truncated or corrupted file")
-        want = math.prod(shape) * _DTYPES[e["dtype"]][0]
+        want = math.prod(shape) * _DTYPES[dt][0]
         if end - b != want:
             raise CheckpointError(f"{where}: {end - b} bytes in data_offsets but dtype "
-                                  f"{e['dtype']} x shape {shape} needs {want}")
+                                  f"{dt} x shape {shape} needs {want}")
         spans.append((b, end, name))
         out[name] = e
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
+    pos, prev = 0, None
+    for b, e, name in spans:
+        if b < pos:
+            raise CheckpointError(f"{path}: tensors {prev!r} and {name!r} overlap in the file")
+        if b > pos:
+            raise CheckpointError(f"{path}: {b - pos} bytes before tensor {name!r} belong to no "
+                                  "tensor (a gap in data_offsets): corrupted file")
+        pos, prev = e, name
+    if pos != data:
+        raise CheckpointError(f"{path}: {data - pos} bytes after the last tensor belong to no "
+                              "tensor (trailing bytes or a wrong header length): corrupted file")
     return out
+
+
+def read_safetensors(path: str, device="cpu") -> Dict[str, torch.Tensor]:
+    """Every tensor of one .safetensors file, after validate_safetensors; any failure is a
+    CheckpointError naming the file (pickle / zip files are refused, never opened)."""
+    ckpt = Checkpoint(path)
+    try:
+        return {k: ckpt.get(k, device=device) for k in ckpt.keys()}
+    finally:
+        ckpt.close()
 
 
 class Checkpoint:
@@ -183,14 +241,22 @@ class Checkpoint:
     def shape(self, key) -> Tuple[int, ...]:
         return tuple(self._meta[key]["shape"])
 
+    def dtype(self, key) -> str:
+        """The safetensors dtype tag of `key` ("F32", "BF16", "I64", ...)."""
+        return self._meta[key]["dtype"]
+
     def get(self, key, dtype=None, device="cpu") -> torch.Tensor:
         from safetensors import safe_open
 
         f = self._where[key]
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = safe_open(f, framework="pt", device="cpu")
-        t = h.get_tensor(key)
+        try:
+            h = self._handles.get(f)
+            if h is None:
+                h = self._handles[f] = safe_open(f, framework="pt", device="cpu")
+            t = h.get_tensor(key)
+        except Exception as e:  # the validated header should make this unreachable
+            raise CheckpointError(f"{f}: cannot read tensor {key!r} "
+                                  f"({type(e).__name__}: {e})") from None
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t.to(device)
@@ -208,6 +274,15 @@ def read_config(model_dir: str) -> dict:
 
 
 # ------------------------------------------------------------------ into a module
+
+
+def _kind(dtype) -> str:
+    """float / int / bool / other: what a checkpoint tensor must share with its parameter."""
+    if dtype is None:
+        return "other"
+    if dtype == torch.bool:
+        return "bool"
+    return "float" if dtype.is_floating_point else ("int" if not dtype.is_complex else "other")
 
 
 def _named_entries(module: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -240,7 +315,10 @@ def load_into(module: torch.nn.Module, ckpt, *, key_map: Optional[KeyMap] = None
     shapes = [f"{mapping[m]} {list(ckpt.shape(mapping[m]))} vs model {m} {list(want[m].shape)}"
               for m in sorted(set(want) & set(mapping))
               if ckpt.shape(mapping[m]) != tuple(want[m].shape)]
-    if shapes or (strict and (missing or unexpected)):
+    kinds = [f"{mapping[m]} {ckpt.dtype(mapping[m])} vs model {m} {want[m].dtype}"
+             for m in sorted(set(want) & set(mapping))
+             if _kind(_DTYPES[ckpt.dtype(mapping[m])][1]) != _kind(want[m].dtype)]
+    if shapes or kinds or (strict and (missing or unexpected)):
         lines = [f"checkpoint {ckpt.path} does not fit {type(module).__name__}:"]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
@@ -248,6 +326,9 @@ def load_into(module: torch.nn.Module, ckpt, *, key_map: Optional[KeyMap] = None
             lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
         if shapes:
             lines.append(f"  shape mismatch ({len(shapes)}): " + "; ".join(shapes))
+        if kinds:
+            lines.append(f"  dtype mismatch ({len(kinds)}; float data must fill float "
+                         f"parameters, integer data integer buffers): " + "; ".join(kinds))
         lines.append("  (pass key_map= to rename or drop checkpoint keys)")
         raise CheckpointError("\n".join(lines))
     sd = {m: ckpt.get(k, dtype=dtype, device=device) for m, k in mapping.items() if m in want}

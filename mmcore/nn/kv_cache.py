@@ -37,6 +37,25 @@ from ..ops.window_attention import window_attention
 from ..ops.window_decode import rolling_kernel_selected, rolling_window_decode
 
 
+def _device(device) -> torch.device:
+    """A device this machine has: a bad name or CUDA without a GPU is a ValueError naming
+    `device`, not torch's AssertionError at the first allocation."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch.device or a device string, got {device!r}") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+    if dev.type == "cuda":
+        if dev.index is None:  # tensors report cuda:N; compare like with like
+            return torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
+    return dev
+
+
 class RollingKVCache:
     """Per-layer global prefix + ring buffer of the last ``window_left + 1`` keys/values.
 
@@ -65,18 +84,29 @@ class RollingKVCache:
                               ("window_left", window_left, 0), ("global_tokens", global_tokens, 0)):
             if not isinstance(val, int) or isinstance(val, bool) or val < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+            if val >= 2 ** 31:
+                raise ValueError(f"{name} must be < 2**31, got {val}")
+        if not isinstance(dtype, torch.dtype) or dtype not in (torch.float16, torch.bfloat16,
+                                                               torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float16, bfloat16, float32 or float64, "
+                            f"got {dtype!r}")
         self.num_layers, self.batch, self.kv_heads, self.head_dim = (num_layers, batch, kv_heads,
                                                                      head_dim)
         self.left, self.G = window_left, global_tokens
         self.capacity = window_left + 1
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = dtype, _device(device)
         shape_g = (batch, kv_heads, global_tokens, head_dim)
         shape_r = (batch, kv_heads, self.capacity, head_dim)
         mk = lambda shape: torch.zeros(shape, dtype=dtype, device=self.device)  # noqa: E731
-        self.k_global = [mk(shape_g) for _ in range(num_layers)]
-        self.v_global = [mk(shape_g) for _ in range(num_layers)]
-        self.k_ring = [mk(shape_r) for _ in range(num_layers)]
-        self.v_ring = [mk(shape_r) for _ in range(num_layers)]
+        try:
+            self.k_global = [mk(shape_g) for _ in range(num_layers)]
+            self.v_global = [mk(shape_g) for _ in range(num_layers)]
+            self.k_ring = [mk(shape_r) for _ in range(num_layers)]
+            self.v_ring = [mk(shape_r) for _ in range(num_layers)]
+        except (RuntimeError, MemoryError) as e:
+            raise ValueError(f"the cache (num_layers={num_layers}, window_left={window_left}, "
+                             f"global_tokens={global_tokens}) does not fit in memory: "
+                             f"{str(e).splitlines()[0]}") from None
         self._pos = [0] * num_layers  # tokens already read, per layer (batch-uniform)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -94,7 +124,8 @@ class RollingKVCache:
         return sum(t.numel() * t.element_size() for t in ts)
 
     def _check(self, layer, k_new, v_new):
-        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+        if (not isinstance(layer, int) or isinstance(layer, bool)
+                or not 0 <= layer < self.num_layers):
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             if not isinstance(t, torch.Tensor):
@@ -171,6 +202,7 @@ class RollingKVCache:
         the global prefix and the last `left` positions.  Returns (B, Hq, T, D).
 
         scale defaults to 1/sqrt(D); backend as in mmcore.window_attention."""
+        self._check(layer, k_new, v_new)
         if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[2] != k_new.shape[2]:
             raise ValueError(f"q must be (B, Hq, T, D) with T = k_new.shape[2] "
                              f"({k_new.shape[2]}), got "

@@ -1,11 +1,15 @@
 """Input validation shared by the ops: every error names the argument at fault."""
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT64_MAX = 2 ** 63 - 1  # window sides, lengths and offsets reach the kernels as C int64
 
 
 def tensor(name, t, ndim=None, ndims=None):
@@ -39,7 +43,9 @@ def same_device(ref_name, ref, **others):
 
 
 def seqlens(name, s, B, ref):
-    """seqlens must be an integer tensor of shape (B,) on ref's device; returns int64."""
+    """seqlens must be an integer tensor of shape (B,) on ref's device; returns it as a
+    contiguous int64 tensor (kernels index it as a plain array: a strided view would be
+    read wrong)."""
     if s is None:
         return None
     tensor(name, s, ndim=1)
@@ -48,7 +54,51 @@ def seqlens(name, s, B, ref):
     if s.shape[0] != B:
         raise ValueError(f"{name} must have shape ({B},) (the batch), got {tuple(s.shape)}")
     same_device("q", ref, **{name: s})
-    return s.long()
+    return s.to(torch.int64).contiguous()
+
+
+def integer(name, v, lo=None):
+    """A Python (or numpy) integer, not bool, in [lo, 2**63 - 1] -> int."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = operator.index(v)
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if v > INT64_MAX:
+        raise ValueError(f"{name} must be < 2**63 (a 64-bit int), got {v}")
+    return v
+
+
+def window_side(name, w, reach):
+    """One side of a window: an int >= -1 (-1 or None = unbounded) -> int >= -1.
+
+    A side of `reach` or more already covers every key (reach = Sk for the left side,
+    Sq for the right side, see window_attention), so it is clamped to -1: exactly the same
+    mask on every backend, and no kernel ever sees a side it cannot represent."""
+    if w is None:
+        return -1
+    w = integer(name, w, lo=-1)
+    return -1 if w >= max(reach, 1) else w
+
+
+def scale(s, D):
+    """The softmax scale: None (1/sqrt(D)), a finite real number, or a one-element real
+    tensor -> float."""
+    if s is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(s, torch.Tensor):
+        if s.numel() != 1 or s.is_complex() or s.dtype == torch.bool:
+            raise TypeError(f"scale must be a real number or a one-element real tensor, got a "
+                            f"{s.dtype} tensor of shape {tuple(s.shape)}")
+        if s.device.type == "meta":
+            raise ValueError("scale is a tensor on the meta device; it needs a value")
+        s = s.item()
+    elif isinstance(s, bool) or not isinstance(s, numbers.Real):
+        raise TypeError(f"scale must be a real number (float), got {type(s).__name__} {s!r}")
+    s = float(s)
+    if not math.isfinite(s):
+        raise ValueError(f"scale must be finite, got {s}")
+    return s
 
 
 def checks_enabled() -> bool:
@@ -66,7 +116,10 @@ def seqlens_values(name, s, S):
 
 
 def last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+    if t.stride(-1) == 1 or t.shape[-1] <= 1:
+        return t
+    # an empty tensor is already "contiguous" and keeps its strides through .contiguous()
+    return t.new_empty(t.shape) if t.numel() == 0 else t.contiguous()
 
 
 def attention_qkv(q, k, v):
@@ -78,6 +131,8 @@ def attention_qkv(q, k, v):
     same_dtype("q", q, k=k, v=v)
     same_device("q", q, k=k, v=v)
     B, Hq, Sq, D = q.shape
+    if D == 0:
+        raise ValueError(f"q, k, v: head dim D must be >= 1, got shape {tuple(q.shape)}")
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch of k {tuple(k.shape)} / v {tuple(v.shape)} must equal q's ({B})")
     if k.shape != v.shape:

@@ -17,7 +17,6 @@ import torch
 from . import _validate as V
 from . import failures, registry, tables
 from .cross_attention import cross_attention
-from .window_attention import _scale
 
 
 def co_attention(q_t, k_t, v_t, q_v, k_v, v_v, *, text_lengths=None, image_lengths=None,
@@ -58,7 +57,7 @@ def co_attention(q_t, k_t, v_t, q_v, k_v, v_v, *, text_lengths=None, image_lengt
             V.same_device("q_t", q_t, **{n: r})
     len_t = V.seqlens("text_lengths", text_lengths, B, q_t)
     len_v = V.seqlens("image_lengths", image_lengths, B, q_t)
-    scale = _scale(scale, D)
+    scale = V.scale(scale, D)
     ts = [V.last_dim_contiguous(t) for t in (q_t, k_t, v_t, q_v, k_v, v_v)]
     res = [None if r is None else V.last_dim_contiguous(r) for r in (residual_t, residual_v)]
     needs_grad = torch.is_grad_enabled() and any(

@@ -18,7 +18,6 @@ import torch
 
 from . import _validate as V
 from . import _eager, registry
-from .window_attention import _scale
 
 
 def cross_attention(q, k, v, *, seqlens_q=None, seqlens_k=None, scale=None, return_lse=False,
@@ -31,13 +30,14 @@ def cross_attention(q, k, v, *, seqlens_q=None, seqlens_k=None, scale=None, retu
         seqlens_q, seqlens_k: int (B,) valid lengths (right padding).  allowed(i, j) =
             i < Lq_b and j < Lk_b.  A sample with Lk_b = 0 (no image) returns 0, lse -inf.
         scale: default 1/sqrt(D).  return_lse: also return lse (B, Hq, Sq) fp32.
-    Returns out (B, Hq, Sq, D) [, lse].  Padded query rows are 0.
+    Returns out (B, Hq, Sq, D) [, lse].  Padded query rows are 0.  A NaN / Inf input reaches
+    exactly the rows that see it (padding never does), with IEEE rules (window_attention).
     """
     V.attention_qkv(q, k, v)
     B, Hq, Sq, D = q.shape
     seqlens_q = V.seqlens("seqlens_q", seqlens_q, B, q)
     seqlens_k = V.seqlens("seqlens_k", seqlens_k, B, q)
-    scale = _scale(scale, D)
+    scale = V.scale(scale, D)
     q, k, v = (V.last_dim_contiguous(t) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     p = problem(q, k, seqlens_q, seqlens_k, needs_grad)

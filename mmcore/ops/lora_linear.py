@@ -18,6 +18,7 @@ contiguous last dim.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -45,6 +46,10 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, b
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dim (..., K)")
     V.tensor("weight", weight, ndim=2)
+    if bias is not None:
+        V.tensor("bias", bias, ndim=1)
+    V.tensor("lora_a", lora_a, ndims=(2, 3))
+    V.tensor("lora_b", lora_b, ndims=(2, 3))
     x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
     V.float_dtype("x", x)
     V.same_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
@@ -55,11 +60,9 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, b
         raise ValueError(f"weight must have shape (N, {K}) to match x's last dim, "
                          f"got {tuple(weight.shape)}")
     if bias is not None:
-        V.tensor("bias", bias, ndim=1)
         if bias.shape[0] != N:
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    V.tensor("lora_a", lora_a, ndims=(2, 3))
-    V.tensor("lora_b", lora_b, ndims=(2, 3))
+        bias = bias.contiguous()  # kernels read it as a plain array
     if lora_a.dim() != lora_b.dim():
         raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} must "
                          f"both be single (2 dims) or both stacked (3 dims)")
@@ -74,13 +77,16 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, b
         raise ValueError(f"lora_b must have shape {want_b} to match lora_a {tuple(lora_a.shape)}"
                          f" and weight {tuple(weight.shape)}, got {tuple(lora_b.shape)}")
     if r < 1:
-        raise ValueError("lora rank r must be >= 1")
+        raise ValueError(f"lora_a: rank r must be >= 1, got shape {tuple(lora_a.shape)}")
+    if A_ == 0 and adapter_ids is None:
+        raise ValueError("lora_a holds A = 0 adapters, but adapter_ids=None means adapter 0 "
+                         "for every row; pass adapter_ids (-1 = base only)")
     scaling = _scaling(scaling, A_, stacked, x.device)
     if not stacked:
         lora_a, lora_b = lora_a.unsqueeze(0), lora_b.unsqueeze(0)
     lead = x.shape[:-1]
     ids = _ids(adapter_ids, lead, x.device)
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(math.prod(lead), K)  # not (-1, K): K may be 0
     x2, weight, lora_a, lora_b = (V.last_dim_contiguous(t) for t in (x2, weight, lora_a, lora_b))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, lora_a, lora_b, bias, scaling))
@@ -121,6 +127,11 @@ _SCALING_CACHE: dict = {}  # (float scaling, A, device) -> (A,) fp32 tensor, nev
 
 def _scaling(scaling, A, stacked, device):
     if isinstance(scaling, torch.Tensor):
+        if scaling.is_complex() or scaling.dtype == torch.bool:
+            raise TypeError(f"scaling must be a real tensor, got {scaling.dtype}")
+        if scaling.device != device and scaling.device.type != "cpu":
+            raise ValueError(f"scaling is on {scaling.device} but x is on {device}; it must be "
+                             f"on x's device (or the CPU)")
         if scaling.numel() != A or scaling.dim() > 1:
             raise ValueError(f"scaling must be a float or a tensor of shape ({A},), "
                              f"got shape {tuple(scaling.shape)}")

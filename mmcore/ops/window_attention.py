@@ -15,13 +15,13 @@ int64 (B,) or None, and every tensor has a contiguous last dim (other strides ar
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
 
 from . import _validate as V
 from . import _eager, registry
-from .reference.attention import default_scale
 
 
 def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seqlens_q=None,
@@ -34,7 +34,8 @@ def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seq
             if not).  A flash-attn layout (B, S, H, D) passes as ``x.transpose(1, 2)``.
         window: (left, right) ints >= 0, or -1 / None for unbounded.  Key j is in the window
             of query i iff ``p - left <= j <= p + right`` with ``p = i + Lk_b - Lq_b``
-            (bottom-right alignment, as flash-attn).
+            (bottom-right alignment, as flash-attn).  Sides must be < 2**63; a side that
+            reaches past every key (left >= Sk, right >= Sq) is unbounded, exactly.
         causal: right = 0, and the global part is causal too (j <= p).
         global_tokens: G; keys j < G are seen by every query, and queries with p < G see
             every key (subject to causal).
@@ -50,25 +51,30 @@ def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seq
         q1     . . . . x x      p = 4
         q2     . . . . . x x    p = 5  (only j <= 5 exist)
 
-    A row that sees no key returns 0 with lse -inf and zero gradients, never NaN.
+    A row that sees no key returns 0 with lse -inf and zero gradients, never NaN.  A NaN / Inf
+    input reaches exactly the rows that see it (IEEE rules within a row; masked keys and
+    values never enter it): a NaN score gives a NaN row with lse NaN, a +inf score a NaN row
+    with lse +inf.
     Returns out (B, Hq, Sq, D) in q's dtype [, lse].
     """
     V.attention_qkv(q, k, v)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    left, right = _window(window)
+    left, right = _window(window, Sq, Sk)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if causal:
         right = 0
-    if not isinstance(global_tokens, int) or isinstance(global_tokens, bool) or global_tokens < 0:
+    if (isinstance(global_tokens, bool) or not isinstance(global_tokens, numbers.Integral)
+            or global_tokens < 0):
         raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
+    global_tokens = int(global_tokens)
     if global_tokens > Sk:
         raise ValueError(f"global_tokens ({global_tokens}) must be <= Sk ({Sk})")
     same = seqlens_q is seqlens_k  # one lengths tensor for both sides: offset 0 everywhere
     seqlens_q = V.seqlens("seqlens_q", seqlens_q, B, q)
     seqlens_k = seqlens_q if same else V.seqlens("seqlens_k", seqlens_k, B, q)
-    scale = _scale(scale, D)
+    scale = V.scale(scale, D)
     q, k, v = (V.last_dim_contiguous(t) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     p = problem(q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, needs_grad)
@@ -100,30 +106,16 @@ def _call(*args):
     return torch.ops.mmcore.window_attention_fwd(*args)
 
 
-def _window(window):
+def _window(window, Sq, Sk):
+    """(left, right) ints >= -1; a side that reaches past every key is clamped to -1."""
     if window is None:
         return -1, -1
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise ValueError(f"window must be None or a (left, right) pair, got {window!r}")
-    out = []
-    for side, w in zip(("window[0] (left)", "window[1] (right)"), window):
-        if w is None:
-            w = -1
-        if not isinstance(w, int) or isinstance(w, bool):
-            raise TypeError(f"{side} must be an int, got {type(w).__name__}")
-        if w < -1:
-            raise ValueError(f"{side} must be >= -1 (-1 = unbounded), got {w}")
-        out.append(w)
-    return out[0], out[1]
-
-
-def _scale(scale, D):
-    if scale is None:
-        return default_scale(D)
-    scale = float(scale)
-    if not scale == scale or scale in (float("inf"), float("-inf")):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return scale
+    # left >= Sk: p - left <= Lk - 1 - Sk < 0 <= j for every row; right >= Sq: p + right >=
+    # Lk - Lq + Sq >= Lk > j.  Either side then masks nothing: unbounded, exactly.
+    return (V.window_side("window[0] (left)", window[0], Sk),
+            V.window_side("window[1] (right)", window[1], Sq))
 
 
 # ---------------------------------------------------------------- torch.library custom op

@@ -77,16 +77,57 @@ def _scores(qc, kc, scale, mask, g):
     return s.masked_fill(~mask, float("-inf"))
 
 
+def _softmax(s):
+    """Row softmax of masked scores (…, C, nk), max-subtracted (exact at any logit size)
+    -> (p, m, l): p = exp(s - m) unnormalised, m the row max, l = rowsum(p).
+
+    A row with no allowed key (m = -inf) gets p = 0, l = 0.  A NaN score makes m NaN and the
+    whole row NaN; a +inf score gives exp(inf - inf) = NaN for the row, as IEEE says."""
+    m = s.amax(-1, keepdim=True)  # amax propagates NaN
+    # subtract 0 for rows with m = -inf or NaN: masked scores (-inf) then still give 0
+    p = torch.exp(s - torch.nan_to_num(m, nan=0.0, neginf=0.0, posinf=float("inf")))
+    return p, m, p.sum(-1, keepdim=True)
+
+
+def _mm_masked(a, b, allowed, chunk=32):
+    """a @ b in which an entry a[..., i, j] that `allowed` (broadcast to a's last two dims)
+    masks out never multiplies row b[..., j, :].
+
+    a is already 0 there; the point is 0 * NaN = NaN: a non-finite value in a key / row that
+    `allowed` hides must not reach the rows that do not see it.  Finite b (the usual case)
+    costs one isfinite check."""
+    fin = torch.isfinite(b).all(-1)  # (..., n)
+    if bool(fin.all()):
+        return torch.matmul(a, b)
+    bad = (~fin).reshape(-1, fin.shape[-1]).any(0).nonzero().flatten()
+    out = torch.matmul(a, b.index_fill(-2, bad, 0))
+    allowed = allowed.expand(*allowed.shape[:-2], a.shape[-2], a.shape[-1])
+    for c0 in range(0, bad.numel(), chunk):
+        jb = bad[c0:c0 + chunk]
+        ab = a.index_select(-1, jb)[..., None]  # (..., rows, nb, 1)
+        bb = b.index_select(-2, jb).unsqueeze(-3)  # (..., 1, nb, D)
+        keep = allowed.index_select(-1, jb)[..., None]
+        out = out + torch.where(keep, ab * bb, torch.zeros((), dtype=out.dtype,
+                                                            device=out.device)).sum(-2)
+    return out
+
+
 def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
-    """-> out (B, Hq, Sq, D) in q.dtype, lse (B, Hq, Sq) fp32."""
+    """-> out (B, Hq, Sq, D) in q.dtype, lse (B, Hq, Sq) fp32.
+
+    Non-finite inputs reach exactly the rows that see them (DESIGN.md): a NaN query or seen
+    key makes the row NaN (lse NaN), a +inf score makes it NaN (lse +inf), a non-finite value
+    row is summed with IEEE rules into the rows that see it and into no other."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    g = Hq // Hkv
     cdt = _cdt(q.dtype)
     if causal:
         right = 0
     out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    g = Hq // Hkv
     for b, (Lq, Lk) in enumerate(zip(_lengths(seqlens_q, Sq, B), _lengths(seqlens_k, Sk, B))):
         if Lq <= 0 or Lk <= 0:
             continue
@@ -99,12 +140,12 @@ def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens
             qc = q[b, :, i0:i1].to(cdt)  # (Hq, C, D)
             kc = k[b][:, kidx].to(cdt)  # (Hkv, nk, D)
             vc = v[b][:, kidx].to(cdt)
-            s = _scores(qc, kc, scale, mask, g)  # (Hkv, g, C, nk)
-            m = torch.logsumexp(s, dim=-1, keepdim=True)  # (Hkv, g, C, 1)
-            p = torch.where(torch.isinf(m), torch.zeros_like(s), torch.exp(s - m))
-            o = torch.matmul(p, vc[:, None])  # (Hkv, g, C, D)
+            p, m, l = _softmax(_scores(qc, kc, scale, mask, g))  # (Hkv, g, C, nk)
+            o = _mm_masked(p, vc[:, None], mask)  # (Hkv, g, C, D)
+            o = torch.where(l == 0, torch.zeros_like(o), o / l)
+            lse_b = torch.where(m == float("inf"), m, m + torch.log(l))  # -inf when l == 0
             out[b, :, i0:i1] = o.reshape(Hq, i1 - i0, -1).to(q.dtype)
-            lse[b, :, i0:i1] = m.reshape(Hq, i1 - i0).float()
+            lse[b, :, i0:i1] = lse_b.reshape(Hq, i1 - i0).float()
     return out, lse
 
 
@@ -112,17 +153,22 @@ def window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causa
                global_tokens, scale):
     """-> dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D) in the input dtypes.
 
-    Recomputes P per block from the saved lse: dV += Pᵀ dO; dS = P ∘ (dP − rowsum(P∘dP)), dP = dO Vᵀ;
-    dQ = scale·dS K; dK += scale·dSᵀ Q."""
+    Recomputes P per block as a self-normalised softmax (a block holds every key its rows
+    see, so no saved lse is needed: exact at any logit size): dV += Pᵀ dO;
+    dS = P ∘ (dP − rowsum(P∘dP)), dP = dO Vᵀ; dQ = scale·dS K; dK += scale·dSᵀ Q.
+    Masked entries take part in no product (see _mm_masked)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    g = Hq // Hkv
     cdt = _cdt(q.dtype)
     if causal:
         right = 0
     dq = torch.zeros(B, Hq, Sq, D, dtype=cdt, device=q.device)
     dk = torch.zeros(B, Hkv, Sk, D, dtype=cdt, device=q.device)
     dv = torch.zeros(B, Hkv, Sk, v.shape[-1], dtype=cdt, device=q.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    g = Hq // Hkv
+    zero = torch.zeros((), dtype=cdt, device=q.device)
     for b, (Lq, Lk) in enumerate(zip(_lengths(seqlens_q, Sq, B), _lengths(seqlens_k, Sk, B))):
         if Lq <= 0 or Lk <= 0:
             continue
@@ -137,17 +183,22 @@ def window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causa
             kc = k[b][:, kidx].to(cdt)
             vc = v[b][:, kidx].to(cdt)
             doc = dout[b, :, i0:i1].to(cdt).reshape(Hkv, g, C, -1)
-            m = lse[b, :, i0:i1].to(cdt).reshape(Hkv, g, C, 1)
-            s = _scores(qc, kc, scale, mask, g)
-            p = torch.where(torch.isinf(m), torch.zeros_like(s), torch.exp(s - m))
-            dv[b].index_add_(1, kidx, torch.matmul(p.transpose(-1, -2), doc).sum(1))
+            p, m, l = _softmax(_scores(qc, kc, scale, mask, g))
+            p = torch.where(l == 0, torch.zeros_like(p), p / l)
+            # a block with a NaN / inf anywhere keeps every masked pair out of every product
+            clean = bool(torch.isfinite(l).all()) and all(
+                bool(torch.isfinite(t).all()) for t in (qc, kc, vc, doc))
+            sel = (lambda x: x) if clean else (lambda x: torch.where(mask, x, zero))  # noqa
+            mm = (lambda a, b_, _: torch.matmul(a, b_)) if clean else _mm_masked  # noqa
+            p = sel(p)
+            dv[b].index_add_(1, kidx, mm(p.transpose(-1, -2), doc, mask.T).sum(1))
             dp = torch.matmul(doc, vc[:, None].transpose(-1, -2))  # (Hkv, g, C, nk)
             # rowsum(P∘dP) == rowsum(dO∘O); this form is exact when a row sees one key
-            delta = (p * dp).sum(-1, keepdim=True)
-            ds = p * (dp - delta) * scale
-            dq[b, :, i0:i1] = torch.matmul(ds, kc[:, None]).reshape(Hq, C, D)
-            dk[b].index_add_(1, kidx, torch.matmul(ds.transpose(-1, -2),
-                                                   qc.reshape(Hkv, g, C, D)).sum(1))
+            delta = sel(p * dp).sum(-1, keepdim=True)
+            ds = sel(p * (dp - delta)) * scale
+            dq[b, :, i0:i1] = mm(ds, kc[:, None], mask).reshape(Hq, C, D)
+            dk[b].index_add_(1, kidx, mm(ds.transpose(-1, -2), qc.reshape(Hkv, g, C, D),
+                                         mask.T).sum(1))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

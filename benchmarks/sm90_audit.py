@@ -9,7 +9,9 @@ target (a process pool; results cached by kernel source, specialisation, config,
 Triton version) and reported:
 
     regs    registers per thread (255 = the cap)
-    stack   bytes of local memory per thread: register spills, to be 0 on the hot paths
+    stack   bytes of local memory per thread (a frame ptxas reserved)
+    local   local-memory loads / stores (STL / LDL) in the SASS: register spills, to be 0 on
+            the hot paths (a stack frame that no instruction touches is not a spill)
     smem    shared memory per block (sm_90: at most 227 KB, sm_80: 163 KB)
     wgmma   Hopper tensor-core instructions in the PTX (0: mma.sync or FMA only)
 
@@ -67,7 +69,8 @@ def _specialise(fn, args, kwargs):
     """-> (signature, constants, names with the divisibility-16 hint), as the JIT would."""
     import torch
     dtypes = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-              torch.int64: "i64", torch.int32: "i32", torch.bool: "i1", torch.uint8: "u8"}
+              torch.int64: "i64", torch.int32: "i32", torch.bool: "i1", torch.uint8: "u8",
+              torch.int8: "i8"}
     bound = dict(zip(fn.arg_names, args))
     dns = {fn.arg_names[i] if isinstance(i, int) else i for i in (fn.do_not_specialize or ())}
     sig, consts, div = {}, {}, []
@@ -297,7 +300,7 @@ def _cache_dir():
 def _job_key(fn, job):
     import triton
     h = hashlib.sha256()
-    for part in (fn.cache_key, triton.__version__, job["sig"], sorted(job["consts"].items()),
+    for part in ("local-v2", fn.cache_key, triton.__version__, job["sig"], sorted(job["consts"].items()),
                  job["div"], job["num_warps"], job["num_stages"], job["arch"]):
         h.update(repr(part).encode())
     return h.hexdigest()
@@ -317,6 +320,7 @@ def compile_job(job, use_cache=True):
     base = dict(kernel=job["kernel"], config=blocks, num_warps=job["num_warps"],
                 num_stages=job["num_stages"], arch=job["arch"], case=job["case"],
                 default=job["default"], dtype=_main_dtype(job["sig"]),
+                cold=job["consts"].get("FLAGS") == 2,
                 triton=triton.__version__)
     if path and os.path.exists(path):
         with open(path) as f:
@@ -331,7 +335,7 @@ def compile_job(job, use_cache=True):
                                         num_stages=job["num_stages"]))
         ptx = k.asm["ptx"]
         res = _resource_usage(k.asm["cubin"])
-        out = dict(regs=res[0], stack=res[1], smem=int(k.metadata.shared),
+        out = dict(regs=res[0], stack=res[1], local=res[2], smem=int(k.metadata.shared),
                    wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
                    cpu_s=round(_cpu_seconds() - t0, 2))
     except Exception as e:  # reported, not raised: the audit goes on
@@ -359,6 +363,9 @@ def _cpu_seconds():
 
 
 def _resource_usage(cubin):
+    """-> (registers, stack bytes, local-memory instructions in the SASS).  A stack frame
+    alone is not a spill (ptxas may reserve one it never touches); spilled registers are
+    stored and reloaded with STL / LDL."""
     import triton.backends.nvidia as nv
     cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as d:
@@ -367,8 +374,9 @@ def _resource_usage(cubin):
             f.write(cubin)
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", path],
                                capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return int(m.group(1)), int(m.group(2))
+    return int(m.group(1)), int(m.group(2)), len(re.findall(r"\b(?:STL|LDL)(?:\.\S+)?\s", sass))
 
 
 def _worker_init():
@@ -416,8 +424,10 @@ def problems(reports):
         if "error" in r:
             out.append(f"{what}: does not compile: {r['error']}")
             continue
-        if r["default"] and r["stack"]:
-            out.append(f"{what}: default config spills {r['stack']} bytes per thread")
+        # (the non-finite fix-up pass, FLAGS = 2, is cold: it runs only for flagged rows)
+        if r["default"] and r["stack"] and r.get("local", 1) and not r.get("cold"):
+            out.append(f"{what}: default config spills {r['stack']} bytes per thread "
+                       f"({r.get('local', '?')} local loads / stores)")
         if r["smem"] > SMEM_LIMIT[r["arch"]]:
             out.append(f"{what}: {r['smem']} bytes of shared memory > {SMEM_LIMIT[r['arch']]}")
         if (r["arch"] == 90 and r["default"] and r["kernel"] in HOT and not r["wgmma"]
@@ -429,11 +439,13 @@ def problems(reports):
 def summary(reports, wall=None):
     import triton
     ok = [r for r in reports if "error" not in r]
+    spills = lambda r: bool(r["stack"] and r.get("local", 1))  # noqa: E731
     lines = [f"triton {triton.__version__}: {len(reports)} launches compiled "
              f"({sum(r.get('cached', False) for r in reports)} from the cache), "
              f"{len(reports) - len(ok)} failed, "
-             f"{sum(1 for r in ok if r['stack'])} spill "
-             f"({sum(1 for r in ok if r['stack'] and r['default'])} of them default configs), "
+             f"{sum(1 for r in ok if spills(r))} spill "
+             f"({sum(1 for r in ok if spills(r) and r['default'] and not r.get('cold'))} of "
+             f"them hot default configs), "
              f"{sum(1 for r in ok if r['smem'] > SMEM_LIMIT[r['arch']])} over shared memory; "
              f"compile CPU {sum(r.get('cpu_s', 0) for r in reports):.0f} s"
              + (f", wall {wall:.0f} s" if wall is not None else "")]
@@ -443,7 +455,7 @@ def summary(reports, wall=None):
         b = by.setdefault(k, [0, 0, 0, 0])
         b[0] += 1
         b[1] += "error" in r
-        b[2] += bool(r.get("stack"))
+        b[2] += "error" not in r and spills(r)
         b[3] = max(b[3], r.get("regs", 0))
     for (arch, kern, dt), (n, err, sp, regs) in sorted(by.items()):
         lines.append(f"  sm_{arch} {kern:<22} {dt:<5} {n:>3} configs  {err} failed  "
@@ -455,11 +467,11 @@ def line(r):
     head = f"sm_{r['arch']} {r['case']:<34} {r['kernel']:<22}"
     if "error" in r:
         return f"{head} ERROR {r['error']}"
-    flag = (("  SPILLS" if r["stack"] else "") + ("  SMEM>LIMIT" if r["smem"] >
+    flag = (("  SPILLS" if r["stack"] and r.get("local", 1) else "") + ("  SMEM>LIMIT" if r["smem"] >
                                                   SMEM_LIMIT[r["arch"]] else "")
             + ("  (default)" if r["default"] else ""))
     return (f"{head} {json.dumps(r['config']):<60} w{r['num_warps']} s{r['num_stages']}  "
-            f"regs {r['regs']:>3} stack {r['stack']:>5} smem {r['smem'] // 1024:>3}K "
+            f"regs {r['regs']:>3} stack {r['stack']:>5} local {r.get('local', '?'):>3} smem {r['smem'] // 1024:>3}K "
             f"wgmma {r['wgmma']:>2}{flag}")
 
 

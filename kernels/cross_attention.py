@@ -458,8 +458,8 @@ _FWD = {"sm90": _FWD_16, "sm80": _FWD_16, "fp32": ((16, 2, 4, 2), (16, 1, 4, 2))
 # 8 warps over 32 query rows come first; on sm_80, (32, 128, 8, 2) spilled 56 bytes.
 _BWD_16 = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2),
            (32, 32, 4, 1))
-_DQ = {"sm90": _BWD_16, "sm80": _BWD_16,
-       "fp32": ((32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2))}
+_DQ = {"sm90": _BWD_16, "sm80": ((64, 64, 8, 2),) + _BWD_16,
+       "fp32": ((16, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2))}
 # fp32 dK/dV: K and V resident as FMA operands; (32, 32, 8, 2) spilled 128 bytes at D = 128
 # under triton 3.6 (none under 3.9), (32, 32, 4, 2) 464-672 bytes under both
 _DKDV = {"sm90": ((32, 128, 8, 2), (32, 64, 8, 2)) + _BWD_16,

@@ -31,10 +31,17 @@ exactly one program, in a fixed loop order, with no atomics.
 
 Rows that see no key: out 0, lse -inf, gradients 0.  Padding past the valid lengths (which
 may hold NaN) is never loaded: every load is masked with other=0, and masked scores are
--inf so their probabilities are exactly 0.  A NaN / inf inside the valid part reaches only
-the rows that see it: in a block with masked pairs, _dot_masked keeps a non-finite row of
-V (K, Q, dO in the backward) out of the dot for the rows that do not see it.  Base offsets
-are computed in int64.
+-inf so their probabilities are exactly 0.  Base offsets are computed in int64.
+
+Non-finite inputs (the non-finite pass).  A NaN / inf inside the valid part must reach only
+the rows that see it, but in a block with masked pairs the P·V (dS·K) dot multiplies a
+masked P = 0 by every row of V: 0 * NaN = NaN.  The hot kernels stay lean: with FLAGS = 1
+they also write one int8 per row, 1 where the row's fp32 result is not finite; a second
+launch of the same kernel with FLAGS = 2 returns at once in every program without a flagged
+row (one (BLOCK_M,) load), and recomputes the others with _dot_masked, which keeps a
+non-finite row of V (K) out of the dot for the rows that do not see it.  With finite inputs
+the cost is that store, one launch and those loads.  Not covered (documented limits): the
+split-K decode path, and non-finite Q / dO rows in the dK/dV kernel.
 
 Nothing here imports the rest of mmcore.
 """
@@ -267,7 +274,7 @@ def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, o
 
 # (the lse strides follow Sq: unspecialised too, they only place one (BLOCK_M,) row)
 @triton.jit(do_not_specialize=_NO_SPEC + ["n_splits", "stride_lb", "stride_lh"])
-def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
+def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K, FLAG,
                 stride_qb, stride_qh, stride_qm,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
@@ -276,10 +283,18 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
                 H, GROUP, Sq, Sk, D, left, right, G, qk_scale, TUNE_KEY, n_splits,
                 HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                SPLIT_K: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr = False):
+                SPLIT_K: tl.constexpr, PREC: tl.constexpr, FLAGS: tl.constexpr):
+    """FLAGS (the non-finite pass, module docstring): 0 none, 1 write FLAG (B*H, Sq) int8 = 1
+    where a row's result is not finite, 2 the fix-up pass: only programs holding a flagged
+    row run, with masked pairs kept out of the dots."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if FLAGS == 2:
+        rows_f = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        fl = tl.load(FLAG + pid_bh.to(tl.int64) * Sq + rows_f, mask=rows_f < Sq, other=0)
+        if tl.max(fl, 0) == 0:
+            return
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -315,16 +330,11 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K,
     m_i, l_i, acc = _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m,
                               offs_n, offs_d, d_ok, start_m, lo, n_glob, t0, t1, Lq, Lk, off,
                               left, right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC,
-                              False)
-    # A NaN / inf in the result may come from a key the row does not see (0 * NaN in a dot
-    # over a block with masked pairs): such row blocks (rare) are recomputed with masked
-    # pairs kept out of the dots.  The first loop stays as lean as it was.  EXACT is off on
-    # the decode path, whose occupancy the extra registers would cut (a documented limit).
-    if EXACT and tl.sum(tl.sum(tl.where(acc * 0.0 == 0.0, 0, 1), 1), 0) > 0:
-        m_i, l_i, acc = _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
-                                  offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, t0, t1, Lq,
-                                  Lk, off, left, right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N,
-                                  BLOCK_D, PREC, True)
+                              FLAGS == 2)
+    if FLAGS == 1:
+        bad = tl.sum(tl.where(acc * 0.0 == 0.0, 0, 1), 1)  # (BLOCK_M,)
+        tl.store(FLAG + pid_bh.to(tl.int64) * Sq + offs_m, (bad > 0).to(tl.int8),
+                 mask=offs_m < Sq)
 
     # l NaN: the row met a NaN or +inf score (exp(inf - inf)); out NaN, lse NaN or +inf
     empty = l_i == 0.0
@@ -431,7 +441,7 @@ def _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stri
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K, FLAG,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -440,10 +450,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K,
                    H, GROUP, Sq, Sk, D, left, right, G, qk_scale, sm_scale, TUNE_KEY,
                    HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PREC: tl.constexpr):
-    """dQ = scale · dS K over the key blocks of one query block, dS = P ∘ (dO Vᵀ − delta)."""
+                   PREC: tl.constexpr, FLAGS: tl.constexpr):
+    """dQ = scale · dS K over the key blocks of one query block, dS = P ∘ (dO Vᵀ − delta).
+    FLAGS as in _fwd_kernel (1: flag non-finite dQ rows, 2: recompute the flagged blocks)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    if FLAGS == 2:
+        rows_f = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        fl = tl.load(FLAG + pid_bh.to(tl.int64) * Sq + rows_f, mask=rows_f < Sq, other=0)
+        if tl.max(fl, 0) == 0:
+            return
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -476,12 +492,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K,
     v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
     dq = _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
                   offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left,
-                  right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, False)
-    # as in the forward: a non-finite dQ row may come from a masked key (0 * NaN); recompute
-    if tl.sum(tl.sum(tl.where(dq * 0.0 == 0.0, 0, 1), 1), 0) > 0:
-        dq = _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
-                      offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off,
-                      left, right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, True)
+                  right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, FLAGS == 2)
+    if FLAGS == 1:
+        bad = tl.sum(tl.where(dq * 0.0 == 0.0, 0, 1), 1)  # (BLOCK_M,)
+        tl.store(FLAG + pid_bh.to(tl.int64) * Sq + offs_m, (bad > 0).to(tl.int8),
+                 mask=offs_m < Sq)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
@@ -654,6 +669,14 @@ def _prune(kind, table):
     return prune
 
 
+def _fixup_config(table, kind, q, block_d):
+    """(BLOCK_M, BLOCK_N, warps, stages) of the non-finite fix-up pass: the class's first
+    config that fits shared memory (the pass is cold: it runs only for flagged row blocks)."""
+    configs = [_cfg(*k) for k in dict.fromkeys(k for ks in table.values() for k in ks)]
+    c = _prune(kind, table)(configs, {"Q": q}, BLOCK_D=block_d)[0]
+    return _key_of(c)
+
+
 def _all(table):
     """Every config of a table once, for the autotuner (the prune picks a class's list)."""
     keys = list(dict.fromkeys(k for ks in table.values() for k in ks))
@@ -747,29 +770,36 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
         warps = 4
         if ns == 1:
             _fwd_kernel[(1, B * H, 1)](
-                q, k, v, out, lse, sq, sk, *strides,
+                q, k, v, out, lse, sq, sk, lse, *strides,
                 out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
                 H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, 0, 1,
-                BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=False, num_warps=warps, num_stages=2, **common)
+                BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=False, FLAGS=0, num_warps=warps,
+                num_stages=2, **common)
             return out.to(q.dtype), lse
         o_part = torch.empty((B, H, ns, Sq, D), dtype=torch.float32, device=q.device)
         l_part = torch.empty((B, H, ns, Sq), dtype=torch.float32, device=q.device)
         _fwd_kernel[(1, B * H, ns)](
-            q, k, v, o_part, l_part, sq, sk, *strides,
+            q, k, v, o_part, l_part, sq, sk, l_part, *strides,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
             l_part.stride(0), l_part.stride(1), l_part.stride(2),
             H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, 0, ns,
-            BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=True, num_warps=warps, num_stages=2, **common)
+            BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=True, FLAGS=0, num_warps=warps, num_stages=2,
+            **common)
         _combine_kernel[(Sq, B * H)](o_part, l_part, out, lse, Sq, D, ns,
                                      BLOCK_S=MAX_SPLITS, BLOCK_D=BLOCK_D)
         return out.to(q.dtype), lse
 
     grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H, 1)  # noqa: E731
-    _fwd_tuned[grid](
-        q, k, v, out, lse, sq, sk, *strides,
-        out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
-        H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, _tune_key(Sq, Sk, left, right, G), 1,
-        SPLIT_K=False, EXACT=True, **common)
+    flag = torch.empty((B * H, Sq), dtype=torch.int8, device=q.device)
+    args = (q, k, v, out, lse, sq, sk, flag, *strides,
+            out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
+            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, _tune_key(Sq, Sk, left, right, G),
+            1)
+    _fwd_tuned[grid](*args, SPLIT_K=False, FLAGS=1, **common)
+    bm, bn, w, st = _fixup_config(_FWD, "fwd", q, BLOCK_D)
+    _fwd_kernel[(triton.cdiv(Sq, bm), B * H, 1)](
+        *args, SPLIT_K=False, FLAGS=2, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st,
+        **common)
     return out.to(q.dtype), lse
 
 
@@ -808,10 +838,14 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
                v.stride(0), v.stride(1), v.stride(2),
                dout.stride(0), dout.stride(1), dout.stride(2))
     grid_q = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _dq_tuned[grid_q](
-        q, k, v, dout, lse, delta, dq, sq, sk, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, float(scale), tk, **flags)
+    flag = torch.empty((B * H, Sq), dtype=torch.int8, device=q.device)
+    args = (q, k, v, dout, lse, delta, dq, sq, sk, flag, *strides,
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, float(scale), tk)
+    _dq_tuned[grid_q](*args, FLAGS=1, **flags)
+    bm, bn, w, st = _fixup_config(_DQ, "dq", q, BLOCK_D)
+    _bwd_dq_kernel[(triton.cdiv(Sq, bm), B * H)](
+        *args, FLAGS=2, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **flags)
     grid_k = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * HKV)  # noqa: E731
     _dkdv_tuned[grid_k](
         q, k, v, dout, lse, delta, dk, dv, sq, sk, *strides,

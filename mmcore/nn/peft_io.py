@@ -209,18 +209,14 @@ def _read_weights(directory):
                              f"Convert it to {WEIGHTS_NAME} with a trusted peft install "
                              f"(PeftModel.save_pretrained(..., safe_serialization=True)).")
         raise FileNotFoundError(f"directory {directory!r} has no {WEIGHTS_NAME}")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise ValueError(f"{path} is a pickle/zip (torch.save) file, not safetensors; mmcore "
-                         f"refuses pickle files (loading them can run arbitrary code)")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    # the loader parses the header first and names a pickle / zip only once that fails: a
+    # valid safetensors file may start with the byte 0x80 (a header length of 128 mod 256)
+    from ..models.loading import read_safetensors
 
     try:
-        return load_file(path)
-    except (SafetensorError, ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+        return read_safetensors(path)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e})") from None
 
 
 def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default", *,
@@ -315,7 +311,7 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         alpha = _config_value(cfg, "alpha_pattern", path, cfg.get("lora_alpha", 8))
         plan.append((path, mod, r, alpha))
     extras = []
-    for rel, v in other.items():
+    for rel, v in _plain_keys(other).items():
         mpath, _, pname = rel.rpartition(".")
         allowed = (_in_modules_to_save(cfg, mpath) or
                    (pname == "bias" and cfg.get("bias", "none") != "none"))
@@ -356,6 +352,24 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     return {"adapter_name": adapter_name, "modules": sorted(names),
             "other_keys": sorted(rel for rel, _, _ in extras), "ignored": ignored,
             "config": cfg}
+
+
+def _plain_keys(other):
+    """peft's names of non-LoRA tensors -> the plain model's: ``<m>.base_layer.bias`` (a LoRA
+    layer's bias, bias="all"/"lora_only") is ``<m>.bias``; ``<m>.modules_to_save.<p>`` (the
+    trained copy of a modules_to_save module) is ``<m>.<p>``; ``<m>.original_module.<p>``
+    (peft's frozen original, unused by its forward) is dropped."""
+    out = {}
+    for rel, v in other.items():
+        parts = rel.split(".")
+        if "original_module" in parts[:-1]:
+            continue
+        plain = ".".join(p for p in parts[:-1] if p not in ("base_layer", "modules_to_save"))
+        plain = (plain + "." if plain else "") + parts[-1]
+        if plain in out and not torch.equal(out[plain], v):
+            raise ValueError(f"the adapter holds two different tensors for {plain!r}")
+        out[plain] = v
+    return out
 
 
 def _in_modules_to_save(cfg, mpath):

@@ -1,6 +1,6 @@
 """Attention rows recomputed from the saved lse (mmcore.ops.attention_maps) against the dense
 float64 oracle's softmax rows, on every backend that serves CPU tensors (torch, cpu, triton
-under TRITON_INTERPRET=1), within DESIGN.md's tolerance rule; and their memory bound."""
+under TRITON_INTERPRET=1, sdpa; flex for window_attention), within DESIGN.md's tolerance rule; and their memory bound."""
 import random
 
 import pytest
@@ -14,7 +14,8 @@ from mmcore.ops import registry
 from mmcore.ops.attention_maps import co_attention_rows, cross_attention_rows, \
     window_attention_rows
 
-CPU_BACKENDS = ("torch", "cpu", "triton")
+CPU_BACKENDS = ("torch", "cpu", "triton", "sdpa")
+WINDOW_BACKENDS = CPU_BACKENDS + ("flex",)  # FlexAttention: window_attention only
 
 
 def softmax_rows(q, k, mask, scale, rows, dtype):
@@ -58,7 +59,7 @@ def run_cases(op, backend, n, seed, max_s, rows_fn):
     dev = _device(backend)
     rng = random.Random(seed)
     for i, c in enumerate(attention_cases(op, backend, n, seed=seed, max_s=max_s,
-                                          dims=(16, 40, 72))):
+                                          dims=(16, 40, 72), grads=False)):
         q, k, v, _ = make_attention_inputs(c, dev, requires_grad=False, seed=i)
         rows = pick_rows(c["Sq"], rng)
         sq = None if c["seqlens_q"] is None else c["seqlens_q"].to(dev)
@@ -68,7 +69,7 @@ def run_cases(op, backend, n, seed, max_s, rows_fn):
         check_rows(f"case {i} {c}", p, q, k, case_mask(c), case_scale(c), rows)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", WINDOW_BACKENDS)
 def test_window_rows_match_oracle(backend):
     """window, causal, global tokens, seqlens (bottom-right), GQA, odd D, non-contiguous,
     bf16/fp16 where the backend takes them, fully masked and padded rows (0, no NaN)."""
@@ -111,9 +112,10 @@ def test_co_attention_rows_match_oracle(backend):
 
 def test_every_cpu_backend_is_covered():
     """The parametrisation above names every backend that serves CPU tensors today."""
-    for op in ("window_attention", "cross_attention"):
+    for op, tested in (("window_attention", WINDOW_BACKENDS),
+                       ("cross_attention", CPU_BACKENDS)):
         cpu = {i.backend for i in registry.implementations(op) if "cpu" in i.devices}
-        assert cpu <= set(CPU_BACKENDS), cpu
+        assert cpu <= set(tested), (op, cpu)
 
 
 def test_given_lse_is_used_and_rows_sum_to_one():

@@ -26,7 +26,7 @@ import torch
 from . import _validate as V
 from .co_attention import co_attention
 from .cross_attention import cross_attention
-from .window_attention import _scale, _window, window_attention
+from .window_attention import _window, window_attention
 
 __all__ = ["window_attention_rows", "cross_attention_rows", "co_attention_rows",
            "rows_from_lse", "allowed_rows"]
@@ -124,8 +124,8 @@ def window_attention_rows(q, k, v, rows: Rows, *, window=None, causal=False, glo
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     r = _rows(rows, Sq)
-    left, right = _window(window)
-    scale = _scale(scale, D)
+    left, right = _window(window, Sq, Sk)
+    scale = V.scale(scale, D)
     sq = V.seqlens("seqlens_q", seqlens_q, B, q)
     sk = V.seqlens("seqlens_k", seqlens_k, B, q)
     if lse is None:
@@ -148,7 +148,7 @@ def cross_attention_rows(q, k, v, rows: Rows, *, seqlens_q=None, seqlens_k=None,
     V.attention_qkv(q, k, v)
     B, Hq, Sq, D = q.shape
     r = _rows(rows, Sq)
-    scale = _scale(scale, D)
+    scale = V.scale(scale, D)
     sq = V.seqlens("seqlens_q", seqlens_q, B, q)
     sk = V.seqlens("seqlens_k", seqlens_k, B, q)
     if lse is None:
@@ -176,7 +176,7 @@ def co_attention_rows(q_t, k_t, v_t, q_v, k_v, v_v, *, text_rows: Rows = (),
     B, H, St, D = q_t.shape
     Sv = q_v.shape[2]
     rt, rv = _rows(text_rows, St, "text_rows"), _rows(image_rows, Sv, "image_rows")
-    scale = _scale(scale, D)
+    scale = V.scale(scale, D)
     lt = V.seqlens("text_lengths", text_lengths, B, q_t)
     lv = V.seqlens("image_lengths", image_lengths, B, q_t)
     if lse_t is None or lse_v is None:

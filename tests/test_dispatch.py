@@ -68,6 +68,21 @@ def test_cpu_heuristics_prefer_the_cpp_kernels():
     assert order("cross_attention", P("cross_attention"))[:2] == ["cpu", "sdpa"]
 
 
+@pytest.mark.skipif(not HAS_CPP, reason="mmcore._C not built")
+def test_cpu_full_attention_goes_to_sdpa_past_the_measured_crossover():
+    """fp32 full attention on the CPU: SDPA's flash kernels (forward + backward from
+    Sk = 256, forward only from Sk = 1024); short sequences, bf16 and real windows stay on
+    the C++ kernel (benchmarks/RESULTS.md, the training step)."""
+    dense = dict(window=(-1, -1))
+    at = lambda S, **kw: order("window_attention", P(  # noqa: E731
+        "window_attention", **{"Sq": S, "Sk": S, **dense, **kw}))
+    assert at(512, grad=True)[0] == "sdpa"
+    assert at(128, grad=True)[0] == "cpu"
+    assert at(512)[0] == "cpu" and at(2048)[0] == "sdpa"
+    assert at(2048, dtype=torch.bfloat16, grad=True)[0] == "cpu"
+    assert at(2048, grad=True, window=(128, 128))[0] == "cpu"  # a real window
+
+
 # ------------------------------------------------------------------ measured tables
 def _table(tmp_path, entries, device=None, torch_v=None, name="t.json"):
     path = str(tmp_path / name)

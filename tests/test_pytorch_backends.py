@@ -52,6 +52,12 @@ WINDOW_EDGE = {
                                            seqlens_k=[45, 0, 9], seqlens_q=[30, 4, 0]),
     "decode Sq=1 against a cache": case(B=2, Sq=1, Sk=70, window=(-1, 0), causal=True,
                                         seqlens_k=[70, 12], noncontig=True),
+    # fp32, dense, every sample >= 2 keys: ATen's CPU flash backward (the others: math)
+    "flash backward: dense fp32, GQA, lengths, padded rows": case(
+        B=3, Hq=6, Hkv=2, Sq=40, Sk=52, window=None, D=40, dtype=torch.float32,
+        seqlens_q=[40, 7, 0], seqlens_k=[52, 2, 30]),
+    "flash backward: dense fp32, no lengths, large scores": case(
+        B=2, Sq=33, Sk=65, window=None, D=72, dtype=torch.float32, scale=2.0),
 }
 
 

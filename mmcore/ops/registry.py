@@ -69,7 +69,9 @@ class OpImpl:
     check(problem) returns extra refusal reasons beyond the declared attributes.
     priority: rank under ``auto`` when no dispatch table matches (higher first);
     device_priority overrides it per device type (e.g. PyTorch's SDPA ranks above mmcore's
-    Triton kernels on CUDA but below the C++ kernels on the CPU).
+    Triton kernels on CUDA but below the C++ kernels on the CPU); priority_fn(problem), when
+    it returns an int, overrides both for that problem (a measured crossover, e.g. SDPA's CPU
+    flash backward beats the C++ window kernel's at full attention).
     """
 
     op: str
@@ -91,6 +93,7 @@ class OpImpl:
     # tensors only when asked for by name.
     auto_devices: Optional[frozenset] = None
     device_priority: dict = field(default_factory=dict)
+    priority_fn: Optional[Callable[[Problem], Optional[int]]] = None
 
     @property
     def supports_backward(self) -> bool:
@@ -98,6 +101,10 @@ class OpImpl:
 
     def priority_on(self, device: str) -> int:
         return self.device_priority.get(device, self.priority)
+
+    def priority_for(self, p: Problem) -> int:
+        v = self.priority_fn(p) if self.priority_fn is not None else None
+        return self.priority_on(p.device) if v is None else v
 
     def refuse(self, p: Problem) -> list:
         """Reasons this implementation cannot serve ``p`` (empty list: it can).
@@ -198,7 +205,7 @@ def _make_plan(op, p):
     ok = [i for i in implementations(op)
           if not i.refuse(p) and not failures.failed(op, i.backend, fkey)]
     heuristic = sorted((i for i in ok if i.auto_devices is None or p.device in i.auto_devices),
-                       key=lambda i: -i.priority_on(p.device))
+                       key=lambda i: -i.priority_for(p))
     order = tables.lookup(op, p)
     if order:
         rank = {b: n for n, b in enumerate(order)}

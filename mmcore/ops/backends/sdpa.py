@@ -15,11 +15,13 @@ kernel ever sees a fully masked row.
 
 lse comes from the kernel itself, never from a second pass:
   * CPU: aten._scaled_dot_product_flash_attention_for_cpu returns (out, lse); GQA is native.
-    The backward recomputes through SDPA's math kernel over query chunks: ATen's CPU flash
-    backward takes rowsum(P·dP) as rowsum(dO·O), and exp(s - lse) with the forward's lse
-    is not exactly 1 where a row sees one key; both missed the tolerance rule there (Sk = 1:
-    dq / dk off by 1e-5..7e-5 where PyTorch's own computation is exact), while the math
-    kernel's softmax backward is exact.
+    The backward is ATen's CPU flash backward (from the forward's out and lse) for fp32
+    problems without a causal mask whose every sample has >= 2 keys; otherwise it recomputes
+    through SDPA's math kernel over query chunks: the flash backward takes rowsum(P·dP) as
+    rowsum(dO·O), and exp(s - lse) with the forward's lse is not exactly 1 where a row sees
+    one key; both missed the tolerance rule there (Sk = 1, causal row 0: dq / dk off by
+    1e-5..7e-5 where PyTorch's own computation is exact), while the math kernel's softmax
+    backward is exact.
   * CUDA: aten._scaled_dot_product_flash_attention when there is no key mask (fp16/bf16,
     D % 8 == 0, D <= 256), else aten._scaled_dot_product_efficient_attention with
     compute_log_sumexp (the key mask as an additive bias); k/v are repeated for GQA.  The
@@ -54,6 +56,23 @@ def _mode(Sq, Sk, left, right, causal, G, aligned):
     return None
 
 
+# CPU, fp32, full attention ("dense"): where SDPA's CPU flash kernels beat the C++ window
+# kernel (2 cores, torch 2.13, benchmarks/RESULTS.md): forward + backward 1.2-1.55x from
+# Sk = 512 (0.9x at 128); forward alone 1.1-1.25x from Sk = 1024 (0.65-0.85x below)
+CPU_DENSE_GRAD_MIN_SK = 256
+CPU_DENSE_FWD_MIN_SK = 1024
+
+
+def cpu_dense_priority(p):
+    """Rank above the `cpu` backend (20) on the CPU for fp32 dense windows past the measured
+    crossover; None elsewhere (the declared priorities apply)."""
+    if p.device != "cpu" or p.dtype != torch.float32 or window_mode(p) != "dense":
+        return None
+    sk = p.extra.get("Sk", 0)
+    return 25 if sk >= (CPU_DENSE_GRAD_MIN_SK if p.needs_grad else CPU_DENSE_FWD_MIN_SK) \
+        else None
+
+
 def window_check(p) -> list:
     if window_mode(p) is None:
         return ["needs a banded or offset mask (sdpa serves dense windows, and causal ones "
@@ -78,6 +97,7 @@ def _valid(seqlens, S):
 def _prepare(q, k, v, seqlens_q, seqlens_k, causal):
     """Zero the padding; -> q, k, v, key mask (B, Sk) bool | None, row_ok (B, Sq) bool | None."""
     B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
+    seqlens_q, seqlens_k = _unless_full(seqlens_q, Sq), _unless_full(seqlens_k, Sk)
     q, k, v = zero_padding(q, k, v, seqlens_q, seqlens_k)
     row_ok = None if seqlens_q is None else _valid(seqlens_q, Sq)
     kmask = None
@@ -87,6 +107,14 @@ def _prepare(q, k, v, seqlens_q, seqlens_k, causal):
         ok = (~empty).expand(B, Sq)
         row_ok = ok if row_ok is None else row_ok & ok
     return q, k, v, kmask, row_ok
+
+
+def _unless_full(seqlens, S):
+    """None for CPU lengths that are all S (nothing to zero or mask: no copies of q, k, v);
+    CUDA lengths are kept as given (reading them would synchronise)."""
+    if seqlens is not None and seqlens.device.type == "cpu" and bool((seqlens == S).all()):
+        return None
+    return seqlens
 
 
 def _bias(kmask, dtype, Sq, Hq):
@@ -154,8 +182,35 @@ def backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, causal, scale):
     if row_ok is not None:
         dout = torch.where(row_ok[:, None, :, None], dout, 0.0)
     if q.device.type != "cuda":
+        if _flash_cpu_exact(q, k, causal, seqlens_k):
+            return _flash_cpu_backward(dout, q, k, v, out, lse, kmask, row_ok, scale)
         return _math_backward(dout, q, k, v, kmask, causal, scale, q.shape[1] != k.shape[1])
     return _fused_backward(dout, q, k, v, kmask, causal, scale)
+
+
+def _flash_cpu_exact(q, k, causal, seqlens_k) -> bool:
+    """Whether ATen's CPU flash backward meets the tolerance rule here: fp32, no causal mask
+    and every sample with >= 2 keys.  Its misses were rows that see exactly one key (causal
+    row 0, Sk = 1), where P = exp(s - lse) should be exactly 1 (module docstring)."""
+    if q.dtype != torch.float32 or causal:
+        return False
+    lo = k.shape[2] if seqlens_k is None else int(seqlens_k.min())
+    return lo >= 2
+
+
+def _flash_cpu_backward(dout, q, k, v, out, lse, kmask, row_ok, scale):
+    """ATen's CPU flash backward (about 2x the math recompute at BERT shapes, GQA native)
+    from the forward's out and lse.  Rows that see nothing (row_ok False: padding, q zeroed)
+    get lse 0 and out 0 so that exp(s - lse) stays finite; their dout is 0, so they add
+    nothing."""
+    if row_ok is not None:
+        lse = torch.where(row_ok[:, None, :], lse, 0.0)
+        out = torch.where(row_ok[:, None, :, None], out, 0.0)
+    bias = None if kmask is None else _bias(kmask, q.dtype, 1, 1)
+    dq, dk, dv = _A._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, False,
+        attn_mask=bias, scale=scale)
+    return dq, dk, dv
 
 
 def _fused_backward(dout, q, k, v, kmask, causal, scale):

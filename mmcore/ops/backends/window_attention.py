@@ -66,6 +66,7 @@ registry.register(registry.OpImpl(
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=sdpa.window_forward, backward=sdpa.window_backward,
     check=lambda p: sdpa.device_check(p) or sdpa.window_check(p),
+    priority_fn=sdpa.cpu_dense_priority,
 ))
 
 

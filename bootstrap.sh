@@ -76,7 +76,12 @@ case "${1:-setup}" in
     # tests/test_sm90_audit.py compiles under both Triton versions (its message says what is
     # missing if this fails)
     triton36 || echo "[bootstrap] warning: could not create $VENV36" >&2
-    "$PY" -m pytest -q -p no:cacheprovider "$@" tests ;;
+    "$PY" -m pytest -q -p no:cacheprovider "$@" tests
+    # the whole suite ran on the newest supported transformers / peft; its HF selection runs
+    # again on the lowest (requirements-hf.txt), installed beside the venv in .peer/
+    if [ $# -eq 0 ]; then
+      "$PY" tests/peer/run_lowest.py
+    fi ;;
   audit)
     shift
     triton36

@@ -67,6 +67,7 @@ def cmd_info(args) -> int:
             prio = ",".join(f"{d}={n}" for d, n in lim["priority"].items())
             print(f"  {backend:<8} {state}  devices={','.join(lim['devices'])} dtypes={dts}{hd}"
                   f" bwd={'yes' if lim['backward'] else 'no'} priority {prio}"
+                  + (f" (per problem: {lim['priority_fn']})" if lim.get("priority_fn") else "")
                   + (f"  ({why})" if why else ""))
     return 0
 

@@ -347,6 +347,9 @@ def report() -> dict:
                 # heuristic rank per device where auto may pick it without a table
                 "priority": {d: impl.priority_on(d) for d in sorted(impl.devices)
                              if impl.auto_devices is None or d in impl.auto_devices},
+                # a per-problem override (its docstring's first line says where)
+                "priority_fn": ((impl.priority_fn.__doc__ or impl.priority_fn.__name__)
+                                .strip().splitlines()[0] if impl.priority_fn else None),
             }
             rows.append((impl.backend, impl.available(), lim))
         out[op] = rows

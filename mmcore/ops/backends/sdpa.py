@@ -64,8 +64,9 @@ CPU_DENSE_FWD_MIN_SK = 1024
 
 
 def cpu_dense_priority(p):
-    """Rank above the `cpu` backend (20) on the CPU for fp32 dense windows past the measured
-    crossover; None elsewhere (the declared priorities apply)."""
+    """25 (above `cpu`) for fp32 full attention on the CPU from Sk 256 (grads) / 1024 (fwd).
+
+    The measured crossover (constants above); None elsewhere: the declared priorities apply."""
     if p.device != "cpu" or p.dtype != torch.float32 or window_mode(p) != "dense":
         return None
     sk = p.extra.get("Sk", 0)

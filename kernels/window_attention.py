@@ -637,6 +637,9 @@ else:
     }
 
 
+_D256_DEFAULT = (32, 32, 4, 1)
+
+
 def _prune(kind, table):
     """The configs of the problem's class (dtype, GPU generation) whose tiles fit the device's
     shared memory (count below), the class's default first.  MMCORE_TRITON_AUTOTUNE=0 takes
@@ -648,7 +651,13 @@ def _prune(kind, table):
         es = q.element_size()
         budget = smem_budget(q.device)
         by_key = {_key_of(c): c for c in configs}
-        order = table.get(config_class(q.dtype, q.device)) or table["any"]
+        cls = config_class(q.dtype, q.device)
+        order = table.get(cls) or table["any"]
+        if bd > 128 and cls in ("sm90", "sm80") and kind in ("fwd", "dq") \
+                and _D256_DEFAULT in order:
+            # D = 256: every larger 16-bit fwd / dQ tile spilled 136-496 bytes per thread
+            # (full audit, sm_90 and sm_80, triton 3.9); 32 x 32, 4 warps, 1 stage did not
+            order = (_D256_DEFAULT,) + tuple(k for k in order if k != _D256_DEFAULT)
         keep = []
         for key in order:
             c = by_key[key]

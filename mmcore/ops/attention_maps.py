@@ -26,6 +26,7 @@ import torch
 from . import _validate as V
 from .co_attention import co_attention
 from .cross_attention import cross_attention
+from .reference.attention import allowed
 from .window_attention import _window, window_attention
 
 __all__ = ["window_attention_rows", "cross_attention_rows", "co_attention_rows",
@@ -66,18 +67,13 @@ def allowed_rows(rows: torch.Tensor, B: int, Sq: int, Sk: int, *, left: int = -1
     if causal:
         right = 0
     Lq, Lk = _lengths(seqlens_q, Sq, B), _lengths(seqlens_k, Sk, B)
-    i = rows[None, :, None]  # (1, R, 1)
-    j = torch.arange(Sk)[None, None, :]  # (1, 1, Sk)
-    p = i + (Lk - Lq)[:, None, None]  # (B, R, 1) absolute position, bottom-right aligned
-    inwin = torch.ones(B, rows.numel(), Sk, dtype=torch.bool)
-    if left >= 0:
-        inwin &= j >= p - left
-    if right >= 0:
-        inwin &= j <= p + right
-    glob = (j < global_tokens) | (p < global_tokens)
-    if causal:
-        glob &= j <= p
-    return (i < Lq[:, None, None]) & (j < Lk[:, None, None]) & (inwin | glob)
+    keys = torch.arange(Sk)
+    out = torch.empty(B, rows.numel(), Sk, dtype=torch.bool)
+    for b in range(B):  # the mask rule of the torch backend (reference.attention.allowed)
+        lq, lk = int(Lq[b]), int(Lk[b])
+        out[b] = allowed(rows, keys, lk - lq, lk, left, right, causal, global_tokens) \
+            & (rows < lq)[:, None]
+    return out
 
 
 def rows_from_lse(q, k, lse, rows: Rows, allowed: torch.Tensor, scale: float) -> torch.Tensor:

@@ -55,7 +55,14 @@ def _key_index(rng, glob, device):
 
 def _mask(i0, i1, kidx, off, Lk, left, right, causal, G):
     """allowed(i, j) of DESIGN.md for rows [i0, i1) and keys kidx -> (C, nk) bool."""
-    p = torch.arange(i0, i1, device=kidx.device)[:, None] + off
+    return allowed(torch.arange(i0, i1, device=kidx.device), kidx, off, Lk, left, right,
+                   causal, G)
+
+
+def allowed(rows, kidx, off, Lk, left, right, causal, G):
+    """allowed(i, j) of DESIGN.md in one sample (off = Lk - Lq) for query rows `rows` (R,)
+    and keys kidx (nk,) -> (R, nk) bool (rows are taken as valid: i < Lq is the caller's)."""
+    p = rows[:, None] + off
     j = kidx[None, :]
     inwin = torch.ones_like(p, dtype=torch.bool) & (j < Lk)
     if left >= 0:

@@ -678,12 +678,19 @@ def _prune(kind, table):
     return prune
 
 
+_FIXUP: dict = {}
+
+
 def _fixup_config(table, kind, q, block_d):
     """(BLOCK_M, BLOCK_N, warps, stages) of the non-finite fix-up pass: the class's first
-    config that fits shared memory (the pass is cold: it runs only for flagged row blocks)."""
-    configs = [_cfg(*k) for k in dict.fromkeys(k for ks in table.values() for k in ks)]
-    c = _prune(kind, table)(configs, {"Q": q}, BLOCK_D=block_d)[0]
-    return _key_of(c)
+    config that fits shared memory (the pass is cold: it runs only for flagged row blocks).
+    Cached per (kind, dtype, head-dim tile, class, budget): it runs on every launch."""
+    key = (kind, q.dtype, block_d, config_class(q.dtype, q.device), smem_budget(q.device))
+    hit = _FIXUP.get(key)
+    if hit is None:
+        configs = [_cfg(*k) for k in dict.fromkeys(k for ks in table.values() for k in ks)]
+        hit = _FIXUP[key] = _key_of(_prune(kind, table)(configs, {"Q": q}, BLOCK_D=block_d)[0])
+    return hit
 
 
 def _all(table):

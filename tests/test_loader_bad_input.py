@@ -30,7 +30,7 @@ def two_tensors():
 
 
 @pytest.mark.parametrize("hlen", [640, 896, 1152, 1408])
-def test_issue16_header_length_128_mod_256_loads(tmp_path, hlen):
+def test_header_length_128_mod_256_loads(tmp_path, hlen):
     """Issue 16, item 11: a valid file whose header is 640, 896, 1152 or 1408 bytes long
     (length = 128 mod 256) starts with the bytes 80 0N -- the start of a protocol-N pickle --
     and was refused as "a pickle/zip" (peft loads the same file).  Magic bytes are only
@@ -81,7 +81,7 @@ def _malformed(tmp_path):
     return cases
 
 
-def test_issue16_malformed_files_give_errors_naming_the_file(tmp_path):
+def test_malformed_files_give_errors_naming_the_file(tmp_path):
     """Issue 15: "dtype": ["F32"] raised TypeError (unhashable), JSON nested 5,000 deep a
     RecursionError, trailing bytes / offset gaps / a non-dict __metadata__ a raw
     SafetensorError without the file name.  Each is now a CheckpointError naming the file,
@@ -93,7 +93,7 @@ def test_issue16_malformed_files_give_errors_naming_the_file(tmp_path):
             assert path in str(e.value), f"{case}: {e.value}"
 
 
-def test_issue16_integer_data_for_a_float_parameter(tmp_path):
+def test_integer_data_for_a_float_parameter(tmp_path):
     """Issue 15: I32 data for a float parameter escaped as a load_state_dict error; it is
     now a CheckpointError naming the file, the key and both dtypes."""
     lin = torch.nn.Linear(3, 2)

@@ -28,7 +28,7 @@ def run_isolated(code, timeout=240):
     return r.stdout
 
 
-def test_issue16_zero_query_heads_do_not_crash():
+def test_zero_query_heads_do_not_crash():
     """Issue 16, item 1: cross_attention(q of shape (2, 0, 9, 8), k, k) died with SIGFPE in
     the C++ kernel (zero query heads: g = Hq / Hkv = 0).  Zero heads are a valid empty input:
     every backend returns the empty output, and its backward empty / zero gradients."""
@@ -54,7 +54,7 @@ def test_issue16_zero_query_heads_do_not_crash():
     assert out.count("ok") == 9
 
 
-def test_issue16_zero_adapters_do_not_crash():
+def test_zero_adapters_do_not_crash():
     """Issue 16, item 2: lora_linear with lora_a of shape (0, 3, 8) -- zero adapters -- died
     with SIGSEGV on cpu and triton (scaling[0] of an empty tensor).  With adapter_ids=None
     ("adapter 0 for every row") it is now a ValueError naming lora_a; with every id -1 (base
@@ -98,7 +98,7 @@ def _fwd_bwd(backend, **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_issue16_window_sides_past_int32(backend):
+def test_window_sides_past_int32(backend):
     """Issue 16, item 3: window=(0, sys.maxsize) differed from window=(0, -1) by 2.27 on
     every backend, window=(sys.maxsize, 0) gave dK = dV = 0 on cpu and triton, and on triton
     already window=(2**31 - 1, 0).  A side that reaches past every key is now clamped to
@@ -117,7 +117,7 @@ def test_issue16_window_sides_past_int32(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_issue16_noncontiguous_seqlens(backend):
+def test_noncontiguous_seqlens(backend):
     """Issue 16, item 4: triton with seqlens_k = torch.tensor([5, 1, 11, 1])[::2] (a strided
     view) was off by 2.14 against .contiguous() in window, cross and co-attention: the
     kernels read it as a plain array.  The front-end now hands every backend a contiguous
@@ -144,7 +144,7 @@ def test_issue16_noncontiguous_seqlens(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_issue16_noncontiguous_bias(backend):
+def test_noncontiguous_bias(backend):
     """Issue 16, item 5: triton lora_linear with bias = torch.randn(10)[::2] was off by 2.69
     (the kernel read bias[j] at stride 1).  The front-end makes bias contiguous."""
     g = torch.Generator().manual_seed(0)
@@ -157,7 +157,7 @@ def test_issue16_noncontiguous_bias(backend):
 
 
 @pytest.mark.parametrize("dtype, val", [(torch.float32, 3e3), (torch.float16, 6e4)])
-def test_issue16_torch_backend_large_logits(dtype, val):
+def test_torch_backend_large_logits(dtype, val):
     """Issue 16, item 6: with q = k = 3e3 (every score equal and ~1e7) the output must be
     the mean of v; the torch backend was off by 0.15 (its softmax used exp(s - lse) with an
     fp32 lse that had lost log(n)), and by a relative 1.0 for fp16 inputs near 6e4.  Scores
@@ -174,7 +174,7 @@ def test_issue16_torch_backend_large_logits(dtype, val):
                                    rtol=2 * torch.finfo(dtype).eps, atol=0)
 
 
-def test_issue16_triton_bf16_cross_backward_large_logits(interpret):
+def test_triton_bf16_cross_backward_large_logits(interpret):
     """Issue 16, item 9: triton bf16 cross_attention backward with q, k ~ 100 randn had a dq
     error of 2.1 where the reference's largest value is 0.017: dS = P (dP - delta) must
     cancel where P is one-hot, and it did not with P = exp(S - lse) from an fp32 lse (off by
@@ -213,7 +213,7 @@ def _bad(fn, exc, name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_issue16_op_arguments_named_or_served(backend):
+def test_op_arguments_named_or_served(backend):
     """Issue 16, item 14: head dim 0 with the default scale raised ZeroDivisionError; scale
     "abc", complex, a list or a 2-element tensor raised raw float() errors while "0.5" was
     accepted; window=(2**63, 0) a pybind cast error; bias=1.0 or lora_a as a list an
@@ -250,7 +250,7 @@ def test_issue16_op_arguments_named_or_served(backend):
     assert mmcore.cross_attention(qz, k, v, backend=backend).shape == (2, 0, 9, 8)
 
 
-def test_issue16_cpu_cross_backward_dv_sums_pairwise(cpu):
+def test_cpu_cross_backward_dv_sums_pairwise(cpu):
     """Issue 16, item 18: the C++ cross-attention backward summed dV of a key over all the
     query rows of a chunk (256 when Lk is short) in one GEMM and the chunks in sequence; with
     a hidden random matrix, dV of a single key over 256 rows (B=2, Hq=4, Hkv=2, Sq=128, Sk=1,

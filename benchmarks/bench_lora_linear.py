@@ -187,16 +187,18 @@ def _gpu_multi(rows, quick, device):
             rows += harness.compare(case_rows, "mmcore:triton")
 
 
-def _cpu(rows, quick, device):
+def _cpu(rows, quick, device, sizes=None):
+    """sizes: (K, N, Ms) instead of the BERT FFN 768 x 3072 (smoke)."""
     dtype = torch.float32
-    K, N, r = 768, 3072, 16
+    K, N, Ms = sizes or (768, 3072, (256,) if quick else (16, 256, 2048))
+    r = 16
     rep, warm = (3, 1) if quick else (10, 2)
     naive_name = "naive (F.linear + 2 matmuls + add)"
-    for M in ((256,) if quick else (16, 256, 2048)):
+    for M in Ms:
         x, w, b, la, lb, s, dy = _operands(M, K, N, r, 1, dtype, "cpu")
         a2, b2 = la[0], lb[0]
         shape = {"M": M, "K": K, "N": N, "r": r, "threads": torch.get_num_threads()}
-        case = f"fwd cpu 768x3072 M={M} r={r}"
+        case = f"fwd cpu {K}x{N} M={M} r={r}"
         t_lin = time_fn(lambda: F.linear(x, w, b), "cpu", warmup=warm, rep=rep)
         case_rows = [row(OP, case, "F.linear (floor)", shape, dtype, device, t_lin,
                          flops=2 * M * N * K)]
@@ -217,8 +219,8 @@ def _cpu(rows, quick, device):
                              if name.startswith("mmcore") else r_)
         rows += harness.compare(case_rows, "mmcore:cpu", against=naive_name,
                                 exclude=("F.linear (floor)",))
-        if M == (256 if quick else 2048):
-            case = f"fwd+bwd cpu 768x3072 M={M} r={r}"
+        if M == Ms[-1]:
+            case = f"fwd+bwd cpu {K}x{N} M={M} r={r}"
             xg, ag, bg = (t.detach().clone().requires_grad_(True) for t in (x, a2, b2))
             t_l = time_fn(lambda: F.linear(xg, w, b).backward(dy), "cpu", warmup=1, rep=rep)
             floor = "F.linear fwd+bwd(dx) (floor)"
@@ -234,6 +236,14 @@ def _cpu(rows, quick, device):
                 case_rows.append(harness.floor_note(r_, "F.linear fwd+bwd", t_l["median_ms"])
                                  if name.startswith("mmcore") else r_)
             rows += harness.compare(case_rows, "mmcore:cpu", exclude=(floor,))
+
+
+def smoke(device: str) -> list:
+    """Tiny CPU cases (64 x 128, M = 32 / 64): the runner's self-test in CI, not a
+    measurement."""
+    rows: list = []
+    _cpu(rows, True, "cpu", sizes=(64, 128, (32, 64)))
+    return rows
 
 
 def run(quick: bool, device: str) -> list:

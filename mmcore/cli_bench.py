@@ -162,10 +162,10 @@ def add_bench_parser(sub):
 def _check_bench_args(args):
     device = check_device(args.device)
     budget = check_budget(args.budget)
-    if args.no_save and args.out:
+    if args.no_save and args.out is not None:
         raise UsageError("--out and --no-save: give one of them")
     if args.tune:
-        if args.plot:
+        if args.plot is not None:
             raise UsageError("--plot: --tune writes a dispatch table, nothing to plot")
         if args.op or args.quick:
             raise UsageError("--tune measures its own grid; drop --op / --quick")
@@ -176,14 +176,16 @@ def _check_bench_args(args):
 
             default = os.path.join(os.getcwd(), tables.device_key(device.split(":")[0]) +
                                    ".json")
-            out = check_output("--out", args.out or default)
+            out = check_output("--out", default if args.out is None else args.out)
+        elif args.out is not None:
+            out = check_output("--out", args.out)
         else:
             from .benchmarks import harness
 
-            out = check_output("--out" if args.out else "$MMCORE_BENCH_OUT"
-                               if os.environ.get("MMCORE_BENCH_OUT") else "--out (default)",
-                               harness.out_path(args.out))
-    plot = check_plot(args.plot) if args.plot else None
+            env = os.environ.get("MMCORE_BENCH_OUT")
+            out = check_output("$MMCORE_BENCH_OUT" if env else "--out (default)",
+                               harness.out_path())
+    plot = check_plot(args.plot) if args.plot is not None else None
     return device, budget, out, plot
 
 
@@ -220,8 +222,9 @@ def run_bench(args) -> int:
             weights = [BENCH_SHARE.get(m, 1.0) for _, m in mods[n:]]
             share = max(0.0, left) * weights[0] / sum(weights)
         harness.set_budget(share)
-        print(f"[{op}] running {name} ({'smoke' if args.smoke else 'quick' if args.quick else 'full'}"
-              f", {device}" + (f", time box {share:.0f} s" if share is not None else "") + ")",
+        mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+        print(f"[{op}] running {name} ({mode}, {device}"
+              + (f", time box {share:.0f} s" if share is not None else "") + ")",
               file=sys.stderr)
         t_mod = time.monotonic()
         if args.smoke and hasattr(mod, "smoke"):

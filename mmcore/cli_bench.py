@@ -6,7 +6,6 @@ with the wheel), so neither command needs a source checkout.  docs/benchmarks.md
 user's guide to the output."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
 import os
@@ -25,6 +24,7 @@ BENCH_MODULES = {
 }
 # `--quick` without --op: these (a training step takes minutes: `--op train --quick`)
 QUICK_OPS = ("window_attention", "cross_attention", "lora_linear", "patch")
+SMOKE_OPS = ("window_attention", "lora_linear")  # the ops whose first module has smoke()
 
 BENCH_BUDGET_S = 400.0  # CUDA default for the whole `mmcore bench` grid (--budget overrides)
 BENCH_SHARE = {"bench_window_attention": 3.0, "bench_cross_attention": 2.0,
@@ -155,7 +155,10 @@ def add_bench_parser(sub):
     b.add_argument("--budget", default=None, metavar="SECONDS",
                    help="seconds for the whole run (default on CUDA: 400 for the grid, 300 for"
                         " --tune); cases past it are written as skipped rows")
-    b.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: 1 case
+    b.add_argument("--smoke", action="store_true",
+                   help="two tiny cases of the first op that has them (window_attention, "
+                        "lora_linear): checks the runner, output and plot in seconds; "
+                        "not a measurement")
     return b
 
 
@@ -164,11 +167,13 @@ def _check_bench_args(args):
     budget = check_budget(args.budget)
     if args.no_save and args.out is not None:
         raise UsageError("--out and --no-save: give one of them")
+    if args.smoke and args.op and not set(args.op) & set(SMOKE_OPS):
+        raise UsageError(f"--smoke: only {' and '.join(SMOKE_OPS)} have a smoke case")
     if args.tune:
         if args.plot is not None:
             raise UsageError("--plot: --tune writes a dispatch table, nothing to plot")
-        if args.op or args.quick:
-            raise UsageError("--tune measures its own grid; drop --op / --quick")
+        if args.op or args.quick or args.smoke:
+            raise UsageError("--tune measures its own grid; drop --op / --quick / --smoke")
     out = None
     if not args.no_save:
         if args.tune:
@@ -205,8 +210,9 @@ def run_bench(args) -> int:
         return 0
     ops = args.op or (list(QUICK_OPS) if args.quick else list(BENCH_MODULES))
     mods = [(op, n) for op in ops for n in BENCH_MODULES[op]]
-    if args.smoke:  # one tiny case of the first op (tests: CI cost, not a measurement)
-        mods = mods[:1]
+    if args.smoke:  # the first module with tiny cases (tests, docs: not a measurement)
+        mods = [m for m in mods if m[0] in SMOKE_OPS][:1] or [("window_attention",
+                                                               "bench_window_attention")]
     # time box: on CUDA the whole grid in BENCH_BUDGET_S (within 8 minutes with start-up),
     # shared between the modules by BENCH_SHARE; a module past its share writes "skipped"
     # rows for the rest of its cases

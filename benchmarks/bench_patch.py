@@ -51,7 +51,7 @@ def _models(quick):
     mistral = ("mistral-tiny-sw256", lambda: T.MistralForCausalLM(T.MistralConfig(
         sliding_window=256, **dec)), "decoder")
     llama = ("llama-tiny", lambda: T.LlamaForCausalLM(T.LlamaConfig(**dec)), "decoder")
-    if quick:  # tiny models, two lengths, HF's sdpa path only: seconds on a small CPU
+    if quick:  # tiny models, two lengths, HF's sdpa path only, no peak memory: seconds
         bert_tiny = ("bert-tiny", lambda: T.BertModel(T.BertConfig(
             vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=256, attention_probs_dropout_prob=0.0,
@@ -144,7 +144,7 @@ def _bench(rows, name, kind, base_model, S, B, train, device, dtype, quick):
             fn = _step_fns(m, args, train)
             try:
                 t = harness.time_fn(fn, device, warmup=1, rep=2 if quick else 5)
-                peak = harness.peak_memory(fn, device)
+                peak = None if quick else harness.peak_memory(fn, device)
             except torch.OutOfMemoryError as e:  # CUDA: the dense path does not fit
                 t, peak, note = None, None, f"out of memory: {str(e).splitlines()[0][:120]}"
             results[impl] = t

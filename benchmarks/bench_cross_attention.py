@@ -214,6 +214,9 @@ def _cpu(rows, quick):
         for bwd in (False, True):
             case = f"{'fwd+bwd' if bwd else 'fwd'} Sq={Sq} Sk={Sk} D={D}" + \
                 ("" if lengths else " equal lengths")
+            if H.out_of_time():  # --budget spent
+                rows.append(H.skipped(OP, case, shape, dtype, device))
+                continue
             q, k, v, dout = _inputs(B, Hq, Hq, Sq, Sk, D, dtype, device, bwd)
             fl = _flops(Hq, D, Lq, Lk, bwd)
             sd = _call(lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_,

@@ -367,6 +367,10 @@ def _cpu(quick, device, cases=None):
         flops = 4 * B * H * pairs * D * (3.5 if grad else 1.0)
         cname = (f"causal w=({left},0)" if causal else
                  f"bidir w=±{left}" if left == right else f"bidir w=({left},{right})")
+        if harness.out_of_time():  # --budget spent: the rest are "skipped" rows
+            rows.append(harness.skipped(OP, f"{mode} {cname} D={D} N={N}", shape, dtype,
+                                        device))
+            continue
         if mode == "layer":  # HF's module vs the same module patched: both project q/k/v
             ours_fn, hf_fn, proj = _longformer_layer(H, D, left, G, N, backend)
             hf_ok = left == right and N % (2 * left) == 0

@@ -62,6 +62,24 @@ def test_bench_default_output_is_a_file_in_the_current_directory(tmp_path, monke
     assert str(out) in capsys.readouterr().out
 
 
+def test_a_spent_budget_turns_the_remaining_cases_into_skipped_rows(tmp_path, monkeypatch,
+                                                                   capsys):
+    from mmcore import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--quick", "--op", "window_attention", "--op", "cross_attention",
+                     "--device", "cpu", "--budget", "0.001", "--out", "r.jsonl"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert {r["op"] for r in rows} == {"window_attention", "cross_attention"}
+    # a case that started before the deadline finishes; every later one is a skipped row
+    ran = {r["case"] for r in rows if "median_ms" in r}
+    assert len(ran) <= 1 and all(r["op"] == "window_attention" for r in rows
+                                 if r["case"] in ran)
+    skipped = [r for r in rows if r["case"] not in ran]
+    assert len(skipped) >= 3 and all("median_ms" not in r and "time box" in r["note"]
+                                     for r in skipped)
+
+
 # ------------------------------------------------------------------ bad input: before any work
 def _main(argv, capsys):
     """cli.main(argv) in this process -> (exit code, stderr, seconds); an exception that

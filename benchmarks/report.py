@@ -35,12 +35,16 @@ def tables(rows):
     return "\n\n".join(out)
 
 
-LENGTH_KEYS = ("N", "Sq", "S", "M")  # the x axis: the first of these a row's shape has
+# the x axis: the op's own length, else the first of LENGTH_KEYS a row's shape has (LoRA
+# shapes carry N = output features: their length is M, the tokens)
+OP_LENGTH = {"window_attention": "N", "cross_attention": "Sq", "lora_linear": "M",
+             "lora_peft": "M", "patch": "S", "train_step": "S"}
+LENGTH_KEYS = ("N", "Sq", "S", "M")
 
 
 def _length(r):
     shape = r.get("shape") or {}
-    for k in LENGTH_KEYS:
+    for k in (OP_LENGTH.get(r.get("op")),) + LENGTH_KEYS:
         if isinstance(shape.get(k), int):
             return k, shape[k]
     return None, None
@@ -56,8 +60,8 @@ def plot(rows, path):
     top: median ms vs length (log-log), one line per (impl, case without its length);
     bottom: "mmcore x faster than <baseline>" vs length (log y; the dashed line at 1 is
     parity, above it mmcore is faster), one line per (mmcore impl, baseline, case).
-    The length is the first of N / Sq / S / M in a row's shape; a repeated point keeps
-    the last row.  -> the number of series drawn."""
+    The length is the op's (OP_LENGTH), else the first of N / Sq / S / M in a row's shape;
+    a repeated point keeps the last row.  -> the number of series drawn."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -28,6 +28,24 @@ def _map_kernels():
 
 _map_kernels()
 
+
+def _map_benchmarks():
+    """setup.py installs benchmarks/ as mmcore.benchmarks; in a source tree map the tree's
+    own benchmarks/ the same way (its __init__ is a docstring: nothing runs until a
+    benchmark module is imported)."""
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    path = _os.path.join(root, "benchmarks", "__init__.py")
+    if not (_os.path.exists(path) and _os.path.exists(_os.path.join(root, "setup.py"))):
+        return
+    spec = _ilu.spec_from_file_location("mmcore.benchmarks", path,
+                                        submodule_search_locations=[_os.path.dirname(path)])
+    mod = _ilu.module_from_spec(spec)
+    _sys.modules["mmcore.benchmarks"] = mod
+    spec.loader.exec_module(mod)
+
+
+_map_benchmarks()
+
 from .ops import cross_attention, lora_linear, window_attention  # noqa: E402
 from .nn.kv_cache import RollingKVCache  # noqa: E402
 from .patch import LongContext, patch, unpatch  # noqa: E402

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 _SKIP = ("betas",)  # set through a config file
@@ -118,7 +119,11 @@ def run_train(args) -> int:
             from .train.checkpoint import find_checkpoint, read_state
 
             ck = find_checkpoint(args.resume)
-            cfg = TrainConfig.from_dict({**read_state(ck)["config"], **file_cfg, **flags})
+            # the run dir given is where the run continues: the stored out_dir names the
+            # directory the checkpoint was first written in (a copied run would write there)
+            here = {"out_dir": _run_dir_of(ck, args.resume)}
+            cfg = TrainConfig.from_dict({**read_state(ck)["config"], **here, **file_cfg,
+                                         **flags})
             return _one(cfg, args, resume=ck)
         merged = {**file_cfg, **flags}
         if merged.get("train_file") is None and "task" not in merged:
@@ -131,6 +136,14 @@ def run_train(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"mmcore train: error: {e}", file=sys.stderr)
         return 2
+
+
+def _run_dir_of(ck: str, given: str) -> str:
+    """The run dir of checkpoint dir `ck` (RUN/checkpoints/NAME -> RUN), else `given`."""
+    parent = os.path.dirname(os.path.abspath(ck))
+    if os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent)
+    return given
 
 
 def _one(cfg, args, resume=None) -> int:

@@ -287,6 +287,14 @@ def run_predict(args) -> int:
         print(f"mmcore predict: error: {e}", file=sys.stderr)
         return 2
     _accuracy_note(recs, rows)
+    try:
+        _emit(rows, args)
+    except BrokenPipeError:  # `mmcore predict ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _emit(rows: List[dict], args) -> None:
     lines = "".join(json.dumps(r) + "\n" for r in rows)
     if args.out:
         tmp = args.out + ".tmp"
@@ -298,7 +306,6 @@ def run_predict(args) -> int:
         sys.stdout.write(lines)
     else:
         print(_table(rows))
-    return 0
 
 
 def _accuracy_note(recs, rows) -> None:

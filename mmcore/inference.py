@@ -294,8 +294,11 @@ def load_run(path: str, *, base: Optional[str] = None, device: Union[str, torch.
                          f"{b['path']}); pass base= / --base with the right model dir")
     d = dict(m["config"], model=where, out_dir=path, progress=False)
     files = m["files"]
-    if files.get("vision"):
-        opts = dict(d.get("task_options") or {})
+    if files.get("vision"):  # the tower's shape from the run; its weights from the head
+        from .train.tasks.multimodal import parse_options
+
+        opts = parse_options(d.get("task_options"), getattr(get_task(d["task"]), "options", {}),
+                             d["task"])
         opts.update(vision_model=os.path.join(path, files["vision"]), vision_config=None)
         d["task_options"] = opts
     cfg = TrainConfig.from_dict(d)

@@ -4,7 +4,7 @@
     mmcore predict runs/a new.jsonl --json          # JSON lines: index, id, label, probs
     mmcore predict runs/a docs/ --out preds.jsonl   # a folder of text files, one document each
     cat letter.txt | mmcore predict runs/a -        # stdin: JSON lines, or one document
-    mmcore predict runs/vqa questions.jsonl         # vqa / doc_figures: {"text", "images"} -> answer
+    mmcore predict runs/vqa questions.jsonl         # vqa / doc_figures: {"text", "images"}
     mmcore predict runs/match pairs.jsonl           # matching: {"text", "images"} -> score
     mmcore predict runs/ret queries.txt --format lines --gallery photos/ --top-k 5   # retrieval
 
@@ -21,6 +21,7 @@ import io
 import json
 import os
 import sys
+import textwrap
 from typing import List, Optional
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -34,11 +35,12 @@ class InputError(ValueError):
 def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "predict", help="use a trained run on new data (classify, answer, score, rank)",
-        description="Run a trained model (the directory `mmcore train` wrote) over new data: "
-                    "classification and vqa / doc_figures print a label and per-class "
-                    "probabilities per record, matching a score per (text, image) pair, "
-                    "retrieval the top-k gallery images per text query.  Documents of any "
-                    "length are read whole in long-document mode, as in training.",
+        description=textwrap.fill(
+            "Run a trained model (the directory `mmcore train` wrote) over new data: "
+            "classification and vqa / doc_figures print a label and per-class probabilities "
+            "per record, matching a score per (text, image) pair, retrieval the top-k gallery "
+            "images per text query.  Documents of any length are read whole in long-document "
+            "mode, as in training.", 78),
         epilog="examples:\n"
                "  mmcore predict runs/a new.jsonl --json\n"
                "  mmcore predict runs/a letters/ --out preds.jsonl\n"
@@ -63,12 +65,12 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gallery", metavar="DIR|FILE",
                    help="retrieval: images to rank (a folder, or a JSONL / CSV of records)")
     p.add_argument("--top-k", type=int, default=5, metavar="K",
-                   help="retrieval: images per query (default 5)")
+                   help="retrieval: images per query (default: 5)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help="documents per forward pass (default 8)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+                   help="documents per forward pass (default: 8)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="weights and activations (default fp32)")
+                   help="weights and activations (default: fp32)")
     p.add_argument("--base", metavar="DIR",
                    help="the base model dir, if it moved since training (its weights are "
                         "checked against the run's fingerprint)")

@@ -5,7 +5,9 @@ long-document demo (no data files given).
     mmcore train --json                              # ... last line: one JSON object
     mmcore train --config run.yaml --lr 1e-4         # a config file, flags override it
     mmcore train --train-file tr.jsonl --val-file va.jsonl --test-file te.jsonl --mode lora
-    mmcore train --resume runs/a                     # continue a run (its newest checkpoint)
+    mmcore train --resume runs/a                     # continue a run (its newest checkpoint),
+                                                     # writing only into runs/a
+    mmcore predict runs/a new.jsonl                  # use the run dir (cli_predict.py)
     torchrun --nproc_per_node 2 -m mmcore train ...  # DDP (add --fsdp for FSDP2)
 
 Every field of mmcore.train.TrainConfig is a flag (`--lora-bias all`, `--no-progress`,

@@ -12,7 +12,8 @@ without the training data or the config file.
     RUN/adapter/                LoRA runs: a peft adapter of the text encoder in the Hugging Face
                                 model's own module names (encoder.layer.N.attention.self.query),
                                 base_model_name_or_path set:
-                                PeftModel.from_pretrained(AutoModel.from_pretrained(base), RUN/adapter)
+                                PeftModel.from_pretrained(AutoModel.from_pretrained(base),
+                                                          RUN/adapter)
     RUN/encoder.safetensors     bitfit / full runs: the trained text-encoder tensors, Hugging
                                 Face names (bitfit: the biases; full: every tensor)
     RUN/head.safetensors        every other trained tensor, by the task model's names: for

@@ -282,10 +282,12 @@ def run_predict(args) -> int:
                            label_field=m.get("label_field") if m.get("labels") else None)
         if args.out and os.path.isdir(args.out):
             raise InputError(f"--out {args.out!r} is a directory; give a file name")
+        if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            raise InputError(f"--out {args.out!r}: its directory does not exist")
         model = load_run(args.run, base=args.base, device=args.device, dtype=args.dtype)
         progress = None if not args.no_progress else False
         rows = _rows(model, recs, args, progress)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input / run dir / base: one line, nothing written
         print(f"mmcore predict: error: {e}", file=sys.stderr)
         return 2
     _accuracy_note(recs, rows)

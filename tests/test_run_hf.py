@@ -92,6 +92,18 @@ def test_peft_adapter_plus_head_equals_mmcore_predict(family, tmp_path):
                          man["pooling"])
     assert_close(f"{family}.peft+head logits", logits, oracle, ref)
     assert ref.abs().max() > 0.05  # a trained head, not zeros
+    # mmcore's own peft-format loader reads the same directory into the plain HF model
+    from mmcore.nn import load_adapter
+
+    plain = AutoModel.from_pretrained(base).eval()
+    rep = load_adapter(plain, os.path.join(run, "adapter"))
+    assert len(rep["modules"]) == len(ac["target_modules"]) and rep["other_keys"]  # + biases
+    mmcore.patch(plain, long_context=mmcore.LongContext(window=man["window"], max_length=1024))
+    with torch.no_grad():
+        h2 = plain(**enc).last_hidden_state
+    logits2 = head_logits(h2, enc["attention_mask"],
+                          load_file(os.path.join(run, "head.safetensors")), man["pooling"])
+    assert_close(f"{family}.load_adapter+head logits", logits2, oracle, ref)
 
 
 EXPORT_CHECK = r"""

@@ -292,7 +292,11 @@ def load_run(path: str, *, base: Optional[str] = None, device: Union[str, torch.
         raise ValueError(f"{path}: base model {where!r} is not the one the run was trained on "
                          f"(weights {fp[:19]}..., the run's base {b['fingerprint'][:19]}... at "
                          f"{b['path']}); pass base= / --base with the right model dir")
-    d = dict(m["config"], model=where, out_dir=path, progress=False)
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}  # a run from another version
+    d = {k: v for k, v in m["config"].items() if k in known}
+    d.update(model=where, out_dir=path, progress=False)
     files = m["files"]
     if files.get("vision"):  # the tower's shape from the run; its weights from the head
         from .train.tasks.multimodal import parse_options

@@ -13,7 +13,8 @@ WORDS = ("river stone market lantern winter harbour garden copper meadow engine 
 
 
 def hf_base(path, family="bert", hidden=32, layers=2, heads=2, seed=0):
-    """config.json + model.safetensors (BertModel / RobertaModel keys: AutoModel loads it) +
+    """config.json + model.safetensors (BertModel / RobertaModel / XLMRobertaModel keys:
+    AutoModel loads it; family "bert" | "roberta" | "xlm-roberta") +
     the MiniLM tokenizer files -> path."""
     from safetensors.torch import save_file
 
@@ -21,14 +22,15 @@ def hf_base(path, family="bert", hidden=32, layers=2, heads=2, seed=0):
     from mmcore.models.text_encoder import hf_name
 
     os.makedirs(path, exist_ok=True)
-    roberta = family == "roberta"
+    roberta = family in ("roberta", "xlm-roberta")
+    arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
     cfg = dict(model_type=family, vocab_size=30522, hidden_size=hidden,
                num_hidden_layers=layers, num_attention_heads=heads,
                intermediate_size=2 * hidden, hidden_act="gelu",
                max_position_embeddings=130 if roberta else 128,
                type_vocab_size=1 if roberta else 2,
                layer_norm_eps=1e-5 if roberta else 1e-12, pad_token_id=1 if roberta else 0,
-               architectures=["RobertaModel" if roberta else "BertModel"])
+               architectures=[arch[family]])
     torch.manual_seed(seed)
     enc = TextEncoder(TextConfig.from_dict(cfg), pooler=True)
     with torch.no_grad():

@@ -57,7 +57,7 @@ def _hf_inputs(texts, run_dir, pad_id):
     return tok(texts, padding=True, truncation=False, return_tensors="pt")
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "minilm"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "minilm"])
 def test_peft_adapter_plus_head_equals_mmcore_predict(family, tmp_path):
     import mmcore
     from peft import PeftModel

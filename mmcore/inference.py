@@ -38,6 +38,17 @@ def _dtype(dtype):
     return DTYPES[dtype]
 
 
+def _bar(n: int, desc: Optional[str], progress):
+    """A tqdm bar over n documents on stderr (None without tqdm); progress None: only when
+    stderr is a terminal."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=n, unit="doc", desc=desc or "predict", leave=False,
+                disable=None if progress is None else False, dynamic_ncols=True)
+
+
 def _batches(order: Sequence[int], size: int):
     for i in range(0, len(order), size):
         yield list(order[i:i + size])
@@ -81,12 +92,8 @@ class RunModel(nn.Module):
         on stderr when progress (None: when stderr is a terminal and there is more than one
         batch)."""
         order = sorted(range(n), key=lambda i: -lengths[i])
-        bar = None
-        if progress is not False and n > batch_size:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n, unit="doc", desc=self.verb or "predict", leave=False,
-                       disable=None if progress is None else False, dynamic_ncols=True)
+        bar = _bar(n, self.verb, progress) if progress is not False and n > batch_size \
+            else None
         with torch.no_grad():
             for idx in _batches(order, batch_size):
                 step(idx)

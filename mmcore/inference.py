@@ -137,8 +137,8 @@ class Classifier(RunModel):
 
 class _WithImages(RunModel):
     def _examples(self, texts, images) -> list:
-        """Task examples ({"ids", "images"}) of texts and their images (a path, a list of
-        paths, or (3, R, R) pixels per text)."""
+        """Task examples ({"ids", "images"}) of texts and their images (per text: a path, a
+        list of paths, or pixels: (3, R, R), (M, 3, R, R) or a list of (3, R, R))."""
         if isinstance(texts, str):
             raise TypeError("pass a list of texts, not one string")
         if images is None or len(images) != len(texts):
@@ -147,8 +147,11 @@ class _WithImages(RunModel):
         ids = self.encode(texts)
         out = []
         for n, (x, im) in enumerate(zip(ids, images)):
-            r = {"pixels": im} if isinstance(im, torch.Tensor) else \
-                {"images": [im] if isinstance(im, (str, os.PathLike)) else list(im)}
+            if isinstance(im, torch.Tensor) or (isinstance(im, (list, tuple)) and im and all(
+                    isinstance(x, torch.Tensor) for x in im)):
+                r = {"pixels": im}  # (3, R, R), (M, 3, R, R) or a list of (3, R, R)
+            else:
+                r = {"images": [im] if isinstance(im, (str, os.PathLike)) else list(im)}
             out.append({"ids": x, "images": self.task._images(r, f"input {n}")})
         return out
 

@@ -97,3 +97,27 @@ def test_matching_scores_each_pair(data, capsys, tmp_path):
     got = torch.tensor([r["score"] for r in rows])
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     assert want.std() > 1e-3  # pairs differ: the check can tell them apart
+
+
+def test_doc_figures_answers_with_the_runs_test_accuracy(data, tmp_path):
+    """Long documents with a figure each (pixels, not paths), through the Python API."""
+    import mmcore
+    from mmcore.train import TrainConfig, train
+    from mmcore.train.tasks import get_task
+    from mmcore.train.tasks.doc_figures import documents_with_figures
+
+    cfg = {**get_task("doc_figures").demo_defaults, "task": "doc_figures", "model": data["base"],
+           "synthetic_sizes": [16, 4, 8], "synthetic_tokens": [560, 660], "epochs": 1,
+           "batch_size": 8, "window": 16, "task_options": {"fusion_heads": 2}, "threads": 1,
+           "progress": False, "out_dir": str(tmp_path / "run")}
+    n = torch.get_num_threads()
+    try:
+        res = train(TrainConfig(**cfg), log=lambda s: None)
+    finally:
+        torch.set_num_threads(n)
+    recs = documents_with_figures(0, [16, 4, 8], [560, 660], 32, data["base"])["test"]
+    m = mmcore.load_run(str(tmp_path / "run"), task="doc_figures")
+    pred = m.predict([r["text"] for r in recs], images=[[r["pixels"]] for r in recs],
+                     batch_size=3)
+    acc = sum(p["label"] == r["label"] for p, r in zip(pred, recs)) / len(recs)
+    assert acc == res["test"]["accuracy"] and len(pred[0]["probs"]) == len(m.labels) == 4

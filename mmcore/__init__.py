@@ -51,7 +51,7 @@ from .nn.kv_cache import RollingKVCache  # noqa: E402
 from .patch import LongContext, patch, unpatch  # noqa: E402
 
 __all__ = ["window_attention", "cross_attention", "lora_linear", "RollingKVCache", "patch",
-           "unpatch", "LongContext", "read", "__version__"]
+           "unpatch", "LongContext", "read", "load_run", "__version__"]
 
 
 def __getattr__(name):  # lazy: `mmcore.read(...)` without importing the model layer up front
@@ -59,4 +59,8 @@ def __getattr__(name):  # lazy: `mmcore.read(...)` without importing the model l
         from .reading import read
 
         return read
+    if name == "load_run":
+        from .inference import load_run
+
+        return load_run
     raise AttributeError(f"module 'mmcore' has no attribute {name!r}")

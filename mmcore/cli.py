@@ -1,4 +1,4 @@
-"""The `mmcore` command: info | bench | read | train."""
+"""The `mmcore` command: info | bench | read | train | predict | export."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,11 @@ def main(argv=None) -> int:
     from .cli_train import add_train_parser, run_train
 
     add_train_parser(sub).set_defaults(func=run_train)
+    from .cli_predict import add_predict_parser, run_predict
+    from .export import add_export_parser, run_export
+
+    add_predict_parser(sub).set_defaults(func=run_predict)
+    add_export_parser(sub).set_defaults(func=run_export)
     args = ap.parse_args(argv)
     if args.cmd == "info":
         return cmd_info(args)

@@ -114,6 +114,9 @@ class ClassificationTask(Task):
         super().__init__(cfg)
         from ...reading import load_tokenizer
 
+        if cfg.task_options:
+            raise ValueError(f"task_options {sorted(cfg.task_options)}: task 'classification' "
+                             f"takes no task options")
         self.model_dir = cfg.model or default_text_model()
         self.tokenizer = load_tokenizer(self.model_dir)
         self.labels = [str(x) for x in cfg.labels] if cfg.labels else None

@@ -11,6 +11,7 @@ lists the ones it reads in its `options`:
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -73,7 +74,29 @@ def parse_options(raw, defaults: dict, task: str) -> dict:
     if bad:
         raise ValueError(f"task_options {bad} are not options of task {task!r}; it takes "
                          f"{sorted(defaults)}")
+    for k, v in given.items():
+        rule = OPTION_RULES.get(k)
+        if rule is not None:
+            given[k] = rule(v, f"task_options {k}")
     return {**defaults, **given}
+
+
+def _option_rules() -> dict:
+    """task option -> check(value, where) (the same checks as the config's fields)."""
+    from ..config import _enum, _float, _int, _str
+
+    def mapping(v, where):
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"{where}: must be a mapping of VisionConfig fields, got {v!r}")
+        return v
+    return {"image_size": _int(8, 4096, optional=True), "embed_dim": _int(1, 65536),
+            "temperature": _float(0, lo_open=True), "vs_weight": _float(0),
+            "n_fusion": _int(1, 64), "fusion_heads": _int(1, 1024),
+            "matcher": _enum("dual", "fused"), "vision_model": _str(optional=True),
+            "vision_config": mapping}
+
+
+OPTION_RULES = _option_rules()
 
 
 def vision_tower(opts: dict) -> VisionEncoder:
@@ -85,14 +108,40 @@ def vision_tower(opts: dict) -> VisionEncoder:
         if not os.path.isdir(path):
             raise ValueError(f"task_options vision_model {path!r} is not a directory")
         if glob.glob(os.path.join(path, "*.safetensors")):
-            return VisionEncoder.from_pretrained(path, dtype=torch.float32)
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = VisionConfig.from_dict(json.load(f))
+            tower = VisionEncoder.from_pretrained(path, dtype=torch.float32)
+            want = opts.get("image_size")
+            if want and want != tower.config.image_size:
+                raise ValueError(f"task_options image_size {want}: the pretrained tower in "
+                                 f"{path} takes {tower.config.image_size} px images")
+            return tower
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                cfg = VisionConfig.from_dict(json.load(f))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"task_options vision_model {path!r}: no usable config.json "
+                             f"({e})") from None
+        if opts.get("image_size"):
+            cfg = dataclasses.replace(cfg, image_size=opts["image_size"])
     else:
         extra = opts.get("vision_config") or {}
         if not isinstance(extra, dict):
             raise ValueError(f"task_options vision_config must be a dict, got {extra!r}")
-        cfg = VisionConfig.from_dict({**SMALL_VISION, **extra})
+        size = {"image_size": opts["image_size"]} if opts.get("image_size") else {}
+        try:
+            cfg = VisionConfig.from_dict({**SMALL_VISION, **size, **extra})
+        except TypeError as e:
+            raise ValueError(f"task_options vision_config: {e}") from None
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_channels", "image_size", "patch_size"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"task_options vision_config {name} must be an int >= 1, got {v!r}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"task_options vision_config hidden_size {cfg.hidden_size} must be a "
+                         f"multiple of num_attention_heads {cfg.num_attention_heads}")
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"task_options image_size {cfg.image_size} must be a multiple of the "
+                         f"tower's patch_size {cfg.patch_size}")
     tower = VisionEncoder(cfg)
     with torch.no_grad():
         tower.cls.normal_(0, 0.02)

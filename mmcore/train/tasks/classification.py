@@ -124,6 +124,13 @@ class ClassificationTask(Task):
     def prepare(self, records: Dict[str, list]) -> Dict[str, list]:
         from ..data import encode_texts
 
+        field = self.cfg.label_field
+        for split, recs in records.items():
+            for n, r in enumerate(recs, 1):
+                if r.get("label") is None:
+                    where = r.get("where") or f"{split} record {n}"
+                    raise ValueError(f"{where}: no label (field {field!r}); classification "
+                                     f"needs a label on every record (set label_field)")
         if self.labels is None:
             if "train" not in records:
                 raise ValueError("no labels given and no training split to take them from")
@@ -138,8 +145,9 @@ class ClassificationTask(Task):
             ex = []
             for r, x in zip(recs, ids):
                 lab = r.get("label")
-                if lab is None or str(lab) not in index:
-                    raise ValueError(f"{split}: label {lab!r} is not one of {self.labels}")
+                if str(lab) not in index:
+                    raise ValueError(f"{r.get('where') or split}: label {lab!r} is not one of "
+                                     f"{self.labels}")
                 ex.append({"ids": x, "label": index[str(lab)]})
             out[split] = ex
         return out

@@ -22,7 +22,7 @@ from torch import nn
 
 from ...models import TextEncoder, VisionEncoder, default_text_model
 from ...models.vision_encoder import VisionConfig
-from ..images import digits_records, load_pixels
+from ..images import check_image, digits_records, load_pixels
 from . import Batch, Task
 
 __all__ = ["SMALL_VISION", "DIGITS_DEMO", "parse_options", "vision_tower", "MultimodalTask",
@@ -221,14 +221,15 @@ class MultimodalTask(Task):
             for n, (r, x) in enumerate(zip(recs, ids)):
                 e = {"ids": x, "label": -1}
                 lab = r.get("label")
+                where = r.get("where") or f"{split} record {n}"
                 if lab is not None and names is not None:
                     if str(lab) not in index:
-                        raise ValueError(f"{split} record {n}: label {lab!r} is not one of "
-                                         f"{names}")
+                        raise ValueError(f"{where}: label {lab!r} is not one of {names}")
                     e["label"] = index[str(lab)]
                 elif self.labelled:
-                    raise ValueError(f"{split} record {n} has no label")
-                e["images"] = self._images(r, f"{split} record {n}")
+                    raise ValueError(f"{where}: no label (field {self.cfg.label_field!r}); "
+                                     f"task {self.name!r} needs a label on every record")
+                e["images"] = self._images(r, where)
                 first = e["images"][0]
                 e["image_key"] = os.path.abspath(first["image"]) if "image" in first else \
                     f"id:{r.get('image_id', f'{split}/{n}')}"
@@ -244,10 +245,15 @@ class MultimodalTask(Task):
             figs = [{"pixels": x} for x in (p if isinstance(p, (list, tuple)) or p.dim() == 4
                                             else [p])]
         else:
-            figs = [{"image": path} for path in (r.get("images") or [])]
+            imgs = r.get("images") or []
+            if not isinstance(imgs, (list, tuple)) or not all(isinstance(p, str) for p in imgs):
+                raise ValueError(f"{where}: 'images' must be a list of image paths, got "
+                                 f"{imgs!r:.80}")
+            figs = [{"image": path, "where": where} for path in imgs]
             for f in figs:
                 if not os.path.isfile(f["image"]):
                     raise FileNotFoundError(f"{where}: image {f['image']!r} does not exist")
+                check_image(f["image"], where)
         most = self.max_images
         if not figs or (most is not None and len(figs) > most):
             want = "exactly one image" if most == 1 else f"1..{most or 'any'} images"

@@ -22,8 +22,9 @@ Kernels
   _fwd_kernel       online softmax, fp32 accumulators, lse in fp32 (natural log); with
                     SPLIT_K each program takes a slice of the key blocks and writes
                     fp32 partials that _combine_kernel merges by lse (split-K decoding).
-  _bwd_delta_kernel delta = rowsum(dO * O)
-  _bwd_dq_kernel    one program per query block, loops over its key blocks
+  _bwd_dq_kernel    one program per query block, two loops over its key blocks: the row
+                    statistics (max m, l = sum exp2(S - m), delta = rowsum(P dP)), stored
+                    for the dK/dV kernel, then dQ with P = exp2(S - m) / l
   _bwd_dkdv_kernel  one program per (key block, kv head), loops over the g query heads
                     that share the kv head and their query blocks (GQA reduced in registers)
 The backward is deterministic by construction: every dq / dk / dv element is written by
@@ -63,7 +64,6 @@ _UNBOUNDED = 1 << 30  # a window side of -1 (unbounded) becomes this many positi
 LOG2E = 1.4426950408889634
 DECODE_MAX_SQ = 16  # Sq <= this takes the split-K (flash-decoding) forward
 # constants read inside kernels must be constexpr globals
-_LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 _NEG_INF = tl.constexpr(float("-inf"))
 
@@ -375,33 +375,6 @@ def _combine_kernel(OP, LP, O, LSE, Sq, D, n_splits,
 
 
 # ---------------------------------------------------------------- backward
-
-
-@triton.jit(do_not_specialize=["H", "Sq"])
-def _bwd_delta_kernel(O, DO, DELTA, SEQ_Q,
-                      stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
-                      H, Sq, D, HAS_SQ: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta[b, h, i] = sum_d dO * O (0 on padding rows; dO there may be NaN)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    if HAS_SQ:
-        Lq = tl.load(SEQ_Q + b).to(tl.int32)
-    else:
-        Lq = Sq + 0 * b
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    rows = offs_m.to(tl.int64)[:, None]
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows * stride_dm + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
 
 
 @_device_fn

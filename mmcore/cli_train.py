@@ -124,7 +124,7 @@ def run_train(args) -> int:
             saved = check_checkpoint_files(ck)["config"]
             src = {**{k: f"{ck}/trainer_state.json: config.{k}" for k in saved}, **src}
             cfg = TrainConfig.from_dict({**saved, **file_cfg, **flags}, src, origin)
-            _check_out_dir(cfg)
+            _check_inputs(cfg)
             return _one(cfg, args, resume=ck)
         merged = {**file_cfg, **flags}
         if merged.get("train_file") is None and "task" not in merged:
@@ -135,7 +135,7 @@ def run_train(args) -> int:
 
             merged = {**getattr(get_task(merged["task"]), "demo_defaults", {}), **merged}
         cfg = TrainConfig.from_dict(merged, src, origin)
-        _check_out_dir(cfg)
+        _check_inputs(cfg)
         return _one(cfg, args)
     except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
         if os.environ.get("MMCORE_DEBUG"):
@@ -152,10 +152,18 @@ def run_train(args) -> int:
         return 1
 
 
-def _check_out_dir(cfg) -> None:
-    """--out-dir must be a directory or creatable; checked before anything is written."""
+def _check_inputs(cfg) -> None:
+    """Before any work: the data files and the model dir exist, and --out-dir is a directory
+    or creatable (nothing is written before the inputs are checked)."""
     import os
 
+    for name in ("train_file", "val_file", "test_file"):
+        path = getattr(cfg, name)
+        if path is not None and not os.path.isfile(path):
+            flag = "--" + name.replace("_", "-")
+            raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    if cfg.model is not None and not os.path.isdir(cfg.model):
+        raise FileNotFoundError(f"--model {cfg.model!r}: no such directory")
     p = os.path.abspath(cfg.out_dir)
     while p and not os.path.exists(p):
         p = os.path.dirname(p)

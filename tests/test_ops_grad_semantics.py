@@ -112,3 +112,32 @@ def test_triton_gradients_at_logits_1e4_meet_the_rule(op):
         tol = tolerance(berr, r.abs().max().item(), torch.float32, grad=True)
         err = (got.double() - r).abs().max().item()
         assert err <= tol, f"{op} {name}: err {err:.3e} > tol {tol:.3e}"
+
+
+def test_co_attention_double_backward_matches_two_cross_attentions():
+    """co_attention's backward ran the triton kernels only: second-order gradients were 0."""
+    from mmcore.ops.co_attention import co_attention
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(1, 2, n, 8, generator=g, dtype=torch.float32) for n in (5, 5, 5, 7, 7, 7)]
+
+    def second(fn):
+        xs = [t.clone().requires_grad_() for t in ts]
+        o_t, o_v = fn(*xs)
+        gq, = torch.autograd.grad(o_t.pow(2).sum() + o_v.pow(2).sum(), xs[0], create_graph=True)
+        gs = torch.autograd.grad(gq.pow(2).sum(), xs, allow_unused=True)
+        return [torch.zeros_like(x) if d is None else d for d, x in zip(gs, xs)]
+
+    def ref(q_t, k_t, v_t, q_v, k_v, v_v):
+        return (mmcore.cross_attention(q_t, k_v, v_v, backend="torch"),
+                mmcore.cross_attention(q_v, k_t, v_t, backend="torch"))
+
+    try:
+        got = second(lambda *x: co_attention(*x, backend="auto"))
+    except mmcore.ops.registry.BackendError:
+        pytest.skip("no co_attention backend here")
+    want = second(ref)
+    top = max(float(w.abs().max()) for w in want)
+    assert top > 1.0
+    for a, w in zip(got, want):
+        assert float((a - w).abs().max()) <= 1e-5 * top

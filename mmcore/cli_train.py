@@ -157,6 +157,9 @@ def _check_inputs(cfg) -> None:
     or creatable (nothing is written before the inputs are checked)."""
     import os
 
+    from .train.tasks import get_task
+
+    get_task(cfg.task)  # an unknown task is named first
     for name in ("train_file", "val_file", "test_file"):
         path = getattr(cfg, name)
         if path is not None and not os.path.isfile(path):

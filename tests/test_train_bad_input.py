@@ -333,7 +333,7 @@ def test_retrieval_index_refuses_integer_storage_and_nan_rows():
 
 # ------------------------------------------------------------------ the dispatch table variable
 
-@pytest.mark.parametrize("content", [None, "{bad json", "[1, 2]", '{"format": 1, "ops": 3}'])
+@pytest.mark.parametrize("content", [None, "{bad json"])
 def test_bad_dispatch_table_never_breaks_import(tmp_path, content):
     path = tmp_path / "t.json" if content is not None else "/nonexistent/t.json"
     if content is not None:
@@ -349,6 +349,17 @@ def test_bad_dispatch_table_never_breaks_import(tmp_path, content):
     assert p.returncode == 0, p.stderr
     assert "MMCORE_DISPATCH_TABLE" in p.stderr and p.stderr.count("RuntimeWarning") == 1
     assert "heuristics" in p.stdout
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"format": 1, "ops": 3}',
+                                     '{"format": 1, "ops": {"window_attention": [{"kind": 1}]}}'])
+def test_malformed_dispatch_table_is_a_value_error_naming_it(tmp_path, content):
+    from mmcore.ops import tables
+
+    p = tmp_path / "t.json"
+    p.write_text(content)
+    with pytest.raises(ValueError, match="t.json"):
+        tables._read(str(p))
 
 
 # ------------------------------------------------------------------ model / adapter loading

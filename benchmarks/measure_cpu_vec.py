@@ -1,0 +1,111 @@
+"""mmcore's C++ CPU kernels vs PyTorch, interleaved rounds in one process (issue 21).
+
+    PYTHONPATH=. python benchmarks/measure_cpu_vec.py [--case window cross] [--rounds 7]
+        [--threads 1]
+
+Cases (fp32, forward, both sides on whatever path ATen / mmcore pick; set
+ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 to force both to AVX2):
+  window: B=1, H=12, N=8192, D=64, window (256, 256): mmcore cpu backend vs chunked SDPA
+          (benchmarks/bench_window_attention.py:_chunked_sdpa, query chunks of 256).
+  cross:  B=2, H=4, Sq=8192, Sk=577, D=64, equal lengths: mmcore cpu backend vs
+          F.scaled_dot_product_attention (ATen's CPU flash kernel).
+Each round times mmcore then the baseline (best of --inner calls each) and records the ratio
+baseline / mmcore, so load from other processes hits both sides of a ratio alike.  Prints one
+JSON line per case: median ms of each side, median ratio and its min / max over the rounds,
+GFLOP/s (useful FLOPs, 4*H*pairs*D) and its share of the FMA peak (mmcore.cpu_info).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mmcore  # noqa: E402
+from bench_window_attention import _chunked_sdpa, allowed_pairs  # noqa: E402
+
+
+def _best(fn, inner):
+    best = float("inf")
+    for _ in range(inner):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def case_window():
+    B, H, N, D, w = 1, 12, 8192, 64, 256
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    flops = 4 * B * H * allowed_pairs(N, w, w, False, 0) * D
+    ours = lambda: mmcore.window_attention(q, k, v, window=(w, w), backend="cpu")  # noqa: E731
+    base = lambda: _chunked_sdpa(q, k, v, w, w)  # noqa: E731
+    return "window fwd N=8192 w=±256 D=64", ours, base, "chunked-sdpa", flops
+
+
+def case_cross():
+    B, H, Sq, Sk, D = 2, 4, 8192, 577, 64
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, Sq, D, generator=g)
+    k, v = (torch.randn(B, H, Sk, D, generator=g) for _ in range(2))
+    flops = 4 * B * H * Sq * Sk * D
+    ours = lambda: mmcore.cross_attention(q, k, v, backend="cpu")  # noqa: E731
+    base = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    return "cross fwd Sq=8192 Sk=577 D=64", ours, base, "sdpa", flops
+
+
+CASES = {"window": case_window, "cross": case_cross}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--inner", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    try:
+        from mmcore.cpu_info import fma_peak
+        peak = fma_peak(a.threads)
+    except Exception:  # an old build without the probe
+        peak = None
+    for name in a.case:
+        label, ours, base, base_name, flops = CASES[name]()
+        with torch.no_grad():
+            ours(), base()  # warm-up
+            to, tb, ratio = [], [], []
+            for _ in range(a.rounds):
+                o = _best(ours, a.inner)
+                b = _best(base, a.inner)
+                to.append(o)
+                tb.append(b)
+                ratio.append(b / o)
+        gf = flops / statistics.median(to) / 1e9
+        rec = dict(case=label, baseline=base_name, threads=a.threads,
+                   aten_capability=torch.backends.cpu.get_cpu_capability(),
+                   mmcore_isa=torch.ops.mmcore_C.cpu_capability(),
+                   mkl=os.environ.get("MKL_ENABLE_INSTRUCTIONS", "default"),
+                   ms_mmcore=round(statistics.median(to) * 1e3, 2),
+                   ms_baseline=round(statistics.median(tb) * 1e3, 2),
+                   ratio_median=round(statistics.median(ratio), 3),
+                   ratio_min=round(min(ratio), 3), ratio_max=round(max(ratio), 3),
+                   rounds=a.rounds, gflops_mmcore=round(gf, 1),
+                   load1=round(os.getloadavg()[0], 2))
+        if peak:
+            rec["fma_peak_isa"] = peak["isa"]
+            rec["pct_of_fma_peak"] = round(100 * gf / (peak["gflops_per_core"] * a.threads
+                                                       if a.threads == 1 else
+                                                       peak["gflops_all"]), 1)
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,8 @@ ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 to force both to AVX2):
           (benchmarks/bench_window_attention.py:_chunked_sdpa, query chunks of 256).
   cross:  B=2, H=4, Sq=8192, Sk=577, D=64, equal lengths: mmcore cpu backend vs
           F.scaled_dot_product_attention (ATen's CPU flash kernel).
+Comparing two builds (e.g. main's .so against this one): run this script alternately from each
+tree (PYTHONPATH) with --label, see benchmarks/compare_cpu_builds.sh.
 Each round times mmcore then the baseline (best of --inner calls each) and records the ratio
 baseline / mmcore, so load from other processes hits both sides of a ratio alike.  Prints one
 JSON line per case: median ms of each side, median ratio and its min / max over the rounds,
@@ -70,6 +72,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--inner", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--label", default="", help="tag copied into each JSON line (e.g. the build)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     try:
@@ -89,7 +92,7 @@ def main():
                 tb.append(b)
                 ratio.append(b / o)
         gf = flops / statistics.median(to) / 1e9
-        rec = dict(case=label, baseline=base_name, threads=a.threads,
+        rec = dict(label=a.label, case=label, baseline=base_name, threads=a.threads,
                    aten_capability=torch.backends.cpu.get_cpu_capability(),
                    mmcore_isa=torch.ops.mmcore_C.cpu_capability(),
                    mkl=os.environ.get("MKL_ENABLE_INSTRUCTIONS", "default"),
@@ -98,6 +101,7 @@ def main():
                    ratio_median=round(statistics.median(ratio), 3),
                    ratio_min=round(min(ratio), 3), ratio_max=round(max(ratio), 3),
                    rounds=a.rounds, gflops_mmcore=round(gf, 1),
+                   gflops_mmcore_best=round(flops / min(to) / 1e9, 1),
                    load1=round(os.getloadavg()[0], 2))
         if peak:
             rec["fma_peak_isa"] = peak["isa"]

@@ -7,6 +7,7 @@
 #ifndef MMCORE_NO_PYTHON
 #include <torch/extension.h>
 #endif
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/common.h"

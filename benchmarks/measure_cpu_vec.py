@@ -66,6 +66,28 @@ def case_cross():
 CASES = {"window": case_window, "cross": case_cross}
 
 
+def roofline(label):
+    """torch.mm 2048^2 fp32 (best of 3) on 1 thread and on all of torch's, against the FMA
+    peak probe (mmcore.cpu_info) on the same thread counts."""
+    from mmcore.cpu_info import fma_peak
+
+    n, every = 2048, torch.get_num_threads()
+    for t in sorted({1, every}):
+        torch.set_num_threads(t)
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        best = min(_best(lambda: torch.mm(a, b), 1) for _ in range(3))
+        p = fma_peak(t)
+        peak = p["gflops_per_core"] if t == 1 else p["gflops_all"]
+        print(json.dumps(dict(label=label, case="torch.mm 2048^2 fp32", threads=t,
+                              gemm_gflops=round(2 * n ** 3 / best / 1e9, 1),
+                              fma_peak_gflops=round(peak, 1), isa=p["isa"],
+                              vector_bits=p["vector_bits"],
+                              mkl=os.environ.get("MKL_ENABLE_INSTRUCTIONS", "default"),
+                              load1=round(os.getloadavg()[0], 2))), flush=True)
+    torch.set_num_threads(every)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", nargs="+", default=list(CASES), choices=list(CASES))
@@ -73,7 +95,11 @@ def main():
     ap.add_argument("--inner", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--label", default="", help="tag copied into each JSON line (e.g. the build)")
+    ap.add_argument("--roofline", action="store_true",
+                    help="also torch.mm 2048^2 vs the FMA peak probe, 1 and all threads")
     a = ap.parse_args()
+    if a.roofline:
+        roofline(a.label)
     torch.set_num_threads(a.threads)
     try:
         from mmcore.cpu_info import fma_peak

@@ -166,8 +166,9 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 // MMCORE_CPU_GEMM picks the tile products: "aten" forces the at::mm path (tests use it to
 // cover torch builds without exported BLAS symbols), "blas" the BLAS torch links, "vec" the
 // register-blocked kernel of the vector build (vec_table.h: gemm_nn) wherever a product's
-// shape allows it.  Unset: "vec" on AVX-512 builds (MKL keeps to AVX2 on AMD CPUs, and this
-// kernel measured 1.5x+ its rate at these shapes, docs/cpu-kernels.md), "blas" elsewhere.
+// shape allows it.  Unset: "vec" on the AVX2 and AVX-512 builds (at these tile shapes it
+// measured above MKL on both: MKL keeps to AVX2 on AMD CPUs; docs/cpu-kernels.md), "blas" on
+// the default / NEON builds.
 enum class GemmPath { kAten, kBlas, kVec };
 
 inline GemmPath gemm_path() {
@@ -177,7 +178,8 @@ inline GemmPath gemm_path() {
     if (v == "aten") return GemmPath::kAten;
     if (v == "blas") return GemmPath::kBlas;
     if (v == "vec") return GemmPath::kVec;
-    return std::string(vec::vec().isa) == "avx512" ? GemmPath::kVec : GemmPath::kBlas;
+    const std::string isa = vec::vec().isa;
+    return isa == "avx512" || isa == "avx2" ? GemmPath::kVec : GemmPath::kBlas;
   }();
   return path;
 }

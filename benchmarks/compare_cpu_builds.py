@@ -13,7 +13,7 @@ def main(path):
     rows = collections.defaultdict(list)
     with open(path) as f:
         for line in f:
-            if line.startswith("{"):
+            if line.startswith("{") and "ratio_median" in line:
                 r = json.loads(line)
                 rows[(r["case"], r["label"])].append(r)
     print("| case | build / paths | ratio vs PyTorch, median (min–max) | mmcore ms (median) | "

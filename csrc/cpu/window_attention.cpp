@@ -10,9 +10,11 @@
 //
 // Forward: one task per (b, query head, block of BQ query rows); the block visits only the
 // keys of its window plus the global prefix (two disjoint key segments, or one when they
-// touch), in chunks of at most KC keys with an online softmax.  Tile products run through
-// the BLAS torch links (sgemm_, else at::mm); the fp32 row loops (softmax, scaling, row sums,
-// dS, conversions) run on the vector build of ATen's CPU capability (vec_table.h).
+// touch), in chunks of at most KC keys with an online softmax.  Tile products run on the
+// register-blocked kernel of the vector build (forward S = Q K^T from a transposed copy of K,
+// O += P V, and dQ += dS K; see gemm_path) or the BLAS torch links (sgemm_, else at::mm); the
+// fp32 row loops (softmax, scaling, row sums, dS, conversions, non-finite scans) run on the
+// vector build of ATen's CPU capability (vec_table.h).
 // Global query rows form their own blocks and visit every key.
 //
 // Backward (deterministic, no atomics):

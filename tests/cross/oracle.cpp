@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -193,10 +194,11 @@ void lora_case(at::ScalarType dt) {
 int main() {
   at::manual_seed(0);
   const auto t0 = std::chrono::steady_clock::now();
-  std::printf("mmcore vector build: %s (cpu_isa %s), ATen capability %s\n",
+  const char* gemm = std::getenv("MMCORE_CPU_GEMM");
+  std::printf("mmcore vector build: %s (cpu_isa %s), ATen capability %s, MMCORE_CPU_GEMM=%s\n",
               op<std::string()>("mmcore_C::cpu_capability").call().c_str(),
               op<std::string()>("mmcore_C::cpu_isa").call().c_str(),
-              at::get_cpu_capability().c_str());
+              at::get_cpu_capability().c_str(), gemm ? gemm : "(default)");
   attention_case("window fp32 w=(37,21) G=3 GQA lengths", false, at::kFloat, 2, 4, 2, 300, 300,
                  32, 37, 21, false, 3, {300, 170}, {300, 211}, true);
   attention_case("window fp32 causal w=(64,0)", false, at::kFloat, 1, 2, 2, 257, 257, 64, 64,

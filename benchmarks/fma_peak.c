@@ -1,7 +1,8 @@
-/* Peak fp32 FMA throughput of this CPU (the ceiling no fp32 kernel can pass).
-   Ten independent 8-wide FMA chains per thread (more than FMA latency x FMA ports), one
-   thread per core; prints GFLOP/s (2 flops per lane per FMA).  Built and run by
-   benchmarks/harness.py:cpu_fma_peak:  cc -O2 -mavx2 -mfma -fopenmp fma_peak.c */
+/* Superseded: the FMA peak probe is built into the extension, per CPU capability (AVX-512,
+   AVX2, NEON): mmcore.cpu_info.fma_peak(), csrc/cpu/vec_dispatch.cpp, docs/cpu-kernels.md.
+   This file measures 8-wide AVX2 FMA chains only and under-reports AVX-512 CPUs (a measured
+   GEMM came out above it); it stays until benchmarks/harness.py stops building it.
+   cc -O2 -mavx2 -mfma -fopenmp fma_peak.c */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdio.h>

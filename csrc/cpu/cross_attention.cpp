@@ -1,19 +1,18 @@
 // cross_attention on the CPU: forward and backward with per-sample lengths, GQA and lse.
 //
-// ATen's CPU flash-attention kernel (at::_scaled_dot_product_flash_attention_for_cpu and its
-// backward) already runs near this CPU's GEMM rate for D = 64..128; what it lacks is the
-// mmcore contract.  Since cross_attention has no positional mask and lengths are right
-// padding, each sample is just a dense problem on q[:Lq], k[:Lk]: we slice instead of
-// building a (Sq, Sk) boolean mask, so padded rows/keys cost nothing and padding (even NaN)
-// is never read.  Zero-length samples (Lq = 0 or Lk = 0) are skipped: out 0, lse -inf, grads 0.
+// cross_attention has no positional mask and lengths are right padding, so each sample is a
+// dense problem on q[:Lq], k[:Lk]: padded rows / keys cost nothing and padding (even NaN) is
+// never read.  Zero-length samples (Lq = 0 or Lk = 0): out 0, lse -inf, grads 0.
 //
 // GQA: with no positional mask, the g query heads that share a kv head can be stacked along
 // the sequence dim, q (Hq, Lq, D) -> (Hkv, g*Lq, D), so K/V are never repeated and dK/dV come
 // out already summed over the group.
 //
-// Forward: ATen's flash kernel per sample (one call for the whole batch when every length is
-// full).  Backward: our own chunked GEMM formulation on ATen (MKL) ops (see below): ATen's
-// CPU flash backward misses the tolerance rule on dV, and parallelises over heads only.
+// Forward: window_attention's CPU kernel with an unbounded window (sgemm tiles, the softmax on
+// the vector build of ATen's CPU capability, one pass over Sk <= 1024 keys; 1.2x+ ATen's flash
+// kernel at Sq = 8192, Sk = 577 on AVX-512, docs/cpu-kernels.md).  Backward: our own chunked
+// GEMM formulation on ATen (MKL) ops (see below): ATen's CPU flash backward misses the
+// tolerance rule on dV, and parallelises over heads only.
 //
 // bf16 / fp16 inputs are computed in fp32 (this CPU has no fast half arithmetic).
 #include <ATen/ATen.h>
@@ -60,28 +59,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
                    "dtype must be float32, bfloat16 or float16");
 }
 
-// Whether every value of t is finite: its sum is (a sum that overflows only sends the sample
-// down the exact path, which is right for finite inputs too).
-bool all_finite(const at::Tensor& t) {
-  return t.numel() == 0 || std::isfinite(t.sum().item<double>());
-}
-
-// Attention of one sample with IEEE rules, for samples holding a NaN / inf (ATen's flash
-// kernel returns 0 and lse -inf for a row with a NaN score).  q (Hkv, M, D) stacked rows,
-// k / v (Hkv, Lk, D), fp32.  A NaN score makes its row NaN (lse NaN), a +inf score NaN (lse
-// +inf); a non-finite value reaches every row (no key of a sample is masked).
-std::tuple<at::Tensor, at::Tensor> exact_sample(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, double scale) {
-  const double inf = std::numeric_limits<double>::infinity();
-  at::Tensor s = at::matmul(q, k.transpose(-1, -2)).mul_(scale);  // (Hkv, M, Lk)
-  at::Tensor m = std::get<0>(s.max(-1, true));                    // NaN-propagating
-  at::Tensor p = (s - at::where(m == -inf, at::zeros_like(m), m)).exp_();
-  at::Tensor l = p.sum(-1, true);
-  at::Tensor out = at::where(l == 0, at::zeros({}, q.options()), at::matmul(p, v) / l);
-  at::Tensor lse = at::where(m == inf, m, m + l.log()).squeeze(-1);
-  return {out, lse};
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
@@ -90,68 +67,19 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
     double scale) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inputs may require grad; no graph here
   check_inputs(q, k, v);
-  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Sk = k.size(2), g = Hq / Hkv;
-  auto Lq = valid_lengths(seqlens_q, B, Sq, "seqlens_q");
-  auto Lk = valid_lengths(seqlens_k, B, Sk, "seqlens_k");
-  if (B * Hq * Sq * D == 0)  // nothing to compute (ATen's kernel divides by these)
-    return {at::zeros({B, Hq, Sq, D}, q.options()),
-            at::full({B, Hq, Sq}, -std::numeric_limits<float>::infinity(),
-                     q.options().dtype(at::kFloat))};
-  bool full = true;
-  for (int64_t b = 0; b < B; ++b) full = full && Lq[b] == Sq && Lk[b] == Sk;
-  // samples with a non-finite input take the exact path (their valid part only: padding,
-  // which may hold NaN, is never read)
-  std::vector<char> exact(B, 0);
-  bool any_exact = false;
-  for (int64_t b = 0; b < B; ++b) {
-    if (Lq[b] == 0 || Lk[b] == 0) continue;
-    exact[b] = !(all_finite(q.select(0, b).narrow(1, 0, Lq[b])) &&
-                 all_finite(k.select(0, b).narrow(1, 0, Lk[b])) &&
-                 all_finite(v.select(0, b).narrow(1, 0, Lk[b])));
-    any_exact = any_exact || exact[b];
-  }
-  full = full && !any_exact;
-  // ATen's kernel writes its output as (batch, seq, head, D); giving it (B*Hkv, 1, g*S, D)
-  // (heads as batch, the g query heads of a group stacked along the sequence) makes that
-  // layout our contiguous (B, Hq, S, D), so the full-length case needs no copy at all
-  if (full && Sq > 0 && Sk > 0) {
-    auto res = at::_scaled_dot_product_flash_attention_for_cpu(
-        q.to(at::kFloat).reshape({B * Hkv, 1, g * Sq, D}),
-        k.to(at::kFloat).reshape({B * Hkv, 1, Sk, D}),
-        v.to(at::kFloat).reshape({B * Hkv, 1, Sk, D}), 0.0, false, c10::nullopt, scale);
-    return {std::get<0>(res).reshape({B, Hq, Sq, D}).to(q.scalar_type()),
-            std::get<1>(res).reshape({B, Hq, Sq})};
-  }
-  at::Tensor out = at::empty({B, Hq, Sq, D}, q.options());
-  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t lq = Lq[b], lk = Lk[b];
-    at::Tensor ob = out.select(0, b), lb = lse.select(0, b);
-    const int64_t done = lk > 0 ? lq : 0;  // rows [done, Sq) see no key: 0 and -inf
-    if (done < Sq) {
-      ob.narrow(1, done, Sq - done).zero_();
-      lb.narrow(1, done, Sq - done).fill_(-std::numeric_limits<float>::infinity());
-    }
-    if (done == 0) continue;
-    if (exact[b]) {
-      auto res = exact_sample(
-          q.select(0, b).narrow(1, 0, lq).to(at::kFloat).reshape({Hkv, g * lq, D}),
-          k.select(0, b).narrow(1, 0, lk).to(at::kFloat),
-          v.select(0, b).narrow(1, 0, lk).to(at::kFloat), scale);
-      ob.narrow(1, 0, lq).copy_(std::get<0>(res).view({Hq, lq, D}));
-      lb.narrow(1, 0, lq).copy_(std::get<1>(res).view({Hq, lq}));
-      continue;
-    }
-    auto res = at::_scaled_dot_product_flash_attention_for_cpu(
-        q.select(0, b).narrow(1, 0, lq).to(at::kFloat).reshape({Hkv, 1, g * lq, D}),
-        k.select(0, b).narrow(1, 0, lk).to(at::kFloat).unsqueeze(1),
-        v.select(0, b).narrow(1, 0, lk).to(at::kFloat).unsqueeze(1), 0.0, false, c10::nullopt,
-        scale);
-    ob.narrow(1, 0, lq).copy_(std::get<0>(res).view({Hq, lq, D}));
-    lb.narrow(1, 0, lq).copy_(std::get<1>(res).view({Hq, lq}));
-  }
-  return {out, lse};
+  const int64_t B = q.size(0), Sq = q.size(2), Sk = k.size(2);
+  valid_lengths(seqlens_q, B, Sq, "seqlens_q");
+  valid_lengths(seqlens_k, B, Sk, "seqlens_k");
+  // Every row sees every key of its sample: window attention's kernel with an unbounded
+  // window (left = right = -1, no global tokens) is exactly this contract, lengths, GQA, lse
+  // and IEEE rows included (a NaN / +inf score makes its row NaN, lse NaN / +inf; a
+  // non-finite V reaches every row; padding is never read).
+  auto as_long = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
+    if (!t.has_value()) return c10::nullopt;
+    return t->to(at::kLong);
+  };
+  return window_attention_fwd_cpu(q, k, v, as_long(seqlens_q), as_long(seqlens_k), -1, -1,
+                                  false, 0, scale);
 }
 
 // Backward with ATen GEMMs, one work unit = (sample, kv head, slice of the stacked query rows):

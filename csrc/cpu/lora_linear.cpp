@@ -14,11 +14,15 @@
 // merged costs a W-sized temporary and 2·N·r·K flops, so it can only win for many rows;
 // two-pass is the default below 4096 rows (see merge_pays).
 // Multi-adapter: one base GEMM over all rows, then per adapter its rows (grouped by a
-// counting sort of the ids, O(M)) get s·(x_g Aᵀ) Bᵀ added through index_add_, or, for a big
+// counting sort of the ids, O(M)) get s·(x_g Aᵀ) Bᵀ added row by row on the vector build of
+// ATen's CPU capability (add_rows, vec_table.h), or, for a big
 // group, the group's rows are computed with the merged weight and replace the base rows.
+#include <ATen/Parallel.h>
+
 #include <vector>
 
 #include "common.h"
+#include "vec_table.h"
 
 namespace mmcore {
 namespace {
@@ -80,6 +84,21 @@ at::Tensor index_tensor(const std::vector<int64_t>& rows) {
   return at::from_blob(const_cast<int64_t*>(rows.data()), {(int64_t)rows.size()},
                        at::TensorOptions().dtype(at::kLong))
       .clone();
+}
+
+// y[rows[i]] += a · x[i] for every i: a group's low-rank update (y (M, N), x (m, N), fp32,
+// contiguous; rows distinct), on the vector build of ATen's CPU capability, rows in parallel.
+void add_rows(at::Tensor& y, const std::vector<int64_t>& rows, const at::Tensor& x, double a) {
+  TORCH_INTERNAL_ASSERT(y.is_contiguous() && x.is_contiguous() && y.scalar_type() == at::kFloat &&
+                        x.scalar_type() == at::kFloat && x.size(0) == (int64_t)rows.size());
+  const int64_t n = y.size(1);
+  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const vec::Table& t = vec::vec();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, n));
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), grain, [&](int64_t i0, int64_t i1) {
+    t.rows_axpy(yp, n, rows.data() + i0, xp + i0 * n, n, i1 - i0, n, static_cast<float>(a));
+  });
 }
 
 // W + s·B A  (N, K) fp32: the merged weight of one adapter.
@@ -155,7 +174,7 @@ at::Tensor fwd_impl(const at::Tensor& x_, const at::Tensor& weight_,
         y.index_copy_(0, idx, base_mm(xg, merged(w, lb[a], la[a], s[a]), bias));
       } else {
         auto t = at::mm(xg, la[a].t());                                  // (m, r)
-        y.index_add_(0, idx, at::mm(t, lb[a].t()), /*alpha=*/s[a]);
+        add_rows(y, rows, at::mm(t, lb[a].t()), s[a]);
       }
     }
   }
@@ -218,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
       auto idx = index_tensor(rows);
       auto dyg = dy.index_select(0, idx), xg = x.index_select(0, idx);
       auto t = at::mm(dyg, lb[a]);                                       // (m, r)
-      if (need_dx) dx.index_add_(0, idx, at::mm(t, la[a]), /*alpha=*/s[a]);
+      if (need_dx) add_rows(dx, rows, at::mm(t, la[a]), s[a]);
       if (need_da) { auto d = da[a]; at::mm_out(d, t.t(), xg).mul_(s[a]); }
       if (need_db) {
         auto d = db[a];

@@ -10,8 +10,11 @@
 //
 // Forward: one task per (b, query head, block of BQ query rows); the block visits only the
 // keys of its window plus the global prefix (two disjoint key segments, or one when they
-// touch), in chunks of at most KC keys with an online softmax.  Tile products run through
-// the BLAS torch links (sgemm_, else at::mm); the softmax runs on AVX2 when the CPU has it.
+// touch), in chunks of at most KC keys with an online softmax.  Tile products run on the
+// register-blocked kernel of the vector build (forward S = Q K^T from a transposed copy of K,
+// O += P V, and dQ += dS K; see gemm_path) or the BLAS torch links (sgemm_, else at::mm); the
+// fp32 row loops (softmax, scaling, row sums, dS, conversions, non-finite scans) run on the
+// vector build of ATen's CPU capability (vec_table.h).
 // Global query rows form their own blocks and visit every key.
 //
 // Backward (deterministic, no atomics):
@@ -30,15 +33,12 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define MMCORE_X86 1  // AVX2 paths via __attribute__((target)), chosen at run time
-#endif
 #if defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define MMCORE_WEAK_BLAS 1  // call the BLAS symbols torch exports, when it does
 #endif
 
 #include "common.h"
+#include "vec_table.h"
 
 namespace mmcore {
 namespace window {
@@ -50,91 +50,10 @@ constexpr int64_t QC = 256;   // query rows per chunk of a dk/dv task
 
 // ------------------------------------------------------------------ row math (fp32 / fp64)
 
-#ifdef MMCORE_X86
-bool has_avx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-}
-
-// exp for x <= 88 (Cephes polynomial, ~1 ulp); x = -inf gives 0.
-__attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
-  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 keep = _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
-                                              _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  return _mm256_and_ps(y, keep);
-}
-
-__attribute__((target("avx2,fma"))) float scale_max_avx2(float* s, int64_t n, float scale) {
-  __m256 vs = _mm256_set1_ps(scale);
-  __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 vnan = _mm256_setzero_ps();  // lanes that met a NaN (max_ps would drop it)
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), vs);
-    _mm256_storeu_ps(s + j, x);
-    vm = _mm256_max_ps(vm, x);
-    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  }
-  alignas(32) float t[8];
-  _mm256_store_ps(t, vm);
-  float m = t[0];
-  for (int r = 1; r < 8; ++r) m = std::max(m, t[r]);
-  bool nan = _mm256_movemask_ps(vnan) != 0;
-  for (; j < n; ++j) {
-    s[j] *= scale;
-    m = std::max(m, s[j]);
-    nan = nan || std::isnan(s[j]);
-  }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
-}
-
-__attribute__((target("avx2,fma"))) float exp_sum_avx2(float* s, int64_t n, float m) {
-  __m256 vm = _mm256_set1_ps(m);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-    _mm256_storeu_ps(s + j, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  if (j < n) {  // tail through the same polynomial (padded with -inf -> 0)
-    alignas(32) float t[8];
-    for (int r = 0; r < 8; ++r) t[r] = j + r < n ? s[j + r] : -std::numeric_limits<float>::infinity();
-    __m256 e = exp256(_mm256_sub_ps(_mm256_load_ps(t), vm));
-    _mm256_store_ps(t, e);
-    for (int64_t r = 0; j + r < n; ++r) s[j + r] = t[r];
-    acc = _mm256_add_ps(acc, e);
-  }
-  alignas(32) float t[8];
-  _mm256_store_ps(t, acc);
-  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
-}
-#endif
-
 // s[0:n) *= scale; returns max (-inf when n == 0; NaN when any s[j] is NaN).
 template <typename acc_t>
 acc_t scale_max(acc_t* s, int64_t n, acc_t scale) {
-#ifdef MMCORE_X86
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (has_avx2()) return scale_max_avx2(s, n, scale);
-  }
-#endif
+  if constexpr (std::is_same_v<acc_t, float>) return vec::vec().scale_max(s, n, scale);
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   bool nan = false;
   for (int64_t j = 0; j < n; ++j) {
@@ -155,17 +74,80 @@ inline acc_t nan_max(acc_t a, acc_t b) {
 // s[0:n) = exp(s - m) (-inf -> 0); returns the sum.  m must be finite.
 template <typename acc_t>
 acc_t exp_sum(acc_t* s, int64_t n, acc_t m) {
-#ifdef MMCORE_X86
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (has_avx2()) return exp_sum_avx2(s, n, m);
-  }
-#endif
+  if constexpr (std::is_same_v<acc_t, float>) return vec::vec().exp_sum(s, n, m);
   acc_t sum = 0;
   for (int64_t j = 0; j < n; ++j) {
     s[j] = std::exp(s[j] - m);
     sum += s[j];
   }
   return sum;
+}
+
+// whether every entry of the (rows x cols, row stride ld) matrix x is finite
+template <typename acc_t>
+bool all_finite(const acc_t* x, int64_t rows, int64_t cols, int64_t ld) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (ld == cols || rows == 1) return vec::vec().all_finite(x, rows * cols);
+    for (int64_t r = 0; r < rows; ++r)
+      if (!vec::vec().all_finite(x + r * ld, cols)) return false;
+    return true;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      if (!std::isfinite(x[r * ld + c])) return false;
+  return true;
+}
+
+// x[0:n) *= a
+template <typename acc_t>
+void scale_row(acc_t* x, int64_t n, acc_t a) {
+  if constexpr (std::is_same_v<acc_t, float>) return vec::vec().scale(x, n, a);
+  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+
+// sum a[j] * b[j]
+template <typename acc_t>
+acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float>) return vec::vec().dot(a, b, n);
+  acc_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
+// out[j] = p[j] * (dp[j] - delta) * scale (out may alias p or dp)
+template <typename acc_t>
+void dsoftmax(acc_t* out, const acc_t* p, const acc_t* dp, int64_t n, acc_t delta, acc_t scale) {
+  if constexpr (std::is_same_v<acc_t, float>) return vec::vec().dsoftmax(out, p, dp, n, delta, scale);
+  for (int64_t j = 0; j < n; ++j) out[j] = p[j] * (dp[j] - delta) * scale;
+}
+
+// y[0:n) += a * x
+template <typename acc_t>
+void axpy(acc_t* y, const acc_t* x, int64_t n, acc_t a) {
+  if constexpr (std::is_same_v<acc_t, float>) return vec::vec().axpy(y, x, n, a);
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+// dst[0:n) = acc_t(src)
+template <typename scalar_t, typename acc_t>
+void load_row(const scalar_t* src, acc_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, at::BFloat16>)
+    return vec::vec().load_bf16(src, dst, n);
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, at::Half>)
+    return vec::vec().load_half(src, dst, n);
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]);
+}
+
+// dst[0:n) = scalar_t(src * mul)
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* src, scalar_t* dst, int64_t n, acc_t mul) {
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, float>)
+    return vec::vec().store_f32(src, dst, n, mul);
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, at::BFloat16>)
+    return vec::vec().store_bf16(src, dst, n, mul);
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, at::Half>)
+    return vec::vec().store_half(src, dst, n, mul);
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j] * mul);
 }
 
 // ------------------------------------------------------------------ GEMM on row-major tiles
@@ -183,14 +165,35 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 }
 #endif
 
-// MMCORE_CPU_GEMM=aten forces the at::mm path (tests use it to cover torch builds without
-// exported BLAS symbols).
-inline bool force_aten_gemm() {
-  static const bool force = [] {
+// MMCORE_CPU_GEMM picks the tile products: "aten" forces the at::mm path (tests use it to
+// cover torch builds without exported BLAS symbols), "blas" the BLAS torch links, "vec" the
+// register-blocked kernel of the vector build (vec_table.h: gemm_nn) wherever a product's
+// shape allows it.  Unset: "vec" on the AVX2 and AVX-512 builds (at these tile shapes it
+// measured above MKL on both: MKL keeps to AVX2 on AMD CPUs; docs/cpu-kernels.md), "blas" on
+// the default / NEON builds.
+enum class GemmPath { kAten, kBlas, kVec };
+
+inline GemmPath gemm_path() {
+  static const GemmPath path = [] {
     const char* e = std::getenv("MMCORE_CPU_GEMM");
-    return e != nullptr && std::string(e) == "aten";
+    const std::string v = e == nullptr ? "" : e;
+    if (v == "aten") return GemmPath::kAten;
+    if (v == "blas") return GemmPath::kBlas;
+    if (v == "vec") return GemmPath::kVec;
+    const std::string isa = vec::vec().isa;
+    return isa == "avx512" || isa == "avx2" ? GemmPath::kVec : GemmPath::kBlas;
   }();
-  return force;
+  return path;
+}
+
+inline bool force_aten_gemm() { return gemm_path() == GemmPath::kAten; }
+
+// Whether the vec kernel computes products with N (columns of C) = n, for acc_t.
+template <typename acc_t>
+bool vec_gemm(int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    return gemm_path() == GemmPath::kVec && n % vec::vec().lanes == 0;
+  return false;
 }
 
 // C (M x N, ldc) = alpha * op(A) op(B) + beta * C, all row-major; op(A) is M x K, op(B) K x N.
@@ -238,8 +241,7 @@ const acc_t* tile(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, a
       return src;
     }
   }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = static_cast<acc_t>(src[r * ld + c]);
+  for (int64_t r = 0; r < rows; ++r) load_row(src + r * ld, buf + r * cols, cols);
   *ld_out = cols;
   return buf;
 }
@@ -346,14 +348,13 @@ template <typename acc_t, typename Ok>
 void gemm_acc_masked(bool ta, int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda,
                      const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc, bool all_ok, Ok ok) {
   std::vector<int64_t> bad;
-  if (!all_ok)
+  if (!all_ok && !all_finite(B, K, N, ldb))
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t d = 0; d < N; ++d)
-        if (!std::isfinite(B[k * ldb + d])) {
-          bad.push_back(k);
-          break;
-        }
+      if (!all_finite(B + k * ldb, 1, N, ldb)) bad.push_back(k);
   if (bad.empty()) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (!ta && vec_gemm<acc_t>(N)) return vec::vec().gemm_nn(M, N, K, A, lda, B, ldb, C, ldc, true);
+    }
     gemm_rm<acc_t>(ta, false, M, N, K, acc_t(1), A, lda, B, ldb, acc_t(1), C, ldc);
     return;
   }
@@ -365,7 +366,7 @@ void gemm_acc_masked(bool ta, int64_t M, int64_t N, int64_t K, const acc_t* A, i
     for (int64_t i = 0; i < M; ++i) {
       if (!ok(i, k)) continue;
       const acc_t a = ta ? A[k * lda + i] : A[i * lda + k];
-      for (int64_t d = 0; d < N; ++d) C[i * ldc + d] += a * B[k * ldb + d];
+      axpy(C + i * ldc, B + k * ldb, N, a);
     }
 }
 
@@ -465,6 +466,33 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
   const acc_t scale = static_cast<acc_t>(P.scale);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
+  // With the vec kernel (vec_gemm), S = Q K^T reads K^T: one transposed fp32 copy of K per
+  // (b, kv head), (D, ldkt), made once up front and shared by every query block.  Its rows are
+  // padded to whole vectors (ldkt >= Sk + lanes), so a chunk's product may run past its last key
+  // into columns that are never read.
+  const bool vk = vec_gemm<acc_t>(D);
+  const int64_t lanes = vk ? vec::vec().lanes : 1;
+  const int64_t ldkt = vk ? (P.Sk + 2 * lanes - 1) / lanes * lanes : 0;
+  std::vector<acc_t> kt;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (vk) {
+      kt.assign(static_cast<size_t>(P.B * P.Hkv * D * ldkt), acc_t(0));
+      constexpr int64_t kb = 256;  // keys per transposed block
+      const int64_t nkb = (P.Sk + kb - 1) / kb;
+      at::parallel_for(0, P.B * P.Hkv * nkb, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<acc_t> buf(kb * D);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t bh = t / nkb, j0 = (t % nkb) * kb, nk = std::min(kb, P.Sk - j0);
+          const int64_t b = bh / P.Hkv, hk = bh % P.Hkv;
+          int64_t ld;
+          const acc_t* K = tile<scalar_t, acc_t>(kp + b * ks0 + hk * ks1 + j0 * ks2, ks2, nk, D,
+                                                 buf.data(), &ld);
+          vec::vec().transpose(K, ld, nk, D, kt.data() + bh * D * ldkt + j0, ldkt);
+        }
+      });
+    }
+  }
+
   auto blks = blocks(P, BQ, /*keys=*/false);
   const int64_t ntask = static_cast<int64_t>(blks.size()) * P.Hq;
   struct Scratch {
@@ -473,9 +501,9 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
   auto init = [&] {
     Scratch w;
     w.q.resize(BQ * D);
-    w.k.resize(KC * D);
+    w.k.resize(vk ? 0 : KC * D);
     w.v.resize(KC * D);
-    w.s.resize(BQ * KC);
+    w.s.resize(BQ * (KC + lanes));
     w.acc.resize(BQ * D);
     w.m.resize(BQ);
     w.l.resize(BQ);
@@ -502,15 +530,24 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
     for (int si = 0; si < nseg; ++si) {
       for (int64_t c0 = segs[si].lo; c0 < segs[si].hi; c0 += KC) {
         const int64_t n = std::min(KC, segs[si].hi - c0);
-        int64_t ldk, ldv;
-        const acc_t* K = tile<scalar_t, acc_t>(kp + b * ks0 + hk * ks1 + c0 * ks2, ks2, n, D,
-                                               w.k.data(), &ldk);
+        const int64_t lds = (n + lanes - 1) / lanes * lanes;  // S's row stride
+        int64_t ldv;
         const acc_t* V = tile<scalar_t, acc_t>(vp + b * vs0 + hk * vs1 + c0 * vs2, vs2, n, D,
                                                w.v.data(), &ldv);
-        gemm_rm<acc_t>(false, true, nq, n, D, acc_t(1), Q, ldq, K, ldk, acc_t(0), S, n);
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (vk)
+            vec::vec().gemm_nn(nq, lds, D, Q, ldq, kt.data() + (b * P.Hkv + hk) * D * ldkt + c0,
+                               ldkt, S, lds, false);
+        }
+        if (!vk) {
+          int64_t ldk;
+          const acc_t* K = tile<scalar_t, acc_t>(kp + b * ks0 + hk * ks1 + c0 * ks2, ks2, n, D,
+                                                 w.k.data(), &ldk);
+          gemm_rm<acc_t>(false, true, nq, n, D, acc_t(1), Q, ldq, K, ldk, acc_t(0), S, lds);
+        }
         bool all_ok = true;
         for (int64_t r = 0; r < nq; ++r) {
-          acc_t* sr = S + r * n;
+          acc_t* sr = S + r * lds;
           all_ok = all_ok && covers(rks[r], c0, c0 + n);
           const acc_t mx = mask_scale_max(sr, c0, n, rks[r], scale);
           if (mx == ninf || bad[r]) {
@@ -528,12 +565,9 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
           const acc_t sum = exp_sum(sr, n, mnew);
           l[r] = l[r] * alpha + sum;
           m[r] = mnew;
-          if (alpha != acc_t(1)) {
-            acc_t* ar = acc + r * D;
-            for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
-          }
+          if (alpha != acc_t(1)) scale_row(acc + r * D, D, alpha);
         }
-        gemm_acc_masked<acc_t>(false, nq, D, n, S, n, V, ldv, acc, D, all_ok,
+        gemm_acc_masked<acc_t>(false, nq, D, n, S, lds, V, ldv, acc, D, all_ok,
                                [&](int64_t r, int64_t x) { return allowed(rks[r], c0 + x); });
       }
     }
@@ -546,8 +580,7 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
         lrow[r] = bad[r] == 2 ? std::numeric_limits<float>::quiet_NaN()
                               : std::numeric_limits<float>::infinity();
       } else if (l[r] > acc_t(0)) {
-        const acc_t inv = acc_t(1) / l[r];
-        for (int64_t d = 0; d < D; ++d) orow[r * D + d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+        store_row(acc + r * D, orow + r * D, D, acc_t(1) / l[r]);
         lrow[r] = static_cast<float>(m[r] + std::log(l[r]));
       }  // else: the row sees no key; out stays 0, lse -inf
     }
@@ -669,17 +702,13 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
             acc_t *sr = S + r * c.hi, *dr = dP + r * c.hi;
             if (probs(sr, c.lo, c.hi, rks[r], L[r])) continue;
             zero_masked(dr, c.lo, c.hi, rks[r]);  // a masked non-finite V must not count
-            acc_t sum = 0;
-            for (int64_t x = 0; x < c.hi; ++x) sum += sr[x] * dr[x];
-            dl[r] += sum;
+            dl[r] += dot(sr, dr, c.hi);
           }
         }
       } else if (!one) {
-        for (int64_t r = 0; r < nq; ++r) {
-          const scalar_t* orow = op + b * os0 + h * os1 + (i0 + r) * os2;
-          acc_t sum = 0;
-          for (int64_t d = 0; d < D; ++d) sum += dO[r * ldd + d] * static_cast<acc_t>(orow[d]);
-          dl[r] = sum;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          for (int64_t r = 0; r < nq; ++r)
+            dl[r] = dot(dO + r * ldd, op + b * os0 + h * os1 + (i0 + r) * os2, D);
         }
       } else {
         std::fill(dl, dl + nq, acc_t(0));
@@ -698,20 +727,15 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
             continue;
           }
           zero_masked(dr, c.lo, n, rks[r]);
-          if (one) {
-            acc_t sum = 0;
-            for (int64_t x = 0; x < n; ++x) sum += sr[x] * dr[x];
-            dl[r] = sum;
-          }
-          const acc_t dlt = dl[r];
-          for (int64_t x = 0; x < n; ++x) sr[x] = sr[x] * (dr[x] - dlt) * scale;
+          if (one) dl[r] = dot(sr, dr, n);
+          dsoftmax(sr, sr, dr, n, dl[r], scale);
           zero_masked(sr, c.lo, n, rks[r]);
         }
         gemm_acc_masked<acc_t>(false, nq, D, n, S, n, K, ldk, acc, D, all_ok,
                                [&](int64_t r, int64_t x) { return allowed(rks[r], c.lo + x); });
       }
       scalar_t* dqrow = dqp + ((b * P.Hq + h) * P.Sq + i0) * D;
-      for (int64_t x = 0; x < nq * D; ++x) dqrow[x] = static_cast<scalar_t>(acc[x]);
+      store_row(acc, dqrow, nq * D, acc_t(1));
     });
   }
 
@@ -771,9 +795,8 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
                 std::fill(dr, dr + nk, acc_t(0));
                 continue;
               }
-              const acc_t dlt = dl[i];
               // dr <- dS (scaled); sr keeps P for dV
-              for (int64_t j = 0; j < nk; ++j) dr[j] = sr[j] * (dr[j] - dlt) * scale;
+              dsoftmax(dr, sr, dr, nk, dl[i], scale);
               zero_masked(dr, j0, nk, rk);
             }
             // dV += P^T dO, dK += dS^T Q over these rows; a row's masked keys take no part
@@ -785,10 +808,8 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
       }
       scalar_t* dkrow = dkp + ((b * P.Hkv + hk) * P.Sk + j0) * D;
       scalar_t* dvrow = dvp + ((b * P.Hkv + hk) * P.Sk + j0) * D;
-      for (int64_t x = 0; x < nk * D; ++x) {
-        dkrow[x] = static_cast<scalar_t>(dK[x]);
-        dvrow[x] = static_cast<scalar_t>(dV[x]);
-      }
+      store_row(dK, dkrow, nk * D, acc_t(1));
+      store_row(dV, dvrow, nk * D, acc_t(1));
     });
   }
 }

@@ -50,7 +50,7 @@ _DENSE_LIMIT = 8e9  # bytes: skip the dense-mask baseline above this
 
 
 def allowed_pairs(N, left, right, causal, G):
-    """Exact count of allowed (i, j) for Sq = Sk = N, no padding (DESIGN.md's allowed()).
+    """Exact count of allowed (i, j) for Sq = Sk = N, no padding (docs/design.md's allowed()).
 
     Per row i: the window [max(0, i-left), min(N-1, i+right)] plus the global keys [0, G)
     outside it; a global row (i < G) sees every key (causal: keys j <= i)."""

@@ -3,7 +3,7 @@
 FlashAttention-2 style.  Layout q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), any strides with a
 contiguous last dim; query head h reads kv head h // (Hq // Hkv) (no repeated K/V exists).
 
-Mask (DESIGN.md), per sample b with valid lengths Lq, Lk and off = Lk - Lq (bottom-right
+Mask (docs/design.md), per sample b with valid lengths Lq, Lk and off = Lk - Lq (bottom-right
 alignment), query i at position p = i + off:
 
     allowed(i, j) = i < Lq and j < Lk and (p - left <= j <= p + right
@@ -97,7 +97,7 @@ def _dot(a, b, PREC: tl.constexpr):
 
 @_device_fn
 def _allowed(i, j, off, Lq, Lk, left, right, G, CAUSAL: tl.constexpr):
-    """allowed(i, j) of DESIGN.md for broadcastable row / column index tensors."""
+    """allowed(i, j) of docs/design.md for broadcastable row / column index tensors."""
     p = i + off
     glob = (j < G) | (p < G)
     if CAUSAL:

@@ -5,7 +5,7 @@ A Triton kernel compiles once per family: dtype, head dim (its block and its div
 specialised), and for cross_attention the key tile (one tile holding all keys, or a loop).  Everything else -- batch, heads and GQA groups,
 lengths and their values, window sizes, global tokens, strides -- is a runtime value.  Drawing
 random cases inside a few fixed families keeps the suite's compiles to a few per family (the
-GPU suite must finish in minutes) while still covering the matrix of DESIGN.md: bf16 / fp16 /
+GPU suite must finish in minutes) while still covering the matrix of docs/design.md: bf16 / fp16 /
 fp32, D from 40 to 256, varlen, GQA, global tokens, Sq != Sk both ways.
 
 Each case is a dict in the format of kit.attention_cases."""

@@ -14,7 +14,7 @@ from mmcore.ops import registry
 
 def window_mask(B, Sq, Sk, left, right, causal, G, seqlens_q=None, seqlens_k=None,
                 device="cpu"):
-    """allowed(b, i, j) of DESIGN.md as a dense (B, 1, Sq, Sk) bool tensor."""
+    """allowed(b, i, j) of docs/design.md as a dense (B, 1, Sq, Sk) bool tensor."""
     if causal:
         right = 0
     Lq = seqlens_q.cpu() if seqlens_q is not None else torch.full((B,), Sq)

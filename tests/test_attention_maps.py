@@ -1,6 +1,6 @@
 """Attention rows recomputed from the saved lse (mmcore.ops.attention_maps) against the dense
 float64 oracle's softmax rows, on every backend that serves CPU tensors (torch, cpu, triton
-under TRITON_INTERPRET=1, sdpa; flex for window_attention), within DESIGN.md's tolerance rule; and their memory bound."""
+under TRITON_INTERPRET=1, sdpa; flex for window_attention), within the tolerance rule (docs/design.md); and their memory bound."""
 import random
 
 import pytest

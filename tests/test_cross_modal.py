@@ -1,6 +1,6 @@
 """mmcore.nn.CoAttention / CrossModalAttention against a plain-PyTorch composition of the seed
 formulas (dense masks), forward and the gradients of every parameter and input, on the cpu,
-torch and triton (interpreter; one-launch co-attention) backends.  Tolerance: DESIGN.md rule
+torch and triton (interpreter; one-launch co-attention) backends.  Tolerance: the tolerance rule, docs/design.md
 with the oracle = the composition in float64, base = the composition in the input dtype."""
 import copy
 

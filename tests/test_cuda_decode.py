@@ -2,7 +2,7 @@
 
 Without a GPU, mmcore_C::window_decode on CPU tensors runs the kernel's CPU emulation
 (csrc/cuda/emulation.cpp): the same index math (window_decode_plan.h), row tiles, key tiles,
-splits, combine and roundings, checked against the float64 oracle with the DESIGN.md rule.
+splits, combine and roundings, checked against the float64 oracle with the tolerance rule (docs/design.md).
 That covers which keys each block reads, where key j lives in the rolling layout, and how the
 splits merge -- not the MMA fragments, cp.async or shared memory (`-m gpu` does)."""
 import random

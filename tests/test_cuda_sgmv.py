@@ -2,7 +2,7 @@
 
 Without a GPU, mmcore_C::lora_sgmv_fwd / lora_sgmv_plan on CPU tensors run the kernels' CPU
 emulation (csrc/cuda/emulation.cpp): the same plan layout, row tiles, K splits, padded ranks
-and roundings, checked against the float64 oracle with the DESIGN.md rule.  `-m gpu` runs the
+and roundings, checked against the float64 oracle with the tolerance rule (docs/design.md).  `-m gpu` runs the
 compiled kernels through mmcore.lora_linear(backend="cuda") and checks the GPU plan (a
 one-block counting sort) against the CPU one."""
 import math

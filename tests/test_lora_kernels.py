@@ -1,4 +1,4 @@
-"""lora_linear's `cpu` (C++) and `triton` kernels against the float64 oracle (DESIGN.md rule).
+"""lora_linear's `cpu` (C++) and `triton` kernels against the float64 oracle (the tolerance rule, docs/design.md).
 
 Random cases come from the backends' declarations (kit.lora_cases); the explicit ones pin the
 edges: r = 1 and 256, odd K, M = 1, ids with -1, per-sequence ids, 64 distinct adapters,

@@ -1,6 +1,6 @@
 """mmcore.nn.LoRALinear and the peft format against peft 0.21 itself.
 
-The tolerance rule of DESIGN.md throughout: oracle = the float64 composition
+The tolerance rule of docs/design.md throughout: oracle = the float64 composition
 x Wᵀ + b + s (x Aᵀ) Bᵀ (or a float64 copy of the peft model), base = peft in the input dtype.
 LoRA B is always random (peft's zero init would hide every LoRA-path bug)."""
 import copy

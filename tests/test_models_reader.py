@@ -61,7 +61,7 @@ def test_reader_save_load(dirs, tmp_path):
 
 
 def test_reader_fusion_formula():
-    """The reader's fusion layer (CoAttention) == the DESIGN.md formula in float64 (dense softmax, explicit lengths)."""
+    """The reader's fusion layer (CoAttention) == the formula of docs/design.md in float64 (dense softmax, explicit lengths)."""
     torch.manual_seed(1)
     m = CoAttention(24, 3)
     ht, hv = torch.randn(2, 9, 24), torch.randn(2, 5, 24)

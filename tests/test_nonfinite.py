@@ -1,4 +1,4 @@
-"""Issue 16, item 8: a non-finite input reaches exactly the rows that see it (DESIGN.md).
+"""Issue 16, item 8: a non-finite input reaches exactly the rows that see it (docs/design.md).
 
 Every backend on the CPU (torch, cpu, triton under the interpreter), window and cross
 attention, forward and backward.  The expected result is a float64 oracle that sums each row

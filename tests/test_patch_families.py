@@ -1,5 +1,5 @@
 """mmcore.patch on tiny random models of every family (saved as safetensors and loaded back):
-forward outputs and gradients of a training step within the DESIGN.md tolerance rule
+forward outputs and gradients of a training step within the tolerance rule (docs/design.md)
 (oracle: unpatched model in float64; base: unpatched eager in float32), the report, unpatch,
 and the exact fallbacks."""
 import pytest

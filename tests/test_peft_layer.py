@@ -4,7 +4,7 @@ the plain-LoRA calls, and every PeftModel / LoraModel API keeps peft's behaviour
 Issue 17: at 34b1b06 convert_peft_model swapped peft's layers for LoRALinear, after which
 save_pretrained wrote an empty adapter, add_adapter / load_adapter / delete_adapter failed,
 disable_adapter() failed or left LoRA on, and merge_adapter() did nothing.  Each of those is a
-test here.  Numbers follow DESIGN.md's tolerance rule (oracle: a float64 copy of the peft model;
+test here.  Numbers follow the tolerance rule (docs/design.md) (oracle: a float64 copy of the peft model;
 base: peft itself in the input dtype)."""
 import copy
 import io

@@ -2,7 +2,7 @@
 d bias; issue 16 item 7: a scaling tensor that requires grad got no .grad on any backend).
 
 Both are computed at the op's autograd level, so every backend gets them; each is checked
-against the float64 oracle with DESIGN.md's tolerance rule, through the eager path and the
+against the float64 oracle with the tolerance rule (docs/design.md), through the eager path and the
 registered custom op (the path torch.compile takes)."""
 import pytest
 import torch

@@ -1,6 +1,6 @@
 // window_attention on the CPU: blocked, multi-threaded, fp32 compute for every input dtype.
 //
-// allowed(i, j) (DESIGN.md), with p = i + Lk_b - Lq_b (bottom-right alignment):
+// allowed(i, j) (docs/design.md), with p = i + Lk_b - Lq_b (bottom-right alignment):
 //   i < Lq_b and j < Lk_b and (p - left <= j <= p + right
 //                              or ((j < G or p < G) and (not causal or j <= p)))
 // For one query row the allowed keys are the union of two intervals:

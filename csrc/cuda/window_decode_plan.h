@@ -6,7 +6,7 @@
 // kBlockM consecutive rows of one (sample b, kv head hk) -- with Sq = 1 and g <= 16 that is the
 // whole GQA group, so K/V are read once per group -- and one split of its keys.
 //
-// Keys a block visits (DESIGN.md mask, bottom-right aligned: p = i + Lk - Lq):
+// Keys a block visits (docs/design.md mask, bottom-right aligned: p = i + Lk - Lq):
 //   the global prefix [0, g_end) and the window [lo, lo + n_win), numbered by a "virtual"
 //   index u: u < g_end is key u, else key lo + (u - g_end).  Tiles of kBlockN virtual keys are
 //   dealt out to the splits; the per-element mask `allowed` then refines.
@@ -70,7 +70,7 @@ MMCORE_HD Source key_source(int64_t j, const KeyMap& m, int64_t* idx) {
   return kRing;
 }
 
-// allowed(i, j) of DESIGN.md; left / right already normalised (kUnbounded, causal -> right 0).
+// allowed(i, j) of docs/design.md; left / right already normalised (kUnbounded, causal -> right 0).
 MMCORE_HD bool allowed(int64_t i, int64_t j, int64_t Lq, int64_t Lk, int64_t left,
                        int64_t right, int64_t G, bool causal) {
   if (i >= Lq || j >= Lk || j < 0) return false;

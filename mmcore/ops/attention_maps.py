@@ -5,7 +5,7 @@ row (``return_lse=True``).  With it, any row is recomputed exactly in a second p
 
     P[i, j] = exp(scale · q_i · k_j − lse_i)   for allowed(i, j), else 0
 
-over the same mask the op used (DESIGN.md: window, causal, global tokens, seqlens with
+over the same mask the op used (docs/design.md: window, causal, global tokens, seqlens with
 bottom-right alignment, GQA).  The second pass touches only the chosen rows: memory and work
 are O(rows × keys); nothing is computed for the other rows.  The lse comes from the backend
 that ran the op (``backend=``), so the rows show what that backend computed.
@@ -60,7 +60,7 @@ def _lengths(seqlens: Optional[torch.Tensor], S: int, B: int) -> torch.Tensor:
 def allowed_rows(rows: torch.Tensor, B: int, Sq: int, Sk: int, *, left: int = -1,
                  right: int = -1, causal: bool = False, global_tokens: int = 0,
                  seqlens_q=None, seqlens_k=None) -> torch.Tensor:
-    """DESIGN.md's allowed(i, j) for the query rows `rows` only -> (B, R, Sk) bool.
+    """docs/design.md's allowed(i, j) for the query rows `rows` only -> (B, R, Sk) bool.
 
     left / right: -1 = unbounded; causal forces right = 0 and keeps global pairs causal.
     cross_attention is the unbounded case with G = 0."""

@@ -40,7 +40,7 @@ void check(const std::string& name, const at::Tensor& out, const at::Tensor& ora
               name.c_str(), err, tol, berr);
 }
 
-// allowed(i, j) of DESIGN.md for one sample (Lq rows, Lk keys): (Lq, Lk) bool
+// allowed(i, j) of docs/design.md for one sample (Lq rows, Lk keys): (Lq, Lk) bool
 at::Tensor window_mask(int64_t Lq, int64_t Lk, int64_t left, int64_t right, bool causal,
                        int64_t G) {
   auto i = at::arange(Lq, at::kLong).unsqueeze(1), j = at::arange(Lk, at::kLong).unsqueeze(0);

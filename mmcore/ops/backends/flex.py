@@ -71,7 +71,7 @@ def _params(left, right, causal, G, device):
 
 
 def _mask_mod(prm, Lq, Lk):
-    """allowed(b, h, i, j) of DESIGN.md; prm from _params, Lq / Lk (B,) int32 lengths."""
+    """allowed(b, h, i, j) of docs/design.md; prm from _params, Lq / Lk (B,) int32 lengths."""
 
     def mask_mod(b, h, i, j):
         lq, lk = Lq[b], Lk[b]

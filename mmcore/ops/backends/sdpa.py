@@ -5,7 +5,7 @@ Serves cross_attention, and the window_attention problems SDPA expresses without
   * "dense": the window reaches every key of every row (global tokens then add nothing);
   * "causal": left unbounded, right = 0, and offset 0 in every sample (Sq == Sk and the same
     lengths tensor for q and k).  SDPA's ``is_causal`` is top-left aligned; mmcore's is
-    bottom-right (DESIGN.md), and the two agree only there.
+    bottom-right (docs/design.md), and the two agree only there.
 
 Per-sample lengths (right padding): the padding of q, k and v is zeroed (NaN there cannot
 leak), keys j >= Lk_b are hidden by a (B, 1, 1, Sk) key mask (none in causal mode, where a

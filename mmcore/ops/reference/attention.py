@@ -5,7 +5,7 @@ global prefix, so no (Sq, Sk) matrix exists; the few global queries (position < 
 as dense rows over all keys.  Memory beyond inputs/outputs is O(C·(left+right+G)) per chunk.
 Computation is in fp32 (fp64 for fp64 inputs) whatever the input dtype.
 
-Conventions (DESIGN.md): q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); left/right = -1 means
+Conventions (docs/design.md): q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); left/right = -1 means
 unbounded; causal forces right = 0 and also restricts global rows to j <= p; lse is the
 natural-log sum-exp of the scaled scores, -inf (and output 0) for a row that sees no key.
 """
@@ -54,13 +54,13 @@ def _key_index(rng, glob, device):
 
 
 def _mask(i0, i1, kidx, off, Lk, left, right, causal, G):
-    """allowed(i, j) of DESIGN.md for rows [i0, i1) and keys kidx -> (C, nk) bool."""
+    """allowed(i, j) of docs/design.md for rows [i0, i1) and keys kidx -> (C, nk) bool."""
     return allowed(torch.arange(i0, i1, device=kidx.device), kidx, off, Lk, left, right,
                    causal, G)
 
 
 def allowed(rows, kidx, off, Lk, left, right, causal, G):
-    """allowed(i, j) of DESIGN.md in one sample (off = Lk - Lq) for query rows `rows` (R,)
+    """allowed(i, j) of docs/design.md in one sample (off = Lk - Lq) for query rows `rows` (R,)
     and keys kidx (nk,) -> (R, nk) bool (rows are taken as valid: i < Lq is the caller's)."""
     p = rows[:, None] + off
     j = kidx[None, :]
@@ -122,7 +122,7 @@ def _mm_masked(a, b, allowed, chunk=32):
 def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
     """-> out (B, Hq, Sq, D) in q.dtype, lse (B, Hq, Sq) fp32.
 
-    Non-finite inputs reach exactly the rows that see them (DESIGN.md): a NaN query or seen
+    Non-finite inputs reach exactly the rows that see them (docs/design.md): a NaN query or seen
     key makes the row NaN (lse NaN), a +inf score makes it NaN (lse +inf), a non-finite value
     row is summed with IEEE rules into the rows that see it and into no other."""
     B, Hq, Sq, D = q.shape

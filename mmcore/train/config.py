@@ -160,11 +160,9 @@ def read_config_file(path: str) -> dict:
     with open(path) as f:
         text = f.read()
     if path.endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError:
-            raise RuntimeError("YAML configs need PyYAML (pip install pyyaml), or use JSON") \
-                from None
+        from .._optional import require
+
+        yaml = require("yaml", feature=f"--config {path}")
         try:
             d = yaml.safe_load(text)
         except yaml.YAMLError as e:

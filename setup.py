@@ -64,7 +64,7 @@ EXTRAS = {
     "vision": ["pillow"],                        # images: mmcore read --image
     "plot": ["matplotlib"],                      # mmcore read --explain, training curves
     "test": ["pytest", "packaging"],
-    "docs": ["mkdocs"],
+    "docs": ["mkdocs==1.6.1"],                   # the docs site (built --strict in CI)
 }
 EXTRAS["all"] = sorted({r for k in ("hf", "triton", "train", "vision", "plot") for r in EXTRAS[k]})
 
@@ -75,8 +75,8 @@ setup(
     python_requires=">=3.10",
     packages=["mmcore", "mmcore.ops", "mmcore.ops.backends", "mmcore.ops.reference",
               "mmcore.nn", "mmcore.patch", "mmcore.models", "mmcore.train", "mmcore.train.tasks",
-              "mmcore.kernels"],
-    package_dir={"mmcore.kernels": "kernels"},
+              "mmcore.kernels", "mmcore.benchmarks"],
+    package_dir={"mmcore.kernels": "kernels", "mmcore.benchmarks": "benchmarks"},
     package_data={"mmcore.ops": ["dispatch_tables/*.json"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -7,6 +7,12 @@ and fwd+bwd through autograd; multi-adapter batches with 1 / 8 / 64 distinct ada
 single-adapter time and vs a boolean-indexing loop over adapters (peft's mixed batch).
 CPU (fp32): the C++ kernel (and its measured variants) vs F.linear and the naive composition.
 
+Ratios: "mmcore x faster than <baseline>" (> 1: mmcore faster) against the naive
+composition (single adapter) or the boolean-indexing loop (multi-adapter).  F.linear without
+LoRA is a floor, not a competitor: mmcore rows say how far above it they run ("+N% time over
+the F.linear floor"); multi-adapter rows also give their time over the single-adapter time.
+Quick (CPU): M = 256, fwd and fwd+bwd, no kernel variants.
+
     mmcore bench --op lora_linear [--quick] [--device cuda]
 """
 from __future__ import annotations
@@ -14,9 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import harness
 import mmcore
-from harness import row, time_fn
+from mmcore.benchmarks import harness
+from mmcore.benchmarks.harness import row, time_fn
 
 OP = "lora_linear"
 SHAPES = [("bert-base 768x3072", 768, 3072), ("llama-7b 4096x4096", 4096, 4096),
@@ -83,8 +89,12 @@ def _gpu_single(rows, quick, device):
             "mmcore:auto": lambda: mmcore.lora_linear(x, w, b, a2, b2, sc),
         }
         for name, fn in impls.items():
-            rows.append(row(OP, case, name, shape, dtype, device, time_fn(fn, device), flops=fl,
-                            baseline_ms=base))
+            rows.append(harness.floor_note(row(OP, case, name, shape, dtype, device,
+                                               time_fn(fn, device), flops=fl),
+                                           "F.linear", base))
+        harness.compare(rows[-len(impls) - 1:], "mmcore:auto",
+                        against="naive (F.linear + 2 matmuls + add)",
+                        exclude=("F.linear (floor)",))
         # backward: the three gradients vs the base GEMM's dx (dy @ W)
         case = f"bwd {label} M={M} r={r}"
         t_dx = time_fn(lambda: dy @ w, device)
@@ -96,12 +106,13 @@ def _gpu_single(rows, quick, device):
             dx.addmm_(t, a2, alpha=sc)
             return dx, sc * t.t() @ x, sc * dy.t() @ (x @ a2.t())
         rows.append(row(OP, case, "naive (5 matmuls)", shape, dtype, device,
-                        time_fn(naive_bwd, device), baseline_ms=t_dx["median_ms"]))
-        rows.append(row(OP, case, "mmcore:triton", shape, dtype, device,
-                        time_fn(lambda: kern.lora_backward(dy, x, w, la, lb, s, None, True,
-                                                           True, True), device),
-                        flops=2 * M * N * K + 4 * M * r * (N + K),
-                        baseline_ms=t_dx["median_ms"]))
+                        time_fn(naive_bwd, device)))
+        rows.append(harness.floor_note(row(
+            OP, case, "mmcore:triton", shape, dtype, device,
+            time_fn(lambda: kern.lora_backward(dy, x, w, la, lb, s, None, True, True, True),
+                    device), flops=2 * M * N * K + 4 * M * r * (N + K)),
+            "base dx", t_dx["median_ms"]))
+        harness.compare(rows[-2:], "mmcore:triton")
         # fwd + bwd through autograd (x, A, B trainable; W frozen)
         if M >= 512:
             case = f"fwd+bwd {label} M={M} r={r}"
@@ -117,11 +128,14 @@ def _gpu_single(rows, quick, device):
                 mmcore.lora_linear(xg, w, b, ag, bg, sc, backend=be).backward(dy)
             t_l = time_fn(lin, device)
             rows.append(row(OP, case, "F.linear fwd+bwd(dx) (floor)", shape, dtype, device, t_l))
-            for name, fn in (("naive autograd", naive), ("mmcore:triton", ours),
-                             ("mmcore:composed", lambda: ours("composed")),
-                             ("mmcore:auto", lambda: ours("auto"))):
-                rows.append(row(OP, case, name, shape, dtype, device, time_fn(fn, device),
-                                baseline_ms=t_l["median_ms"]))
+            impls2 = (("naive autograd", naive), ("mmcore:triton", ours),
+                      ("mmcore:composed", lambda: ours("composed")),
+                      ("mmcore:auto", lambda: ours("auto")))
+            for name, fn in impls2:
+                rows.append(harness.floor_note(row(OP, case, name, shape, dtype, device,
+                                                   time_fn(fn, device)),
+                                               "F.linear", t_l["median_ms"]))
+            harness.compare(rows[-len(impls2):], "mmcore:auto")
         del x, w, b, la, lb, dy, wm
         torch.cuda.empty_cache()
 
@@ -159,58 +173,80 @@ def _gpu_multi(rows, quick, device):
                     sel = ids == a
                     y[sel] += (x[sel] @ la[a].t()) @ lb[a].t() * 2.0
                 return y
-            rows.append(row(OP, case, "loop over adapters (boolean indexing)", shape, dtype,
-                            device, time_fn(loop, device), baseline_ms=single))
-            rows.append(row(OP, case, "mmcore:triton", shape, dtype, device, t,
-                            baseline_ms=single))
+            case_rows = [row(OP, case, "loop over adapters (boolean indexing)", shape, dtype,
+                             device, time_fn(loop, device)),
+                         row(OP, case, "mmcore:triton", shape, dtype, device, t)]
             for be in ("composed", "auto"):
-                rows.append(row(OP, case, f"mmcore:{be}", shape, dtype, device,
-                                time_fn(lambda be=be: mmcore.lora_linear(
-                                    x, w, b, la, lb, s, adapter_ids=ids, backend=be), device),
-                                baseline_ms=single))
+                case_rows.append(row(OP, case, f"mmcore:{be}", shape, dtype, device,
+                                     time_fn(lambda be=be: mmcore.lora_linear(
+                                         x, w, b, la, lb, s, adapter_ids=ids, backend=be),
+                                         device)))
+            for r_ in case_rows:
+                if r_.get("median_ms") and single:
+                    r_["note"] = f"{r_['median_ms'] / single:.2f}x the single-adapter time"
+            rows += harness.compare(case_rows, "mmcore:triton")
 
 
-def _cpu(rows, quick, device):
+def _cpu(rows, quick, device, sizes=None):
+    """sizes: (K, N, Ms) instead of the BERT FFN 768 x 3072 (smoke)."""
     dtype = torch.float32
-    M, K, N, r = 2048, 768, 3072, 16
+    K, N, Ms = sizes or (768, 3072, (256,) if quick else (16, 256, 2048))
+    r = 16
     rep, warm = (3, 1) if quick else (10, 2)
-    for M in ((2048,) if quick else (16, 256, 2048)):
+    naive_name = "naive (F.linear + 2 matmuls + add)"
+    for M in Ms:
+        if harness.out_of_time():  # --budget spent
+            rows.append(harness.skipped(OP, f"cpu {K}x{N} M={M} r={r}", {}, dtype, device))
+            continue
         x, w, b, la, lb, s, dy = _operands(M, K, N, r, 1, dtype, "cpu")
         a2, b2 = la[0], lb[0]
         shape = {"M": M, "K": K, "N": N, "r": r, "threads": torch.get_num_threads()}
-        case = f"fwd cpu 768x3072 M={M} r={r}"
+        case = f"fwd cpu {K}x{N} M={M} r={r}"
         t_lin = time_fn(lambda: F.linear(x, w, b), "cpu", warmup=warm, rep=rep)
-        rows.append(row(OP, case, "F.linear (floor)", shape, dtype, device, t_lin,
-                        flops=2 * M * N * K))
+        case_rows = [row(OP, case, "F.linear (floor)", shape, dtype, device, t_lin,
+                         flops=2 * M * N * K)]
         base = t_lin["median_ms"]
-        impls = {"naive (F.linear + 2 matmuls + add)":
-                 lambda: F.linear(x, w, b) + (x @ a2.t()) @ (b2.t() * 2.0),
+        impls = {naive_name: lambda: F.linear(x, w, b) + (x @ a2.t()) @ (b2.t() * 2.0),
                  "mmcore:cpu": lambda: mmcore.lora_linear(x, w, b, a2, b2, 2.0, backend="cpu"),
                  "mmcore:composed": lambda: mmcore.lora_linear(x, w, b, a2, b2, 2.0,
                                                                backend="composed")}
         from mmcore.ops.backends import _loaders
-        if _loaders.ext_error() is None:  # loads mmcore._C: its ops appear in torch.ops
+        if _loaders.ext_error() is None and not quick:  # its ops appear in torch.ops
             for v, name in ((0, "two-pass"), (1, "aug-K"), (2, "merged")):
                 impls[f"mmcore:cpu variant {name}"] = (
                     lambda v=v: torch.ops.mmcore_C.lora_linear_fwd_variant(x, w, b, la, lb, s, v))
         for name, fn in impls.items():
-            rows.append(row(OP, case, name, shape, dtype, device,
-                            time_fn(fn, "cpu", warmup=warm, rep=rep),
-                            flops=_flops(M, K, N, r), baseline_ms=base))
-        if M == 2048:
-            case = f"fwd+bwd cpu 768x3072 M={M} r={r}"
+            r_ = row(OP, case, name, shape, dtype, device,
+                     time_fn(fn, "cpu", warmup=warm, rep=rep), flops=_flops(M, K, N, r))
+            case_rows.append(harness.floor_note(r_, "F.linear", base)
+                             if name.startswith("mmcore") else r_)
+        rows += harness.compare(case_rows, "mmcore:cpu", against=naive_name,
+                                exclude=("F.linear (floor)",))
+        if M == Ms[-1]:
+            case = f"fwd+bwd cpu {K}x{N} M={M} r={r}"
             xg, ag, bg = (t.detach().clone().requires_grad_(True) for t in (x, a2, b2))
             t_l = time_fn(lambda: F.linear(xg, w, b).backward(dy), "cpu", warmup=1, rep=rep)
-            rows.append(row(OP, case, "F.linear fwd+bwd(dx) (floor)", shape, dtype, device, t_l))
+            floor = "F.linear fwd+bwd(dx) (floor)"
+            case_rows = [row(OP, case, floor, shape, dtype, device, t_l)]
             for name, fn in (
                     ("naive autograd",
                      lambda: (F.linear(xg, w, b) + (xg @ ag.t()) @ bg.t() * 2.0).backward(dy)),
                     ("mmcore:cpu",
                      lambda: mmcore.lora_linear(xg, w, b, ag, bg, 2.0,
                                                 backend="cpu").backward(dy))):
-                rows.append(row(OP, case, name, shape, dtype, device,
-                                time_fn(fn, "cpu", warmup=1, rep=rep),
-                                baseline_ms=t_l["median_ms"]))
+                r_ = row(OP, case, name, shape, dtype, device,
+                         time_fn(fn, "cpu", warmup=1, rep=rep))
+                case_rows.append(harness.floor_note(r_, "F.linear fwd+bwd", t_l["median_ms"])
+                                 if name.startswith("mmcore") else r_)
+            rows += harness.compare(case_rows, "mmcore:cpu", exclude=(floor,))
+
+
+def smoke(device: str) -> list:
+    """Tiny CPU cases (64 x 128, M = 32 / 64): the runner's self-test in CI, not a
+    measurement."""
+    rows: list = []
+    _cpu(rows, True, "cpu", sizes=(64, 128, (32, 64)))
+    return rows
 
 
 def run(quick: bool, device: str) -> list:

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-import harness
+from mmcore.benchmarks import harness
 
 OP = "patch"
 CPU_BUDGET = int(os.environ.get("MMCORE_BENCH_CPU_BYTES", 3 << 30))
@@ -51,12 +51,12 @@ def _models(quick):
     mistral = ("mistral-tiny-sw256", lambda: T.MistralForCausalLM(T.MistralConfig(
         sliding_window=256, **dec)), "decoder")
     llama = ("llama-tiny", lambda: T.LlamaForCausalLM(T.LlamaConfig(**dec)), "decoder")
-    if quick:  # tiny models, few lengths: well under a minute on a small CPU
+    if quick:  # tiny models, two lengths, HF's sdpa path only, no peak memory: seconds
         bert_tiny = ("bert-tiny", lambda: T.BertModel(T.BertConfig(
             vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=256, attention_probs_dropout_prob=0.0,
             hidden_dropout_prob=0.0)), "encoder")
-        return [(bert_tiny, [256, 1024], [256])]
+        return [(bert_tiny, [256, 1024], [])]  # training steps: `--op train`
     return [(bert_mini, [512, 2048, 8192, 16384], [512, 2048]),
             (bert_base, [512, 4096, 16384], [512]),
             (modern, [1024, 4096], [1024]),
@@ -112,9 +112,12 @@ def _bench(rows, name, kind, base_model, S, B, train, device, dtype, quick):
         (f" LongContext w={w} G={G}" if long_ctx else "")
     shape = {"B": B, "S": S, "layers": base_model.config.num_hidden_layers,
              "hidden": base_model.config.hidden_size}
+    if harness.out_of_time():  # --budget spent
+        rows.append(harness.skipped(OP, case, shape, dtype, device))
+        return rows
     kw = _inputs(base_model, kind, B, S, device)
     results = {}
-    for impl in ("mmcore", "hf-sdpa", "hf-eager"):
+    for impl in ("mmcore", "hf-sdpa") if quick else ("mmcore", "hf-sdpa", "hf-eager"):
         m = copy.deepcopy(base_model)
         note = None
         args = dict(kw)
@@ -144,7 +147,7 @@ def _bench(rows, name, kind, base_model, S, B, train, device, dtype, quick):
             fn = _step_fns(m, args, train)
             try:
                 t = harness.time_fn(fn, device, warmup=1, rep=2 if quick else 5)
-                peak = harness.peak_memory(fn, device)
+                peak = None if quick else harness.peak_memory(fn, device)
             except torch.OutOfMemoryError as e:  # CUDA: the dense path does not fit
                 t, peak, note = None, None, f"out of memory: {str(e).splitlines()[0][:120]}"
             results[impl] = t
@@ -155,12 +158,8 @@ def _bench(rows, name, kind, base_model, S, B, train, device, dtype, quick):
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    # ratio vs HF sdpa (the default HF path), when both ran
-    sd = results.get("hf-sdpa")
-    for r in rows[-3:]:
-        if sd and r.get("median_ms") and r["impl"] != "hf-sdpa":
-            r["speedup_vs_baseline"] = sd["median_ms"] / r["median_ms"]
-            r["baseline"] = "hf-sdpa"
+    # mmcore's row against HF sdpa (the default HF path); each HF row: mmcore vs it
+    harness.compare([r for r in rows if r["case"] == case], "mmcore", against="hf-sdpa")
     return rows
 
 
@@ -209,10 +208,7 @@ def _bench_generate(rows, device, dtype, quick):
                                      f"{full / 2**20:.2f} MiB"))
     same = torch.equal(seqs["mmcore"], seqs["hf-sdpa"])
     rows[-2]["note"] += f"; tokens identical to hf-sdpa: {same}"
-    sd = rows[-1].get("median_ms")
-    if sd and rows[-2].get("median_ms"):
-        rows[-2]["speedup_vs_baseline"] = sd / rows[-2]["median_ms"]
-        rows[-2]["baseline"] = "hf-sdpa"
+    harness.compare(rows[-2:], "mmcore", against="hf-sdpa")
 
 
 def run(quick: bool, device: str) -> list:

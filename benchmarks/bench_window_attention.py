@@ -21,7 +21,7 @@ CPU (fp32, B=1, H=12): mmcore `cpu` (`torch` when the extension is not built) ag
 Sweeps: fwd bidir ±256 D=64 over N 1k..32k; windows ±128/±1024/±4096 at N=8k; D=128 at 8k;
 causal (4096, 0) and (256, 0) at 8k; fwd+bwd (autograd; mmcore, chunked, dense at 4k) at
 N=4k, 16k; longformer-layer ±256 with G=0 and G=64 at N=4k, 16k.  Quick: fwd bidir ±256
-D=64 at N=1k, 4k (mmcore cpu/torch, dense, chunked).  Every baseline's output (fwd+bwd: its
+D=64 at N=512, 1k, 2k (mmcore cpu, dense, chunked; no peak memory).  Every baseline's output (fwd+bwd: its
 gradients) is checked against mmcore's once per case, at the warm-up call, and a mismatch
 raises (no row for a wrong comparison).  Peak memory: growth of peak RSS during one call.
 `python benchmarks/report.py rows.jsonl --plot t_vs_n.png` draws time vs N (log-log).
@@ -30,8 +30,9 @@ Useful FLOPs only: fwd 4·B·H·pairs·D with `pairs` the exact number of allowe
 pairs (counted per row in closed form, see `allowed_pairs`); fwd+bwd = 3.5x fwd; the
 longformer-layer rows add the projections, 2·N·E² each (3 regular, and with G > 0 key/value
 _global over N rows and query_global over G rows), E = H·D.
-Every row of a case carries the ratio baseline_ms / ours_ms against mmcore's time
-(`speedup_vs_baseline` on the baseline rows is ours-relative: > 1 means mmcore is faster).
+Ratios (harness.compare): each baseline row carries "mmcore x faster than this row"
+(its time / mmcore's), mmcore's row the ratio against the fastest baseline; > 1 means mmcore
+is faster.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-import harness
 import mmcore
+from mmcore.benchmarks import harness
 from mmcore.ops import registry
 
 OP = "window_attention"
@@ -134,11 +135,11 @@ def _mk(B, H, N, D, dtype, device, grad):
     return ts
 
 
-def _measure(fn, device, big=False):
+def _measure(fn, device, big=False, quick=False):
     if str(device).startswith("cuda"):
         return harness.time_fn(fn, device)
-    # CPU: _case_rows has made one warm-up call already; big cases take no second one
-    return harness.time_fn(fn, device, warmup=0 if big else 1, rep=3)
+    # CPU: _case_rows has made one warm-up call already; big and quick cases take no second
+    return harness.time_fn(fn, device, warmup=0 if big or quick else 1, rep=3)
 
 
 class _Mismatch(AssertionError):
@@ -164,11 +165,13 @@ def _check_close(name, out, ref, tol=1e-3):
                     f"shapes equal {same}, max abs err {err:.3g} (tol {tol:g})")
 
 
-def _case_rows(label, shape, dtype, device, impls, flops, ours="mmcore:triton", check=False):
+def _case_rows(label, shape, dtype, device, impls, flops, ours="mmcore:triton", check=False,
+               quick=False):
     """Run each (name, fn_or_note) and make rows; ratios against `ours`.
 
     check: compare each baseline's warm-up output with ours' (`ours` must come first in
-    `impls`) and raise _Mismatch if they differ."""
+    `impls`) and raise _Mismatch if they differ.  quick: no second warm-up, no peak-memory
+    call (`mmcore bench --quick` must finish in a minute on 2 cores)."""
     res = {}
     ref = None
     for name, fn in impls:
@@ -182,8 +185,8 @@ def _case_rows(label, shape, dtype, device, impls, flops, ours="mmcore:triton", 
             elif check and ref is not None:
                 _check_close(f"{label}: {name}", out, ref)
             del out
-            t = _measure(fn, device, big=shape["N"] >= 8192)
-            peak = harness.peak_memory(fn, device)
+            t = _measure(fn, device, big=shape["N"] >= 8192, quick=quick)
+            peak = None if quick else harness.peak_memory(fn, device)
             res[name] = (t, peak, None)
         except _Mismatch:
             raise
@@ -192,28 +195,9 @@ def _case_rows(label, shape, dtype, device, impls, flops, ours="mmcore:triton", 
             res[name] = (None, None, "OOM")
         except Exception as e:  # a baseline that cannot run this case is a row, not a crash
             res[name] = (None, None, f"failed: {type(e).__name__}: {str(e)[:120]}")
-    ours_ms = res.get(ours, (None,))[0]
-    ours_ms = ours_ms["median_ms"] if ours_ms else None
-    rows = []
-    for name, (t, peak, note) in res.items():
-        base = None
-        if t is not None and ours_ms and name != ours:
-            # ratio on the baseline row: its time / ours (> 1: mmcore faster)
-            base = ours_ms
-        r = harness.row(OP, label, name, shape, dtype, device, t, flops=flops, peak=peak,
-                        baseline_ms=None, note=note)
-        if base is not None:
-            r["speedup_vs_baseline"] = t["median_ms"] / base
-            r["note"] = "time / mmcore's time"
-        rows.append(r)
-    # ours: ratio against the fastest baseline that ran
-    done = [(res[n][0]["median_ms"], n) for n in res if n != ours and res[n][0] is not None]
-    for r in rows:
-        if r["impl"] == ours and done and ours_ms:
-            best_ms, best = min(done)
-            r["speedup_vs_baseline"] = best_ms / ours_ms
-            r["note"] = f"vs fastest baseline {best}"
-    return rows
+    rows = [harness.row(OP, label, name, shape, dtype, device, t, flops=flops, peak=peak,
+                        note=note) for name, (t, peak, note) in res.items()]
+    return harness.compare(rows, ours)
 
 
 def gpu_grid(quick, sweep=False):
@@ -357,7 +341,7 @@ def _longformer_layer(H, D, w, G, N, backend):
 def _cpu_cases(quick):
     """(mode, left, right, causal, G, D, N) of each CPU case; mode fwd | fwd+bwd | layer."""
     if quick:
-        return [("fwd", 256, 256, False, 0, 64, N) for N in (1024, 4096)]
+        return [("fwd", 256, 256, False, 0, 64, N) for N in (512, 1024, 2048)]
     cs = [("fwd", 256, 256, False, 0, 64, 1024 << i) for i in range(6)]  # N 1k..32k
     cs += [("fwd", w, w, False, 0, 64, 8192) for w in (128, 1024, 4096)]  # ±256: above
     cs += [("fwd", 256, 256, False, 0, 128, 8192)]
@@ -383,6 +367,10 @@ def _cpu(quick, device, cases=None):
         flops = 4 * B * H * pairs * D * (3.5 if grad else 1.0)
         cname = (f"causal w=({left},0)" if causal else
                  f"bidir w=±{left}" if left == right else f"bidir w=({left},{right})")
+        if harness.out_of_time():  # --budget spent: the rest are "skipped" rows
+            rows.append(harness.skipped(OP, f"{mode} {cname} D={D} N={N}", shape, dtype,
+                                        device))
+            continue
         if mode == "layer":  # HF's module vs the same module patched: both project q/k/v
             ours_fn, hf_fn, proj = _longformer_layer(H, D, left, G, N, backend)
             hf_ok = left == right and N % (2 * left) == 0
@@ -401,7 +389,7 @@ def _cpu(quick, device, cases=None):
         impls = [(ours, run(lambda q, k, v: mmcore.window_attention(
             q, k, v, window=(left, right), causal=causal, global_tokens=G, backend=backend)))]
         ref_sweep = mode == "fwd" and N <= 8192 and (left, right, D) == (256, 256, 64)
-        if ours != "mmcore:torch" and (quick or ref_sweep):
+        if ours != "mmcore:torch" and ref_sweep and not quick:
             impls.append(("mmcore:torch", run(lambda q, k, v: mmcore.window_attention(
                 q, k, v, window=(left, right), causal=causal, global_tokens=G,
                 backend="torch"))))
@@ -421,9 +409,15 @@ def _cpu(quick, device, cases=None):
                 impls.append(("flex-attention",
                               f"unavailable: {type(e).__name__}: {str(e)[:120]}"))
         rows += _case_rows(f"{mode} {cname} D={D} N={N}", shape, dtype, device, impls, flops,
-                           ours=ours, check=True)
+                           ours=ours, check=True, quick=quick)
         del q, k, v, do, impls
     return rows
+
+
+def smoke(device: str) -> list:
+    """Two tiny CPU cases (fwd ±64, D=32, N=256 / 512): the runner's self-test in CI (about
+    a second), not a measurement."""
+    return _cpu(True, "cpu", cases=[("fwd", 64, 64, False, 0, 32, N) for N in (256, 512)])
 
 
 def run(quick: bool, device: str) -> list:

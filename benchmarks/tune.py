@@ -20,8 +20,8 @@ import time
 
 import torch
 
-import harness
 import mmcore
+from mmcore.benchmarks import harness
 from mmcore.ops import registry, tables
 
 WIN = importlib.import_module("mmcore.ops.window_attention")

@@ -28,13 +28,31 @@ def _map_kernels():
 
 _map_kernels()
 
+
+def _map_benchmarks():
+    """setup.py installs benchmarks/ as mmcore.benchmarks; in a source tree map the tree's
+    own benchmarks/ the same way (its __init__ is a docstring: nothing runs until a
+    benchmark module is imported)."""
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    path = _os.path.join(root, "benchmarks", "__init__.py")
+    if not (_os.path.exists(path) and _os.path.exists(_os.path.join(root, "setup.py"))):
+        return
+    spec = _ilu.spec_from_file_location("mmcore.benchmarks", path,
+                                        submodule_search_locations=[_os.path.dirname(path)])
+    mod = _ilu.module_from_spec(spec)
+    _sys.modules["mmcore.benchmarks"] = mod
+    spec.loader.exec_module(mod)
+
+
+_map_benchmarks()
+
 from .ops import cross_attention, lora_linear, window_attention  # noqa: E402
 from .nn.kv_cache import RollingKVCache  # noqa: E402
 from . import patch  # noqa: E402  (the package, callable: mmcore.patch(model), mmcore.patch.hf_interface)
 from .patch import LongContext, unpatch  # noqa: E402
 
 __all__ = ["window_attention", "cross_attention", "lora_linear", "RollingKVCache", "patch",
-           "unpatch", "LongContext", "read", "__version__"]
+           "unpatch", "LongContext", "read", "load_run", "__version__"]
 
 
 def __getattr__(name):  # lazy: `mmcore.read(...)` without importing the model layer up front
@@ -42,4 +60,8 @@ def __getattr__(name):  # lazy: `mmcore.read(...)` without importing the model l
         from .reading import read
 
         return read
+    if name == "load_run":
+        from .inference import load_run
+
+        return load_run
     raise AttributeError(f"module 'mmcore' has no attribute {name!r}")

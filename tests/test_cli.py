@@ -31,8 +31,8 @@ def test_info_explains_a_refused_backend():
 
 
 def test_bench_quick_writes_rows(tmp_path):
-    out = tmp_path / "rows.jsonl"
-    r = _mmcore("bench", "--op", "lora_linear", "--quick", "--device", "cpu", "--out", str(out))
+    out = tmp_path / "rows.jsonl"  # --smoke: the tiny case list of --quick's runner (CI time)
+    r = _mmcore("bench", "--op", "lora_linear", "--smoke", "--device", "cpu", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "| op |" in r.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -152,3 +152,118 @@ def test_long_context_8k_tokens_memory():
     assert hfi.STATS.op_calls == 2 and hfi.STATS.fallback_calls == 0
     dense_scores = 1 * H * S * S * 4  # fp32 scores of one layer, unpatched eager/sdpa-math
     assert peak < dense_scores / 8, (peak, dense_scores)
+
+
+# --- what a first-time user hits (issue 23) -----------------------------------------------
+
+def _tiny_bert(max_pos=64):
+    import transformers as T
+    cfg = T.BertConfig(vocab_size=K.V, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=37,
+                       max_position_embeddings=max_pos)
+    torch.manual_seed(0)
+    return T.BertModel(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_long_context_refuses_input_past_max_length(family):
+    """Input longer than max_length: a ValueError naming both lengths (it was HF's
+    'The expanded size of the tensor (N) must match the existing size (M)' RuntimeError)."""
+    m, _ = K.load(family)
+    mmcore.patch(m, long_context=mmcore.LongContext(window=8, max_length=200))
+    ids = torch.randint(3, K.V, (1, 201))
+    with pytest.raises(ValueError, match=r"201 tokens .*max_length=200"):
+        m(input_ids=ids)
+    with pytest.raises(ValueError, match=r"201 tokens .*max_length=200"):
+        m(inputs_embeds=torch.randn(1, 201, m.config.hidden_size))
+    assert m(input_ids=ids[:, :200]).last_hidden_state.shape[1] == 200
+    mmcore.unpatch(m)  # the guard goes with the patch
+    assert not m.embeddings._forward_pre_hooks
+
+
+def test_long_context_max_length_below_trained_length_is_enforced():
+    """A max_length shorter than the trained table extends nothing but is still the limit."""
+    m = _tiny_bert(max_pos=64)
+    rep = mmcore.patch(m, long_context=mmcore.LongContext(window=4, max_length=40))
+    assert m.embeddings.position_embeddings.num_embeddings == 64
+    assert any("max_length=40" in n and "fit_tokenizer" in n for n in rep.notes)
+    m(input_ids=torch.randint(3, K.V, (1, 40)))
+    with pytest.raises(ValueError, match=r"41 tokens .*max_length=40"):
+        m(input_ids=torch.randint(3, K.V, (1, 41)))
+    mmcore.unpatch(m)
+    m(input_ids=torch.randint(3, K.V, (1, 41)))
+
+
+def test_long_context_fit_tokenizer(recwarn):
+    """fit_tokenizer sets model_max_length: no 'longer than the specified maximum' warning,
+    and truncation=True cuts at max_length instead of at 512."""
+    import logging
+
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    assert tok.model_max_length == 512
+    lc = mmcore.LongContext(window=16, max_length=2048)
+    assert lc.fit_tokenizer(tok) is tok and tok.model_max_length == 2048
+    text = "word " * 3000
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    logger.addHandler(handler)
+    try:
+        n = len(tok(text)["input_ids"])
+    finally:
+        logger.removeHandler(handler)
+    assert n > 2048
+    assert not any("longer than the specified maximum" in r.getMessage() for r in records)
+    assert len(tok(text, truncation=True)["input_ids"]) == 2048
+    with pytest.raises(TypeError, match="fit_tokenizer"):
+        lc.fit_tokenizer(object())
+
+
+def test_report_and_stats_repr():
+    """print(report.runtime) / repr(report) are readable, not '<... object at 0x...>'."""
+    from mmcore.nn.call_stats import CallStats
+    m = _tiny_bert()
+    rep = mmcore.patch(m)
+    m(input_ids=torch.randint(3, K.V, (1, 10)))
+    s = repr(rep.runtime)
+    assert s == "CallStats(op_calls=2, fallback_calls=0, fallback_reasons={})", s
+    assert str(rep.runtime) == s
+    st = CallStats()
+    st.fallback("attention dropout")
+    assert "fallback_calls=1" in repr(st) and "'attention dropout': 1" in repr(st)
+    r = repr(rep)
+    assert "object at 0x" not in r and r.startswith("<PatchReport: 2 replaced, 0 left")
+    assert "2 op calls, 0 dense" in r
+    assert "2 attention calls on the mmcore op" in str(rep)
+
+
+def test_patch_docstring_matches_longformer_handling():
+    """mmcore.patch's docstring once said Longformer was 'left and reported'; it is patched."""
+    import transformers as T
+    doc = mmcore.patch.__doc__
+    assert "Longformer's own attention) are left" not in doc
+    assert "Longformer" in doc and "mapped by" in doc
+    cfg = T.LongformerConfig(vocab_size=K.V, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=4, intermediate_size=37, attention_window=8,
+                             max_position_embeddings=80, pad_token_id=1)
+    rep = mmcore.patch(T.LongformerModel(cfg).eval())
+    assert any("longformer" in what for _, what in rep.replaced) and not rep.left
+
+
+def test_window_changes_the_model_at_trained_length():
+    """What the docs say: LongContext(window=w) differs from the unpatched model even within
+    the trained length, and equals it when the window covers the input."""
+    base = _tiny_bert(max_pos=64)
+    ids = torch.randint(3, K.V, (1, 60))
+    with torch.no_grad():
+        ref = base(input_ids=ids).last_hidden_state
+        narrow = copy.deepcopy(base)
+        mmcore.patch(narrow, long_context=mmcore.LongContext(window=4, max_length=64))
+        wide = copy.deepcopy(base)
+        mmcore.patch(wide, long_context=mmcore.LongContext(window=60, max_length=64))
+        d_narrow = (narrow(input_ids=ids).last_hidden_state - ref).abs().max().item()
+        d_wide = (wide(input_ids=ids).last_hidden_state - ref).abs().max().item()
+    assert d_narrow > 1e-2, d_narrow
+    assert d_wide < 1e-4, d_wide

@@ -224,3 +224,32 @@ def mean_pool(hidden, lengths=None):
 
 
 __all__ = ["TextConfig", "TextEncoder", "mean_pool"]
+
+
+_HF_NAMES = [(re.compile(p), r) for p, r in [
+    (r"^word\.", "embeddings.word_embeddings."),
+    (r"^pos\.", "embeddings.position_embeddings."),
+    (r"^ttype\.", "embeddings.token_type_embeddings."),
+    (r"^ln\.", "embeddings.LayerNorm."),
+    (r"^layers\.(\d+)\.attn\.([qkv])\.",
+     lambda m: f"encoder.layer.{m[1]}.attention.self."
+               f"{ {'q': 'query', 'k': 'key', 'v': 'value'}[m[2]]}."),
+    (r"^layers\.(\d+)\.attn\.o\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"^layers\.(\d+)\.ln1\.", r"encoder.layer.\1.attention.output.LayerNorm."),
+    (r"^layers\.(\d+)\.ff1\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"^layers\.(\d+)\.ff2\.", r"encoder.layer.\1.output.dense."),
+    (r"^layers\.(\d+)\.ln2\.", r"encoder.layer.\1.output.LayerNorm."),
+    (r"^pooler\.", "pooler.dense."),
+]]
+
+
+def hf_name(k: str) -> str:
+    """TextEncoder parameter / module name -> the Hugging Face BertModel / RobertaModel name
+    (the inverse of _map_key): ``layers.3.attn.q.lora_A.default.weight`` ->
+    ``encoder.layer.3.attention.self.query.lora_A.default.weight``; a module path works too
+    (``layers.3.attn.q`` -> ``encoder.layer.3.attention.self.query``)."""
+    for pat, rep in _HF_NAMES:
+        new, n = pat.subn(rep, k + ".")
+        if n:
+            return new[:-1]
+    raise ValueError(f"{k!r} is not a TextEncoder parameter or module name")

@@ -3,7 +3,11 @@ the library's own (or a dense) path, with the reasons."""
 
 
 class CallStats:
-    """op_calls, fallback_calls, fallback_reasons {reason: count}."""
+    """op_calls, fallback_calls, fallback_reasons {reason: count}.
+
+    ``repr`` / ``print`` show the three counters, e.g.
+    ``CallStats(op_calls=12, fallback_calls=1, fallback_reasons={'attention dropout': 1})``.
+    """
 
     def __init__(self):
         self.reset()
@@ -20,3 +24,7 @@ class CallStats:
     def as_dict(self):
         return {"op_calls": self.op_calls, "fallback_calls": self.fallback_calls,
                 "fallback_reasons": dict(self.fallback_reasons)}
+
+    def __repr__(self):
+        return (f"CallStats(op_calls={self.op_calls}, fallback_calls={self.fallback_calls}, "
+                f"fallback_reasons={self.fallback_reasons!r})")

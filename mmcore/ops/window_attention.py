@@ -47,9 +47,9 @@ def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seq
     Alignment, Sq=3, Sk=6, window=(1, 0) (x = allowed)::
 
         keys   0 1 2 3 4 5
-        q0     . . . x x .      p = 3
-        q1     . . . . x x      p = 4
-        q2     . . . . . x x    p = 5  (only j <= 5 exist)
+        q0     . . x x . .      p = 3: keys 2, 3
+        q1     . . . x x .      p = 4: keys 3, 4
+        q2     . . . . x x      p = 5: keys 4, 5
 
     A row that sees no key returns 0 with lse -inf and zero gradients, never NaN.  A NaN / Inf
     input reaches exactly the rows that see it (IEEE rules within a row; masked keys and

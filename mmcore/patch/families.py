@@ -120,14 +120,17 @@ def patch(model, *, attention=True, lora=True, long_context=None, backend="auto"
     attention: switch every attention module that dispatches through HF's AttentionInterface
         (BERT/RoBERTa/XLM-R, ModernBERT, CLIP/SigLIP towers, Mistral/Qwen2/Llama, Gemma3, and
         any other such model) to the ``"mmcore"`` implementation; weights and the module tree
-        are untouched.  Modules that cannot be served exactly (softcapping,
-        output_attentions=True, Longformer's own attention) are left and reported.
+        are untouched.  Longformer's own self-attention (no AttentionInterface) is mapped by
+        mmcore itself (window + global prefix).  Modules that cannot be served exactly
+        (attention logit softcapping, config.output_attentions=True, attention modules that do
+        not use the interface) are left and reported.
     lora: peft ``lora.Linear`` layers keep their class's whole API and run their forward on
         ``mmcore.ops.lora_linear`` (``mmcore.nn.convert_peft_model``); ``lora_route`` is kept
         for compatibility: "auto", "wrap" and "convert" all take this route.
     long_context: a :class:`LongContext` for absolute-position encoders (BERT family):
-        window (w, w) + G global tokens in every self-attention layer and a position table
-        extended to ``max_length`` tokens.
+        window (w, w) + G global tokens in every self-attention layer, a position table
+        extended to ``max_length`` tokens, and longer inputs refused.  The tokenizer is yours
+        to set: ``long_context.fit_tokenizer(tokenizer)``.
     backend: mmcore backend for the attention ops ("auto" picks the fastest).
     Returns a :class:`PatchReport`.  :func:`unpatch` restores the original model.
     """
@@ -234,11 +237,14 @@ def _apply_long_context(model, name, mod, lc, report, state):
         return False
     if all(e is not emb for e, _ in ((u["emb"], u) for u in state["embeddings"])):
         undo = extend_embeddings(emb, cfg, lc.max_length)
-        if undo is not None:
-            state["embeddings"].append(undo)
+        state["embeddings"].append(undo)
+        if undo["extended"]:
             report.notes.append(f"{emb_name}.position_embeddings extended to "
                                 f"{emb.position_embeddings.num_embeddings} rows by repeating "
                                 "the trained table")
+        report.notes.append(f"{emb_name}: inputs longer than max_length={lc.max_length} tokens "
+                            "are refused; set the tokenizer's length with "
+                            "long_context.fit_tokenizer(tokenizer)")
     mod._mmcore_attention = hfi.AttentionOverride(tuple(lc.window), lc.global_tokens)
     return True
 

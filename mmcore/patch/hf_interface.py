@@ -23,7 +23,7 @@ ops (compaction always), and what eager code would check with a Python branch is
 ``torch._assert_async`` (a holey mask in a sliding-window layer raises instead of computing a
 wrong answer; packed sequences and unknown patterns take HF's dense mask).
 
-HF window conventions, mapped exactly (DESIGN.md): causal ``sliding_window=w`` (``kv > q - w``)
+HF window conventions, mapped exactly (docs/design.md): causal ``sliding_window=w`` (``kv > q - w``)
 -> ``window=(w - 1, 0), causal=True``; bidirectional ``|q - kv| <= w`` -> ``window=(w, w)``.
 Padded query rows (pad tokens) return 0 in causal / windowed layers, as with flash-attention;
 HF eager returns an unspecified average for them.

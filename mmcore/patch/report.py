@@ -11,9 +11,11 @@ class PatchReport:
     replaced: ``(module name, what it became)``, one per swapped module.
     left: ``(module name, reason)``, one per module left on its original implementation.
     notes: model-wide remarks (runtime fallbacks that may happen, long-context changes).
-    runtime: counters of the patched attention modules' calls since the patch (eager calls;
-        a torch.compile'd graph counts nothing): ``op_calls``, ``fallback_calls`` (the dense
-        torch path) and ``fallback_reasons``; shown by ``str(report)``.
+    runtime: a :class:`mmcore.nn.call_stats.CallStats`, the counters of the patched attention
+        modules' calls since the patch (eager calls; a torch.compile'd graph counts nothing):
+        ``op_calls``, ``fallback_calls`` (the dense torch path) and ``fallback_reasons``.
+
+    ``print(report)`` lists every module and the runtime counters; ``repr(report)`` is one line.
     """
     replaced: list = dataclasses.field(default_factory=list)
     left: list = dataclasses.field(default_factory=list)
@@ -42,6 +44,14 @@ class PatchReport:
 
     def __bool__(self):
         return bool(self.replaced)
+
+    def __repr__(self):
+        """One line: the counts, not every module (``print(report)`` lists them)."""
+        rt = self.runtime
+        calls = "" if rt is None else (f", runtime: {rt.op_calls} op calls, "
+                                       f"{rt.fallback_calls} dense")
+        return (f"<PatchReport: {len(self.replaced)} replaced, {len(self.left)} left, "
+                f"{len(self.notes)} notes{calls}>")
 
     def __str__(self):
         lines = [f"mmcore.patch: {len(self.replaced)} replaced, {len(self.left)} left"]

@@ -12,7 +12,7 @@ _CHECKED: set = set()
 
 def supported() -> dict:
     """{library: specifier string} from mmcore's installed metadata (extra "hf"), e.g.
-    {"transformers": ">=5.17,<5.25", "peft": ">=0.18,<0.22"}; {} when unknown."""
+    {"transformers": ">=5.17,<5.26", "peft": ">=0.18,<0.23"}; {} when unknown."""
     try:
         from packaging.requirements import Requirement
         reqs = importlib.metadata.requires("mmcore") or []

@@ -5,6 +5,7 @@ the seed objectives, safetensors checkpoints that resume exactly, torchrun DDP a
     res = train(TrainConfig(train_file="train.jsonl", val_file="val.jsonl", test_file="test.jsonl",
                             mode="lora", target_modules=["q", "v"], lora_bias="lora_only",
                             window=128, out_dir="runs/lora"))
+    clf = mmcore.load_run("runs/lora")        # the run dir is the model (run_dir.py)
 
 Building blocks (each usable alone):
     Trainer                  the loop (trainer.py)

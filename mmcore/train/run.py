@@ -7,7 +7,8 @@ report.  What `mmcore train` calls; usable from Python:
     res["test"]["accuracy"], res["report"]         # classification report + confusion matrix
 
 Files written to out_dir: metrics.jsonl, curves.png, report.json (+ report.txt), results.json,
-checkpoints/ (see checkpoint.py).
+checkpoints/ (see checkpoint.py), and the trained model: run.json, adapter/ or
+encoder.safetensors, head.safetensors, tokenizer files (see run_dir.py; `mmcore.load_run`).
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def train(cfg: TrainConfig, records: Optional[dict] = None, *, resume: Optional[
         trainable = trainable_report(model, as_dict=True)
         say(trainable_report(model))
         ac = _adapter_config(model, cfg) if cfg.mode == "lora" else None
+        saving = _run_dir_parts(model, cfg)
         if d.main:
             os.makedirs(cfg.out_dir, exist_ok=True)
         trainer = Trainer(model, task, cfg, data["train"], data.get("validation"), dist=d,
@@ -113,13 +115,43 @@ def train(cfg: TrainConfig, records: Optional[dict] = None, *, resume: Optional[
             res["report"] = task.report(g)
             res["report_text"] = task.format_report(res["report"]) if res["report"] else ""
             trainer._log_row({"step": state["step"], "split": "test", **res["test"]})
+        state_sd = _trained_state(trainer)  # collective: every rank takes part
         res["seconds"] = time.perf_counter() - t0
         if d.main:
             _write_outputs(cfg, res)
+            from .run_dir import save_run
+
+            save_run(cfg.out_dir, cfg, task, state_sd, test=res["test"], **saving)
         return res
     finally:
         if dist is None:
             D.teardown(d)
+
+
+def _run_dir_parts(model, cfg) -> dict:
+    """What save_run needs from the plain (unwrapped) model: the text encoder's prefix, its
+    peft adapter config in Hugging Face names (LoRA), the vision tower's config."""
+    from .run_dir import base_path, hf_adapter_config, text_encoder_prefix, vision_config_of
+
+    prefix = text_encoder_prefix(model)
+    ac = None
+    if cfg.mode == "lora" and prefix is not None:
+        enc = model.get_submodule(prefix[:-1]) if prefix else model
+        from ..nn import lora_modules
+
+        if lora_modules(enc):
+            ac = hf_adapter_config(enc, cfg, base_path(cfg.model))
+    return {"prefix": prefix, "adapter_config": ac, "vision_config": vision_config_of(model)}
+
+
+def _trained_state(trainer) -> dict:
+    """The trainable tensors (full, on the CPU) of the trained model, by the task model's
+    names — what the test was evaluated with."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from .checkpoint import _full_options
+
+    return get_model_state_dict(trainer.model, options=_full_options(ignore_frozen_params=True))
 
 
 def _best_path(trainer) -> Optional[str]:

@@ -49,16 +49,18 @@ def _missing(module: str, err: ImportError) -> bool:
                                                      or name == module)
 
 
-def require(module: str, *, feature: str):
+def require(module: str, *, feature: str, extra: Optional[str] = None):
     """Import `module` (e.g. "matplotlib.pyplot") or raise MissingDependency:
-    ``<feature> needs <package>: pip install 'mmcore[<extra>]'``."""
+    ``<feature> needs <package>: pip install 'mmcore[<extra>]'`` (the extra from PACKAGES;
+    `extra` names another)."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         if not _missing(module, e):
             raise
         pip = PACKAGES.get(module.split(".")[0], (module.split(".")[0], None))[0]
-        raise MissingDependency(f"{feature} needs {pip}: {hint(module)}",
+        how = f"pip install 'mmcore[{extra}]'" if extra else hint(module)
+        raise MissingDependency(f"{feature} needs {pip}: {how}",
                                 name=module.split(".")[0]) from None
 
 

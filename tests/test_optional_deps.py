@@ -3,6 +3,7 @@ of mmcore installs it, in one line (CLI: on stderr, exit 2), and every optional 
 mmcore/ goes through mmcore._optional.  Missing packages are simulated in fresh interpreters by
 a meta-path finder that refuses them (nothing is uninstalled)."""
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -32,45 +33,41 @@ def _run(hidden, code, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
-def _cli(hidden, args, tmp_path):
-    return _run(hidden, f"from mmcore.cli import main\nsys.exit(main({args!r}))\n", tmp_path)
-
-
-def _one_line(r, want):
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert lines == [want], r.stderr[-2000:]
-
-
-def test_read_explain_without_matplotlib_names_the_extra(tmp_path):
-    r = _cli(["matplotlib"], ["read", "--tokens", "4096", "--no-progress", "--explain",
-                              str(tmp_path / "x.png")], tmp_path)
-    _one_line(r, "mmcore read: error: mmcore read --explain needs matplotlib: "
-                 "pip install 'mmcore[plot]'")
-    assert not (tmp_path / "x.png").exists()
-
-
-def test_read_without_tokenizers_names_the_extra(tmp_path):
-    r = _cli(["tokenizers"], ["read", "--tokens", "4096", "--no-progress"], tmp_path)
-    _one_line(r, "mmcore read: error: mmcore read (the tokenizer) needs tokenizers: "
-                 "pip install 'mmcore[hf]'")
-
-
-def test_read_image_without_pillow_names_the_extra(tmp_path):
+def test_cli_names_the_extra_of_a_missing_package(tmp_path):
+    """One interpreter, one CLI call per missing package (hidden only during its call)."""
     img = tmp_path / "fig.png"
     img.write_bytes(b"\x89PNG\r\n\x1a\n")  # never opened: the check comes first
-    r = _cli(["PIL"], ["read", "--tokens", "4096", "--no-progress", "--image", str(img)],
-             tmp_path)
-    _one_line(r, "mmcore read: error: mmcore read --image needs pillow: "
-                 "pip install 'mmcore[vision]'")
-
-
-def test_train_yaml_config_without_pyyaml_names_the_extra(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("epochs: 1\n")
-    r = _cli(["yaml"], ["train", "--config", str(cfg)], tmp_path)
-    _one_line(r, f"mmcore train: error: --config {cfg} needs pyyaml: "
-                 "pip install 'mmcore[train]'")
+    read = ["read", "--tokens", "4096", "--no-progress"]
+    cases = [
+        ("matplotlib", read + ["--explain", str(tmp_path / "x.png")],
+         "mmcore read: error: mmcore read --explain needs matplotlib: pip install 'mmcore[plot]'"),
+        ("tokenizers", read,
+         "mmcore read: error: mmcore read (the tokenizer) needs tokenizers: "
+         "pip install 'mmcore[hf]'"),
+        ("PIL", read + ["--image", str(img)],
+         "mmcore read: error: mmcore read --image needs pillow: pip install 'mmcore[vision]'"),
+        ("yaml", ["train", "--config", str(cfg)],
+         f"mmcore train: error: --config {cfg} needs pyyaml: pip install 'mmcore[train]'"),
+    ]
+    code = ("import contextlib, io, json\n"
+            "from mmcore.cli import main\n"
+            "out = []\n"
+            f"for hidden, args in {[(h, a) for h, a, _ in cases]!r}:\n"
+            "    HIDDEN.clear(); HIDDEN.add(hidden)\n"
+            "    for m in [m for m in sys.modules if m.split('.')[0] == hidden]:\n"
+            "        del sys.modules[m]\n"
+            "    err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err):\n"
+            "        rc = main(args)\n"
+            "    out.append([rc, err.getvalue()])\n"
+            "print(json.dumps(out))\n")
+    r = _run([], code, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for (hidden, _, want), (rc, err) in zip(cases, json.loads(r.stdout.splitlines()[-1])):
+        assert (rc, err.strip().splitlines()) == (2, [want]), (hidden, rc, err[-2000:])
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_api_errors_and_niceties(tmp_path):

@@ -42,7 +42,7 @@ def _int_option(lo, hi=_INT64_MAX, what=""):
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if not lo <= v <= hi:
-            rng = f">= {lo}" if hi == _INT64_MAX else f"in [{lo}, {hi}]"
+            rng = f">= {lo}" if hi == _INT64_MAX and v < lo else f"in [{lo}, {hi}]"
             raise argparse.ArgumentTypeError(f"must be {rng}{what}, got {v}")
         return v
     parse.__name__ = "int"
@@ -58,7 +58,8 @@ def _arguments(p):
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="image file (repeatable); needs --vision-model or a reader --model")
     p.add_argument("--vision-model", metavar="DIR", help="CLIP checkpoint dir for --image")
-    p.add_argument("--window", type=_int_option(0, what=" (0 = full attention)"), default=128,
+    p.add_argument("--window", type=_int_option(0, 2 ** 31 - 1, what=" (0 = full attention)"),
+                   default=128,
                    help="attention window per side, in tokens (default 128; 0 = full)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if present)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
@@ -154,10 +155,15 @@ def _check_paths(args):
             raise _UsageError(f"--image {img}: no such file")
     if args.file is not None and args.query is None:
         raise _UsageError("--query is required when reading a file")
+    if args.query is not None and not args.query.strip():
+        raise _UsageError("--query: empty query; say what to look for")
     if args.explain is not None:
-        parent = os.path.dirname(os.path.abspath(args.explain))
-        if not os.path.isdir(parent):
-            raise _UsageError(f"--explain {args.explain}: no such directory {parent}")
+        from .explain import check_explain_path
+
+        try:
+            check_explain_path(args.explain)
+        except ValueError as e:
+            raise _UsageError(str(e)) from None
         require("matplotlib", feature="mmcore read --explain")  # before the read, not after
     if args.image:
         require("PIL.Image", feature="mmcore read --image")

@@ -236,38 +236,80 @@ def _parser(name, kind):
 def _config(args):
     from .train.config import TrainConfig, read_config_file
 
-    d = read_config_file(args.config) if args.config else {}
+    d, src = read_config_file(args.config, with_sources=True) if args.config else ({}, {})
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in fields}
-    return d, flags
+    src.update({k: "--" + k.replace("_", "-") + f" ({k})" for k in flags})
+    return d, flags, src
 
 
 def run_train(args) -> int:
     from .train.config import TrainConfig
 
     try:
-        file_cfg, flags = _config(args)
+        file_cfg, flags, src = _config(args)
+        origin = f"--config {args.config}" if args.config else "flags"
         if args.resume:
-            from .train.checkpoint import find_checkpoint, read_state
+            from .train.checkpoint import check_checkpoint_files, find_checkpoint
 
             ck = find_checkpoint(args.resume)
+            saved = check_checkpoint_files(ck)["config"]
             # the run dir given is where the run continues: the stored out_dir names the
             # directory the checkpoint was first written in (a copied run would write there)
             here = {"out_dir": _run_dir_of(ck, args.resume)}
-            cfg = TrainConfig.from_dict({**read_state(ck)["config"], **here, **file_cfg,
-                                         **flags})
+            src = {**{k: f"{ck}/trainer_state.json: config.{k}" for k in saved},
+                   "out_dir": f"--resume {args.resume}", **src}
+            cfg = TrainConfig.from_dict({**saved, **here, **file_cfg, **flags}, src, origin)
+            _check_inputs(cfg)
             return _one(cfg, args, resume=ck)
         merged = {**file_cfg, **flags}
         if merged.get("train_file") is None and "task" not in merged:
+            TrainConfig.from_dict(merged, src, origin)  # the demo's overrides, checked first
             return _default(merged, args)
         if merged.get("train_file") is None:  # a task's offline demo: its recipe, then flags
             from .train.tasks import get_task
 
             merged = {**getattr(get_task(merged["task"]), "demo_defaults", {}), **merged}
-        return _one(TrainConfig.from_dict(merged), args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mmcore train: error: {e}", file=sys.stderr)
+        cfg = TrainConfig.from_dict(merged, src, origin)
+        _check_inputs(cfg)
+        return _one(cfg, args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
+        if os.environ.get("MMCORE_DEBUG"):
+            raise
+        print(f"mmcore train: error: {e}", file=sys.stderr)  # bad input: exit 2
         return 2
+    except KeyboardInterrupt:
+        print("mmcore train: interrupted", file=sys.stderr)
+        return 130
+    except (FloatingPointError, RuntimeError, OSError) as e:  # a runtime failure: exit 1
+        if os.environ.get("MMCORE_DEBUG"):
+            raise
+        print(f"mmcore train: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _check_inputs(cfg) -> None:
+    """Before any work: the data files and the model dir exist, and --out-dir is a directory
+    or creatable (nothing is written before the inputs are checked)."""
+    import os
+
+    from .train.tasks import get_task
+
+    get_task(cfg.task)  # an unknown task is named first
+    for name in ("train_file", "val_file", "test_file"):
+        path = getattr(cfg, name)
+        if path is not None and not os.path.isfile(path):
+            flag = "--" + name.replace("_", "-")
+            raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    if cfg.model is not None and not os.path.isdir(cfg.model):
+        raise FileNotFoundError(f"--model {cfg.model!r}: no such directory")
+    p = os.path.abspath(cfg.out_dir)
+    while p and not os.path.exists(p):
+        p = os.path.dirname(p)
+    if p and not os.path.isdir(p):
+        raise ValueError(f"--out-dir {cfg.out_dir!r}: {p} exists and is not a directory")
+    if p and not os.access(p, os.W_OK):
+        raise ValueError(f"--out-dir {cfg.out_dir!r}: {p} is not writable")
 
 
 def _run_dir_of(ck: str, given: str) -> str:

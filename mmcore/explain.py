@@ -127,8 +127,54 @@ def save_attention_png(path: str, doc_rows: torch.Tensor, row_labels: List[str],
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # the format is explicit: the file written is exactly `path`, never path + ".png"
+        fig.savefig(path, dpi=110, format=explain_format(path))
+    finally:
+        plt.close(fig)
+    return path
+
+
+EXPLAIN_FORMATS = ("png", "pdf", "svg")
+
+
+def explain_format(path: str) -> str:
+    """The image format of an --explain path: its extension (png, pdf or svg), or png for a
+    name without one; ValueError for anything else."""
+    import os
+
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if not ext:
+        return "png"
+    if ext not in EXPLAIN_FORMATS:
+        raise ValueError(f"--explain {path}: unsupported image type .{ext} (use .png, .pdf or "
+                         f".svg)")
+    return ext
+
+
+def check_explain_path(path: str) -> str:
+    """An --explain target that can be written as given: not empty, not a directory or a
+    device / pipe, a supported extension, in an existing writable directory.  -> path;
+    ValueError naming the path otherwise.  Nothing is written here."""
+    import os
+    import stat
+
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError("--explain: empty path (give the image file to write, e.g. map.png)")
+    explain_format(path)
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise ValueError(f"--explain {path}: is a directory; give a file name, e.g. "
+                         f"{os.path.join(path, 'map.png')}")
+    if os.path.lexists(path):
+        st = os.stat(path) if os.path.exists(path) else os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"--explain {path}: exists and is not a regular file")
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"--explain {path}: not writable")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--explain {path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--explain {path}: directory {parent} is not writable")
     return path
 
 

@@ -177,3 +177,54 @@ def test_fuzz_cli_options(driven):
     assert len(driven[1]) == 60 * SCALE
     for res, names in driven[1]:
         assert_clean_error(res, names)
+
+
+# ------------------------------------------------------------------ mmcore train (issue 24)
+
+TRAIN_DRIVER = DRIVER.replace('cli.main(["read"] + argv)', "cli.main(argv)")
+_TRAIN_VALUES = ["nan", "inf", "-inf", "-1", "0", "1e30", "abc", "", "none", "1,2", "-1,2",
+                 "0,0", "10,5", "1", str(2 ** 63), "1000000", "{bad", "[1, 2]", "x=nan",
+                 "cuda", "bogus", "true", "1e-4", "3"]
+
+
+def train_fuzz_cases(rng, n, missing):
+    """`mmcore train` with 1-3 flags of TrainConfig set to random (mostly bad) values, and a
+    --train-file that does not exist: every case must end in one line naming a flag it was
+    given (or that file), exit 2 — a valid combination fails on the missing file, before
+    any work."""
+    import dataclasses
+
+    from mmcore.train import TrainConfig
+
+    flags = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
+             if f.name not in ("betas", "train_file") and "bool" not in str(f.type)]
+    out = []
+    for _ in range(n):
+        chosen = rng.sample(flags, rng.randint(1, 3))
+        argv = ["train", "--train-file", missing]
+        for fl in chosen:
+            argv += [fl, rng.choice(_TRAIN_VALUES)]
+        out.append((argv, chosen + ["--train-file", "--config"]))
+    return out
+
+
+def test_cli_train_bad_options_name_the_option(files):
+    """Issue 24: bad `mmcore train` flags gave tracebacks (FloatingPointError, TypeError,
+    randrange's empty range, SIGSEGV for --threads 1000000) or were accepted; each is now one
+    line naming the flag, exit 2, before any data is read or anything written."""
+    missing = os.path.join(files["dir"], "missing.jsonl")
+    fixed = [(["train", "--train-file", missing, "--lr", "inf"], ["--lr"]),
+             (["train", "--train-file", missing, "--threads", "1000000"], ["--threads"]),
+             (["train", "--train-file", missing, "--config", missing], ["--config"]),
+             (["train", "--train-file", missing], ["--train-file"])]
+    cases = fixed + train_fuzz_cases(random.Random(24), 80 * SCALE, missing)
+    r = subprocess.run([sys.executable, "-c", TRAIN_DRIVER],
+                       input=json.dumps([(a, "") for a, _ in cases]), capture_output=True,
+                       text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for res, (argv, names) in zip(json.loads(r.stdout.strip().splitlines()[-1]), cases):
+        what = " ".join(argv)
+        assert res["escaped"] is None, f"{what}: exception escaped main():\n{res['escaped']}"
+        assert "Traceback" not in res["err"], f"{what}: traceback shown:\n{res['err']}"
+        assert res["code"] == 2, f"{what}: exit {res['code']}: {res['err']!r}"
+        assert any(n in res["err"] for n in names), f"{what}: {res['err']!r}"

@@ -186,6 +186,25 @@ def test_errors_name_the_argument(kw, match):
                                          False, 0, 0.1, 0)
 
 
+@pytest.mark.parametrize("args,match", [
+    (dict(G=9), r"global_tokens: \(9\) must be <= Sk \(8\)"),
+    (dict(sk=[9, 3]), r"seqlens_k: values must lie in \[0, 8\], got 9"),
+    (dict(sk=[-1, 3]), r"seqlens_k: values must lie in \[0, 8\]"),
+    (dict(sq=[2, 5]), r"seqlens_q: values must lie in \[0, 4\], got 5"),
+])
+def test_values_checked_on_cpu_tensors(args, match):
+    """Issue 24: the raw op took global_tokens > Sk and lengths past the tensors (an
+    out-of-bounds read); scalars are checked always, lengths held on the CPU here (a GPU
+    caller must guarantee them: docs/robustness.md)."""
+    B, H, D = 2, 2, 16
+    t = lambda S: torch.randn(B, H, S, D).to(BF16)  # noqa: E731
+    sq = torch.tensor(args["sq"]) if "sq" in args else None
+    sk = torch.tensor(args["sk"]) if "sk" in args else None
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mmcore_C.window_decode(t(4), t(8), t(8), None, None, None, None, sq, sk, 0,
+                                         -1, -1, False, args.get("G", 0), 0.25, 0)
+
+
 def test_rolling_errors():
     B, H, D = 1, 2, 16
     t = lambda S: torch.randn(B, H, S, D).to(BF16)  # noqa: E731

@@ -52,6 +52,15 @@ inline std::optional<at::Tensor> lengths(const std::optional<at::Tensor>& s, con
   return s->to(at::kLong).contiguous();
 }
 
+// 0 <= s[b] <= S for lengths held in host memory (CPU tensors only: no device sync).
+inline void check_lengths(const std::optional<at::Tensor>& s, const char* name, int64_t S) {
+  if (!s.has_value() || s->is_cuda() || s->numel() == 0) return;
+  const int64_t* v = s->data_ptr<int64_t>();
+  for (int64_t b = 0; b < s->numel(); ++b)
+    MMCORE_ARG(v[b] >= 0 && v[b] <= S, name, "values must lie in [0, ", S, "], got ", v[b],
+               " at index ", b);
+}
+
 // SMs of t's CUDA device, cached (a CPU tensor gets `cpu_value`: the emulation's choice).
 inline int sm_count(const at::Tensor& t, int cpu_value) {
 #ifdef MMCORE_WITH_CUDA

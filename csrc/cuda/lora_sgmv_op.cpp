@@ -5,6 +5,9 @@
 //                 scaling (A,) fp32, adapter_ids (M,) int64?, ksplits) -> y (M, N)
 //     y = x W^T + b (at::linear: cuBLAS on the GPU) + scaling[a] (x A_a^T) B_a^T per row,
 //     a = adapter_ids[m] (-1 or out of range: base only; None: adapter 0 for every row).
+//     An id outside [-1, A) is never an out-of-bounds read: the plan puts it in the base-only
+//     slot, on every device (checking the ids would cost a device sync on the GPU);
+//     mmcore.ops.lora_linear refuses such ids before they reach this op.
 //     bf16 / fp16, K % 8 == 0, N even, r <= 128, A <= 4096.  ksplits 0 picks the K split.
 //     Without ids and M > kSmallM the low-rank term is two cuBLAS GEMMs (the SGMV kernels
 //     serve multi-adapter batches and single-adapter decode).

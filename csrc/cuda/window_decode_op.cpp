@@ -118,6 +118,19 @@ std::tuple<at::Tensor, at::Tensor> window_decode(
     sk = cuda_args::lengths(seqlens_k_in, "seqlens_k", B, q);
   }
   const int64_t Sk = pos + k.size(2);
+  if (!rolling) {
+    // as window_attention: global tokens are keys, so at most Sk of them (a scalar: free)
+    MMCORE_ARG(global_tokens <= Sk, "global_tokens", "(", global_tokens, ") must be <= Sk (",
+               Sk, ")");
+    // the lengths' values index the keys / queries.  On CPU tensors they are checked here
+    // (host memory, no sync); on the GPU checking them would cost a device sync, so the
+    // caller guarantees 0 <= seqlens_q[b] <= Sq and 0 <= seqlens_k[b] <= Sk (mmcore's
+    // window_attention checks them unless MMCORE_CHECK=0; see docs/robustness.md)
+    if (!q.is_cuda()) {
+      cuda_args::check_lengths(sq, "seqlens_q", Sq);
+      cuda_args::check_lengths(sk, "seqlens_k", Sk);
+    }
+  }
   p.q = view(q);
   p.k = view(k);
   p.v = view(v);

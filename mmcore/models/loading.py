@@ -21,7 +21,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 __all__ = ["CheckpointError", "Checkpoint", "read_config", "validate_safetensors",
-           "read_safetensors", "load_into", "save_safetensors"]
+           "read_safetensors", "load_into", "save_safetensors", "resolve_dtype",
+           "resolve_device"]
 
 # safetensors dtype tag -> (itemsize in bytes, torch dtype or None when torch lacks it)
 _DTYPES = {
@@ -289,6 +290,42 @@ def _named_entries(module: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]
     yield from module.state_dict(keep_vars=True).items()
 
 
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
+
+
+def resolve_dtype(dtype):
+    """None, a floating torch.dtype, or its name ("float16", "bf16", "torch.float32", ...) ->
+    torch.dtype or None; a ValueError naming the argument otherwise (a dtype string used to
+    reach tensor.to() as a device: "Invalid device string: 'float16'")."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key not in _DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r} is not a floating dtype; use one of "
+                             f"{sorted(_DTYPE_NAMES)} or a torch.dtype")
+        return _DTYPE_NAMES[key]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype (or its name), got {dtype!r}")
+    return dtype
+
+
+def resolve_device(device):
+    """A device string / torch.device that exists here -> torch.device; ValueError naming it
+    otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device (use 'cpu', 'cuda' or "
+                         f"'cuda:N')") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available")
+    return dev
+
+
 def load_into(module: torch.nn.Module, ckpt, *, key_map: Optional[KeyMap] = None, dtype=None,
               device="cpu", strict: bool = True) -> Tuple[list, list]:
     """Load a Checkpoint (or a path) into `module`, strictly.
@@ -299,6 +336,8 @@ def load_into(module: torch.nn.Module, ckpt, *, key_map: Optional[KeyMap] = None
     CheckpointError lists all missing / unexpected / mismatched keys.  The module may live on
     the meta device (tensors are assigned, not copied); floating tensors are cast to `dtype`.
     Returns (missing, unexpected) — both empty when strict."""
+    dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     if not isinstance(ckpt, Checkpoint):
         ckpt = Checkpoint(ckpt)
     want = dict(_named_entries(module))

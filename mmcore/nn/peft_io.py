@@ -219,6 +219,15 @@ def _read_weights(directory):
         raise ValueError(f"{path}: cannot read ({e})") from None
 
 
+def check_adapter_name(name) -> str:
+    """An adapter name is a key of the LoRA layers' ModuleDicts: a non-empty string without
+    '.' (torch's rule for module names); ValueError naming it otherwise."""
+    if not isinstance(name, str) or not name or "." in name or name.strip() != name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.' or surrounding "
+                         f"spaces (it names a submodule), got {name!r}")
+    return name
+
+
 def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default", *,
                  is_trainable: bool = False, activate: bool = True,
                  dtype: Optional[torch.dtype] = None, backend: str = "auto") -> dict:
@@ -238,6 +247,11 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     Returns a report: {"adapter_name", "modules": [paths], "other_keys": [keys],
     "ignored": [paths], "config"}.
     """
+    check_adapter_name(adapter_name)
+    if dtype is not None:
+        from ..models.loading import resolve_dtype
+
+        dtype = resolve_dtype(dtype)
     cfg = _read_config(directory)
     sd = _read_weights(directory)
     pairs, other = {}, {}
@@ -400,6 +414,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     Returns the config written."""
     from safetensors.torch import save_file
 
+    check_adapter_name(adapter_name)
     mods = [(n, m) for n, m in lora_modules(model) if adapter_name in m.lora_A]
     if not mods:
         raise ValueError(f"model has no LoRALinear holding adapter {adapter_name!r}")

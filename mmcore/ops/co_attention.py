@@ -57,6 +57,10 @@ def co_attention(q_t, k_t, v_t, q_v, k_v, v_v, *, text_lengths=None, image_lengt
             V.same_device("q_t", q_t, **{n: r})
     len_t = V.seqlens("text_lengths", text_lengths, B, q_t)
     len_v = V.seqlens("image_lengths", image_lengths, B, q_t)
+    if isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError("co_attention: a scale tensor that requires grad is not supported "
+                         "(its gradient would be dropped); pass a float, or call "
+                         "cross_attention twice, which learns the scale")
     scale = V.scale(scale, D)
     ts = [V.last_dim_contiguous(t) for t in (q_t, k_t, v_t, q_v, k_v, v_v)]
     res = [None if r is None else V.last_dim_contiguous(r) for r in (residual_t, residual_v)]
@@ -144,7 +148,13 @@ def _backward(ctx, do_t, dlse_t, do_v, dlse_v, da_t, da_v):
         raise RuntimeError("co_attention: backward needs the forward to run with grad enabled")
     do_t = torch.zeros_like(a_t) if do_t is None else do_t
     do_v = torch.zeros_like(a_v) if do_v is None else do_v
-    bwd = torch.ops.mmcore.cross_attention_bwd
+    if torch.is_grad_enabled():  # create_graph=True: the differentiable reference backward
+        from .reference.attention import cross_bwd
+
+        def bwd(*a):
+            return cross_bwd(*a[:-1])
+    else:
+        bwd = torch.ops.mmcore.cross_attention_bwd
     dq_t, dk_v, dv_v = bwd(do_t, q_t, k_v, v_v, a_t, lse_t, len_t, len_v, ctx.scale, "triton")
     dq_v, dk_t, dv_t = bwd(do_v, q_v, k_t, v_t, a_v, lse_v, len_v, len_t, ctx.scale, "triton")
     dr_t, dr_v = (do_t, do_v) if ctx.has_res else (None, None)

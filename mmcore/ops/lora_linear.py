@@ -240,6 +240,11 @@ def _backward(ctx, dy, bwd=None):
     nx, _, nbias, na, nb, ns = ctx.needs_input_grad[:6]
     dx = da = db = None
     if nx or na or nb:
+        if torch.is_grad_enabled():  # create_graph=True: the differentiable reference backward
+            from .reference.lora import lora_bwd as ref_bwd
+
+            def bwd(*a):
+                return ref_bwd(*a[:-1])
         bwd = bwd or torch.ops.mmcore.lora_linear_bwd
         dx, da, db = bwd(dy, x, weight, lora_a, lora_b, scaling, ids, nx, na, nb, ctx.backend)
     with _no_autocast(x):

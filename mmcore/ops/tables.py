@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_tables")
 FORMAT = 1
@@ -29,6 +30,7 @@ MAX_OCTAVES = 2.0  # a measured point serves problems within 4x of it in every s
 
 _OVERRIDE = [None]  # set by use(): a path, "off", or None (env / package tables)
 _LOADED: dict = {}  # device type -> (table dict or None, description)
+_WARNED: set = set()  # MMCORE_DISPATCH_TABLE paths already reported unusable
 
 
 # ------------------------------------------------------------------ problem -> bucket
@@ -164,7 +166,16 @@ def _load(device_type: str):
     if src == "off":
         return None, "off (MMCORE_DISPATCH_TABLE=off): heuristics"
     if src:
-        return _read(src), f"{src} (forced)"
+        try:
+            return _read(src), f"{src} (forced)"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            why = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+            msg = (f"MMCORE_DISPATCH_TABLE={src!r} is unusable ({why}); ignoring it and using "
+                   f"the heuristics")
+            if src not in _WARNED:  # reported once per path, never fatal
+                _WARNED.add(src)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return None, f"none: {msg}"
     try:
         key = device_key(device_type)
     except Exception as e:  # no CUDA context etc.
@@ -172,7 +183,10 @@ def _load(device_type: str):
     path = os.path.join(TABLE_DIR, key + ".json")
     if not os.path.exists(path):
         return None, f"none for {key}: heuristics"
-    table = _read(path)
+    try:
+        table = _read(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"{path} unreadable ({type(e).__name__}: {e}): heuristics"
     why = matches(table, device_type)
     if why:
         return None, f"{path} does not match ({why}): heuristics"
@@ -180,16 +194,31 @@ def _load(device_type: str):
 
 
 def _read(path: str) -> dict:
+    """The table at ``path`` with its lookup index; ValueError naming the file when it is not
+    a dispatch table (bad JSON, wrong format, malformed entries)."""
     with open(path) as f:
-        table = json.load(f)
+        try:
+            table = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"dispatch table {path}: not valid JSON ({e})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"dispatch table {path}: must hold a JSON object")
     if table.get("format") != FORMAT:
         raise ValueError(f"dispatch table {path}: format {table.get('format')!r}, "
                          f"expected {FORMAT}")
     index = {}
-    for op, entries in table.get("ops", {}).items():
-        for e in entries:
-            index.setdefault((op, e["kind"]), []).append(
-                ([math.log2(max(1, s)) for s in e["sizes"]], e["order"]))
+    ops = table.get("ops", {})
+    if not isinstance(ops, dict):
+        raise ValueError(f"dispatch table {path}: 'ops' must be an object")
+    for op, entries in ops.items():
+        for e in entries if isinstance(entries, list) else [None]:
+            try:
+                sizes_ = [math.log2(max(1, float(s))) for s in e["sizes"]]
+                order = [str(b) for b in e["order"]]
+                index.setdefault((op, str(e["kind"])), []).append((sizes_, order))
+            except (TypeError, KeyError, ValueError):
+                raise ValueError(f"dispatch table {path}: malformed entry of {op!r}: "
+                                 f"{e!r:.80}") from None
     table["_index"] = index
     return table
 

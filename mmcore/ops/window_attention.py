@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from . import _validate as V
-from . import _eager, registry
+from . import _eager, _scale_grad, registry
 
 
 def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seqlens_q=None,
@@ -74,13 +74,19 @@ def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seq
     same = seqlens_q is seqlens_k  # one lengths tensor for both sides: offset 0 everywhere
     seqlens_q = V.seqlens("seqlens_q", seqlens_q, B, q)
     seqlens_k = seqlens_q if same else V.seqlens("seqlens_k", seqlens_k, B, q)
+    scale_t = scale if _scale_grad.wants_grad(scale) else None
     scale = V.scale(scale, D)
     q, k, v = (V.last_dim_contiguous(t) for t in (q, k, v))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in (q, k, v)) or scale_t is not None)
     p = problem(q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, needs_grad)
     chosen = registry.dispatch("window_attention", p, backend)
-    out, lse = _call(
-        q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, chosen)
+    args = (q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, chosen)
+    if scale_t is not None:  # a learnable scale: dL/dscale = <Q, dQ> / scale
+        out, lse = _scale_grad.LearnableScale.apply(
+            scale_t, _fwd_impl, _bwd_impl, _ref_bwd, 6, *args)
+    else:
+        out, lse = _call(*args)
     return (out, lse) if return_lse else out
 
 
@@ -171,9 +177,19 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _ref_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale):
+    """The pure-PyTorch backward: differentiable, so double backward works on any backend."""
+    from .reference import attention as ref
+
+    return ref.window_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale)
+
+
 def _backward(ctx, dout, dlse, bwd=None):
     q, k, v, out, lse, sq, sk = ctx.saved_tensors
     left, right, causal, G, scale, backend = ctx.args
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        dq, dk, dv = _ref_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
     bwd = bwd or torch.ops.mmcore.window_attention_bwd
     dq, dk, dv = bwd(
         dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale, backend)

@@ -107,12 +107,43 @@ def _atomic_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(p: str, what: str):
+    """A JSON file's value; ValueError naming the file when it is unreadable or not JSON."""
+    try:
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: damaged {what}: not valid JSON ({e})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{p}: is a directory, expected the {what}") from None
+
+
+def _plain_name(n) -> bool:
+    return isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n
+
+
 def read_index(ckpt_root: str) -> dict:
+    """checkpoints/index.json, checked: {"last": [names], "best": name | null,
+    "best_metric": number | null}; ValueError naming the file otherwise."""
     p = os.path.join(ckpt_root, "index.json")
     if not os.path.isfile(p):
         return {"last": [], "best": None, "best_metric": None}
-    with open(p) as f:
-        return json.load(f)
+    idx = _read_json(p, "checkpoint index")
+    if not isinstance(idx, dict):
+        raise ValueError(f"{p}: damaged checkpoint index: expected a JSON object, got "
+                         f"{type(idx).__name__}")
+    last, best = idx.get("last"), idx.get("best")
+    if not isinstance(last, list) or not all(_plain_name(n) for n in last):
+        raise ValueError(f"{p}: damaged checkpoint index: 'last' must be a list of checkpoint "
+                         f"names, got {last!r:.80}")
+    if best is not None and not _plain_name(best):
+        raise ValueError(f"{p}: damaged checkpoint index: 'best' must be a checkpoint name or "
+                         f"null, got {best!r:.80}")
+    bm = idx.get("best_metric")
+    if bm is not None and (isinstance(bm, bool) or not isinstance(bm, (int, float))):
+        raise ValueError(f"{p}: damaged checkpoint index: 'best_metric' must be a number or "
+                         f"null, got {bm!r:.80}")
+    return {"last": list(last), "best": best, "best_metric": bm}
 
 
 def save_checkpoint(ckpt_root: str, name: str, *, model: nn.Module, optimizer, scheduler,
@@ -120,7 +151,6 @@ def save_checkpoint(ckpt_root: str, name: str, *, model: nn.Module, optimizer, s
                     adapter_config: Optional[dict] = None, keep_last: int = 2,
                     is_best: bool = False, best_metric=None) -> str:
     """Collective (every rank calls it); rank 0 writes.  Returns the checkpoint's path."""
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                          get_optimizer_state_dict)
 
@@ -137,22 +167,22 @@ def save_checkpoint(ckpt_root: str, name: str, *, model: nn.Module, optimizer, s
         if mode == "lora":
             adir = os.path.join(tmp, "adapter")
             os.makedirs(adir)
-            save_file({peft_key(k): v for k, v in tensors.items()},
-                      os.path.join(adir, "adapter_model.safetensors"), metadata={"format": "pt"})
+            _save({peft_key(k): v for k, v in tensors.items()},
+                  os.path.join(adir, "adapter_model.safetensors"))
             with open(os.path.join(adir, "adapter_config.json"), "w") as f:
                 json.dump(adapter_config or {}, f, indent=2, sort_keys=True)
         else:
-            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            _save(tensors, os.path.join(tmp, "model.safetensors"))
         opt_t = {}
         for pname, st in osd["state"].items():
             for k, v in st.items():
                 opt_t[f"{pname}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-        save_file(opt_t, os.path.join(tmp, "optimizer.safetensors"))
+        _save(opt_t, os.path.join(tmp, "optimizer.safetensors"))
         groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
                   for g in osd["param_groups"]]
         rng_tensors = {f"rank{r}.{k}": v.contiguous() for r, (t, _) in enumerate(rngs)
                        for k, v in t.items()}
-        save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+        _save(rng_tensors, os.path.join(tmp, "rng.safetensors"))
         ts = dict(state, format=FORMAT, world_size=d.world, mode=mode,
                   param_groups=groups, scheduler=_jsonable(scheduler.state_dict()),
                   scaler=_jsonable(scaler.state_dict()) if scaler is not None else None,
@@ -189,61 +219,194 @@ def _jsonable(o):
 
 def find_checkpoint(path: str) -> str:
     """A checkpoint dir, a run's out dir (its newest checkpoint) or a checkpoints dir."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--resume {path!r}: no such directory")
     if os.path.isfile(os.path.join(path, "trainer_state.json")):
         return path
     for root in (os.path.join(path, "checkpoints"), path):
         idx = read_index(root)
         if idx["last"]:
-            return os.path.join(root, idx["last"][-1])
+            ck = os.path.join(root, idx["last"][-1])
+            if not os.path.isfile(os.path.join(ck, "trainer_state.json")):
+                raise ValueError(f"{os.path.join(root, 'index.json')}: its newest checkpoint "
+                                 f"{idx['last'][-1]!r} has no trainer_state.json (deleted or "
+                                 f"damaged)")
+            return ck
     raise FileNotFoundError(f"--resume {path!r}: no checkpoint there (expected a "
                             f"trainer_state.json, or checkpoints/index.json under it)")
 
 
+_STATE_INTS = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "global_batch": 1,
+               "world_size": 1, "tokens": 0, "bad_evals": 0}
+_STATE_TYPES = {"param_groups": list, "scheduler": dict, "rng": list, "config": dict}
+
+
 def read_state(path: str) -> dict:
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        ts = json.load(f)
+    """<checkpoint>/trainer_state.json, checked (format, the counters, the sections a resume
+    reads); ValueError naming the file and the field otherwise."""
+    p = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"{p}: no such file")
+    ts = _read_json(p, "trainer state")
+    if not isinstance(ts, dict):
+        raise ValueError(f"{p}: damaged trainer state: expected a JSON object, got "
+                         f"{type(ts).__name__}")
     if ts.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {ts.get('format')!r}, this mmcore reads "
+        raise ValueError(f"{p}: checkpoint format {ts.get('format')!r}, this mmcore reads "
                          f"{FORMAT}")
+    for k, lo in _STATE_INTS.items():
+        v = ts.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{p}: damaged trainer state: {k!r} must be an int >= {lo}, got "
+                             f"{v!r:.80}")
+    for k, t in _STATE_TYPES.items():
+        if not isinstance(ts.get(k), t):
+            raise ValueError(f"{p}: damaged trainer state: {k!r} must be a JSON "
+                             f"{'object' if t is dict else 'list'}, got {ts.get(k)!r:.80}")
+    if ts.get("mode") not in ("lora", "bitfit", "full", "head"):
+        raise ValueError(f"{p}: damaged trainer state: unknown mode {ts.get('mode')!r:.40}")
+    if not all(isinstance(g, dict) for g in ts["param_groups"]):
+        raise ValueError(f"{p}: damaged trainer state: param_groups must be objects")
+    if len(ts["rng"]) != ts["world_size"]:
+        raise ValueError(f"{p}: damaged trainer state: {len(ts['rng'])} RNG states for "
+                         f"world_size {ts['world_size']}")
     return ts
+
+
+def check_checkpoint_files(path: str) -> dict:
+    """Validate every file a resume reads (trainer_state.json, the weights, optimizer and RNG
+    safetensors headers, adapter_config.json) before anything is loaded or written.
+    -> trainer_state.json's dict.  Errors name the file and what is wrong."""
+    from ..models.loading import validate_safetensors
+
+    ts = read_state(path)
+    files = ["optimizer.safetensors", "rng.safetensors"]
+    if ts["mode"] == "lora":
+        files.append(os.path.join("adapter", "adapter_model.safetensors"))
+        ac = os.path.join(path, "adapter", "adapter_config.json")
+        if not os.path.isfile(ac):
+            raise FileNotFoundError(f"{ac}: missing (a LoRA checkpoint needs it)")
+        acd = _read_json(ac, "adapter config")
+        if not isinstance(acd, dict):
+            raise ValueError(f"{ac}: damaged adapter config: expected a JSON object, got "
+                             f"{type(acd).__name__}")
+        r = acd.get("r")
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
+            raise ValueError(f"{ac}: damaged adapter config: 'r' must be an int >= 1, got "
+                             f"{r!r:.40}")
+    else:
+        files.append("model.safetensors")
+    for name in files:
+        validate_safetensors(os.path.join(path, name))
+    return ts
+
+
+def _digest(tensors: dict) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes (sorted by name): written in
+    the file's metadata, so flipped bytes in the data section are caught on resume."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save(tensors: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt", "mmcore_sha256": _digest(tensors)})
+
+
+def _load_tensors(path: str) -> dict:
+    """Every tensor of a checkpoint file through mmcore's checking loader, and the checksum
+    verified when the file carries one (files of older mmcore do not)."""
+    from safetensors import safe_open
+
+    from ..models.loading import read_safetensors
+
+    tensors = read_safetensors(path)
+    with safe_open(path, framework="pt") as f:
+        want = (f.metadata() or {}).get("mmcore_sha256")
+    if want is not None and _digest(tensors) != want:
+        raise ValueError(f"{path}: damaged checkpoint file: the tensor data does not match "
+                         f"its checksum")
+    return tensors
+
+
+def _check_shapes(path: str, msd: dict, model: nn.Module) -> None:
+    params = dict(D.unwrap(model).named_parameters())
+    for k, v in msd.items():
+        want = tuple(params[k].shape) if k in params else None
+        if want is not None and tuple(v.shape) != want:
+            hint = " (lora_r differs from the checkpoint's?)" if "lora_" in k else ""
+            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)} in the "
+                             f"checkpoint, the model's is {want}{hint}")
+        if want is not None and v.dtype != params[k].dtype and not v.is_floating_point():
+            raise ValueError(f"{path}: tensor {k!r} is {v.dtype} in the checkpoint, the "
+                             f"model's is {params[k].dtype}")
 
 
 def load_checkpoint(path: str, *, model: nn.Module, optimizer, scheduler, scaler,
                     d: D.Dist) -> dict:
     """Load weights, optimizer, scheduler, scaler and (same world size) RNG states in place.
     Returns trainer_state.json's dict."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    ts = read_state(path)
+    ts = check_checkpoint_files(path)
     if ts["mode"] == "lora":
-        raw = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"))
-        msd = {model_key(k): v for k, v in raw.items()}
+        wpath = os.path.join(path, "adapter", "adapter_model.safetensors")
+        raw = _load_tensors(wpath)
+        try:
+            msd = {model_key(k): v for k, v in raw.items()}
+        except ValueError as e:
+            raise ValueError(f"{wpath}: {e}") from None
     else:
-        msd = load_file(os.path.join(path, "model.safetensors"))
+        wpath = os.path.join(path, "model.safetensors")
+        msd = _load_tensors(wpath)
     want = {n for n, p in D.unwrap(model).named_parameters() if p.requires_grad}
     if set(msd) != want:
         missing, extra = sorted(want - set(msd)), sorted(set(msd) - want)
-        raise ValueError(f"{path}: checkpoint tensors do not match the trainable parameters "
+        raise ValueError(f"{wpath}: checkpoint tensors do not match the trainable parameters "
                          f"(mode / target_modules changed?): missing {missing[:5]}, "
                          f"unexpected {extra[:5]}")
+    _check_shapes(wpath, msd, model)
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, msd, options=opts)
-    flat = load_file(os.path.join(path, "optimizer.safetensors"))
+    opath = os.path.join(path, "optimizer.safetensors")
+    flat = _load_tensors(opath)
     state = {}
     for k, v in flat.items():
         pname, _, stat = k.rpartition("::")
+        if pname not in want:
+            raise ValueError(f"{opath}: optimizer state for {pname or k!r}, which is not a "
+                             f"trainable parameter")
         state.setdefault(pname, {})[stat] = v
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g)
-              for g in ts["param_groups"]]
-    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(ts["scheduler"])
-    if scaler is not None and ts.get("scaler"):
-        scaler.load_state_dict(ts["scaler"])
+    sp = os.path.join(path, "trainer_state.json")
+    try:
+        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g)
+                  for g in ts["param_groups"]]
+        if len(groups) != len(optimizer.param_groups):
+            raise ValueError(f"{len(groups)} optimizer param groups, the optimizer has "
+                             f"{len(optimizer.param_groups)} (head_lr / mode changed?)")
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(ts["scheduler"])
+        if scaler is not None and ts.get("scaler"):
+            scaler.load_state_dict(ts["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{sp} / {opath}: optimizer or schedule state does not fit this run "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
     if ts["world_size"] == d.world:
-        rt = load_file(os.path.join(path, "rng.safetensors"))
+        rpath = os.path.join(path, "rng.safetensors")
+        rt = _load_tensors(rpath)
         mine = {k.split(".", 1)[1]: v for k, v in rt.items() if k.startswith(f"rank{d.rank}.")}
-        restore_rng(mine, ts["rng"][d.rank])
+        try:
+            restore_rng(mine, ts["rng"][d.rank])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise ValueError(f"{rpath} / {sp}: damaged RNG state ({type(e).__name__}: "
+                             f"{str(e)[:160]})") from None
     return ts

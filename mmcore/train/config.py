@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -88,50 +89,27 @@ class TrainConfig:
     def __post_init__(self):
         self.validate()
 
-    def validate(self) -> "TrainConfig":
-        def one_of(name, allowed):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    def validate(self, sources: Optional[dict] = None) -> "TrainConfig":
+        """Check and normalise every field (types, ranges, finiteness, enums) in place.
 
-        one_of("mode", MODES)
-        one_of("lora_bias", LORA_BIAS)
-        one_of("schedule", SCHEDULES)
-        one_of("precision", PRECISIONS)
-        one_of("pooling", ("cls", "mean", "attention"))
-        one_of("eval_mode", ("max", "min"))
-        for name in ("batch_size", "grad_accum", "epochs", "lora_r", "keep_last", "log_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("eval_every", "save_every", "warmup_steps", "window"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        for name in ("max_steps", "max_tokens", "patience", "threads", "eval_batch_size"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{name} must be a positive int or null, got {v!r}")
-        if self.max_tokens is not None and self.max_tokens < 3:
-            raise ValueError(f"max_tokens must be >= 3 ([CLS] x [SEP]), got {self.max_tokens}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
-        if self.fgm_epsilon < 0:
-            raise ValueError(f"fgm_epsilon must be >= 0, got {self.fgm_epsilon}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
-        if isinstance(self.target_modules, str) and "," in self.target_modules:
-            self.target_modules = [t for t in self.target_modules.split(",") if t]
-        self.betas = tuple(float(b) for b in self.betas)
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must be two floats, got {self.betas}")
+        sources: field -> where its value came from ("--lr", "run.yaml line 3", ...), used in
+        the message of the ValueError; fields not in it are named "TrainConfig.<field>"."""
+        sources = sources or {}
+        for f in dataclasses.fields(self):
+            where = sources.get(f.name) or f"TrainConfig.{f.name}"
+            setattr(self, f.name, check_field(f.name, getattr(self, f.name), where))
+
+        def src(name):
+            return sources.get(name) or f"TrainConfig.{name}"
+
+        lo, hi = self.synthetic_tokens
+        if lo > hi:
+            raise ValueError(f"{src('synthetic_tokens')}: the range [{lo}, {hi}] is empty "
+                             f"(give min,max with min <= max)")
+        if self.class_weights is not None and self.labels is not None \
+                and len(self.class_weights) != len(self.labels):
+            raise ValueError(f"{src('class_weights')}: {len(self.class_weights)} weights for "
+                             f"{len(self.labels)} labels {self.labels}")
         return self
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -142,23 +120,46 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict, sources: Optional[dict] = None,
+                  origin: str = "config") -> "TrainConfig":
+        """A TrainConfig from a mapping; sources (field -> where it came from) names the origin
+        of a bad value in the error; unknown keys are an error naming them (and `origin`)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{origin}: must be a mapping of config keys, got "
+                             f"{type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(k for k in d if k not in names)
+        bad = sorted(str(k) for k in d if k not in names)
         if bad:
-            raise ValueError(f"unknown config keys {bad}; known: {sorted(names)}")
-        return cls(**d)
+            import difflib
+
+            hints = [f"{b!r} -> {m[0]!r}?" for b in bad
+                     for m in [difflib.get_close_matches(b, names, n=1)] if m]
+            raise ValueError(f"{origin}: unknown config keys {bad}"
+                             + (f" (did you mean: {', '.join(hints)})" if hints else ""))
+        sources = dict(sources or {})
+        # each value is checked against its own source before the dataclass sees it
+        checked = {k: check_field(k, v, sources.get(k) or f"{origin}: {k}") for k, v in d.items()}
+        obj = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                else f.default
+            setattr(obj, f.name, checked.get(f.name, default))
+        return obj.validate({k: sources.get(k) or f"{origin}: {k}" for k in d})
 
     def replace(self, **kw) -> "TrainConfig":
         return self.from_dict({**self.to_dict(), **kw})
 
 
-def read_config_file(path: str) -> dict:
-    """A YAML (.yaml / .yml) or JSON file -> dict of TrainConfig fields."""
+def read_config_file(path: str, with_sources: bool = False):
+    """A YAML (.yaml / .yml) or JSON file -> dict of TrainConfig fields (with_sources: and
+    {key: "<path> line N (key)"} for error messages)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path!r}: no such file")
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path}: cannot be read as UTF-8 text ({e})") from None
     if path.endswith((".yaml", ".yml")):
         from .._optional import require
 
@@ -177,4 +178,262 @@ def read_config_file(path: str) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"--config {path}: must hold a mapping of config keys, got "
                          f"{type(d).__name__}")
+    if with_sources:
+        lines = key_lines(path, text)
+        return d, {k: lines.get(k, f"{path} ({k})") for k in d if isinstance(k, str)}
     return d
+
+
+# ---------------------------------------------------------------------- field checks
+#
+# One rule per field: the config file, the command-line flags, a resumed checkpoint's config
+# and the Python API all pass through check_field(), so a bad value gets the same message
+# whatever its source; `where` names the source ("--lr", "run.yaml line 3 (lr)", ...).
+
+_INT_MAX = 2**31 - 1
+
+
+def _bad(where, what, v):
+    return ValueError(f"{where}: must be {what}, got {v!r}")
+
+
+def _int(lo=0, hi=_INT_MAX, optional=False):
+    def check(v, where):
+        if v is None and optional:
+            return None
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            what = f"an int in [{lo}, {hi}]" + (" or null" if optional else "")
+            raise _bad(where, what, v)
+        return v
+    return check
+
+
+def _float(lo=None, hi=None, lo_open=False, hi_open=False, optional=False):
+    def check(v, where):
+        if v is None and optional:
+            return None
+        x = v
+        if isinstance(x, str):  # YAML reads 1e-4 as a string
+            try:
+                x = float(x)
+            except ValueError:
+                x = None
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or \
+                (lo is not None and (x <= lo if lo_open else x < lo)) or \
+                (hi is not None and (x >= hi if hi_open else x > hi)):
+            rng = ""
+            if lo is not None or hi is not None:
+                rng = " in " + ("(" if lo_open else "[") + f"{lo if lo is not None else '-inf'}, " \
+                      + f"{hi if hi is not None else 'inf'}" + (")" if hi_open or hi is None
+                                                                 else "]")
+            raise _bad(where, "a finite number" + rng + (" or null" if optional else ""), v)
+        return float(x)
+    return check
+
+
+def _enum(*allowed):
+    def check(v, where):
+        if v not in allowed or not isinstance(v, str):
+            raise _bad(where, f"one of {list(allowed)}", v)
+        return v
+    return check
+
+
+def _str(optional=False, empty=False):
+    def check(v, where):
+        if v is None and optional:
+            return None
+        if not isinstance(v, str) or (not empty and not v.strip()):
+            raise _bad(where, "a non-empty string" + (" or null" if optional else ""), v)
+        return v
+    return check
+
+
+def _bool(optional=False):
+    def check(v, where):
+        if v is None and optional:
+            return None
+        if not isinstance(v, bool):
+            raise _bad(where, "true or false" + (" or null" if optional else ""), v)
+        return v
+    return check
+
+
+def _int_list(n, lo, hi):
+    def check(v, where):
+        if isinstance(v, str):
+            v = [x for x in v.replace(" ", "").split(",") if x]
+        if not isinstance(v, (list, tuple)) or len(v) != n:
+            raise _bad(where, f"{n} ints", v)
+        return [_int(lo, hi)(x, f"{where} item {i}") for i, x in enumerate(v)]
+    return check
+
+
+def _labels(v, where):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [x.strip() for x in v.split(",") if x.strip()]
+    if not isinstance(v, (list, tuple)) or len(v) < 2:
+        raise _bad(where, "a list of at least 2 label names", v)
+    out = []
+    for i, x in enumerate(v):
+        if isinstance(x, bool) or not isinstance(x, (str, int)) or (isinstance(x, str)
+                                                                     and not x.strip()):
+            raise _bad(f"{where} item {i}", "a non-empty string or an int", x)
+        out.append(str(x))
+    dup = sorted({x for x in out if out.count(x) > 1})
+    if dup:
+        raise ValueError(f"{where}: duplicate labels {dup} (labels are compared as strings)")
+    return out
+
+
+def _class_weights(v, where):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [x for x in v.replace(" ", "").split(",") if x]
+    if not isinstance(v, (list, tuple)) or not v:
+        raise _bad(where, "a list of finite weights >= 0, one per label", v)
+    w = [_float(lo=0)(x, f"{where} item {i}") for i, x in enumerate(v)]
+    if not any(x > 0 for x in w):
+        raise ValueError(f"{where}: at least one class weight must be > 0, got {v!r}")
+    return w
+
+
+def _target_modules(v, where):
+    if isinstance(v, str):
+        v = [t.strip() for t in v.split(",") if t.strip()] if "," in v else v
+        if isinstance(v, str):
+            if not v.strip():
+                raise _bad(where, "module names or a regex", v)
+            return v
+    if not isinstance(v, (list, tuple)) or not v or \
+            not all(isinstance(t, str) and t.strip() for t in v):
+        raise _bad(where, "a non-empty list of module names (or one regex string)", v)
+    return list(v)
+
+
+def _task_options(v, where):
+    if isinstance(v, str):
+        s = v.strip()
+        if s.startswith("{") or s.startswith("["):
+            try:
+                v = json.loads(s)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not a JSON object ({e})") from None
+        else:
+            d = {}
+            for part in filter(None, (p.strip() for p in s.split(","))):
+                k, eq, val = part.partition("=")
+                if not eq or not k.strip():
+                    raise ValueError(f"{where}: {part!r} is not key=value")
+                try:
+                    d[k.strip()] = json.loads(val.strip())
+                except json.JSONDecodeError:
+                    d[k.strip()] = val.strip()
+            v = d
+    if not isinstance(v, dict):
+        raise _bad(where, "a mapping of task options (JSON object or k=v,k=v; {} for none)", v)
+    for k, x in v.items():
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ValueError(f"{where}: option {k!r} must be finite, got {x!r}")
+    return dict(v)
+
+
+def _threads(v, where):
+    v = _int(1, _INT_MAX, optional=True)(v, where)
+    n = os.cpu_count() or 1
+    if v is not None and v > n:
+        raise ValueError(f"{where}: {v} threads, but this machine has {n} CPUs "
+                         f"(give at most {n})")
+    return v
+
+
+def _device(v, where):
+    if not isinstance(v, str):
+        raise _bad(where, "'cpu', 'cuda' or 'cuda:N'", v)
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+        raise _bad(where, "'cpu', 'cuda' or 'cuda:N'", v)
+    if v.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"{where}: {v!r} asked for, but no CUDA device is available")
+        if ":" in v and int(v.split(":")[1]) >= torch.cuda.device_count():
+            raise ValueError(f"{where}: {v!r}, but there are {torch.cuda.device_count()} GPUs")
+    return v
+
+
+def _backend(v, where):
+    from ..ops.registry import BACKENDS
+
+    if v not in ("auto",) + tuple(BACKENDS):
+        raise _bad(where, f"one of {['auto', *BACKENDS]}", v)
+    if v == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"{where}: backend 'cuda' needs a CUDA device; none is available "
+                             f"(use auto, or cpu / torch / triton)")
+    return v
+
+
+def _betas(v, where):
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise _bad(where, "two numbers in [0, 1)", v)
+    return tuple(_float(0, 1, hi_open=True)(b, f"{where} item {i}") for i, b in enumerate(v))
+
+
+_RULES = {
+    "task": _str(), "model": _str(optional=True), "train_file": _str(optional=True),
+    "val_file": _str(optional=True), "test_file": _str(optional=True), "text_field": _str(),
+    "label_field": _str(optional=True), "image_field": _str(optional=True),
+    "synthetic_sizes": _int_list(3, 1, 1_000_000),
+    "synthetic_tokens": _int_list(2, 552, 1_000_000),  # >= the demo's decide_after + 40
+    "labels": _labels, "max_tokens": _int(3, _INT_MAX, optional=True), "window": _int(0),
+    "pooling": _enum("cls", "mean", "attention"), "dropout": _float(0, 1, hi_open=True),
+    "task_options": _task_options, "mode": _enum(*MODES), "lora_r": _int(1, 65536),
+    "lora_alpha": _float(0, lo_open=True), "lora_dropout": _float(0, 1, hi_open=True),
+    "target_modules": _target_modules, "lora_bias": _enum(*LORA_BIAS),
+    "label_smoothing": _float(0, 1, hi_open=True), "class_weights": _class_weights,
+    "fgm_epsilon": _float(0), "lr": _float(0, lo_open=True),
+    "head_lr": _float(0, lo_open=True, optional=True), "weight_decay": _float(0),
+    "betas": _betas, "adam_eps": _float(0), "fused": _bool(optional=True),
+    "schedule": _enum(*SCHEDULES), "warmup_steps": _int(0), "warmup_ratio": _float(0, 1,
+                                                                                 hi_open=True),
+    "epochs": _int(1), "max_steps": _int(1, optional=True), "batch_size": _int(1),
+    "grad_accum": _int(1), "max_grad_norm": _float(0, lo_open=True, optional=True),
+    "precision": _enum(*PRECISIONS), "eval_every": _int(0), "eval_metric": _str(),
+    "eval_mode": _enum("max", "min"), "patience": _int(1, optional=True),
+    "save_every": _int(0), "keep_last": _int(1), "load_best": _bool(), "out_dir": _str(),
+    "seed": _int(0, 2**63 - 1), "threads": _threads, "device": _device, "fsdp": _bool(),
+    "bucket": _bool(), "log_every": _int(1), "progress": _bool(),
+    "eval_batch_size": _int(1, optional=True), "backend": _backend,
+}
+
+
+def check_field(name: str, value, where: str):
+    """The checked (and normalised) value of TrainConfig field `name`; ValueError naming
+    `where` (the field's source) when it is not acceptable."""
+    rule = _RULES.get(name)
+    if rule is None:
+        raise ValueError(f"{where}: unknown config key {name!r}")
+    return rule(value, where)
+
+
+def key_lines(path: str, text: str) -> dict:
+    """Config key -> "<path> line N (key)" for the top-level keys of a YAML / JSON text (the
+    first line that starts the key), so that errors point into the file."""
+    import re
+
+    out = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        m = re.match(r'\s*[{,]?\s*"?([A-Za-z_]\w*)"?\s*:', line)
+        if m and m.group(1) not in out:
+            out[m.group(1)] = f"{path} line {i} ({m.group(1)})"
+    return out

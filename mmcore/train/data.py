@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 from typing import Iterable, List, Optional, Sequence
@@ -27,47 +28,94 @@ __all__ = ["read_records", "encode_texts", "pad_batch", "LengthBucketSampler", "
 def read_records(path: str, *, text_field: str = "text", label_field: Optional[str] = "label",
                  image_field: Optional[str] = "images") -> List[dict]:
     """JSON-lines (.jsonl / .json, one object a line) or CSV (.csv / .tsv, header row) ->
-    [{"text": str, "label": value or None, "images": [paths]}, ...] plus any other fields.
+    [{"text": str, "label": value or None, "images": [paths], "where": "FILE line N"}, ...]
+    plus any other fields.  A UTF-8 byte-order mark is accepted.
 
     image_field: a list of paths, or one path, or a ';'-separated string (CSV); relative
-    paths are resolved against the file's directory."""
+    paths are resolved against the file's directory.
+
+    Labels must be strings, ints or finite numbers (a list, a dict, NaN or inf is refused);
+    labels are compared as strings, so a file mixing the int 1 and the string "1" is refused
+    rather than merging them silently.  Every error names the file and the line."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"data file must be a path, got {path!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     base = os.path.dirname(os.path.abspath(path))
-    rows = []
-    if path.endswith((".csv", ".tsv")):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
-    else:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+    rows = []  # (line number, record)
+    try:
+        if path.endswith((".csv", ".tsv")):
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",",
+                                        strict=True)
                 try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not a JSON object ({e})") from None
-                if not isinstance(r, dict):
-                    raise ValueError(f"{path}:{i}: each line must be a JSON object, got "
-                                     f"{type(r).__name__}")
-                rows.append(r)
-    out = []
-    for i, r in enumerate(rows, 1):
+                    for r in reader:
+                        if None in r:  # more cells than header columns
+                            raise ValueError(f"{path} line {reader.line_num}: more cells than the "
+                                             f"header's {len(reader.fieldnames)} columns")
+                        rows.append((reader.line_num, r))
+                except csv.Error as e:
+                    raise ValueError(f"{path} line {reader.line_num}: not valid CSV ({e})") \
+                        from None
+        else:
+            with open(path, encoding="utf-8-sig") as f:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{i}: not a JSON object ({e})") from None
+                    if not isinstance(r, dict):
+                        raise ValueError(f"{path}:{i}: each line must be a JSON object, got "
+                                         f"{type(r).__name__}")
+                    rows.append((i, r))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    out, seen = [], {}  # seen: str(label) -> (type name, where) of its first record
+    for i, r in rows:
+        where = f"{path} line {i}"
         if text_field not in r or not isinstance(r[text_field], str):
-            raise ValueError(f"{path}: record {i} has no string field {text_field!r} "
-                             f"(set text_field)")
+            raise ValueError(f"{where}: no string field {text_field!r} (set text_field)")
         rec = dict(r)
         rec["text"] = r[text_field]
-        rec["label"] = r.get(label_field) if label_field else None
+        rec["where"] = where
+        lab = r.get(label_field) if label_field else None
+        if isinstance(lab, str) and path.endswith((".csv", ".tsv")) and lab == "":
+            lab = None  # an empty CSV cell: no label
+        _check_label(lab, f"{where}: field {label_field!r}")
+        if lab is not None:
+            key, kind = str(lab), type(lab).__name__
+            first = seen.setdefault(key, (kind, where))
+            if first[0] != kind:
+                raise ValueError(f"{where}: label {lab!r} ({kind}) and the {first[0]} label at "
+                                 f"{first[1]} are the same class name {key!r}; use one type")
+        rec["label"] = lab
         imgs = r.get(image_field) if image_field else None
         if isinstance(imgs, str):
             imgs = [p for p in imgs.split(";") if p]
-        rec["images"] = [p if os.path.isabs(p) else os.path.join(base, p)
-                         for p in (imgs or [])]
+        if imgs is None:
+            imgs = []
+        if not isinstance(imgs, list) or not all(isinstance(p, str) and p for p in imgs):
+            raise ValueError(f"{where}: field {image_field!r} must be an image path or a list "
+                             f"of paths, got {imgs!r:.80}")
+        rec["images"] = [p if os.path.isabs(p) else os.path.join(base, p) for p in imgs]
         out.append(rec)
     if not out:
         raise ValueError(f"data file {path!r} holds no records")
     return out
+
+
+def _check_label(lab, where: str) -> None:
+    """A label is None (absent), a non-empty string, an int or a finite number."""
+    if lab is None or isinstance(lab, str) and lab.strip():
+        return
+    if isinstance(lab, bool) or isinstance(lab, int):
+        return
+    if isinstance(lab, float) and math.isfinite(lab):
+        return
+    raise ValueError(f"{where}: a label must be a non-empty string or a number, got "
+                     f"{lab!r:.80}")
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_tokens: Optional[int] = None) -> list:

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from ..models.vision_encoder import CLIP_MEAN, CLIP_STD, preprocess
 
 __all__ = ["DIGIT_WORDS", "ANSWERS", "caption", "question", "load_digits", "digits_records",
-           "write_digits_folder", "records_from_folder", "load_pixels", "IMAGE_SIZE"]
+           "write_digits_folder", "records_from_folder", "load_pixels", "check_image",
+           "IMAGE_SIZE"]
 
 IMAGE_SIZE = 32  # 8 × 8 digits upsampled 4× (bilinear)
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -163,6 +164,32 @@ def records_from_folder(folder: str, name: str = "captions.jsonl", **kw) -> List
     return read_records(path, **kw)
 
 
+def check_image(path: str, where: str = "") -> None:
+    """Open the image's header and verify its data (no decoding into memory); a file that is
+    not an image, a truncated / corrupt one, or a decompression bomb (more pixels than
+    PIL.Image.MAX_IMAGE_PIXELS) is a ValueError naming the record and the file."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and w * h > limit:
+                    raise ValueError(f"{w} x {h} pixels is over the {limit:,} pixel limit "
+                                     f"(a decompression bomb?)")
+                im.verify()
+    except ValueError as e:
+        raise ValueError(f"{where}: image {path}: {e}") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, EOFError) as e:
+        raise ValueError(f"{where}: image {path} is not a readable image "
+                         f"({type(e).__name__}: {e})") from None
+
+
 def load_pixels(images: Sequence[dict], image_size: int) -> torch.Tensor:
     """Images -> (B, 3, R, R): each {"pixels": (3, R, R)} already, or {"image": path} read
     with CLIP preprocessing (RGB, resize, centre crop, normalise)."""
@@ -175,5 +202,9 @@ def load_pixels(images: Sequence[dict], image_size: int) -> torch.Tensor:
                                  f"{tuple(p.shape)} (set task_options image_size)")
             out.append(p)
         else:
-            out.append(preprocess([e["image"]], image_size)[0])
+            try:
+                out.append(preprocess([e["image"]], image_size)[0])
+            except (OSError, SyntaxError, EOFError, ValueError) as err:
+                raise ValueError(f"{e.get('where', 'record')}: image {e['image']} cannot be "
+                                 f"read ({type(err).__name__}: {err})") from None
     return torch.stack(out)

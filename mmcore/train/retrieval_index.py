@@ -188,12 +188,19 @@ class RetrievalIndex:
     concatenation, so no second copy of a large gallery), with labels for evaluation.
 
     dim: E; normalize: L2-normalise what is added and searched (cosine similarity);
-    dtype: storage dtype (fp16 / bf16 halve the gallery; scores are computed in fp32)."""
+    dtype: storage dtype, floating point only (fp16 / bf16 halve the gallery; scores are
+    computed in fp32).  Embeddings or queries with NaN / inf rows are refused (ValueError
+    naming the rows), never ranked."""
 
     def __init__(self, dim: int, *, normalize: bool = True, dtype=torch.float32,
                  max_bytes: int = DEFAULT_MAX_BYTES):
-        if not isinstance(dim, int) or dim < 1:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or \
+                dtype.itemsize < 2:
+            raise ValueError(f"dtype must be a floating-point storage dtype (float32, float16, "
+                             f"bfloat16, float64), got {dtype!r}; integer storage would round "
+                             f"normalised embeddings to 0")
         self.dim, self.normalize, self.dtype, self.max_bytes = dim, normalize, dtype, max_bytes
         self.chunks: List[torch.Tensor] = []
         self.labels: List[torch.Tensor] = []
@@ -205,7 +212,15 @@ class RetrievalIndex:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{name} must be (n, {self.dim}), got {got}")
+        if not (x.is_floating_point()):
+            raise ValueError(f"{name} must be floating point, got {x.dtype}")
         x = x.detach()
+        bad = ~torch.isfinite(x).all(1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(f"{name}: rows {rows[:8]}{' ...' if len(rows) > 8 else ''} hold "
+                             f"NaN or inf ({len(rows)} of {x.shape[0]}); a non-finite "
+                             f"embedding has no meaningful score: drop those rows first")
         return F.normalize(x.float(), dim=-1) if self.normalize else x
 
     def add(self, embeddings: torch.Tensor, labels=None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import (check_checkpoint_files, find_checkpoint, load_checkpoint,
+                         save_checkpoint)
 from .config import TrainConfig
 from .data import LengthBucketSampler, shard, split_micro
 from .losses import FGM
@@ -76,10 +78,11 @@ class Trainer:
         self.adapter_config = adapter_config
         self.out_dir = cfg.out_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+        self.resume_path = find_checkpoint(resume) if resume else None
+        # every file the resume reads is checked before anything is written
+        rs = check_checkpoint_files(self.resume_path) if self.resume_path else None
         if self.d.main:
             os.makedirs(self.ckpt_root, exist_ok=True)
-        self.resume_path = find_checkpoint(resume) if resume else None
-        rs = read_state(self.resume_path) if self.resume_path else None
         if not train:
             raise ValueError("the training set is empty")
         self.raw = model.to(self.device)
@@ -134,9 +137,16 @@ class Trainer:
                      f"the data order and global batch ({self.step_batch}) carry over; RNG "
                      f"streams are re-seeded")
         if self.d.main and os.path.exists(self.metrics_path):  # drop lines past the checkpoint
-            with open(self.metrics_path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0)
-                        <= self.state["step"]]
+            keep = []
+            with open(self.metrics_path, encoding="utf-8", errors="replace") as f:
+                for ln in f:
+                    try:
+                        row = json.loads(ln) if ln.strip() else None
+                    except json.JSONDecodeError:
+                        row = None
+                    if isinstance(row, dict) and isinstance(row.get("step", 0), int) and \
+                            row.get("step", 0) <= self.state["step"]:
+                        keep.append(ln)
             with open(self.metrics_path, "w") as f:
                 f.writelines(keep)
         self.log(f"resumed from {self.resume_path} at step {self.state['step']} "
@@ -183,8 +193,7 @@ class Trainer:
                     with self._autocast():
                         loss = self.model(**inputs)["loss"]
                     if not torch.isfinite(loss.detach()) and self.scaler is None:
-                        raise FloatingPointError(f"loss is {float(loss)} at step "
-                                                 f"{self.state['step'] + 1}")
+                        raise FloatingPointError(self._diverged(f"loss is {float(loss)}"))
                     self._backward(loss.float() * weight)
                     if p == 1:
                         self.fgm.restore()
@@ -203,8 +212,30 @@ class Trainer:
             self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        self._check_finite_weights()
         loss_sum, tokens = D.all_reduce_sum([loss_sum, float(tokens)], self.d)
         return {"loss": loss_sum / n_step, "tokens": int(tokens), "grad_norm": gnorm}
+
+    def _diverged(self, what: str) -> str:
+        """The one-line message of a non-finite loss / weight: the step and the likely cause."""
+        c = self.cfg
+        lrs = f"lr {c.lr:g}" + (f", head_lr {c.head_lr:g}" if c.head_lr is not None else "")
+        return (f"{what} at step {self.state['step'] + 1}: training diverged; likely cause: "
+                f"a learning rate too high ({lrs}), or class_weights / lora_alpha / "
+                f"fgm_epsilon / precision {c.precision} overflowing; nothing from this step "
+                f"was saved (lower the learning rate, or set max_grad_norm)")
+
+    def _check_finite_weights(self) -> None:
+        """After an optimizer step: every trainable tensor finite (one reduction, one sync),
+        so a non-finite model is never evaluated, saved or kept as best."""
+        if not self.params:
+            return
+        norms = torch._foreach_norm([p.detach() for p in self.params])
+        bad = ~torch.isfinite(torch.stack([n.float() for n in norms]))
+        if bool(bad.any()):
+            names = [n for n, p in self.raw.named_parameters() if p.requires_grad]
+            first = names[int(bad.nonzero()[0])] if len(names) == len(norms) else "?"
+            raise FloatingPointError(self._diverged(f"non-finite weights ({first})"))
 
     # ------------------------------------------------------------------ evaluation
 
@@ -279,23 +310,26 @@ class Trainer:
 
     def load_weights(self, path: str) -> None:
         """Only the model's trainable tensors of a checkpoint (e.g. the best one)."""
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              set_model_state_dict)
 
-        from .checkpoint import model_key
+        from .checkpoint import _check_shapes, _load_tensors, model_key
 
         if self.cfg.mode == "lora":
-            raw = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"))
-            sd = {model_key(k): v for k, v in raw.items()}
+            wpath = os.path.join(path, "adapter", "adapter_model.safetensors")
+            sd = {model_key(k): v for k, v in _load_tensors(wpath).items()}
         else:
-            sd = load_file(os.path.join(path, "model.safetensors"))
+            wpath = os.path.join(path, "model.safetensors")
+            sd = _load_tensors(wpath)
+        _check_shapes(wpath, sd, self.model)
         set_model_state_dict(self.model, sd,
                              options=StateDictOptions(full_state_dict=True, strict=False))
 
     # ------------------------------------------------------------------ the loop
 
     def _improved(self, v: float) -> bool:
+        if not math.isfinite(v):  # a NaN / inf metric never makes a checkpoint the best
+            return False
         b = self.state["best"]
         return b is None or (v > b if self.cfg.eval_mode == "max" else v < b)
 

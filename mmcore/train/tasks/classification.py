@@ -114,6 +114,9 @@ class ClassificationTask(Task):
         super().__init__(cfg)
         from ...reading import load_tokenizer
 
+        if cfg.task_options:
+            raise ValueError(f"task_options {sorted(cfg.task_options)}: task 'classification' "
+                             f"takes no task options")
         self.model_dir = cfg.model or default_text_model()
         self.tokenizer = load_tokenizer(self.model_dir)
         self.labels = [str(x) for x in cfg.labels] if cfg.labels else None
@@ -121,6 +124,13 @@ class ClassificationTask(Task):
     def prepare(self, records: Dict[str, list]) -> Dict[str, list]:
         from ..data import encode_texts
 
+        field = self.cfg.label_field
+        for split, recs in records.items():
+            for n, r in enumerate(recs, 1):
+                if r.get("label") is None:
+                    where = r.get("where") or f"{split} record {n}"
+                    raise ValueError(f"{where}: no label (field {field!r}); classification "
+                                     f"needs a label on every record (set label_field)")
         if self.labels is None:
             if "train" not in records:
                 raise ValueError("no labels given and no training split to take them from")
@@ -135,8 +145,9 @@ class ClassificationTask(Task):
             ex = []
             for r, x in zip(recs, ids):
                 lab = r.get("label")
-                if lab is None or str(lab) not in index:
-                    raise ValueError(f"{split}: label {lab!r} is not one of {self.labels}")
+                if str(lab) not in index:
+                    raise ValueError(f"{r.get('where') or split}: label {lab!r} is not one of "
+                                     f"{self.labels}")
                 ex.append({"ids": x, "label": index[str(lab)]})
             out[split] = ex
         return out

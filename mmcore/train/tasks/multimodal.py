@@ -11,6 +11,7 @@ lists the ones it reads in its `options`:
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -21,7 +22,7 @@ from torch import nn
 
 from ...models import TextEncoder, VisionEncoder, default_text_model
 from ...models.vision_encoder import VisionConfig
-from ..images import digits_records, load_pixels
+from ..images import check_image, digits_records, load_pixels
 from . import Batch, Task
 
 __all__ = ["SMALL_VISION", "DIGITS_DEMO", "parse_options", "vision_tower", "MultimodalTask",
@@ -73,7 +74,29 @@ def parse_options(raw, defaults: dict, task: str) -> dict:
     if bad:
         raise ValueError(f"task_options {bad} are not options of task {task!r}; it takes "
                          f"{sorted(defaults)}")
+    for k, v in given.items():
+        rule = OPTION_RULES.get(k)
+        if rule is not None:
+            given[k] = rule(v, f"task_options {k}")
     return {**defaults, **given}
+
+
+def _option_rules() -> dict:
+    """task option -> check(value, where) (the same checks as the config's fields)."""
+    from ..config import _enum, _float, _int, _str
+
+    def mapping(v, where):
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"{where}: must be a mapping of VisionConfig fields, got {v!r}")
+        return v
+    return {"image_size": _int(8, 4096, optional=True), "embed_dim": _int(1, 65536),
+            "temperature": _float(0, lo_open=True), "vs_weight": _float(0),
+            "n_fusion": _int(1, 64), "fusion_heads": _int(1, 1024),
+            "matcher": _enum("dual", "fused"), "vision_model": _str(optional=True),
+            "vision_config": mapping}
+
+
+OPTION_RULES = _option_rules()
 
 
 def vision_tower(opts: dict) -> VisionEncoder:
@@ -85,14 +108,40 @@ def vision_tower(opts: dict) -> VisionEncoder:
         if not os.path.isdir(path):
             raise ValueError(f"task_options vision_model {path!r} is not a directory")
         if glob.glob(os.path.join(path, "*.safetensors")):
-            return VisionEncoder.from_pretrained(path, dtype=torch.float32)
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = VisionConfig.from_dict(json.load(f))
+            tower = VisionEncoder.from_pretrained(path, dtype=torch.float32)
+            want = opts.get("image_size")
+            if want and want != tower.config.image_size:
+                raise ValueError(f"task_options image_size {want}: the pretrained tower in "
+                                 f"{path} takes {tower.config.image_size} px images")
+            return tower
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                cfg = VisionConfig.from_dict(json.load(f))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"task_options vision_model {path!r}: no usable config.json "
+                             f"({e})") from None
+        if opts.get("image_size"):
+            cfg = dataclasses.replace(cfg, image_size=opts["image_size"])
     else:
         extra = opts.get("vision_config") or {}
         if not isinstance(extra, dict):
             raise ValueError(f"task_options vision_config must be a dict, got {extra!r}")
-        cfg = VisionConfig.from_dict({**SMALL_VISION, **extra})
+        size = {"image_size": opts["image_size"]} if opts.get("image_size") else {}
+        try:
+            cfg = VisionConfig.from_dict({**SMALL_VISION, **size, **extra})
+        except TypeError as e:
+            raise ValueError(f"task_options vision_config: {e}") from None
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_channels", "image_size", "patch_size"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"task_options vision_config {name} must be an int >= 1, got {v!r}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"task_options vision_config hidden_size {cfg.hidden_size} must be a "
+                         f"multiple of num_attention_heads {cfg.num_attention_heads}")
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"task_options image_size {cfg.image_size} must be a multiple of the "
+                         f"tower's patch_size {cfg.patch_size}")
     tower = VisionEncoder(cfg)
     with torch.no_grad():
         tower.cls.normal_(0, 0.02)
@@ -172,14 +221,15 @@ class MultimodalTask(Task):
             for n, (r, x) in enumerate(zip(recs, ids)):
                 e = {"ids": x, "label": -1}
                 lab = r.get("label")
+                where = r.get("where") or f"{split} record {n}"
                 if lab is not None and names is not None:
                     if str(lab) not in index:
-                        raise ValueError(f"{split} record {n}: label {lab!r} is not one of "
-                                         f"{names}")
+                        raise ValueError(f"{where}: label {lab!r} is not one of {names}")
                     e["label"] = index[str(lab)]
                 elif self.labelled:
-                    raise ValueError(f"{split} record {n} has no label")
-                e["images"] = self._images(r, f"{split} record {n}")
+                    raise ValueError(f"{where}: no label (field {self.cfg.label_field!r}); "
+                                     f"task {self.name!r} needs a label on every record")
+                e["images"] = self._images(r, where)
                 first = e["images"][0]
                 e["image_key"] = os.path.abspath(first["image"]) if "image" in first else \
                     f"id:{r.get('image_id', f'{split}/{n}')}"
@@ -195,10 +245,15 @@ class MultimodalTask(Task):
             figs = [{"pixels": x} for x in (p if isinstance(p, (list, tuple)) or p.dim() == 4
                                             else [p])]
         else:
-            figs = [{"image": path} for path in (r.get("images") or [])]
+            imgs = r.get("images") or []
+            if not isinstance(imgs, (list, tuple)) or not all(isinstance(p, str) for p in imgs):
+                raise ValueError(f"{where}: 'images' must be a list of image paths, got "
+                                 f"{imgs!r:.80}")
+            figs = [{"image": path, "where": where} for path in imgs]
             for f in figs:
                 if not os.path.isfile(f["image"]):
                     raise FileNotFoundError(f"{where}: image {f['image']!r} does not exist")
+                check_image(f["image"], where)
         most = self.max_images
         if not figs or (most is not None and len(figs) > most):
             want = "exactly one image" if most == 1 else f"1..{most or 'any'} images"

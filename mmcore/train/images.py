@@ -170,8 +170,9 @@ def check_image(path: str, where: str = "") -> None:
     PIL.Image.MAX_IMAGE_PIXELS) is a ValueError naming the record and the file."""
     import warnings
 
-    from PIL import Image
+    from .._optional import require
 
+    Image = require("PIL.Image", feature="training on images")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -39,6 +39,7 @@ class _CallableModule(_types.ModuleType):
 
 _sys.modules[__name__].__class__ = _CallableModule
 __signature__ = _inspect.signature(patch)  # what help() / inspect show for the call
+__doc__ += "\nThe call, mmcore.patch(model, ...):\n\n" + _inspect.cleandoc(patch.__doc__ or "")
 
 autoregister.install()
 

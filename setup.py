@@ -7,9 +7,10 @@ must run on other CPUs; kernels pick their vector ISA at run time).  The CUDA ke
 their CUDA implementations), when torch is a CUDA build and nvcc is found, or when MMCORE_CUDA=1;
 MMCORE_CUDA=0 skips them.  The kernels need sm_80+ (bf16 MMA, cp.async): TORCH_CUDA_ARCH_LIST
 (e.g. "8.0;9.0") is honoured by torch's build helpers, else the visible GPU's arch is used.
-Install against the torch already present:
+Install against the torch already present (docs/install.md; extras: EXTRAS below):
 
     pip install --no-build-isolation --use-pep517 -e .
+    pip install --no-build-isolation '.[all]'
 """
 import glob
 import os
@@ -54,6 +55,19 @@ def _extension():
                         extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
+# pip install 'mmcore[<extra>]' (mmcore/_optional.py names the extra a missing package is in;
+# ./bootstrap.sh installs all,test,docs from here)
+EXTRAS = {
+    "hf": _requirements("requirements-hf.txt"),  # mmcore.patch, peft interop, mmcore read
+    "triton": ["triton"],                        # the Triton backends
+    "train": ["tqdm", "rich", "scikit-learn", "pillow", "pyyaml"],  # mmcore train, its data
+    "vision": ["pillow"],                        # images: mmcore read --image
+    "plot": ["matplotlib"],                      # mmcore read --explain, training curves
+    "test": ["pytest", "packaging"],
+    "docs": ["mkdocs==1.6.1"],                   # the docs site (built --strict in CI)
+}
+EXTRAS["all"] = sorted({r for k in ("hf", "triton", "train", "vision", "plot") for r in EXTRAS[k]})
+
 setup(
     name="mmcore",
     version="0.1.0",
@@ -67,7 +81,6 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.4", "safetensors", "numpy"],
-    extras_require={"triton": ["triton"], "hf": _requirements("requirements-hf.txt"),
-                    "test": ["pytest"]},
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["mmcore=mmcore.cli:main"]},
 )

@@ -48,7 +48,8 @@ _map_benchmarks()
 
 from .ops import cross_attention, lora_linear, window_attention  # noqa: E402
 from .nn.kv_cache import RollingKVCache  # noqa: E402
-from .patch import LongContext, patch, unpatch  # noqa: E402
+from . import patch  # noqa: E402  (the package, callable: mmcore.patch(model), mmcore.patch.hf_interface)
+from .patch import LongContext, unpatch  # noqa: E402
 
 __all__ = ["window_attention", "cross_attention", "lora_linear", "RollingKVCache", "patch",
            "unpatch", "LongContext", "read", "load_run", "__version__"]

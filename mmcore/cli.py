@@ -33,11 +33,17 @@ def main(argv=None) -> int:
     add_predict_parser(sub).set_defaults(func=run_predict)
     add_export_parser(sub).set_defaults(func=run_export)
     args = ap.parse_args(argv)
-    if args.cmd == "info":
-        return cmd_info(args)
-    if args.cmd == "bench":
-        return cmd_bench(args)
-    return args.func(args)
+    from ._optional import MissingDependency
+
+    try:
+        if args.cmd == "info":
+            return cmd_info(args)
+        if args.cmd == "bench":
+            return cmd_bench(args)
+        return args.func(args)
+    except MissingDependency as e:  # an optional package: one line naming the extra
+        print(f"mmcore {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

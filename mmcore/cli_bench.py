@@ -101,21 +101,12 @@ def check_output(opt, path):
 
 def require_matplotlib():
     """Import matplotlib (Agg) or raise UsageError naming the `plot` extra."""
-    try:
-        from ._optional import require  # the port's helper, where merged
-    except ImportError:
-        require = None
-    try:
-        if require is not None:
-            require("matplotlib", extra="plot", feature="mmcore bench --plot")
-        else:
-            import matplotlib  # noqa: F401
-    except ImportError as e:
-        msg = str(e) if require is not None else \
-            f"--plot needs matplotlib, which is not installed: {PLOT_EXTRA}"
-        raise UsageError(msg) from None
-    import matplotlib
+    from ._optional import require
 
+    try:
+        matplotlib = require("matplotlib", feature="mmcore bench --plot")
+    except ImportError as e:
+        raise UsageError(str(e)) from None
     matplotlib.use("Agg")
     return matplotlib
 

@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 
+from ._optional import MissingDependency, require
+
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
 
@@ -162,6 +164,9 @@ def _check_paths(args):
             check_explain_path(args.explain)
         except ValueError as e:
             raise _UsageError(str(e)) from None
+        require("matplotlib", feature="mmcore read --explain")  # before the read, not after
+    if args.image:
+        require("PIL.Image", feature="mmcore read --image")
 
 
 def run_read(args) -> int:
@@ -177,6 +182,9 @@ def run_read(args) -> int:
     except KeyboardInterrupt:
         print("mmcore read: interrupted", file=sys.stderr)
         return 130
+    except MissingDependency as e:  # an optional package: which extra installs it
+        print(f"mmcore read: error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, RuntimeError, OSError) as e:
         if os.environ.get("MMCORE_DEBUG"):
             raise

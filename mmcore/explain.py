@@ -87,9 +87,9 @@ def save_attention_png(path: str, doc_rows: torch.Tensor, row_labels: List[str],
     """The heatmap PNG.  doc_rows (R, N) attention over document tokens (head-averaged);
     focus (a, b): the key range of the zoomed panel; images: [(picture (h, w, 3) in [0, 1],
     grid (g, g) attention over its patches, title)]."""
-    import matplotlib
+    from ._optional import require
 
-    matplotlib.use("Agg")
+    require("matplotlib", feature="mmcore read --explain").use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 

@@ -41,11 +41,12 @@ def _dtype(dtype):
 def _bar(n: int, desc: Optional[str], progress):
     """A tqdm bar over n documents on stderr (None without tqdm); progress None: only when
     stderr is a terminal."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
+    from ._optional import optional
+
+    tqdm = optional("tqdm")
+    if tqdm is None:
         return None
-    return tqdm(total=n, unit="doc", desc=desc or "predict", leave=False,
+    return tqdm.tqdm(total=n, unit="doc", desc=desc or "predict", leave=False,
                 disable=None if progress is None else False, dynamic_ncols=True)
 
 

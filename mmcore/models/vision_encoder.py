@@ -139,10 +139,9 @@ def _map_key(k: str, prefixed: bool = True) -> Optional[str]:
 def preprocess(paths, image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """CLIP preprocessing with PIL + numpy (no torchvision): RGB, resize the short side to
     `image_size` (bicubic), centre crop, scale to [0, 1], normalise.  -> (B, 3, R, R) fp32."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise RuntimeError("reading images needs Pillow (pip install pillow)") from None
+    from .._optional import require
+
+    Image = require("PIL.Image", feature="reading images")
     import numpy as np
 
     out = []

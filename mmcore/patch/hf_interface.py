@@ -320,7 +320,9 @@ def register():
     global _REGISTERED
     if _REGISTERED:
         return
+    from .._optional import require
     from .versions import check
+    require("transformers", feature='attn_implementation="mmcore"')
     check("transformers")
     from transformers import AttentionInterface
     try:

@@ -161,11 +161,9 @@ def read_config_file(path: str, with_sources: bool = False):
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--config {path}: cannot be read as UTF-8 text ({e})") from None
     if path.endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError:
-            raise RuntimeError("YAML configs need PyYAML (pip install pyyaml), or use JSON") \
-                from None
+        from .._optional import require
+
+        yaml = require("yaml", feature=f"--config {path}")
         try:
             d = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -75,11 +75,9 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 def _digits_01(image_size: int):
     """The digits as (N, 3, R, R) grey RGB in [0, 1] and their classes (N,)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise RuntimeError("the digits images need scikit-learn (pip install scikit-learn)") \
-            from None
+    from .._optional import require
+
+    load_digits = require("sklearn.datasets", feature="loading the digits images").load_digits
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
     d = load_digits()
@@ -137,8 +135,9 @@ def write_digits_folder(out_dir: str, *, seed: int = 0, image_size: int = IMAGE_
     """Write the digits in the user format: out_dir/images/NNNN.png + train.jsonl,
     validation.jsonl, test.jsonl (the same split and texts as digits_records).
     Returns {split: jsonl path}."""
-    from PIL import Image
+    from .._optional import require
 
+    Image = require("PIL.Image", feature="writing the digits images")
     x, y = _digits_01(image_size)
     splits = digits_records(kind, seed=seed, image_size=image_size)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -171,8 +170,9 @@ def check_image(path: str, where: str = "") -> None:
     PIL.Image.MAX_IMAGE_PIXELS) is a ValueError naming the record and the file."""
     import warnings
 
-    from PIL import Image
+    from .._optional import require
 
+    Image = require("PIL.Image", feature="training on images")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

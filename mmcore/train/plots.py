@@ -16,13 +16,13 @@ def save_curves(metrics_path: str, png_path: str, metric: str = "accuracy",
                 title: Optional[str] = None) -> Optional[str]:
     """Write the PNG; returns its path, or None when matplotlib is missing or nothing was
     logged."""
-    try:
-        import matplotlib
+    from .._optional import optional
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    matplotlib = optional("matplotlib")
+    if matplotlib is None:  # curves are a nicety: off without mmcore[plot]
         return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     if not os.path.isfile(metrics_path):
         return None
     rows = read_metrics(metrics_path)

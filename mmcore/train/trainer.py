@@ -288,11 +288,12 @@ class Trainer:
     def _bar(self):
         if not (self.cfg.progress and self.d.main):
             return None
-        try:
-            from tqdm import tqdm
-        except ImportError:
+        from .._optional import optional
+
+        tqdm = optional("tqdm")
+        if tqdm is None:
             return None
-        return tqdm(total=self.total_steps, initial=self.state["step"], unit="step",
+        return tqdm.tqdm(total=self.total_steps, initial=self.state["step"], unit="step",
                     dynamic_ncols=True, leave=False, desc="train")
 
     # ------------------------------------------------------------------ checkpoints

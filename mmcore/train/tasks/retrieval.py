@@ -128,13 +128,13 @@ def save_retrieval_curves(out_dir: str, random_baseline: dict):
     from ..plots import read_metrics
 
     path = os.path.join(out_dir, "metrics.jsonl")
-    try:
-        import matplotlib
+    from ..._optional import optional
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    matplotlib = optional("matplotlib")
+    if matplotlib is None:  # curves are a nicety: off without mmcore[plot]
         return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     if not os.path.isfile(path):
         return None
     rows = [r for r in read_metrics(path) if r.get("split") == "validation"]

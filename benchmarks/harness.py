@@ -13,6 +13,7 @@ Conventions (docs/benchmarks.md explains them to users):
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -172,7 +173,7 @@ def cpu_fma_peak(threads=None) -> dict:
     the extension); fma_tflops None, with "fma_missing" saying why, where it is absent."""
     threads = threads or torch.get_num_threads()
     try:
-        from mmcore import cpu_info
+        cpu_info = importlib.import_module("mmcore.cpu_info")
     except ImportError as e:
         return {"fma_tflops": None, "fma_missing": f"mmcore.cpu_info not importable ({e})"}
     try:

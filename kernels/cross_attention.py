@@ -254,7 +254,7 @@ def _co_fwd_kernel(
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, MROW, LINV, DQ, SQL, SKL,
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                    sdob, sdoh, sdom,
                    H, G, Sq, Sk, qk_scale, scale, SQ_KEY, SK_KEY,
@@ -268,9 +268,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, MROW, LINV, DQ, SQL, SKL,
     then fails to cancel where P is one-hot: dQ was off by 2.1 for a true max of 0.017 (bf16,
     q, k ~ 100 randn; issue 16).  Pass 1 takes the row max m, l = sum exp(S - m) and
     delta = sum P dP (not rowsum(dO * O): O is rounded to the input dtype); pass 2 uses
-    P = exp(S - m) / l, which sums to 1 to fp32 rounding.  The saved lse is unused; m (log2
-    units) and 1/l are stored per row (MROW, LINV) so that the dK/dV kernel takes the same P
-    (dK / dV from exp(S - lse) missed the tolerance rule at logits ~ 1e4, issue 24)."""
+    P = exp(S - m) / l, which sums to 1 to fp32 rounding.  The saved lse is unused."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -316,8 +314,6 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, MROW, LINV, DQ, SQL, SKL,
     m_use = tl.where(rvalid, m_i, 0.0)
     delta = d_i * l_inv
     tl.store(DELTA + row_base + offs_m64, delta, mask=offs_m < Sq)
-    tl.store(MROW + row_base + offs_m64, m_use, mask=offs_m < Sq)
-    tl.store(LINV + row_base + offs_m64, l_inv, mask=offs_m < Sq)
     # pass 2: dS = P (dP - delta), dQ = scale dS K
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, hi, BLOCK_N):
@@ -335,7 +331,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, MROW, LINV, DQ, SQL, SKL,
 
 
 @triton.jit(do_not_specialize=["Hkv", "Sq", "Sk", "Q_PER_SPLIT", "SQ_KEY", "SK_KEY"])
-def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SQL, SKL,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SQL, SKL,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                      sd_split, Hkv, G, Sq, Sk, qk_scale, scale, Q_PER_SPLIT, SQ_KEY, SK_KEY,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -383,17 +379,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SQL, SKL,
             q = tl.load(q_base + offs_m64[:, None] * sqm + offs_d[None, :], mask=qm, other=0.0)
             do = tl.load(do_base + offs_m64[:, None] * sdom + offs_d[None, :], mask=qm,
                          other=0.0)
-            # P = exp(S - m) / l with the dQ kernel's m and 1/l: the same P as there
-            m_row = tl.load(MROW + row_base + offs_m64, mask=rvalid, other=0.0)
-            l_inv = tl.load(LINV + row_base + offs_m64, mask=rvalid, other=0.0)
+            lse = tl.load(LSE + row_base + offs_m64, mask=rvalid, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m64, mask=rvalid, other=0.0)
-            # S as the dQ kernel forms it (q kᵀ, the same operand order, so the same rounding:
-            # at |S| ~ 1e4 k qᵀ differs by ~10 ulps, which exp() turns into a 1 % error of P)
-            st = tl.trans(_dot(q, tl.trans(k), PREC)) * qk_scale  # (BLOCK_N, BLOCK_M)
-            pt = tl.exp2(st - m_row[None, :]) * l_inv[None, :]
+            lse2 = lse * 1.4426950408889634
+            st = _dot(k, tl.trans(q), PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+            pt = tl.exp2(st - lse2[None, :])
             pt = tl.where(kvalid[:, None] & rvalid[None, :], pt, 0.0)
             dv += _dot(pt.to(do.dtype), do, PREC)
-            dpt = tl.trans(_dot(do, tl.trans(v), PREC))  # dP as the dQ kernel forms it
+            dpt = _dot(v, tl.trans(do), PREC)
             dst = pt * (dpt - delta[None, :])
             # padding and one-key rows: exactly 0 (a NaN delta must not reach padded keys)
             dst = tl.where((Lk > 1) & kvalid[:, None] & rvalid[None, :], dst, 0.0)
@@ -657,8 +650,6 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
     prec = _prec(q.dtype)
     dev = q.device
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
-    mrow = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)  # row max (log2 units)
-    linv = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)  # 1 / sum exp2(S - m)
     dq = torch.empty(B, H, Sq, D, dtype=q.dtype, device=dev)
     sql, has_sq = _lens(seqlens_q, lse)
     skl, has_sk = _lens(seqlens_k, lse)
@@ -667,7 +658,7 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
     def grid_q(meta):
         return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
 
-    _dq[grid_q](q, k, v, out, dout, lse, delta, mrow, linv, dq, sql, skl,
+    _dq[grid_q](q, k, v, out, dout, lse, delta, dq, sql, skl,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
                 out.stride(2),
@@ -698,7 +689,7 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
     def grid_k(meta):
         return (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv, split)
 
-    _dkdv[grid_k](q, k, v, dout, mrow, linv, delta, dk_buf, dv_buf, sql, skl,
+    _dkdv[grid_k](q, k, v, dout, lse, delta, dk_buf, dv_buf, sql, skl,
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2),
                   dout.stride(0), dout.stride(1), dout.stride(2),

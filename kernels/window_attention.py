@@ -22,9 +22,8 @@ Kernels
   _fwd_kernel       online softmax, fp32 accumulators, lse in fp32 (natural log); with
                     SPLIT_K each program takes a slice of the key blocks and writes
                     fp32 partials that _combine_kernel merges by lse (split-K decoding).
-  _bwd_dq_kernel    one program per query block, two loops over its key blocks: the row
-                    statistics (max m, l = sum exp2(S - m), delta = rowsum(P dP)), stored
-                    for the dK/dV kernel, then dQ with P = exp2(S - m) / l
+  _bwd_delta_kernel delta = rowsum(dO * O)
+  _bwd_dq_kernel    one program per query block, loops over its key blocks
   _bwd_dkdv_kernel  one program per (key block, kv head), loops over the g query heads
                     that share the kv head and their query blocks (GQA reduced in registers)
 The backward is deterministic by construction: every dq / dk / dv element is written by
@@ -64,6 +63,7 @@ _UNBOUNDED = 1 << 30  # a window side of -1 (unbounded) becomes this many positi
 LOG2E = 1.4426950408889634
 DECODE_MAX_SQ = 16  # Sq <= this takes the split-K (flash-decoding) forward
 # constants read inside kernels must be constexpr globals
+_LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 _NEG_INF = tl.constexpr(float("-inf"))
 
@@ -377,47 +377,40 @@ def _combine_kernel(OP, LP, O, LSE, Sq, D, n_splits,
 # ---------------------------------------------------------------- backward
 
 
-@_device_fn
-def _row_stats(q, do, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, offs_n,
-               d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left, right, G, qk_scale,
-               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               PREC: tl.constexpr):
-    """Pass 1 of the dQ kernel over the query block's key blocks, online: the row max m of S
-    (log2 units), l = sum exp2(S - m) and d = sum exp2(S - m) dP.  P = exp2(S - m) / l then
-    sums to 1 to fp32 rounding at any logit size; exp(S - lse) with an fp32 lse does not
-    (at |S| ~ 1e4 the lse is off by an ulp of S, and dS = P (dP - delta) fails to cancel
-    where P is one-hot: issue 24).  delta = d / l replaces rowsum(dO * O) (O is rounded)."""
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    d_i = tl.zeros([BLOCK_M], tl.float32)
-    for t in range(0, n_glob + n_win):
-        start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
-        n64 = start_n.to(tl.int64)
-        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PREC) * qk_scale
-        ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
-        s = tl.where(ok, s, _NEG_INF)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.where(s == _NEG_INF, 0.0, tl.exp2(s - m_use[:, None]))
-        dp = _dot(do, tl.trans(v), PREC)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        d_i = d_i * alpha + tl.sum(tl.where(p == 0.0, 0.0, p * dp), 1)
-        m_i = m_new
-    return m_i, l_i, d_i
+@triton.jit(do_not_specialize=["H", "Sq"])
+def _bwd_delta_kernel(O, DO, DELTA, SEQ_Q,
+                      stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
+                      H, Sq, D, HAS_SQ: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[b, h, i] = sum_d dO * O (0 on padding rows; dO there may be NaN)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if HAS_SQ:
+        Lq = tl.load(SEQ_Q + b).to(tl.int32)
+    else:
+        Lq = Sq + 0 * b
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    rows = offs_m.to(tl.int64)[:, None]
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows * stride_om + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows * stride_dm + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
 
 
 @_device_fn
-def _dq_loop(q, do, m2, l_inv, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
-             offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left, right,
-             G, qk_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m,
+             offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left, right, G,
+             qk_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
-    """dQ / scale of one query block over its key blocks, P = exp2(S - m2) * l_inv.  EXACT:
-    masked pairs never meet a non-finite K row (_dot_masked)."""
+    """dQ / scale of one query block over its key blocks.  EXACT: masked pairs never meet a
+    non-finite K row (_dot_masked)."""
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(0, n_glob + n_win):
         start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
@@ -434,9 +427,9 @@ def _dq_loop(q, do, m2, l_inv, delta, k_base, v_base, k_tile, v_tile, stride_kn,
         if not full:
             ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
             s = tl.where(ok, s, _NEG_INF)
-        # masked (-inf) pairs get P = 0 even when the row's l is NaN, and dS = 0 wherever
+        # masked (-inf) pairs get P = 0 even when the row's lse is NaN, and dS = 0 wherever
         # P = 0 even when dP (a masked non-finite V) or delta is not finite
-        p = tl.where(s == _NEG_INF, 0.0, tl.exp2(s - m2[:, None]) * l_inv[:, None])
+        p = tl.where(s == _NEG_INF, 0.0, tl.exp2(s - lse2[:, None]))
         dp = _dot(do, tl.trans(v), PREC)
         ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))
         if EXACT:
@@ -448,7 +441,7 @@ def _dq_loop(q, do, m2, l_inv, delta, k_base, v_base, k_tile, v_tile, stride_kn,
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, MROW, LINV, DQ, SEQ_Q, SEQ_K, FLAG,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K, FLAG,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -458,10 +451,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, MROW, LINV, DQ, SEQ_Q, SEQ_K, FLAG,
                    HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    PREC: tl.constexpr, FLAGS: tl.constexpr):
-    """dQ = scale · dS K over the key blocks of one query block, dS = P ∘ (dO Vᵀ − delta),
-    P and delta from _row_stats (stored per row in MROW, LINV, DELTA for the dK/dV kernel;
-    the forward's lse is not read).  FLAGS as in _fwd_kernel (1: flag non-finite dQ rows, 2:
-    recompute the flagged blocks)."""
+    """dQ = scale · dS K over the key blocks of one query block, dS = P ∘ (dO Vᵀ − delta).
+    FLAGS as in _fwd_kernel (1: flag non-finite dQ rows, 2: recompute the flagged blocks)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if FLAGS == 2:
@@ -489,6 +480,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, MROW, LINV, DQ, SEQ_Q, SEQ_K, FLAG,
     do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows * stride_dm + offs_d[None, :],
                  mask=row_mask, other=0.0)
     row_ok = offs_m < Lq
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)  # a row that sees nothing has p = 0
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
@@ -496,19 +490,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, MROW, LINV, DQ, SEQ_Q, SEQ_K, FLAG,
                                     BLOCK_M, BLOCK_N)
     k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
     v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
-    m_i, l_i, d_i = _row_stats(q, do, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
-                               offs_m, offs_n, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off,
-                               left, right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, PREC)
-    # a row that sees nothing (l = 0): P = 0; l NaN (a NaN / +inf score) propagates
-    seen = row_ok & (l_i != 0.0)
-    l_inv = tl.where(seen, 1.0 / l_i, 0.0)
-    m2 = tl.where(seen, m_i, 0.0)
-    delta = d_i * l_inv
-    rbase = pid_bh.to(tl.int64) * Sq
-    tl.store(DELTA + rbase + offs_m, delta, mask=offs_m < Sq)
-    tl.store(MROW + rbase + offs_m, m2, mask=offs_m < Sq)
-    tl.store(LINV + rbase + offs_m, l_inv, mask=offs_m < Sq)
-    dq = _dq_loop(q, do, m2, l_inv, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
+    dq = _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
                   offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left,
                   right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, FLAGS == 2)
     if FLAGS == 1:
@@ -521,7 +503,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, MROW, LINV, DQ, SEQ_Q, SEQ_K, FLAG,
 
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["HKV"])
-def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
                      stride_qb, stride_qh, stride_qm,
                      stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn,
@@ -562,7 +544,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K,
     # in-tile offsets in int32 (the launcher guarantees BLOCK_M row strides fit): two int64
     # (BLOCK_M, BLOCK_D) tiles held across the loops cost 64 registers, and at D = 128 the
     # non-causal / global-token variant spilled; the tile bases below are int64
-    q_tile = offs_m[:, None] * stride_qm + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    qT_tile = offs_m[None, :] * stride_qm + offs_d[:, None]  # (BLOCK_D, BLOCK_M)
     do_tile = offs_m[:, None] * stride_dm + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
     for gi in range(0, GROUP):
         h64 = hk64 * GROUP + gi
@@ -574,16 +556,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K,
             rows = start_m + offs_m
             row_ok = rows < Lq
             m64 = start_m.to(tl.int64)
-            q = tl.load(q_base + m64 * stride_qm + q_tile,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            # qT (BLOCK_D, BLOCK_M): loaded transposed
+            qT = tl.load(q_base + m64 * stride_qm + qT_tile,
+                         mask=row_ok[None, :] & d_ok[:, None], other=0.0)
             do = tl.load(do_base + m64 * stride_dm + do_tile,
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            m2 = tl.load(MROW + bh * Sq + rows, mask=row_ok, other=0.0)
-            l_inv = tl.load(LINV + bh * Sq + rows, mask=row_ok, other=0.0)
+            lse = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=0.0)
+            lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)
             delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
-            # S and dP in the dQ kernel's operand order (q kᵀ, dO vᵀ): the same rounding, so
-            # P and dP - delta match there bit for bit (k qᵀ differs by ulps of S ~ 1e4)
-            sT = tl.trans(_dot(q, tl.trans(k), PREC)) * qk_scale  # (BLOCK_N, BLOCK_M)
+            sT = _dot(k, qT, PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
             if not _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
                                BLOCK_M, BLOCK_N):
                 ok = _allowed(rows[None, :], offs_n[:, None], off, Lq, Lk, left, right, G,
@@ -592,11 +573,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K,
             # as in the dq kernel: P = 0 on masked pairs, dS = 0 wherever P = 0.  Unlike there,
             # a non-finite Q / dO row is not kept out of the dots (0 * NaN reaches the other
             # keys of this block): at 255 registers on sm_90 any extra tile spills
-            pT = tl.where(sT == _NEG_INF, 0.0, tl.exp2(sT - m2[None, :]) * l_inv[None, :])
+            pT = tl.where(sT == _NEG_INF, 0.0, tl.exp2(sT - lse2[None, :]))
             dv += _dot(pT.to(do.dtype), do, PREC)
-            dpT = tl.trans(_dot(do, tl.trans(v), PREC))
+            dpT = _dot(v, tl.trans(do), PREC)
             dsT = tl.where(pT == 0.0, 0.0, pT * (dpT - delta[None, :]))
-            dk += _dot(dsT.to(q.dtype), q, PREC)
+            dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC)
     dk = dk * sm_scale
     out_mask = (offs_n[:, None] < Sk) & d_ok[None, :]
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + cols * stride_dkn + offs_d[None, :],
@@ -622,12 +603,10 @@ def _key_of(c):
 # register spills; the small ones stay for D = 256, where big tiles do not fit.
 if _INTERPRET:
     # the interpreter runs every config it is given: one small config
-    # (asymmetric blocks, so that a BLOCK_M / BLOCK_N mix-up cannot pass the tests); dQ and
-    # dK/dV share theirs: numpy's matmul rounds a (64 x D)(D x 32) score tile differently from
-    # a (32 x D)(D x 64) one, and the dK/dV kernel's P must match the dQ kernel's bit for bit
+    # (asymmetric blocks, so that a BLOCK_M / BLOCK_N mix-up cannot pass the tests)
     _FWD = {"any": ((32, 64, 4, 1),)}
     _DQ = {"any": ((64, 32, 4, 1),)}
-    _DKDV = {"any": ((64, 32, 4, 1),)}
+    _DKDV = {"any": ((32, 64, 4, 1),)}
 else:
     _FWD = {
         "sm90": ((128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
@@ -862,11 +841,12 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
     flags = dict(HAS_SQ=seqlens_q is not None, HAS_SK=seqlens_k is not None,
                  CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype))
 
-    # per row, written by the dQ kernel for the dK/dV kernel: delta = rowsum(P dP), the row
-    # max of S (log2 units) and 1 / sum exp2(S - max)
     delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    mrow = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    linv = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    BMD = 64 if BLOCK_D <= 128 else 32
+    _bwd_delta_kernel[(triton.cdiv(Sq, BMD), B * H)](
+        out, dout, delta, sq, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), H, Sq, D,
+        HAS_SQ=seqlens_q is not None, BLOCK_M=BMD, BLOCK_D=BLOCK_D)
 
     qk_scale = float(scale) * LOG2E
     tk = _tune_key(Sq, Sk, left, right, G)
@@ -875,7 +855,7 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
                dout.stride(0), dout.stride(1), dout.stride(2))
     grid_q = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)  # noqa: E731
     flag = torch.empty((B * H, Sq), dtype=torch.int8, device=q.device)
-    args = (q, k, v, dout, lse, delta, mrow, linv, dq, sq, sk, flag, *strides,
+    args = (q, k, v, dout, lse, delta, dq, sq, sk, flag, *strides,
             dq.stride(0), dq.stride(1), dq.stride(2),
             H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, float(scale), tk)
     _dq_tuned[grid_q](*args, FLAGS=1, **flags)
@@ -884,7 +864,7 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
         *args, FLAGS=2, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **flags)
     grid_k = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * HKV)  # noqa: E731
     _dkdv_tuned[grid_k](
-        q, k, v, dout, mrow, linv, delta, dk, dv, sq, sk, *strides,
+        q, k, v, dout, lse, delta, dk, dv, sq, sk, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         H, HKV, H // HKV, Sq, Sk, D, left, right, G, qk_scale, float(scale), tk, **flags)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

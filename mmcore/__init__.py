@@ -33,12 +33,16 @@ from .nn.kv_cache import RollingKVCache  # noqa: E402
 from .patch import LongContext, patch, unpatch  # noqa: E402
 
 __all__ = ["window_attention", "cross_attention", "lora_linear", "RollingKVCache", "patch",
-           "unpatch", "LongContext", "read", "__version__"]
+           "unpatch", "LongContext", "read", "index", "search", "__version__"]
 
 
-def __getattr__(name):  # lazy: `mmcore.read(...)` without importing the model layer up front
+def __getattr__(name):  # lazy: read / index / search without importing the model layer up front
     if name == "read":
         from .reading import read
 
         return read
+    if name in ("index", "search"):
+        from . import indexing
+
+        return getattr(indexing, name)
     raise AttributeError(f"module 'mmcore' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The `mmcore` command: info | bench | read | train."""
+"""The `mmcore` command: info | bench | read | train | index | search."""
 from __future__ import annotations
 
 import argparse
@@ -152,6 +152,10 @@ def main(argv=None) -> int:
     from .cli_train import add_train_parser, run_train
 
     add_train_parser(sub).set_defaults(func=run_train)
+    from .cli_index import add_index_parser, add_search_parser, run_index, run_search
+
+    add_index_parser(sub).set_defaults(func=run_index)
+    add_search_parser(sub).set_defaults(func=run_search)
     args = ap.parse_args(argv)
     if args.cmd == "info":
         return cmd_info(args)

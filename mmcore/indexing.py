@@ -583,6 +583,14 @@ def _drop_dead_shards(idx: Index) -> None:
             pass
 
 
-def search(index_dir, query: str, top_k: int = 5, *, model: Optional[str] = None) -> List[dict]:
-    """The `top_k` passages of an index most similar to `query` (see Index.search)."""
-    return Index.open(index_dir).search(query, top_k, model=model)
+def search(index_dir, query: str, top_k: int = 5, *, model: Optional[str] = None,
+           encoder: Optional[PassageEncoder] = None) -> List[dict]:
+    """The `top_k` passages of an index most similar to `query` (see Index.search).
+    `encoder`: a PassageEncoder already loaded (the same model), to skip loading it."""
+    idx = Index.open(index_dir)
+    if encoder is not None:
+        if model_fingerprint(encoder.model) != idx.m["model"]["fingerprint"]:
+            raise BadIndexError(f"{index_dir}: written by model {idx.m['model']['path']}, not "
+                                f"by the encoder's {encoder.model}")
+        idx._encoder = encoder
+    return idx.search(query, top_k, model=model)

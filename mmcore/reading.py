@@ -297,7 +297,7 @@ def _progress(total, enabled):
     return bar, lambda n: bar.update(n)
 
 
-def passage_means(hidden, spans, block_tokens: int = 1 << 16):
+def passage_means(hidden, spans, block_tokens: int = 8192):
     """Mean of hidden[t0:t1] per passage, a block of consecutive passages at a time.
 
     hidden (N, H) (any float dtype); spans: sorted, non-overlapping (t0, t1, ...) tuples.

@@ -210,8 +210,10 @@ def _read_folder(args) -> int:
         res = indexing.index(args.file, out, model=args.model, window=window,
                              device=_device(args.device), chunk=args.chunk, progress=progress)
         hits = indexing.Index.open(out).search(q, args.top_k)
-    res.update(query=q, passages=hits, seconds=round(time.perf_counter() - t, 3))
-    res.pop("index")
+    res.update(query=q, passages=hits, encode_seconds=res["seconds"],
+               seconds=round(time.perf_counter() - t, 3))
+    for k in ("index", "total_seconds"):
+        res.pop(k)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

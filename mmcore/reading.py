@@ -11,8 +11,10 @@ How it works: the whole document is encoded once as ``[CLS] doc [SEP]`` by
 dense parts in token chunks).  The query is encoded separately with normal attention and
 mean-pooled (as sentence-transformers does).  Passages are sentences (short ones merged,
 long ones split); a passage's vector is the mean of its contextual token vectors.  Passages
-are ranked by cosine similarity to the query.  Attention costs O(N·window); the hidden states
-are O(N·hidden), so peak memory grows linearly with N, never with N².
+are ranked by cosine similarity to the query.  Attention costs O(N·window).  Memory is one
+copy of the hidden states (N·hidden fp32) plus one chunk's work: encode_long runs each layer
+chunk by chunk with the window's halo, the token ids / offsets are numpy arrays, and passages
+are pooled a block at a time (no full-length float64 copy).
 """
 from __future__ import annotations
 

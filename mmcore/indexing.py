@@ -27,7 +27,8 @@ Each batch of files is committed as one shard (written to a temporary file, then
 ``os.replace``) followed by the manifest (the same way), so a killed run leaves the index as
 of its last commit and the next run goes on from there.  Re-indexing compares content hashes:
 new and changed files are encoded, deleted ones dropped; a passage row is live only while the
-manifest maps its file to its shard, and shards left with no live rows are deleted.
+manifest maps its file to its shard; shards left with no live rows are deleted and those
+with fewer than half live are rewritten.
 """
 from __future__ import annotations
 
@@ -569,12 +570,33 @@ def _clean_orphans(idx: Index) -> None:
 
 
 def _drop_dead_shards(idx: Index) -> None:
-    """Delete shards no file maps to any more (after the manifest that forgets them)."""
-    used = {f["shard"] for f in idx.m["files"].values()}
-    dead = [s for s in idx.m["shards"] if s not in used]
+    """Delete shards no file maps to any more, and rewrite those with fewer than half of
+    their rows live (after the manifest commit that stops using the old file)."""
+    m = idx.m
+    used: Dict[str, int] = {}
+    for f in m["files"].values():
+        used[f["shard"]] = used.get(f["shard"], 0) + f["passages"]
+    dead = [s for s in m["shards"] if s not in used]
+    for name in [s for s in m["shards"] if s in used]:
+        sh = Shard(idx.shard_path(name))
+        if 2 * used[name] >= sh.t["vectors"].shape[0]:
+            continue
+        keep = [i for i, f in enumerate(sh.files) if m["files"].get(f, {}).get("shard") == name]
+        remap = {old: new for new, old in enumerate(keep)}
+        fi = sh.t["file"].tolist()
+        rows = [r for r in range(len(fi)) if fi[r] in remap]
+        new_name = f"{m['next_shard']:06d}.safetensors"
+        m["next_shard"] += 1
+        _write_shard(idx.shard_path(new_name), [sh.files[i] for i in keep],
+                     [(remap[fi[r]], int(sh.t["start"][r]), int(sh.t["end"][r]), sh.text(r))
+                      for r in rows], sh.t["vectors"][torch.tensor(rows, dtype=torch.long)])
+        for i in keep:
+            m["files"][sh.files[i]]["shard"] = new_name
+        m["shards"][m["shards"].index(name)] = new_name
+        dead.append(name)
     if not dead:
         return
-    idx.m["shards"] = [s for s in idx.m["shards"] if s in used]
+    m["shards"] = [s for s in m["shards"] if s not in dead]
     idx.commit()
     for s in dead:
         try:

@@ -100,11 +100,16 @@ def test_reindex_touches_only_changed_files(tmp_path, pe):
     assert top["file"] == "notes03.txt"
     assert all(h["file"] != "notes05.txt" for h in
                indexing.search(out, "barley mill", top_k=200, encoder=pe))
+    for f in ("notes06.txt", "notes07.txt", "notes08.txt"):  # their shard: 1 file left live
+        (src / f).write_text(f"The {f} file now talks about the harbour wall. " * 2)
+    assert indexing.index(src, out, encoder=pe, batch_files=6)["encoded"] == 3
     again = indexing.index(src, out, encoder=pe)
     assert again["encoded"] == 0 and again["unchanged"] == 12
     # shards no file maps to any more are gone; the same content as a fresh index
     m = json.loads((out / "manifest.json").read_text())
     assert sorted(os.listdir(out / "shards")) == sorted(m["shards"])
+    _, rows = Index.open(out)._load()  # no shard is more than half dead rows
+    assert all(2 * len(live) >= sh.t["vectors"].shape[0] for sh, live in rows)
     fresh = indexing.index(src, tmp_path / "fresh", encoder=pe)
     assert fresh["passages"] == again["passages"]
     assert _passages(out)[0] == _passages(tmp_path / "fresh")[0]

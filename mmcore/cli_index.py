@@ -201,6 +201,10 @@ def _read_folder(args) -> int:
     _check_model(args)
     if args.query is None:
         raise _UsageError("--query is required when reading a folder")
+    for opt, v in (("--image", args.image), ("--vision-model", args.vision_model),
+                   ("--explain", args.explain)):
+        if v:
+            raise _UsageError(f"{opt} is not supported when reading a folder ({args.file})")
     q = _query(args.query)
     window = None if args.window <= 0 else (args.window, args.window)
     progress = not args.no_progress and not args.json and sys.stderr.isatty()

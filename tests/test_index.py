@@ -194,6 +194,8 @@ def test_refused_indexes_one_line_exit_2(tmp_path, pe, capsys):
     assert cli.main(["index", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert cli.main(["search", str(out), "-q", "  "]) == 2
     assert "--query is empty" in capsys.readouterr().err
+    assert cli.main(["read", str(src), "-q", "x", "--image", "fig.png"]) == 2
+    assert "--image is not supported when reading a folder" in capsys.readouterr().err
 
 
 def test_cli_search_json_and_read_folder(tmp_path, capsys):

@@ -92,8 +92,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=2000)
     a = ap.parse_args(argv)
-    import torch
-
     from mmcore import indexing
     from mmcore.indexing import PassageEncoder
 

@@ -39,13 +39,14 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["index", "search", "Index", "BadIndexError", "FORMAT", "VERSION", "scan_folder"]
+__all__ = ["index", "search", "Index", "PassageEncoder", "BadIndexError", "FORMAT", "VERSION",
+           "scan_folder"]
 
 FORMAT = "mmcore-index"
 VERSION = 1

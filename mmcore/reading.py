@@ -67,7 +67,8 @@ class Tokenizer:
         A long text is tokenized in segments of about `segment_chars` characters, cut before
         a single space between two non-space characters (where a BERT or byte-level BPE
         pre-tokenizer splits anyway), so the tokenizer's per-token objects exist for one
-        segment at a time; the result is the same as one call on the whole text."""
+        segment at a time; for such tokenizers the result is that of one call on the whole
+        text (tests/test_read_scale.py checks it on MiniLM's)."""
         ids, offs, pos = [np.array([self.cls], np.int32)], [np.zeros((1, 2), np.int64)], 0
         n = len(text)
         while pos < n:

@@ -52,10 +52,10 @@ from . import patch  # noqa: E402  (the package, callable: mmcore.patch(model), 
 from .patch import LongContext, unpatch  # noqa: E402
 
 __all__ = ["window_attention", "cross_attention", "lora_linear", "RollingKVCache", "patch",
-           "unpatch", "LongContext", "read", "load_run", "__version__"]
+           "unpatch", "LongContext", "read", "load_run", "index", "search", "__version__"]
 
 
-def __getattr__(name):  # lazy: `mmcore.read(...)` without importing the model layer up front
+def __getattr__(name):  # lazy: read / index / search without importing the model layer up front
     if name == "read":
         from .reading import read
 
@@ -64,4 +64,8 @@ def __getattr__(name):  # lazy: `mmcore.read(...)` without importing the model l
         from .inference import load_run
 
         return load_run
+    if name in ("index", "search"):
+        from . import indexing
+
+        return getattr(indexing, name)
     raise AttributeError(f"module 'mmcore' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The `mmcore` command: info | bench | read | train | predict | export."""
+"""The `mmcore` command: info | bench | read | train | predict | export | index | search."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,10 @@ def main(argv=None) -> int:
 
     add_predict_parser(sub).set_defaults(func=run_predict)
     add_export_parser(sub).set_defaults(func=run_export)
+    from .cli_index import add_index_parser, add_search_parser, run_index, run_search
+
+    add_index_parser(sub).set_defaults(func=run_index)
+    add_search_parser(sub).set_defaults(func=run_search)
     args = ap.parse_args(argv)
     from ._optional import MissingDependency
 

@@ -66,7 +66,7 @@ def _arguments(p):
                    help="model dtype (default float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--top-k", type=_int_option(1), default=3,
                    help="passages to print (default 3)")
-    p.add_argument("--chunk", type=_int_option(1, 2 ** 31 - 1), default=2048,
+    p.add_argument("--chunk", type=_int_option(1, 2 ** 31 - 1), default=4096,
                    help="tokens per dense chunk")
     p.add_argument("--tokens", type=_int_option(_MIN_DEMO_TOKENS, 2 ** 31 - 1), default=32768,
                    help=f"demo: document length in tokens (>= {_MIN_DEMO_TOKENS})")
@@ -199,6 +199,12 @@ def run_read(args) -> int:
 
 
 def _run_read(args) -> int:
+    import os
+
+    if args.file not in (None, "-") and os.path.isdir(args.file):  # a folder: index + search
+        from .cli_index import read_folder
+
+        return read_folder(args)
     _check_paths(args)
     text = _read_input(args.file) if args.file is not None else None
     import torch

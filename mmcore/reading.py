@@ -11,12 +11,13 @@ How it works: the whole document is encoded once as ``[CLS] doc [SEP]`` by
 dense parts in token chunks).  The query is encoded separately with normal attention and
 mean-pooled (as sentence-transformers does).  Passages are sentences (short ones merged,
 long ones split); a passage's vector is the mean of its contextual token vectors.  Passages
-are ranked by cosine similarity to the query.  Attention costs O(N·window); the hidden states
-are O(N·hidden), so peak memory grows linearly with N, never with N².
+are ranked by cosine similarity to the query.  Attention costs O(N·window).  Memory is one
+copy of the hidden states (N·hidden fp32) plus one chunk's work: encode_long runs each layer
+chunk by chunk with the window's halo, the token ids / offsets are numpy arrays, and passages
+are pooled a block at a time (no full-length float64 copy).
 """
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import random
@@ -27,7 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .models import TextEncoder, default_text_model, mean_pool
 
@@ -59,10 +62,27 @@ class Tokenizer:
             raise ValueError(f"{model_dir}: tokenizer has no [CLS]/<s> or [SEP]/</s> token")
         self.cls, self.sep = v[cls_tok], v[sep_tok]
 
-    def document(self, text: str):
-        """-> ids [CLS] doc [SEP] (list), char offsets (start, end) per token (CLS/SEP: (0,0))."""
-        e = self.tok.encode(text, add_special_tokens=False)
-        return [self.cls] + e.ids + [self.sep], [(0, 0)] + list(e.offsets) + [(0, 0)]
+    def document(self, text: str, segment_chars: int = 1 << 18):
+        """-> ids [CLS] doc [SEP] (N,) int32 array, char offsets (N, 2) int64 array
+        ([CLS]/[SEP]: (0, 0)).
+
+        A long text is tokenized in segments of about `segment_chars` characters, cut before
+        a single space between two non-space characters (where a BERT or byte-level BPE
+        pre-tokenizer splits anyway), so the tokenizer's per-token objects exist for one
+        segment at a time; for such tokenizers the result is that of one call on the whole
+        text (tests/test_read_scale.py checks it on MiniLM's)."""
+        ids, offs, pos = [np.array([self.cls], np.int32)], [np.zeros((1, 2), np.int64)], 0
+        n = len(text)
+        while pos < n:
+            end = n if n - pos <= segment_chars else _cut(text, pos + segment_chars)
+            e = self.tok.encode(text[pos:end], add_special_tokens=False)
+            ids.append(np.asarray(e.ids, dtype=np.int32))
+            o = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
+            offs.append(o + pos)
+            pos = end
+        ids.append(np.array([self.sep], np.int32))
+        offs.append(np.zeros((1, 2), np.int64))
+        return np.concatenate(ids), np.concatenate(offs)
 
     def query(self, text: str, max_len: int = 512):
         ids = self.tok.encode(text, add_special_tokens=False).ids[:max_len - 2]
@@ -70,6 +90,16 @@ class Tokenizer:
 
     def count(self, texts: Sequence[str]) -> List[int]:
         return [len(e.ids) for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+
+_CUT = re.compile(r"(?<=\S) (?=\S)")
+
+
+def _cut(text: str, at: int) -> int:
+    """The first position >= at of a single space between two non-space characters (the
+    segment after the cut starts with that space), or len(text) when there is none."""
+    m = _CUT.search(text, at)
+    return m.start() if m else len(text)
 
 
 def load_tokenizer(model_dir: str) -> Tokenizer:
@@ -84,19 +114,24 @@ _SENT = re.compile(r"[^.!?\n]+(?:[.!?]+|\n|$)")
 def split_passages(text: str, offsets, min_tokens: int = 8, max_tokens: int = 96):
     """Sentence passages as token spans: list of (tok_start, tok_end, char_start, char_end).
 
-    `offsets` are the document tokens' char offsets (index 0 = CLS).  Sentences shorter than
-    `min_tokens` are merged into the next one; longer than `max_tokens` are cut."""
-    starts = [o[0] for o in offsets[1:-1]]
+    `offsets` are the document tokens' char offsets, (N, 2) array or list of pairs (index
+    0 = CLS).  Sentences shorter than `min_tokens` are merged into the next one; longer than
+    `max_tokens` are cut."""
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts = offsets[1:-1, 0]
+    sent = [(m.start(), m.end()) for m in _SENT.finditer(text)]
+    if not sent:
+        return []
+    a = np.array([p[0] for p in sent], np.int64)
+    b = np.array([p[1] for p in sent], np.int64)
+    # skip leading whitespace: first non-space char of each sentence (or b when none)
+    lead = np.array([len(text[x:y]) - len(text[x:y].lstrip()) for x, y in sent], np.int64)
+    a = a + lead
+    t0s = (1 + np.searchsorted(starts, a, side="left")).tolist()
+    t1s = (1 + np.searchsorted(starts, b, side="left")).tolist()
     spans, cur = [], None
-    for m in _SENT.finditer(text):
-        a, b = m.start(), m.end()
-        while a < b and text[a].isspace():
-            a += 1
-        if a >= b:
-            continue
-        t0 = 1 + bisect.bisect_left(starts, a)
-        t1 = 1 + bisect.bisect_left(starts, b)
-        if t1 <= t0:
+    for ok, t0, t1 in zip((a < b).tolist(), t0s, t1s):
+        if not ok or t1 <= t0:
             continue
         cur = [t0, t1] if cur is None else [cur[0], t1]
         if cur[1] - cur[0] >= min_tokens:
@@ -111,7 +146,7 @@ def split_passages(text: str, offsets, min_tokens: int = 8, max_tokens: int = 96
     for t0, t1 in spans:
         for s in range(t0, t1, max_tokens):
             e = min(t1, s + max_tokens)
-            out.append((s, e, offsets[s][0], offsets[e - 1][1]))
+            out.append((s, e, int(offsets[s, 0]), int(offsets[e - 1, 1])))
     return out
 
 
@@ -268,20 +303,42 @@ def _progress(total, enabled):
     return bar, lambda n: bar.update(n)
 
 
+def passage_means(hidden, spans, block_tokens: int = 8192):
+    """Mean of hidden[t0:t1] per passage, a block of consecutive passages at a time.
+
+    hidden (N, H) (any float dtype); spans: sorted, non-overlapping (t0, t1, ...) tuples.
+    Yields (i0, means (p, H) float64) for passages i0 .. i0 + p - 1: the sums are a float64
+    cumsum over one block of at most `block_tokens` tokens (or one passage), so no full-length
+    float64 copy of the hidden states exists."""
+    t0 = np.fromiter((s[0] for s in spans), np.int64, len(spans))
+    t1 = np.fromiter((s[1] for s in spans), np.int64, len(spans))
+    i = 0
+    while i < len(spans):
+        j = max(i + 1, int(np.searchsorted(t1, t0[i] + block_tokens, side="right")))
+        g0, g1 = int(t0[i]), int(t1[j - 1])
+        cs = hidden[g0:g1].double().cumsum(0)
+        cs = torch.cat([cs.new_zeros(1, cs.shape[1]), cs])  # (g1 - g0 + 1, H)
+        a = torch.from_numpy(t0[i:j] - g0)
+        b = torch.from_numpy(t1[i:j] - g0)
+        yield i, (cs[b] - cs[a]) / (b - a)[:, None].double()
+        i = j
+
+
+def passage_scores(hidden, spans, qvec) -> torch.Tensor:
+    """(P,) float64 cosine similarity of each passage's mean token vector to qvec (H,)."""
+    q = qvec.double()[None].to(hidden.device)
+    return torch.cat([F.cosine_similarity(m, q, dim=-1) for _, m in passage_means(hidden, spans)])
+
+
 def _rank(hidden, spans, qvec, top_k):
     """Cosine of the mean of hidden[t0:t1] per passage vs qvec -> sorted [(score, i)]."""
-    cs = torch.cat([hidden.new_zeros(1, hidden.shape[1]), hidden.double().cumsum(0)])
-    t0 = torch.tensor([s[0] for s in spans])
-    t1 = torch.tensor([s[1] for s in spans])
-    means = (cs[t1] - cs[t0]) / (t1 - t0)[:, None].double()  # (P, H)
-    sims = torch.nn.functional.cosine_similarity(means, qvec.double()[None], dim=-1)
-    k = min(top_k, len(spans))
-    v, i = sims.topk(k)
+    sims = passage_scores(hidden, spans, qvec)
+    v, i = sims.topk(min(top_k, len(spans)))
     return [(float(a), int(b)) for a, b in zip(v, i)], sims
 
 
 def read(text: str, query: str, *, model=None, window=(128, 128), device="cpu",
-         dtype=torch.float32, top_k: int = 5, chunk: int = 2048, progress: bool = True,
+         dtype=torch.float32, top_k: int = 5, chunk: int = 4096, progress: bool = True,
          truncate: Optional[int] = None, images: Sequence[str] = (),
          vision_model: Optional[str] = None, encoder: Optional[TextEncoder] = None,
          tokenizer: Optional[Tokenizer] = None, explain: Optional[str] = None) -> dict:
@@ -321,16 +378,17 @@ def read(text: str, query: str, *, model=None, window=(128, 128), device="cpu",
         vision = VisionEncoder.from_pretrained(vision_model, dtype=dtype, device=device)
     tok = tokenizer or Tokenizer(model)
     enc = encoder or TextEncoder.from_pretrained(model, dtype=dtype, device=device)
-    ids, offs = tok.document(text)
+    ids, offs = tok.document(text)  # (N,) int32, (N, 2) int64
     if truncate is not None and len(ids) > truncate:
-        ids, offs = ids[:truncate - 1] + [tok.sep], offs[:truncate - 1] + [(0, 0)]
+        ids = np.concatenate([ids[:truncate - 1], np.array([tok.sep], np.int32)])
+        offs = np.concatenate([offs[:truncate - 1], np.zeros((1, 2), np.int64)])
         window = None
     N = len(ids)
     spans = split_passages(text, offs)
     if not spans:
         raise ValueError("the document has no text to read")
     qids = torch.tensor([tok.query(query)], device=device)
-    x = torch.tensor([ids], device=device)
+    x = torch.from_numpy(ids.astype(np.int64))[None].to(device)  # (1, N)
     pixels = preprocess(images, vision.config.image_size).to(device) if images else None
     with torch.no_grad():  # the query first: it also pages the weights in before measuring
         qvec = mean_pool(enc(qids).float())[0]  # (H,), full attention
@@ -357,17 +415,18 @@ def read(text: str, query: str, *, model=None, window=(128, 128), device="cpu",
     if bar is not None:
         bar.close()
     with torch.no_grad():
-        top, _ = _rank(hidden.float(), spans, qvec, top_k)
+        top, _ = _rank(hidden, spans, qvec, top_k)
         if reader is not None:
             extra.update(_head_answers(reader, hidden, offs, text))
     if explain:
         from .explain import explain_read
 
-        extra["explain"] = explain_read(explain, enc=enc, tokenizer=tok, ids=ids,
+        extra["explain"] = explain_read(explain, enc=enc, tokenizer=tok, ids=ids.tolist(),
                                         span=spans[top[0][1]][:2], window=window, chunk=chunk,
                                         **fusion_in)
     passages = [dict(rank=r + 1, start=spans[i][2], end=spans[i][3], score=round(s, 4),
                      text=text[spans[i][2]:spans[i][3]]) for r, (s, i) in enumerate(top)]
+    del hidden
     return dict(passages=passages, tokens=N, seconds=secs, tokens_per_s=N / max(secs, 1e-9),
                 peak_memory_bytes=int(mem.peak), backend=attention_backend(enc, x, window),
                 window=list(window) if window is not None else None, device=str(device),
@@ -387,7 +446,7 @@ def _head_answers(reader, hidden, offs, text, max_span=30):
         i = int(v.argmax())
         if float(v[i]) > best[0]:
             best = (float(v[i]), i, i + d)
-    a, b = offs[1 + best[1]][0], offs[1 + best[2]][1]
+    a, b = int(offs[1 + best[1]][0]), int(offs[1 + best[2]][1])
     return dict(classification=dict(label=labels[int(probs.argmax())],
                                     probabilities=[round(float(p), 4) for p in probs]),
                 span=dict(start=a, end=b, text=text[a:b], score=round(best[0], 4)))

@@ -92,7 +92,7 @@ def fixed_cases(f):
         ([ok, "-q", "x", "--device", "cuda"], "", ["--device"]),
         ([ok], "", ["--query"]),
         ([missing, "-q", "x"], "", [missing]),
-        ([f["dir"], "-q", "x"], "", [f["dir"]]),
+        ([f["dir"]], "", ["--query"]),  # a folder is read as an index: it needs a query
         ([f["latin1.txt"], "-q", "x"], "", [f["latin1.txt"]]),
         ([f["nul.txt"], "-q", "x"], "", [f["nul.txt"]]),
         ([f["binary.bin"], "-q", "x"], "", [f["binary.bin"]]),

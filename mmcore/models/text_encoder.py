@@ -136,38 +136,88 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_long(self, input_ids, *, window=(128, 128), global_tokens=1, chunk=4096,
-                    progress=None, layers=None):
-        """Inference over one long sequence (1, N) layer by layer, with every dense part
-        (QKV, output projection, FFN) done in token chunks so the only full-length tensors
-        are the hidden state and q/k/v (O(N·H)); attention itself is the window op, whose
-        work and memory are O(N·window).  `progress(n)` is called after each chunk of each
-        layer with n = chunk tokens / layers (so the calls add up to N).  `layers`: run only
-        the first `layers` layers (the hidden state entering layer `layers`).  Returns (N, H)."""
+                    progress=None, layers=None, store_dtype=None):
+        """Inference over one long sequence (1, N), layer by layer and chunk by chunk, with
+        memory bounded by one copy of the hidden states.
+
+        The hidden state x (N, H) is the only full-length tensor (kept in `store_dtype`,
+        default the model's dtype; every chunk is computed in the model's dtype).  Per layer,
+        chunk [a, b) of the non-global tokens is projected with its halo [a - left, b + right)
+        (the keys its window reaches) and attends, through window_attention, over the global
+        prefix + halo: q, k, v, scores and FFN activations exist only for one chunk + halo.
+        The global prefix's query rows see every key: they are accumulated over the chunks'
+        keys with an online softmax (outputs merged by their lse, return_lse=True) and written
+        at the end of the layer.  The halo rows left of the chunk come from a carry of the
+        previous chunk's layer input, so x is updated in place.
+
+        `progress(n)` is called after each chunk of each layer with n = chunk tokens / layers
+        (the calls add up to N).  `layers`: run only the first `layers` layers (the hidden
+        state entering layer `layers`).  Returns x (N, H)."""
         assert input_ids.dim() == 2 and input_ids.shape[0] == 1, "encode_long takes (1, N)"
         N = input_ids.shape[1]
         L = len(self.layers)
-        x = torch.cat([self.embed(input_ids[:, i:i + chunk], start=i)[0]
-                       for i in range(0, N, chunk)])  # (N, H)
-        Hh = self.config.num_attention_heads
-        for li, layer in enumerate(self.layers[:layers]):
-            a = layer.attn
-            w_qkv = torch.cat([a.q.weight, a.k.weight, a.v.weight])  # (3H, H)
-            b_qkv = torch.cat([a.q.bias, a.k.bias, a.v.bias])
-            qkv = torch.empty(3, Hh, N, x.shape[1] // Hh, dtype=x.dtype, device=x.device)
-            for i in range(0, N, chunk):
-                y = F.linear(x[i:i + chunk], w_qkv, b_qkv)  # (c, 3H)
-                qkv[:, :, i:i + chunk] = y.view(-1, 3, Hh, qkv.shape[-1]).permute(1, 2, 0, 3)
-            att = window_attention(qkv[0:1], qkv[1:2], qkv[2:3], window=window,
-                                   global_tokens=global_tokens)[0]  # (Hh, N, D)
-            del qkv
-            for i in range(0, N, chunk):
-                o = a.o(att[:, i:i + chunk].transpose(0, 1).reshape(-1, x.shape[1]))
-                xi = layer.ln1(x[i:i + chunk] + o)
-                x[i:i + chunk] = layer.ffn(xi)
-                if progress is not None:
-                    progress(xi.shape[0] / L)
-            del att
+        cdt = self.word.weight.dtype
+        sdt = store_dtype or cdt
+        H = self.config.hidden_size
+        x = torch.empty(N, H, dtype=sdt, device=input_ids.device)  # (N, H)
+        for i in range(0, N, chunk):
+            x[i:i + chunk] = self.embed(input_ids[:, i:i + chunk], start=i)[0]
+        G = min(int(global_tokens), N)
+        lw, rw = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+        lw = N if lw < 0 else min(lw, N)
+        rw = N if rw < 0 else min(rw, N)
+        if lw + rw >= N:  # the window covers everything: one chunk, no halo to cut
+            chunk = max(N - G, 1)
+        for layer in self.layers[:layers]:
+            self._long_layer(layer, x, G, lw, rw, chunk, progress, L)
         return x
+
+    def _long_layer(self, layer, x, G, lw, rw, chunk, progress, L):
+        """One layer of encode_long over x (N, H) in place (see there)."""
+        N, H = x.shape
+        a_ = layer.attn
+        h = a_.h
+        D = H // h
+        cdt = self.word.weight.dtype
+        w_qkv = torch.cat([a_.q.weight, a_.k.weight, a_.v.weight])  # (3H, H)
+        b_qkv = torch.cat([a_.q.bias, a_.k.bias, a_.v.bias])
+
+        def qkv(rows):  # (n, H) -> q, k, v (1, h, n, D)
+            y = F.linear(rows, w_qkv, b_qkv).view(rows.shape[0], 3, h, D)
+            return y.permute(1, 2, 0, 3).unsqueeze(1).unbind(0)
+
+        xg = x[:G].to(cdt)  # (G, H) the global rows' layer input
+        qg, kg, vg = qkv(xg)  # (1, h, G, D)
+        og = lg = None  # running output (1, h, G, D) and lse (1, h, G) of the global rows
+        if G:
+            og, lg = window_attention(qg, kg, vg, return_lse=True)
+        carry = x[G:G].to(cdt)  # layer-input rows left of the chunk (already overwritten)
+        for a in range(G, N, chunk):
+            b = min(N, a + chunk)
+            lo, hi = max(G, a - lw), min(N, b + rw)
+            xs = torch.cat([carry[carry.shape[0] - (a - lo):], x[a:hi].to(cdt)])  # [lo, hi)
+            q, k, v = qkv(xs)  # (1, h, hi - lo, D)
+            if G:  # local sequence: global prefix + halo; the global rows are dropped below
+                q, k, v = (torch.cat([g, t], 2) for g, t in ((qg, q), (kg, k), (vg, v)))
+            att = window_attention(q, k, v, window=(lw, rw), global_tokens=G)
+            off = G + a - lo
+            att = att[0, :, off:off + b - a].transpose(0, 1).reshape(b - a, H)  # (c, H)
+            if G:  # the global rows over this chunk's own keys, merged by lse
+                oc, lc = window_attention(qg, k[:, :, off:off + b - a],
+                                          v[:, :, off:off + b - a], return_lse=True)
+                m = torch.logaddexp(lg, lc)
+                og = og * torch.exp(lg - m)[..., None] + oc * torch.exp(lc - m)[..., None]
+                lg = m
+            carry = xs[max(0, xs.shape[0] - (hi - b) - lw):xs.shape[0] - (hi - b)]
+            xi = layer.ln1(xs[a - lo:b - lo] + a_.o(att))
+            x[a:b] = layer.ffn(xi)
+            if progress is not None:
+                progress((b - a) / L)
+        if G:
+            o = og[0].transpose(0, 1).reshape(G, H)
+            x[:G] = layer.ffn(layer.ln1(xg + a_.o(o)))
+            if progress is not None:
+                progress(G / L)
 
     # -------------------------------------------------------------- loading
     @classmethod

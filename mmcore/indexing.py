@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._optional import optional
+
 __all__ = ["index", "search", "Index", "PassageEncoder", "BadIndexError", "FORMAT", "VERSION",
            "scan_folder"]
 
@@ -428,11 +430,10 @@ class Index:
 def _progress(enabled: bool, total_files: int):
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
+    tqdm = optional("tqdm")  # a progress bar is a nicety: off without the train extra
+    if tqdm is None:
         return None
-    return tqdm(total=0, unit="tok", unit_scale=True, desc=f"indexing {total_files} files",
+    return tqdm.tqdm(total=0, unit="tok", unit_scale=True, desc=f"indexing {total_files} files",
                 file=sys.stderr, dynamic_ncols=True, leave=False)
 
 

@@ -11,40 +11,25 @@ import sys as _sys
 __version__ = "0.1.0"
 
 
-def _map_kernels():
-    """setup.py installs kernels/ as mmcore.kernels; in a source tree (setup.py beside it),
-    map the tree's own kernels/ the same way, whatever else is installed."""
+def _map_folder(folder):
+    """setup.py installs the top-level `folder` (kernels/, benchmarks/) as mmcore.<folder>; in a
+    source tree (setup.py beside it) map the tree's own folder the same way, whatever else is
+    installed.  (benchmarks/__init__ is a docstring: nothing runs until a benchmark module is
+    imported.)"""
     root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-    path = _os.path.join(root, "kernels", "__init__.py")
+    path = _os.path.join(root, folder, "__init__.py")
     if not (_os.path.exists(path) and _os.path.exists(_os.path.join(root, "setup.py"))):
         return
-    spec = _ilu.spec_from_file_location("mmcore.kernels", path,
+    spec = _ilu.spec_from_file_location(f"mmcore.{folder}", path,
                                         submodule_search_locations=[_os.path.dirname(path)])
     mod = _ilu.module_from_spec(spec)
-    _sys.modules["mmcore.kernels"] = mod
+    _sys.modules[f"mmcore.{folder}"] = mod
     spec.loader.exec_module(mod)
-    globals()["kernels"] = mod
+    globals()[folder] = mod
 
 
-_map_kernels()
-
-
-def _map_benchmarks():
-    """setup.py installs benchmarks/ as mmcore.benchmarks; in a source tree map the tree's
-    own benchmarks/ the same way (its __init__ is a docstring: nothing runs until a
-    benchmark module is imported)."""
-    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-    path = _os.path.join(root, "benchmarks", "__init__.py")
-    if not (_os.path.exists(path) and _os.path.exists(_os.path.join(root, "setup.py"))):
-        return
-    spec = _ilu.spec_from_file_location("mmcore.benchmarks", path,
-                                        submodule_search_locations=[_os.path.dirname(path)])
-    mod = _ilu.module_from_spec(spec)
-    _sys.modules["mmcore.benchmarks"] = mod
-    spec.loader.exec_module(mod)
-
-
-_map_benchmarks()
+_map_folder("kernels")
+_map_folder("benchmarks")
 
 from .ops import cross_attention, lora_linear, window_attention  # noqa: E402
 from .nn.kv_cache import RollingKVCache  # noqa: E402

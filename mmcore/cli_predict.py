@@ -111,19 +111,12 @@ def _format(path: str, text: str, fmt: str) -> str:
 
 def _parse_rows(text: str, fmt: str, where: str) -> List[dict]:
     if fmt == "jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}:{i}: not a JSON object ({e.msg})") from None
-            if not isinstance(r, dict):
-                raise InputError(f"{where}:{i}: each line must be a JSON object, got "
-                                 f"{type(r).__name__}")
-            rows.append(r)
-        return rows
+        from .train.data import jsonl_objects
+
+        try:
+            return [r for _, r in jsonl_objects(text.splitlines(), where)]
+        except ValueError as e:
+            raise InputError(str(e)) from None
     reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
     try:
         return [dict(r) for r in reader]

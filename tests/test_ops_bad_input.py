@@ -174,6 +174,30 @@ def test_torch_backend_large_logits(dtype, val):
                                    rtol=2 * torch.finfo(dtype).eps, atol=0)
 
 
+LARGE_LOGIT_CASES = ((1, 2, 40, 24, 64, 0), (1, 1, 33, 100, 32, 2))  # (B, H, Sq, Sk, D, seed)
+
+
+def _large_logit_grads(dev, B, H, Sq, Sk, D, seed):
+    """bf16 cross_attention on triton with q, k ~ 100 randn: (out, (dq, dk, dv), oracle, base)."""
+    g = torch.Generator().manual_seed(seed)
+    q = (100 * torch.randn(B, H, Sq, D, generator=g)).to(torch.bfloat16)
+    k = (100 * torch.randn(B, H, Sk, D, generator=g)).to(torch.bfloat16)
+    v = torch.randn(B, H, Sk, D, generator=g).to(torch.bfloat16)
+    dout = torch.randn(B, H, Sq, D, generator=g).to(torch.bfloat16)
+    mask = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
+    ref = oracle_attention(q, k, v, mask, D ** -0.5, dout)
+    base = base_attention(q, k, v, mask, D ** -0.5, dout)
+    qq, kk, vv = (t.clone().to(dev).requires_grad_() for t in (q, k, v))
+    out = mmcore.cross_attention(qq, kk, vv, backend="triton")
+    out.backward(dout.to(dev))
+    return out, (qq.grad, kk.grad, vv.grad), ref, base
+
+
+def _within_5_percent(name, got, r, D):
+    err = (got.double().cpu() - r).abs().max().item()
+    assert err <= 0.05 * r.abs().max().item() + 1e-5, f"{name} (D={D}): err {err:.3e}"
+
+
 def test_triton_bf16_cross_backward_large_logits(interpret):
     """Issue 16, item 9: triton bf16 cross_attention backward with q, k ~ 100 randn had a dq
     error of 2.1 where the reference's largest value is 0.017: dS = P (dP - delta) must
@@ -185,24 +209,12 @@ def test_triton_bf16_cross_backward_large_logits(interpret):
     is off by hundreds, so the rule alone cannot fail; the gradients must also be within 5 %
     of the reference's largest value (bf16 rounding of the result is 0.4 %; the old kernel
     was off by 1000x).  At D = 32, Sk = 100 the rule itself failed at 34b1b06."""
-    dev = interpret
-    for (B, H, Sq, Sk, D, seed) in ((1, 2, 40, 24, 64, 0), (1, 1, 33, 100, 32, 2)):
-        g = torch.Generator().manual_seed(seed)
-        q = (100 * torch.randn(B, H, Sq, D, generator=g)).to(torch.bfloat16)
-        k = (100 * torch.randn(B, H, Sk, D, generator=g)).to(torch.bfloat16)
-        v = torch.randn(B, H, Sk, D, generator=g).to(torch.bfloat16)
-        dout = torch.randn(B, H, Sq, D, generator=g).to(torch.bfloat16)
-        mask = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
-        ref = oracle_attention(q, k, v, mask, D ** -0.5, dout)
-        base = base_attention(q, k, v, mask, D ** -0.5, dout)
-        qq, kk, vv = (t.clone().to(dev).requires_grad_() for t in (q, k, v))
-        out = mmcore.cross_attention(qq, kk, vv, backend="triton")
-        out.backward(dout.to(dev))
+    for case in LARGE_LOGIT_CASES:
+        out, grads, ref, base = _large_logit_grads(interpret, *case)
         assert_close("out", out, ref[0], base[0])
         # dK / dV: a documented limit at these logits (the next test)
-        assert_close("dq", qq.grad, ref[2], base[2], grad=True)
-        err = (qq.grad.double().cpu() - ref[2]).abs().max().item()
-        assert err <= 0.05 * ref[2].abs().max().item() + 1e-5, f"dq (D={D}): err {err:.3e}"
+        assert_close("dq", grads[0], ref[2], base[2], grad=True)
+        _within_5_percent("dq", grads[0], ref[2], case[4])
 
 
 @pytest.mark.xfail(strict=False, reason="documented limit (docs/robustness.md): the triton "
@@ -212,22 +224,11 @@ def test_triton_bf16_cross_backward_large_logits(interpret):
 def test_triton_bf16_cross_dkdv_large_logits_within_5_percent(interpret):
     """The dK / dV half of the case above: the tolerance rule, and within 5 % of the
     reference's largest value."""
-    dev = interpret
-    for (B, H, Sq, Sk, D, seed) in ((1, 2, 40, 24, 64, 0), (1, 1, 33, 100, 32, 2)):
-        g = torch.Generator().manual_seed(seed)
-        q = (100 * torch.randn(B, H, Sq, D, generator=g)).to(torch.bfloat16)
-        k = (100 * torch.randn(B, H, Sk, D, generator=g)).to(torch.bfloat16)
-        v = torch.randn(B, H, Sk, D, generator=g).to(torch.bfloat16)
-        dout = torch.randn(B, H, Sq, D, generator=g).to(torch.bfloat16)
-        mask = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
-        ref = oracle_attention(q, k, v, mask, D ** -0.5, dout)
-        base = base_attention(q, k, v, mask, D ** -0.5, dout)
-        qq, kk, vv = (t.clone().to(dev).requires_grad_() for t in (q, k, v))
-        mmcore.cross_attention(qq, kk, vv, backend="triton").backward(dout.to(dev))
-        for name, got, r, b in (("dk", kk.grad, ref[3], base[3]), ("dv", vv.grad, ref[4], base[4])):
+    for case in LARGE_LOGIT_CASES:
+        _, grads, ref, base = _large_logit_grads(interpret, *case)
+        for name, got, r, b in zip(("dk", "dv"), grads[1:], ref[3:], base[3:]):
             assert_close(name, got, r, b, grad=True)
-            err = (got.double().cpu() - r).abs().max().item()
-            assert err <= 0.05 * r.abs().max().item() + 1e-5, f"{name} (D={D}): err {err:.3e}"
+            _within_5_percent(name, got, r, case[4])
 
 
 def _bad(fn, exc, name):

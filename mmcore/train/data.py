@@ -25,6 +25,24 @@ __all__ = ["read_records", "encode_texts", "pad_batch", "LengthBucketSampler", "
            "shard"]
 
 
+def jsonl_objects(lines: Iterable[str], where: str) -> List[tuple]:
+    """[(line number, dict)] of the non-blank JSONL `lines`; ValueError naming `where:line`
+    for a line that is not a JSON object."""
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{i}: not a JSON object ({e.msg})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}:{i}: each line must be a JSON object, got "
+                             f"{type(r).__name__}")
+        rows.append((i, r))
+    return rows
+
+
 def read_records(path: str, *, text_field: str = "text", label_field: Optional[str] = "label",
                  image_field: Optional[str] = "images") -> List[dict]:
     """JSON-lines (.jsonl / .json, one object a line) or CSV (.csv / .tsv, header row) ->
@@ -59,17 +77,7 @@ def read_records(path: str, *, text_field: str = "text", label_field: Optional[s
                         from None
         else:
             with open(path, encoding="utf-8-sig") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{i}: not a JSON object ({e})") from None
-                    if not isinstance(r, dict):
-                        raise ValueError(f"{path}:{i}: each line must be a JSON object, got "
-                                         f"{type(r).__name__}")
-                    rows.append((i, r))
+                rows.extend(jsonl_objects(f, path))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     out, seen = [], {}  # seen: str(label) -> (type name, where) of its first record

@@ -107,15 +107,20 @@ def _atomic_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _read_json(p: str, what: str):
-    """A JSON file's value; ValueError naming the file when it is unreadable or not JSON."""
+def _read_json(p: str, what: str) -> dict:
+    """A JSON file's object; ValueError naming the file when it is unreadable, not JSON, or
+    not a JSON object."""
     try:
         with open(p, encoding="utf-8") as f:
-            return json.load(f)
+            v = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{p}: damaged {what}: not valid JSON ({e})") from None
     except IsADirectoryError:
         raise ValueError(f"{p}: is a directory, expected the {what}") from None
+    if not isinstance(v, dict):
+        raise ValueError(f"{p}: damaged {what}: expected a JSON object, got "
+                         f"{type(v).__name__}")
+    return v
 
 
 def _plain_name(n) -> bool:
@@ -129,9 +134,6 @@ def read_index(ckpt_root: str) -> dict:
     if not os.path.isfile(p):
         return {"last": [], "best": None, "best_metric": None}
     idx = _read_json(p, "checkpoint index")
-    if not isinstance(idx, dict):
-        raise ValueError(f"{p}: damaged checkpoint index: expected a JSON object, got "
-                         f"{type(idx).__name__}")
     last, best = idx.get("last"), idx.get("best")
     if not isinstance(last, list) or not all(_plain_name(n) for n in last):
         raise ValueError(f"{p}: damaged checkpoint index: 'last' must be a list of checkpoint "
@@ -248,9 +250,6 @@ def read_state(path: str) -> dict:
     if not os.path.isfile(p):
         raise FileNotFoundError(f"{p}: no such file")
     ts = _read_json(p, "trainer state")
-    if not isinstance(ts, dict):
-        raise ValueError(f"{p}: damaged trainer state: expected a JSON object, got "
-                         f"{type(ts).__name__}")
     if ts.get("format") != FORMAT:
         raise ValueError(f"{p}: checkpoint format {ts.get('format')!r}, this mmcore reads "
                          f"{FORMAT}")
@@ -287,9 +286,6 @@ def check_checkpoint_files(path: str) -> dict:
         if not os.path.isfile(ac):
             raise FileNotFoundError(f"{ac}: missing (a LoRA checkpoint needs it)")
         acd = _read_json(ac, "adapter config")
-        if not isinstance(acd, dict):
-            raise ValueError(f"{ac}: damaged adapter config: expected a JSON object, got "
-                             f"{type(acd).__name__}")
         r = acd.get("r")
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
             raise ValueError(f"{ac}: damaged adapter config: 'r' must be an int >= 1, got "

@@ -18,6 +18,27 @@ window holds the block, plus the global-query blocks [0, G - off) below them (al
 blocks when the key block holds global keys).  Both lists are walked as one loop over
 "virtual" block indices t: t < n_glob is global block t, else window block t - n_glob.
 
+Issue 26 features, each a constexpr (off: the kernels compile to what they were without it):
+  HAS_SOFTCAP  scores c·tanh(s / c) before masking and softmax (lse over the capped scores);
+               the backward recomputes t = tanh(s / c) with the same formula (_tanh, exp2
+               only) and folds dS_raw = dS (1 - t²) into P before the dP dot, so no extra
+               tile is live across a dot.
+  BOUNDS       key_bounds (lo, hi) int32 (B, Sq): allowed(i, j) = i < Lq and j < Lk and
+               lo_i <= j < hi_i (absolute key indices; the window, causal and G are unused).
+               A query block visits keys [max(0, min lo), min(Lk, max hi)) over its rows
+               that see something.  The dK/dV program of a key block needs the query rows
+               that see it: _bounds_rows_kernel first tabulates, per 16-key granule, the
+               first and last row whose range meets it (one scan of lo / hi per sample,
+               O(Sq·Sk / 16) integer work, shared by all heads); the program visits the query
+               blocks from the first to the last row of its granules (rows in between that
+               do not see the block are masked: wasted work, never a wrong result).  Scanning
+               every query block's lo / hi in each dK/dV program instead would cost
+               O(Sq / BLOCK_M) dependent loads per program and head, comparable to the
+               attention work itself for narrow bands at long Sq.
+  KEY_MASK     key_mask (B, Sk) (uint8 here), AND-ed into allowed(i, j) in both modes; a
+               block is "full" (no element mask) only when none of its keys is masked; a
+               dK/dV program whose keys are all masked writes zeros at once.
+
 Kernels
   _fwd_kernel       online softmax, fp32 accumulators, lse in fp32 (natural log); with
                     SPLIT_K each program takes a slice of the key blocks and writes
@@ -26,6 +47,7 @@ Kernels
   _bwd_dq_kernel    one program per query block, loops over its key blocks
   _bwd_dkdv_kernel  one program per (key block, kv head), loops over the g query heads
                     that share the kv head and their query blocks (GQA reduced in registers)
+  _bounds_rows_kernel  bounds mode only: the per-granule row table for _bwd_dkdv_kernel
 The backward is deterministic by construction: every dq / dk / dv element is written by
 exactly one program, in a fixed loop order, with no atomics.
 
@@ -832,6 +854,11 @@ else:
         # without spilling registers (the others spill 56-1168 bytes at D = 128)
         "sm90": ((32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 2),
                  (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
+        # bounds mode (key_bounds: lo / hi loaded per query block): under triton 3.6,
+        # (32, 128, 8, 2) spilled 64 bytes at D = 128 (80 with softcap and key_mask as well),
+        # (32, 64, 8, 2) 32; one stage did not (the other configs stay for autotuning)
+        "sm90_bounds": ((32, 128, 8, 1), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3),
+                        (64, 64, 4, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
         # sm_80: every 128-key config spilled 0.7-4.9 KB
         "sm80": ((64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
         # fp32: K and V stay in registers as FMA operands: 16 x 32 tiles (32 x 32 spilled)
@@ -855,6 +882,8 @@ def _prune(kind, table):
         by_key = {_key_of(c): c for c in configs}
         cls = config_class(q.dtype, q.device)
         order = table.get(cls) or table["any"]
+        if kwargs.get("BOUNDS") and cls + "_bounds" in table:
+            order = table[cls + "_bounds"]
         if bd > 128 and cls in ("sm90", "sm80") and kind in ("fwd", "dq") \
                 and _D256_DEFAULT in order:
             # D = 256: every larger 16-bit fwd / dQ tile spilled 136-496 bytes per thread

@@ -352,6 +352,16 @@ def _key_mask_block(km_base, cols, Lk, KEY_MASK: tl.constexpr):
 
 
 @_device_fn
+def _kv_mask(cols, Lk, d_ok, km, KEY_MASK: tl.constexpr):
+    """Load mask of a (BLOCK_N, BLOCK_D) K / V tile: keys past Lk and, with KEY_MASK, hidden
+    keys are never read (a NaN there cannot reach a row, in any path: split-K included)."""
+    ok = (cols[:, None] < Lk) & d_ok[None, :]
+    if KEY_MASK:
+        ok = ok & km[:, None]
+    return ok
+
+
+@_device_fn
 def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, offs_n, offs_d,
               d_ok, start_m, lo, n_glob, t0, t1, Lq, Lk, off, left, right, G, qk_scale,
               softcap2, lo_r, hi_r, lo_max, hi_min, km_base,
@@ -366,13 +376,13 @@ def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, o
     for t in range(t0, t1):
         start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
+        km, km_all = _key_mask_block(km_base, cols, Lk, KEY_MASK)
+        kv_mask = _kv_mask(cols, Lk, d_ok, km, KEY_MASK)
         n64 = start_n.to(tl.int64)
         k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
         # the scale right after the dot: triton 3.6's pipeliner fails to compile a wgmma whose
         # result is read only inside the branches of a runtime if (issue 11)
         s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
-        km, km_all = _key_mask_block(km_base, cols, Lk, KEY_MASK)
         full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, lo_max, hi_min,
                            km_all, CAUSAL, BOUNDS, KEY_MASK, BLOCK_M, BLOCK_N)
         if not full:
@@ -558,14 +568,14 @@ def _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stri
     for t in range(0, n_glob + n_win):
         start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
+        km, km_all = _key_mask_block(km_base, cols, Lk, KEY_MASK)
+        kv_mask = _kv_mask(cols, Lk, d_ok, km, KEY_MASK)
         n64 = start_n.to(tl.int64)
         k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
         v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
         # the scale right after the dot: triton 3.6's pipeliner fails to compile a wgmma whose
         # result is read only inside the branches of a runtime if (issue 11)
         s, tc = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
-        km, km_all = _key_mask_block(km_base, cols, Lk, KEY_MASK)
         full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, lo_max, hi_min,
                            km_all, CAUSAL, BOUNDS, KEY_MASK, BLOCK_M, BLOCK_N)
         if not full:
@@ -730,7 +740,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, KHI, KM
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     cols = offs_n.to(tl.int64)[:, None]
-    kv_mask = (offs_n[:, None] < Lk) & d_ok[None, :]
+    if KEY_MASK:
+        km = tl.load(KM + b64 * Sk + offs_n, mask=offs_n < Lk, other=0) != 0  # (BLOCK_N,)
+        km_all = tl.min(km.to(tl.int32), 0) > 0
+    else:
+        km = offs_n >= 0
+        km_all = Lk >= 0
+    kv_mask = _kv_mask(offs_n, Lk, d_ok, km, KEY_MASK)
     k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + cols * stride_kn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + cols * stride_vn + offs_d[None, :],
@@ -747,15 +763,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, KHI, KM
     else:
         lo, n_win, n_glob = _query_blocks(start_n, Lq, Lk, off, left, right, G, CAUSAL,
                                           BLOCK_M, BLOCK_N)
-    if KEY_MASK:
-        km = tl.load(KM + b64 * Sk + offs_n, mask=offs_n < Lk, other=0) != 0  # (BLOCK_N,)
-        km_all = tl.min(km.to(tl.int32), 0) > 0
-        none = tl.max(km.to(tl.int32), 0) == 0  # every key of the block masked: dK = dV = 0
+    if KEY_MASK:  # every key of the block hidden: dK = dV = 0 at once
+        none = tl.max(km.to(tl.int32), 0) == 0
         n_win = tl.where(none, 0, n_win)
         n_glob = tl.where(none, 0, n_glob)
-    else:
-        km = offs_n >= 0
-        km_all = Lk >= 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # in-tile offsets in int32 (the launcher guarantees BLOCK_M row strides fit): two int64

@@ -98,9 +98,7 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     # a static cache hands its live length counter as the offset, and bumps it in place before
     # the attention runs: keep the value it has now
     if isinstance(q_offset, torch.Tensor):
-        q_offset = q_offset.clone() if _compiling() else int(q_offset)
-    if isinstance(kv_offset, torch.Tensor) and not _compiling():
-        kv_offset = int(kv_offset)
+        q_offset = q_offset.detach().clone()
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function
         mask_function = causal_mask_function
@@ -110,8 +108,8 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
         cls = classify_traced(mask_function, local_size, use_vmap, attention_mask,
                               kwargs.get("config"), kwargs)
     else:
-        cls = None if use_vmap else classify(mask_function, q_length, kv_length, q_offset,
-                                             kv_offset)
+        cls = None if use_vmap else classify(mask_function, q_length, kv_length,
+                                             _int(q_offset), kv_offset)
     if cls is None:
         for k in ("allow_is_causal_skip", "allow_is_bidirectional_skip", "dtype", "config"):
             kwargs.pop(k, None)
@@ -130,8 +128,24 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
         pm = pm[:, :need].contiguous()
     if pm is attention_mask:
         pm = pm.clone()  # the tag must not land on the caller's tensor
-    pm._mmcore_spec = MaskSpec(cls[0], cls[1], q_offset, kv_offset, cls[2])
+    pm._mmcore_spec = MaskSpec(cls[0], cls[1], _offset(q_offset), _offset(kv_offset), cls[2])
     return pm
+
+
+def _int(x):
+    return int(x) if isinstance(x, torch.Tensor) else x
+
+
+def _offset(x):
+    """A mask made eagerly (generate() builds the masks of a compiled decoding step before
+    calling the compiled forward) carries its offsets as 0-dim int64 tensors: a Python int
+    read under torch.compile is a guard on its value, i.e. one compile per decoding step.
+    Inside a trace ints stay as they are (they come from the cache, which dynamo already
+    guards or treats as dynamic).  A CPU tensor: reading it eagerly costs no device sync, and
+    a 0-dim CPU tensor combines with tensors on any device."""
+    if isinstance(x, torch.Tensor) or _compiling():
+        return x
+    return torch.tensor(x, dtype=torch.long)
 
 
 # ------------------------------------------------------------------ attention function
@@ -271,6 +285,8 @@ def _attend(op, q, k, v, pm, spec, causal, window, G):
     Sk = k.shape[2]
     traced = _compiling()
     d = spec.q_offset - spec.kv_offset  # key column of query row 0 (int or 0-dim tensor)
+    if not traced:
+        d = _int(d)
     static_d = not isinstance(d, torch.Tensor)
     windowed = window not in ((-1, -1), (-1, 0))
     free = not causal and not windowed and G == 0  # plain bidirectional: alignment irrelevant

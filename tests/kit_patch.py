@@ -14,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 V = 97  # vocab
+IMAGE_TOKEN = 1  # llava_onevision's image placeholder id (text ids are drawn from [3, V))
+IMAGE_TOKENS = 10  # features per 16x16 image of the tiny llava_onevision config (base + 1 tile)
 try:
     from transformers.utils import logging as _hf_logging
     _hf_logging.disable_progress_bar()
@@ -91,6 +93,17 @@ def build(family):
                                            layer_types=["sliding_attention", "full_attention"],
                                            query_pre_attn_scalar=16))
         return cfg, T.Gemma3ForCausalLM, "decoder"
+    if family == "qwen2-full":  # HF's default Qwen2 (use_sliding_window=False): full attention only
+        return T.Qwen2Config(**_dec_kw()), T.Qwen2ForCausalLM, "decoder"
+    if family == "llava_onevision":  # Qwen2 text backbone + SigLIP tower, 10 tokens per image
+        cfg = T.LlavaOnevisionConfig(
+            text_config=dict(model_type="qwen2", **_dec_kw(hidden_size=32, intermediate_size=37)),
+            vision_config=dict(model_type="siglip_vision_model", image_size=16, patch_size=8,
+                               hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=37),
+            image_token_index=IMAGE_TOKEN, vision_feature_select_strategy="full",
+            vision_feature_layer=-1, image_grid_pinpoints=[[16, 16]])
+        return cfg, T.LlavaOnevisionForConditionalGeneration, "vlm"
     if family == "gemma2":
         cfg = T.Gemma2Config(**_dec_kw(head_dim=16, sliding_window=5,
                                        layer_types=["sliding_attention", "full_attention"],
@@ -120,7 +133,7 @@ def load(family, attn="eager", seed=0):
 
 
 def inputs(kind, B=3, S=19, seed=1, padding="right"):
-    """Token ids (+ pixels for dual towers) and a padding layout: "none", "right", "left",
+    """Token ids (+ pixels for dual towers, + one image per sample for "vlm") and a padding layout: "none", "right", "left",
     "holey" (left padding plus holes inside the valid tokens), or "packed" (no attention mask;
     position_ids restart inside each row, as a packing collator makes them)."""
     g = torch.Generator().manual_seed(seed)
@@ -147,6 +160,12 @@ def inputs(kind, B=3, S=19, seed=1, padding="right"):
         kw = {"input_ids": ids, "position_ids": pos, "use_cache": False}
     if kind == "dual":
         kw["pixel_values"] = torch.randn(B, 3, 24, 24, generator=g)
+    if kind == "vlm":  # one image per sample: its placeholders open the valid tokens
+        for b in range(B):
+            first = int(am[b].nonzero()[0])
+            ids[b, first:first + IMAGE_TOKENS] = IMAGE_TOKEN
+        kw["pixel_values"] = torch.randn(B, 2, 3, 16, 16, generator=g)
+        kw["image_sizes"] = torch.tensor([[16, 16]] * B)
     return kw
 
 

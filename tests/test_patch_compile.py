@@ -102,3 +102,59 @@ def test_traced_mask_classification_matches_eager():
                                     None, {}) is None  # no padding mask: maybe packed
     with pytest.raises(RuntimeError, match="not the causal sliding window 4"):
         hf_masks.classify_traced(sliding_window_causal_mask_function(5), 4, False, am, None, {})
+
+
+def _counting_backend():
+    """-> (torch.compile backend: aot_eager counting the graphs it is handed -- one per
+    compile or recompile of a fullgraph function --, the count as a one-item list).  A plain
+    function: HF's CompileConfig deep-copies its options, and a function copies as itself."""
+    count = [0]
+
+    def backend(gm, example_inputs):
+        from torch._dynamo.backends.registry import lookup_backend
+        count[0] += 1
+        return lookup_backend(BACKEND)(gm, example_inputs)
+    return backend, count
+
+
+# (family, CompileConfig.dynamic): as in transformers' test_generate_compile_model_forward_
+# fullgraph, models whose static cache has no sliding layer compile with dynamic=False; a
+# sliding static cache layer keeps its fill level in a Python int (HF's StaticSlidingWindow
+# Layer), which dynamic=False specialises at every step with any attention, so those compile
+# with the default dynamic=None (one automatic-dynamic recompile during the warm-up).
+# 64 tokens where issue 26 saw one recompile per token, fewer elsewhere (CI time).
+NO_RECOMPILE = [("qwen2-full", False, 64), ("llava_onevision", False, 16), ("llama", False, 16),
+                ("mistral", None, 16), ("gemma3", None, 16)]
+
+
+@pytest.mark.parametrize("family,dynamic,N", NO_RECOMPILE)
+def test_compiled_generation_does_not_recompile_per_token(family, dynamic, N):
+    """Issue 26: HF's compiled decoding (static cache, fullgraph) recompiled at every token
+    for qwen2 and llava_onevision: the masks generate() builds before the compiled forward
+    carried their offsets as Python ints, and a guard on ``q_offset == 7`` (then 8, 9, ...)
+    failed at each step.  After a short warm-up, N more tokens (fresh inputs, same shapes)
+    compile nothing, and the tokens are those of eager HF with its dynamic cache."""
+    from transformers import CompileConfig
+    register()
+    torch._dynamo.reset()
+    eager, ours = _models(family)
+    kind = K.build(family)[2]
+    S = 16 if kind == "vlm" else 9  # prompts longer than the sliding windows (5, 6)
+    backend, compiles = _counting_backend()
+    cc = CompileConfig(fullgraph=True, dynamic=dynamic, backend=backend, mode=None)
+    cc._compile_all_devices = True  # HF compiles decoding on GPUs only unless told
+    gen = dict(do_sample=False, pad_token_id=0, cache_implementation="static",
+               max_cache_len=S + N, compile_config=cc)
+    with torch.no_grad():
+        ours.generate(**K.inputs(kind, B=2, S=S, padding="left", seed=4), max_new_tokens=4,
+                      **gen)
+        warm = compiles[0]
+        assert warm >= 1, "generate did not compile"
+        kw = K.inputs(kind, B=2, S=S, padding="left", seed=5)
+        hfi.STATS.reset()
+        got = ours.generate(**kw, max_new_tokens=N, **gen)
+        assert compiles[0] == warm, \
+            f"{family}: {compiles[0] - warm} recompiles in {N} compiled decoding steps"
+        assert hfi.STATS.op_calls > 0 and hfi.STATS.fallback_calls == 0, hfi.STATS  # prefill
+        want = eager.generate(**kw, max_new_tokens=N, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)

@@ -105,9 +105,12 @@ def build(family):
             vision_feature_layer=-1, image_grid_pinpoints=[[16, 16]])
         return cfg, T.LlavaOnevisionForConditionalGeneration, "vlm"
     if family == "gemma2":
+        # scores up to ~8 (initializer_range 0.2) under a cap of 2: the softcap changes the
+        # logits by ~1.8, far beyond any tolerance (HF's default cap, 50, would be a no-op)
         cfg = T.Gemma2Config(**_dec_kw(head_dim=16, sliding_window=5,
                                        layer_types=["sliding_attention", "full_attention"],
-                                       query_pre_attn_scalar=16))
+                                       query_pre_attn_scalar=16, initializer_range=0.2,
+                                       attn_logit_softcapping=2.0))
         return cfg, T.Gemma2ForCausalLM, "decoder"
     raise KeyError(family)
 
@@ -202,16 +205,47 @@ def loss_of(outs, seed=7):
     return tot
 
 
+EAGER64 = "eager_fp64_softmax"  # a test-only attention implementation (see _eager64)
+
+
+def _eager64(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+             softcap=None, **kwargs):
+    """HF's eager attention math (GQA by repeat, softcap before the additive mask) with the
+    softmax in the input's dtype.  HF's own eager takes the softmax in float32, where fp64's
+    finfo.min mask becomes -inf: the rows of left-padding tokens turn NaN and spread."""
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    w = (query @ key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    if attention_mask is not None:
+        w = w + attention_mask[:, :, :, :key.shape[-2]]
+    w = torch.softmax(w, dim=-1)
+    return (w @ value).transpose(1, 2).contiguous(), None
+
+
+def load_oracle(family):
+    """The fp64 oracle: the unpatched model on HF's sdpa path (CPU fp64 sdpa is exact math;
+    HF's eager path gives NaN in fp64 for ModernBERT and Gemma2); for families without an
+    sdpa path, Gemma2 on ``_eager64`` and the others (Longformer) on eager."""
+    try:
+        return load(family, "sdpa")[0].double()
+    except ValueError:
+        pass
+    if family == "gemma2":
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+        AttentionInterface.register(EAGER64, _eager64)
+        AttentionMaskInterface.register(EAGER64, eager_mask)
+        return load(family, EAGER64)[0].double()
+    return load(family, "eager")[0].double()
+
+
 def compare(family, patched, kind, kw, grads=True, params=3):
     """Apply the tolerance rule to `patched` vs a fresh unpatched fp32 eager base and a fp64
     oracle (same weights), forward outputs and (optionally) parameter gradients."""
     base, _ = load(family, "eager")
-    # the fp64 oracle is the unpatched model on HF's sdpa path (CPU fp64 sdpa is exact math;
-    # HF's eager path gives NaN in fp64 for ModernBERT)
-    try:
-        oracle = load(family, "sdpa")[0].double()
-    except ValueError:  # no sdpa path for this family (Longformer, Gemma2): eager fp64
-        oracle = load(family, "eager")[0].double()
+    oracle = load_oracle(family)
     kw64 = {k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}
     res = {}
     for name, m, args in (("patched", patched, kw), ("base", base, kw), ("oracle", oracle, kw64)):

@@ -73,15 +73,17 @@ def test_module_tree_and_weights_kept_and_unpatch():
     mmcore.unpatch(m)  # idempotent
 
 
-def test_gemma2_softcapping_left_and_reported():
+def test_gemma2_patched_with_softcap_on_the_op():
+    """Issue 26: Gemma2 (attention logit softcapping) was left on HF's implementation; it is
+    patched now, the cap going to the op's softcap: forward and gradients equal eager."""
+    from mmcore.patch import hf_interface as hfi
     m, kind = K.load("gemma2")
-    kw = K.inputs(kind)
-    ref = m(**kw).logits
     rep = mmcore.patch(m)
-    assert not rep.replaced
-    assert rep.left and all("softcapping" in r for _, r in rep.left)
-    assert m.config._attn_implementation == "eager"
-    assert torch.equal(m(**kw).logits, ref)
+    assert not rep.left and len(rep.replaced) == 2, rep
+    assert m.config._attn_implementation == "mmcore"
+    hfi.STATS.reset()
+    K.compare("gemma2", m, kind, K.inputs(kind, B=2, S=13, padding="left"))
+    assert hfi.STATS.op_calls == 2 and hfi.STATS.fallback_calls == 0, hfi.STATS
 
 
 def test_output_attentions_config_left():

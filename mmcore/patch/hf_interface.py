@@ -219,9 +219,20 @@ def _dense_attention(query, key, value, mask, scaling, dropout, softcap, trainin
     return torch.matmul(w, value)
 
 
-def _static_reason(module, query, value, dropout, softcap, training, kwargs):
-    if softcap is not None:
-        return "attention logit softcapping"
+def _serves(backend, feature):
+    """Does the attention's backend serve `feature` ("softcap", "key_mask") of the op?  With
+    "auto", a backend that declares it is always found (the torch reference declares all)."""
+    from ..ops import registry
+    backend = registry.requested(backend)
+    if backend == "auto":
+        return True
+    return bool(getattr(registry.get("window_attention", backend), "supports_" + feature,
+                        False))
+
+
+def _static_reason(module, query, value, dropout, softcap, training, kwargs, backend):
+    if softcap is not None and not _serves(backend, "softcap"):
+        return f"attention logit softcapping (backend {backend!r} does not serve softcap)"
     if dropout and training:
         return "attention dropout while training"
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
@@ -242,7 +253,8 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
         scaling = D ** -0.5
     training = bool(getattr(module, "training", False))
     override = getattr(module, OVERRIDE_ATTR, None)
-    reason = _static_reason(module, query, value, dropout, softcap, training, kwargs)
+    backend = getattr(module, "_mmcore_backend", None) or "auto"
+    reason = _static_reason(module, query, value, dropout, softcap, training, kwargs, backend)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         count(module, reason or "dense 4-D mask (pattern not expressible)")
         out = _dense_attention(query, key, value, attention_mask, scaling, dropout, softcap,
@@ -260,16 +272,17 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
             pm.bool(), (0, Sk - pm.shape[-1]))
         pm = pm.bool()
     causal, window, G = _window_args(spec.kind, spec.window, override)
-    backend = getattr(module, "_mmcore_backend", None) or "auto"
+    cap = None if softcap is None else float(softcap)
 
-    def op(q, k, v, seqlens_q, seqlens_k):
+    def op(q, k, v, seqlens_q, seqlens_k, key_mask=None):
         return window_attention(q, k, v, window=window, causal=causal, global_tokens=G,
                                 seqlens_q=seqlens_q, seqlens_k=seqlens_k, scale=float(scaling),
-                                backend=backend)
+                                softcap=cap, key_mask=key_mask, backend=backend)
 
     out = None
     if reason is None:
-        out, reason = _attend(op, query, key, value, pm, spec, causal, window, G)
+        out, reason = _attend(op, query, key, value, pm, spec, causal, window, G,
+                              _serves(backend, "key_mask"))
     if reason is not None:
         count(module, reason)
         mask = _dense_allowed(spec, override, pm, B, Sq, Sk, query.device)
@@ -279,8 +292,13 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.transpose(1, 2).contiguous(), None
 
 
-def _attend(op, q, k, v, pm, spec, causal, window, G):
-    """-> (out (B, Hq, Sq, D), None) from the op, or (None, reason) for the dense path."""
+def _attend(op, q, k, v, pm, spec, causal, window, G, masked_ok):
+    """-> (out (B, Hq, Sq, D), None) from the op, or (None, reason) for the dense path.
+
+    masked_ok: the backend serves key_mask.  Sliding-window (and global-token) layers whose
+    padding the compaction cannot serve (holes; globals with left padding) then run the op
+    on the uncompacted keys with the padding as key_mask; under torch.compile they always
+    do (no data-dependent choice), eagerly only when the cheaper layouts do not apply."""
     B, _, Sq, _ = q.shape
     Sk = k.shape[2]
     traced = _compiling()
@@ -298,20 +316,28 @@ def _attend(op, q, k, v, pm, spec, causal, window, G):
         if traced or pm is None or not bool(pm.all()) or not static_d or d != 0 or Sq != Sk:
             return None, "packed sequences with padding or an offset"
         return varlen.attend_segments(op, q, k, v, spec.segments), None
-    if pm is None:
+    no_pm = pm is None
+    if no_pm:
         pm = torch.ones(B, Sk, dtype=torch.bool, device=q.device)
         if static_d and d == 0 and Sq == Sk:
             return op(q, k, v, None, None), None
     qvalid, kvalid = varlen.masks(pm, Sq, Sk, d, causal)
     need_run = windowed or G > 0
     if traced:
+        if need_run and masked_ok:
+            if static_d and not 0 <= d <= Sk - Sq:
+                return None, "queries outside the keys"
+            return _attend_key_mask(op, q, k, v, None if no_pm else pm, qvalid, d), None
         if need_run:
             torch._assert_async(varlen.compact_ok(kvalid, G > 0),
                                 "mmcore attention under torch.compile: the padding mask has "
                                 "holes (or, with global tokens, left padding) in a "
-                                "sliding-window layer; run this batch eagerly")
+                                "sliding-window layer and the backend does not serve "
+                                "key_mask; run this batch eagerly")
         return varlen.attend_compacted(op, q, k, v, qvalid, kvalid, not free), None
     if need_run and not bool(varlen.compact_ok(kvalid, G > 0)):
+        if masked_ok and 0 <= d <= Sk - Sq:
+            return _attend_key_mask(op, q, k, v, pm, qvalid, d), None
         return None, ("global tokens with left padding" if G > 0 and bool(
             varlen.compact_ok(kvalid, False)) else "holes in the padding of a sliding-window "
             "layer")
@@ -325,6 +351,27 @@ def _attend(op, q, k, v, pm, spec, causal, window, G):
             return op(q, k, v, None, None), None
         return op(q, k, v, Lq, Lk), None
     return varlen.attend_compacted(op, q, k, v, qvalid, kvalid, not free), None
+
+
+def _attend_key_mask(op, q, k, v, key_mask, qvalid, d):
+    """The op on the keys as they are, key_mask (B, Sk) bool (or None) hiding the padding:
+    window positions count key indices, as HF's masks do, so holes and left padding are exact.
+    Query row i is the token of key column d + i (0 <= d <= Sk - Sq; an int or a 0-dim
+    tensor): seqlens_k = d + Sq puts it there (bottom-right alignment; the keys after the last
+    query are never seen by a causal layer, and a bidirectional window has d = 0, Sq = Sk).
+    Rows of padding tokens return 0, as on the compacted path."""
+    B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
+    if isinstance(d, torch.Tensor):
+        seqlens_k = torch.full((B,), Sq, dtype=torch.long, device=q.device) + d.to(torch.long)
+        torch._assert_async((d >= 0) & (d <= Sk - Sq),
+                            "mmcore attention: queries outside the keys (offsets)")
+    elif d == Sk - Sq:
+        seqlens_k = None
+    else:
+        seqlens_k = torch.full((B,), d + Sq, dtype=torch.long, device=q.device)
+    out = op(q, k, v, None, seqlens_k, key_mask)
+    return torch.where(qvalid[:, None, :, None], out, torch.zeros((), dtype=out.dtype,
+                                                                  device=out.device))
 
 
 _REGISTERED = False

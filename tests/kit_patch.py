@@ -136,9 +136,10 @@ def load(family, attn="eager", seed=0):
 
 
 def inputs(kind, B=3, S=19, seed=1, padding="right"):
-    """Token ids (+ pixels for dual towers, + one image per sample for "vlm") and a padding layout: "none", "right", "left",
-    "holey" (left padding plus holes inside the valid tokens), or "packed" (no attention mask;
-    position_ids restart inside each row, as a packing collator makes them)."""
+    """Token ids (+ pixels for dual towers, + one image per sample for "vlm") and a padding
+    layout: "none", "right", "left", "holey" (left padding plus holes inside the valid
+    tokens), or "packed" (no attention mask; position_ids restart inside each row, as a
+    packing collator makes them)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, V, (B, S), generator=g)
     am = torch.ones(B, S, dtype=torch.long)

@@ -24,7 +24,7 @@ def _run_pair(family, padding, dtype=torch.float32, B=3, S=23):
     """mmcore vs eager (base, same dtype) and sdpa in float64 (oracle) on one padding layout;
     -> the attention call counts."""
     eager, ours = _pair(family)
-    oracle = K.load(family, "sdpa")[0].double()
+    oracle = K.load_oracle(family)
     eager, ours = eager.to(dtype), ours.to(dtype)
     kw = K.inputs("decoder", B=B, S=S, padding=padding)
     if padding == "none":
@@ -81,6 +81,24 @@ def test_mmcore_equals_eager_bf16(family, padding):
     assert st["op_calls"] > 0, st
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padding", ["none", "right", "left", "holey"])
+def test_gemma2_softcap_on_the_op(padding, dtype, monkeypatch):
+    """Gemma2 with attn_implementation="mmcore" (issue 26: refused for its logit softcapping):
+    sliding and global layers, every padding layout, fp32 and bf16, equal to eager (fp64
+    oracle: eager math); every call on the op, with HF's softcap passed to it."""
+    caps = []
+    real = hfi.window_attention
+
+    def spy(*a, **kw):
+        caps.append(kw.get("softcap"))
+        return real(*a, **kw)
+    monkeypatch.setattr(hfi, "window_attention", spy)
+    st = _run_pair("gemma2", padding, dtype, B=2, S=17)
+    assert st == {"op_calls": 2, "fallback_calls": 0, "fallback_reasons": {}}, st
+    assert caps and all(c == K.build("gemma2")[0].attn_logit_softcapping for c in caps), caps
+
+
 def test_attention_implementation_switching():
     """set_attn_implementation: eager -> mmcore -> sdpa -> mmcore on one loaded model."""
     register()
@@ -100,7 +118,7 @@ def test_attention_implementation_switching():
             assert_close(f"switch to {impl}", out, ref, base)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3", "gemma2"])
 def test_greedy_generate_same_tokens_rolling_cache(family):
     """Prompt longer than the sliding window, left-padded batch: same tokens as eager, and the
     sliding layers keep only window - 1 positions (HF's DynamicSlidingWindowLayer)."""

@@ -12,16 +12,22 @@ Two functions are registered:
   recognised, eagerly and under ``torch.compile``: ``mmcore.patch.hf_masks``.
 * ``mmcore_attention_forward`` with ``transformers.AttentionInterface`` (HF's signature):
   translates the spec into ``mmcore.ops.window_attention`` arguments.  GQA k/v are passed
-  with their Hkv heads (no ``repeat_kv``).  Right padding becomes ``seqlens``; left and holey
-  padding are compacted per sample (``mmcore.patch.varlen``); packed sequences become a batch
-  of segments.  What the op cannot express exactly (holes in the padding of a sliding-window
-  layer, softcapping, attention dropout while training, attention sinks, ...) is computed by a
-  dense eager-equivalent torch path for that call: never a wrong answer.
+  with their Hkv heads (no ``repeat_kv``); HF's ``softcap`` (Gemma-2) goes to the op's
+  ``softcap``.  Right padding becomes ``seqlens``; left and holey padding are compacted per
+  sample (``mmcore.patch.varlen``), except where compaction would move window positions
+  (holes in a sliding-window layer; left padding with global tokens): there the padding is
+  the op's ``key_mask`` on the keys as they are (window positions count key indices, as HF's
+  masks do).  Packed sequences become a batch of segments.  What the op cannot express
+  exactly (attention dropout while training, attention sinks, a forced backend that does not
+  serve ``softcap`` / ``key_mask``, ...) is computed by a dense eager-equivalent torch path for
+  that call: never a wrong answer.
 
 Under ``torch.compile(fullgraph=True)`` both functions trace: the layout decisions are tensor
-ops (compaction always), and what eager code would check with a Python branch is enforced with
-``torch._assert_async`` (a holey mask in a sliding-window layer raises instead of computing a
-wrong answer; packed sequences and unknown patterns take HF's dense mask).
+ops (sliding-window and global-token layers: ``key_mask`` always; others: compaction always),
+and what eager code would check with a Python branch is enforced with ``torch._assert_async``
+(packed sequences and unknown patterns take HF's dense mask).  Masks that generate() builds
+before the compiled forward carry their offsets as tensors, so decoding steps do not
+recompile.
 
 HF window conventions, mapped exactly (docs/design.md): causal ``sliding_window=w`` (``kv > q - w``)
 -> ``window=(w - 1, 0), causal=True``; bidirectional ``|q - kv| <= w`` -> ``window=(w, w)``.

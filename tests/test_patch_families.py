@@ -141,11 +141,11 @@ def test_siglip_pooling_head_reported():
 _LAST_REPORT = []
 
 
-def _served_case(family, kw, valid=None):
+def _served_case(family, kw, valid=None, backend="auto"):
     """mmcore (patched) vs the unpatched model: the tolerance rule on the valid rows, and the
     number of op calls / dense fallbacks."""
     m, kind = K.load(family)
-    _LAST_REPORT[:] = [mmcore.patch(m)]
+    _LAST_REPORT[:] = [mmcore.patch(m, backend=backend)]
     base, _ = K.load(family)
     oracle = K.load(family, "sdpa")[0].double()
     hfi.STATS.reset()
@@ -184,17 +184,20 @@ def test_holey_padding_served_by_the_op():
     assert st["op_calls"] == 2 and st["fallback_calls"] == 0, st
 
 
-def test_holey_padding_in_a_sliding_window_layer_falls_back_exactly():
+def test_holey_padding_in_a_sliding_window_layer():
     """A sliding window counts positions, holes included: compaction would shorten distances,
-    so those layers take the dense path (the full-attention layers still use the op); the
-    patch report counts the fallbacks."""
+    so those layers run the op on the keys as they are with the padding as key_mask (issue 26;
+    they took the dense path).  A forced backend that does not serve key_mask (the C++ CPU
+    kernel) still takes the dense path there, exactly, and the patch report counts it."""
     ids = torch.randint(3, K.V, (2, 16))
     am = torch.ones(2, 16, dtype=torch.long)
     am[0, 5:7] = 0
+    # qwen2 here: layer 0 full attention, layers 1-2 sliding (max_window_layers=1)
     st = _served_case("qwen2", {"input_ids": ids, "attention_mask": am}, am.bool())
+    assert st == {"op_calls": 3, "fallback_calls": 0, "fallback_reasons": {}}, st
+    st = _served_case("qwen2", {"input_ids": ids, "attention_mask": am}, am.bool(), "cpu")
     rep = _LAST_REPORT[0]
     assert rep.fallback_calls == 2 and "2x: holes in the padding" in str(rep)
-    # qwen2 here: layer 0 full attention, layers 1-2 sliding (max_window_layers=1)
     assert st["fallback_reasons"] == {"holes in the padding of a sliding-window layer": 2}, st
     assert st["op_calls"] == 1, st
 

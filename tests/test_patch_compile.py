@@ -28,15 +28,29 @@ def _models(family):
 
 def _counting_backend():
     """-> (torch.compile backend: aot_eager counting the graphs it is handed -- one per
-    compile or recompile of a fullgraph function --, the count as a one-item list).  A plain
+    compile or recompile of a fullgraph function --, the graphs handed so far).  A plain
     function: HF's CompileConfig deep-copies its options, and a function copies as itself."""
-    count = [0]
+    graphs = []
 
     def backend(gm, example_inputs):
         from torch._dynamo.backends.registry import lookup_backend
-        count[0] += 1
+        graphs.append(gm)
         return lookup_backend(BACKEND)(gm, example_inputs)
-    return backend, count
+    return backend, graphs
+
+
+def _op_calls(gm):
+    """The window_attention custom-op calls in a dynamo graph, as {argument: value} (the
+    op's schema names; tensors as their fx nodes)."""
+    op = torch.ops.mmcore.window_attention_fwd
+    names = [a.name for a in op.default._schema.arguments]
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (op, op.default):
+            d = dict(zip(names, n.args))
+            d.update(n.kwargs)
+            out.append(d)
+    return out
 
 
 @pytest.mark.parametrize("padding", ["holey", "packed"])  # left: the generation tests
@@ -66,7 +80,7 @@ def test_compiled_holey_and_left_padding_in_sliding_layers(family):
     torch._dynamo.reset()
     eager, ours = _models(family)
     oracle = K.load_oracle(family)
-    backend, compiles = _counting_backend()
+    backend, graphs = _counting_backend()
     fwd = torch.compile(ours.forward, fullgraph=True, backend=backend)
     with torch.no_grad():
         for padding in ("left", "holey"):
@@ -75,7 +89,13 @@ def test_compiled_holey_and_left_padding_in_sliding_layers(family):
             valid = K.valid_rows(kw)
             assert_close(f"compiled/{family}/{padding}", fwd(**kw).logits[valid],
                          oracle(**kw).logits[valid], eager(**kw).logits[valid])
-    assert compiles[0] == 1
+    assert len(graphs) == 1
+    # both layers on the op (no dense path in the graph); the sliding one with a key_mask
+    calls = _op_calls(graphs[0])
+    assert len(calls) == 2, calls
+    assert sum(c.get("key_mask") is not None for c in calls) == 1, calls
+    cap = getattr(ours.config, "attn_logit_softcapping", None) or 0.0
+    assert all(c.get("softcap", 0.0) == cap for c in calls), calls
 
 
 def test_compiled_holes_raise_without_key_mask():
@@ -146,7 +166,7 @@ def test_compiled_generation_does_not_recompile_per_token(family, dynamic, N, pa
     eager, ours = _models(family)
     kind = K.build(family)[2]
     S = 16 if kind == "vlm" else 9  # prompts longer than the sliding windows (5, 6)
-    backend, compiles = _counting_backend()
+    backend, graphs = _counting_backend()
     cc = CompileConfig(fullgraph=True, dynamic=dynamic, backend=backend, mode=None)
     cc._compile_all_devices = True  # HF compiles decoding on GPUs only unless told
     gen = dict(do_sample=False, pad_token_id=0, cache_implementation="static",
@@ -154,13 +174,16 @@ def test_compiled_generation_does_not_recompile_per_token(family, dynamic, N, pa
     with torch.no_grad():
         ours.generate(**K.inputs(kind, B=2, S=S, padding=padding, seed=4), max_new_tokens=4,
                       **gen)
-        warm = compiles[0]
+        warm = len(graphs)
         assert warm >= 1, "generate did not compile"
         kw = K.inputs(kind, B=2, S=S, padding=padding, seed=5)
         hfi.STATS.reset()
         got = ours.generate(**kw, max_new_tokens=N, **gen)
-        assert compiles[0] == warm, \
-            f"{family}: {compiles[0] - warm} recompiles in {N} compiled decoding steps"
+        assert len(graphs) == warm, \
+            f"{family}: {len(graphs) - warm} recompiles in {N} compiled decoding steps"
         assert hfi.STATS.op_calls > 0 and hfi.STATS.fallback_calls == 0, hfi.STATS  # prefill
+        cfg = K.build(family)[0]
+        layers = getattr(cfg, "text_config", cfg).num_hidden_layers
+        assert len(_op_calls(graphs[-1])) == layers  # decoding: every layer on the op
         want = eager.generate(**kw, max_new_tokens=N, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)

@@ -243,3 +243,23 @@ def test_long_context_left_and_holey_padding_on_the_op(compiled):
                 res[name] = ref(input_ids=kw["input_ids"], attention_mask=m4) \
                     .last_hidden_state[valid]
         assert_close(f"longctx/{padding}/compiled={compiled}", out, res["oracle"], res["base"])
+
+
+def test_modernbert_holey_padding_on_the_op(monkeypatch):
+    """ModernBERT's local layers (bidirectional window) with holes in the padding: the op with
+    key_mask (issue 26: the dense path), forward and gradients equal to HF."""
+    import mmcore
+    m, kind = K.load("modernbert")
+    mmcore.patch(m)
+    masked = []
+    real = hfi.window_attention
+
+    def spy(*a, **kw):
+        masked.append(kw.get("key_mask") is not None)
+        return real(*a, **kw)
+    monkeypatch.setattr(hfi, "window_attention", spy)
+    hfi.STATS.reset()
+    m.train()  # a training step (dropouts are 0 in this config)
+    K.compare("modernbert", m, kind, K.inputs(kind, B=2, S=19, padding="holey"))
+    assert hfi.STATS.as_dict() == {"op_calls": 3, "fallback_calls": 0, "fallback_reasons": {}}
+    assert sum(masked) == 2, masked  # layers 1, 2 local; layer 0 global (compacted)

@@ -198,12 +198,11 @@ def test_factor_round_trip_random(dtype):
     km.scatter_(1, lo, True)  # every row sees a key (its first)
     allowed = hb.dense_of(lo, hi, km, Sk)
     allowed[:, :, 3] = False  # a fully masked row
-    if dtype != torch.bool:
-        allowed[:, :, 3, 0] = True  # additive masks: no fully masked rows (HF averages them)
     mask = allowed if dtype == torch.bool else _additive(allowed, dtype)
     f = hb.factor_dense(mask.expand(B, 2, Sq, Sk), B, Sq, Sk)
     assert f is not None
     assert torch.equal(hb.dense_of(f.lo, f.hi, f.key_mask, Sk, f.full), allowed)
+    assert (f.average is not None) == (dtype != torch.bool)  # row 3: additive -> mean of v
 
 
 def test_factor_refuses():
@@ -221,6 +220,8 @@ def test_factor_refuses():
     add[0, 0, 4, 1] = -3.0  # a bias, not a mask
     assert hb.factor_dense(add, B, S, S) is None
     add = _additive(causal)
-    add[0, 0, 4, :] = torch.finfo(torch.float32).min  # fully masked additive row
-    assert hb.factor_dense(add, B, S, S) is None
+    add[0, 0, 4, :] = torch.finfo(torch.float32).min  # fully masked additive row: HF averages
+    f = hb.factor_dense(add, B, S, S)
+    assert f.average is not None and f.average[0, 4] and f.average.sum() == 1
+    assert f.lo[0, 4] == f.hi[0, 4]
     assert hb.factor_dense(causal.long(), B, S, S) is None

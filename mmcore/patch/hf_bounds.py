@@ -56,11 +56,13 @@ class BoundsSpec(NamedTuple):
 class Factored(NamedTuple):
     """A dense mask as bounds: lo, hi (B, Sq) int32; key_mask (B, Sk) bool or None; full
     (B, Sq) bool or None: rows served by a second call over every key (their lo = hi = 0 in
-    the first call)."""
+    the first call); average (B, Sq) bool or None: rows whose output is the mean of the
+    values (an additive mask hiding every key: HF's eager softmax of equal scores)."""
     lo: torch.Tensor
     hi: torch.Tensor
     key_mask: Optional[torch.Tensor]
     full: Optional[torch.Tensor]
+    average: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------ leaves by code object
@@ -315,8 +317,10 @@ def _probe_ok(mask_function, lo, hi, ctx, qvalid):
 # ------------------------------------------------------------------ dense 4-D masks
 def allowed_of(mask, Sq, Sk):
     """4-D mask (B' | 1, H', Sq, >= Sk), bool (True = attend) or additive (0 / finfo.min or
-    -inf) -> (B', Sq, Sk) bool, or None (other values, heads that differ, fully masked rows of
-    an additive mask: HF's eager path averages them, mmcore returns 0)."""
+    -inf) -> (allowed (B', Sq, Sk) bool, average (B', Sq) bool or None), or None (other values,
+    heads that differ).  average: rows of an additive mask that hide every key, where HF's eager
+    softmax of equal scores averages the values (a boolean mask's such rows give 0, as
+    mmcore's padded rows)."""
     if mask.dim() != 4 or mask.shape[-2] != Sq or mask.shape[-1] < Sk:
         return None
     m = mask[..., :Sk]
@@ -324,24 +328,29 @@ def allowed_of(mask, Sq, Sk):
         allowed = m
     elif m.is_floating_point():
         allowed = m == 0
-        lowest = torch.finfo(m.dtype).min
-        if not bool((allowed | (m <= lowest)).all()):
-            return None
-        if not bool(allowed.any(-1).all()):
+        if not bool((allowed | (m <= torch.finfo(m.dtype).min)).all()):
             return None
     else:
         return None
     if allowed.shape[1] > 1 and not bool((allowed == allowed[:, :1]).all()):
         return None
-    return allowed[:, 0]
+    allowed = allowed[:, 0]
+    average = None
+    if m.dtype != torch.bool:
+        average = ~allowed.any(-1)
+        if not bool(average.any()):
+            average = None
+    return allowed, average
 
 
 def factor_dense(mask, B, Sq, Sk):
     """A dense 4-D mask -> :class:`Factored`, or None when it is not exactly
-    ``lo <= j < hi & key_mask[j]`` per row (plus rows that see every key)."""
-    allowed = allowed_of(mask, Sq, Sk)
-    if allowed is None or allowed.shape[0] not in (1, B):
+    ``lo <= j < hi & key_mask[j]`` per row (plus rows that see every key, and rows of an
+    additive mask that hide every key)."""
+    got = allowed_of(mask, Sq, Sk)
+    if got is None or got[0].shape[0] not in (1, B):
         return None
+    allowed, average = got
     dev = allowed.device
     j = torch.arange(Sk, device=dev)
     anyk = allowed.any(-1)  # (B', Sq)
@@ -360,10 +369,11 @@ def factor_dense(mask, B, Sq, Sk):
     if second:
         lo = torch.where(full, torch.zeros_like(lo), lo)
         hi = torch.where(full, torch.zeros_like(hi), hi)
-    out = Factored(lo.expand(B, Sq).contiguous(), hi.expand(B, Sq).contiguous(),
-                   None if km is None else km.expand(B, Sk).contiguous(),
-                   full.expand(B, Sq).contiguous() if second else None)
-    return out
+
+    def bq(t):
+        return None if t is None else t.expand(B, Sq).contiguous()
+    return Factored(bq(lo), bq(hi), None if km is None else km.expand(B, Sk).contiguous(),
+                    bq(full) if second else None, bq(average))
 
 
 def dense_of(lo, hi, key_mask, Sk, full=None):
@@ -376,3 +386,111 @@ def dense_of(lo, hi, key_mask, Sk, full=None):
     if full is not None:
         m = m | full[..., None]
     return m[:, None]
+
+
+# ------------------------------------------------------------------ the hooks hf_interface calls
+def mask_for(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
+             attention_mask, device):
+    """``mmcore_mask`` for patterns ``hf_masks.classify`` does not know (eager only): the 2-D
+    padding mask (B, kv_offset + kv_length) tagged with a :class:`BoundsSpec`, or None."""
+    got = from_mask_function(mask_function, batch_size, q_length, kv_length, q_offset,
+                             kv_offset, attention_mask, device)
+    if got is None:
+        return None
+    need = kv_offset + kv_length
+    if attention_mask is None:
+        pm = torch.ones(batch_size, need, dtype=torch.bool, device=device)
+    else:
+        pm = attention_mask.to(device=device, dtype=torch.bool)
+        if pm.shape[-1] < need:
+            pm = torch.nn.functional.pad(pm, (0, need - pm.shape[-1]))
+        pm = pm[:, :need].clone()  # the tag must not land on the caller's tensor
+    pm._mmcore_spec = BoundsSpec(got[0], got[1], q_offset, kv_offset)
+    return pm
+
+
+def spec_of(attention_mask):
+    """The BoundsSpec of a tagged 2-D mask, else None (always None under torch.compile: the
+    tags are eager-only; a traced model re-derives its masks from its own mask functions)."""
+    if torch.compiler.is_compiling():
+        return None
+    spec = getattr(attention_mask, "_mmcore_spec", None)
+    return spec if isinstance(spec, BoundsSpec) else None
+
+
+def handed_back(attention_mask, batch_size, q_length, kv_length, q_offset, kv_offset):
+    """A mask :func:`mask_for` made, handed back to the mask interface as the "2-D padding
+    mask" (a model whose inner text model builds its masks again, e.g. PaliGemma's Gemma):
+    it is already prepared, as HF treats a 4-D mask; -> it, or None when not ours."""
+    spec = spec_of(attention_mask)
+    if spec is None:
+        return None
+    if isinstance(q_offset, torch.Tensor) and not torch.compiler.is_compiling():
+        q_offset = int(q_offset)
+    if isinstance(kv_offset, torch.Tensor):
+        kv_offset = int(kv_offset)
+    if tuple(spec.lo.shape) != (batch_size, q_length) or q_offset != spec.q_offset or \
+            kv_offset != spec.kv_offset or attention_mask.shape[-1] != kv_offset + kv_length:
+        raise ValueError(
+            f"mmcore attention: a mask prepared for queries {tuple(spec.lo.shape)} at offset "
+            f"{spec.q_offset} / keys at offset {spec.kv_offset} was handed back for batch "
+            f"{batch_size}, {q_length} queries at offset {q_offset}, {kv_length} keys at "
+            f"offset {kv_offset}; pass the model's original 2-D attention_mask instead")
+    return attention_mask
+
+
+def _backend(module):
+    return getattr(module, "_mmcore_backend", None) or "auto"
+
+
+def _run(q, k, v, lo, hi, key_mask, full, scale, backend, average=None):
+    """window_attention in bounds mode; rows in `full` (B, Sq) from a second call over every
+    key, rows in `average` (B, Sq) the mean of the values.  q (B, Hq, Sq, D), k/v
+    (B, Hkv, Sk, D) -> (B, Hq, Sq, D)."""
+    from ..ops import window_attention
+    out = window_attention(q, k, v, key_bounds=(lo, hi), key_mask=key_mask, scale=scale,
+                           backend=backend)
+    if full is not None:
+        Sk = k.shape[2]
+        hi2 = torch.where(full, torch.full_like(hi, Sk), torch.zeros_like(hi))
+        out2 = window_attention(q, k, v, key_bounds=(torch.zeros_like(lo), hi2), scale=scale,
+                                backend=backend)
+        out = torch.where(full[:, None, :, None], out2, out)
+    if average is not None:
+        mean = v.float().mean(2, keepdim=True).to(out.dtype)  # (B, Hkv, 1, D)
+        mean = mean.repeat_interleave(q.shape[1] // v.shape[1], 1)
+        out = torch.where(average[:, None, :, None], mean, out)
+    return out
+
+
+def attend_tagged(module, query, key, value, attention_mask, spec, scaling, reason, dense):
+    """The attention of a layer whose mask ``mask_for`` tagged: -> (out (B, Hq, Sq, D),
+    reason or None).  `dense(mask)` computes the eager-equivalent dense path (for `reason`)."""
+    B, _, Sq, _ = query.shape
+    Sk = key.shape[2]
+    lo, hi = spec.lo, spec.hi
+    if lo.shape != (B, Sq) or attention_mask.dim() != 2 or attention_mask.shape[0] != B or \
+            attention_mask.shape[1] < Sk:
+        raise ValueError(f"mmcore attention: the bounds of the mask ({tuple(lo.shape)}) do not "
+                         f"fit the attention call (B={B}, Sq={Sq}, Sk={Sk})")
+    km = attention_mask[:, -Sk:].bool()
+    lo, hi = lo.to(query.device), hi.to(query.device)
+    if reason is not None:
+        return dense(dense_of(lo, hi, km, Sk)), reason
+    if bool(km.all()):
+        km = None
+    return _run(query, key, value, lo, hi, km, None, float(scaling), _backend(module)), None
+
+
+def attend_dense(module, query, key, value, mask, scaling):
+    """A dense 4-D mask factored into bounds (eager only): -> out (B, Hq, Sq, D), or None
+    when the mask is not of that form (the caller takes the dense path)."""
+    if torch.compiler.is_compiling():
+        return None
+    B, _, Sq, _ = query.shape
+    Sk = key.shape[2]
+    f = factor_dense(mask.to(query.device), B, Sq, Sk)
+    if f is None:
+        return None
+    return _run(query, key, value, f.lo, f.hi, f.key_mask, f.full, float(scaling),
+                _backend(module), f.average)

@@ -38,7 +38,7 @@ import torch
 
 from ..nn.call_stats import CallStats
 from ..ops import window_attention
-from . import varlen
+from . import hf_bounds, varlen
 from .hf_masks import MaskSpec, classify, classify_traced, expected
 
 logger = logging.getLogger("mmcore.patch")
@@ -97,6 +97,10 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     the same, with or without its tag (torch.compile's tracing drops attributes on ``.to()``)."""
     # a static cache hands its live length counter as the offset, and bumps it in place before
     # the attention runs: keep the value it has now
+    prepared = hf_bounds.handed_back(attention_mask, batch_size, q_length, kv_length, q_offset,
+                                     kv_offset)
+    if prepared is not None:
+        return prepared
     if isinstance(q_offset, torch.Tensor):
         q_offset = q_offset.clone() if _compiling() else int(q_offset)
     if isinstance(kv_offset, torch.Tensor) and not _compiling():
@@ -112,6 +116,11 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     else:
         cls = None if use_vmap else classify(mask_function, q_length, kv_length, q_offset,
                                              kv_offset)
+    if cls is None and not _compiling() and not isinstance(kv_offset, torch.Tensor):
+        tagged = hf_bounds.mask_for(mask_function, batch_size, q_length, kv_length, q_offset,
+                                    kv_offset, attention_mask, device)  # per-row key bounds
+        if tagged is not None:
+            return tagged
     if cls is None:
         for k in ("allow_is_causal_skip", "allow_is_bidirectional_skip", "dtype", "config"):
             kwargs.pop(k, None)
@@ -230,9 +239,21 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     override = getattr(module, OVERRIDE_ATTR, None)
     reason = _static_reason(module, query, value, dropout, softcap, training, kwargs)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        count(module, reason or "dense 4-D mask (pattern not expressible)")
-        out = _dense_attention(query, key, value, attention_mask, scaling, dropout, softcap,
-                               training)
+        out = None if reason else hf_bounds.attend_dense(module, query, key, value,
+                                                         attention_mask, scaling)
+        count(module, None if out is not None else
+              reason or "dense 4-D mask (pattern not expressible)")
+        if out is None:
+            out = _dense_attention(query, key, value, attention_mask, scaling, dropout, softcap,
+                                   training)
+        return out.transpose(1, 2).contiguous(), None
+    bspec = hf_bounds.spec_of(attention_mask)
+    if bspec is not None:  # per-row key bounds (mask patterns of hf_bounds)
+        out, reason = hf_bounds.attend_tagged(
+            module, query, key, value, attention_mask, bspec, scaling, reason,
+            lambda m: _dense_attention(query, key, value, m, scaling, dropout, softcap,
+                                       training))
+        count(module, reason)
         return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"mmcore attention: unsupported attention_mask type "

@@ -22,7 +22,9 @@ FAMILIES = {
     "ModernBertAttention": "modernbert",
     "CLIPAttention": "clip", "SiglipAttention": "siglip",
     "MistralAttention": "mistral", "Qwen2Attention": "qwen2", "LlamaAttention": "llama",
-    "Gemma3Attention": "gemma3", "Gemma2Attention": "gemma2",
+    "Gemma3Attention": "gemma3", "Gemma2Attention": "gemma2", "GemmaAttention": "gemma",
+    "MllamaTextSelfAttention": "mllama", "MllamaTextCrossAttention": "mllama",
+    "MllamaVisionAttention": "mllama",
 }
 
 # Attention modules with their own code path (no AttentionInterface) that mmcore maps itself.
@@ -174,8 +176,9 @@ def _patch_attention(model, report, state, long_context, backend):
                                      mod.__dict__.get("_mmcore_backend")))
             mod.__dict__[hfi.STATS_ATTR] = report.runtime
             report.replaced.append((name, f"{type(mod).__name__} (longformer) forward -> "
-                                          "mmcore window_attention (window + global prefix; "
-                                          "global rows on the *_global projections)"))
+                                          "mmcore window_attention (window + global tokens "
+                                          "anywhere, any padding; global rows on the "
+                                          "*_global projections)"))
             if long_context is not None:
                 report.notes.append(f"{name}: LongContext not applied (Longformer already "
                                     "has its own window and position table)")

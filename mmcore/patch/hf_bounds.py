@@ -489,7 +489,17 @@ def attend_dense(module, query, key, value, mask, scaling):
         return None
     B, _, Sq, _ = query.shape
     Sk = key.shape[2]
-    f = factor_dense(mask.to(query.device), B, Sq, Sk)
+    # the layers of one forward share the mask tensor: factor it once (keyed by its version)
+    key_ = (mask._version, B, Sq, Sk, str(query.device))
+    cached = getattr(mask, "_mmcore_factored", None)
+    if cached is not None and cached[0] == key_:
+        f = cached[1]
+    else:
+        f = factor_dense(mask.to(query.device), B, Sq, Sk)
+        try:
+            mask._mmcore_factored = (key_, f)
+        except (AttributeError, RuntimeError):  # pragma: no cover - tensor subclasses
+            pass
     if f is None:
         return None
     return _run(query, key, value, f.lo, f.hi, f.key_mask, f.full, float(scaling),

@@ -222,8 +222,8 @@ def _patch_attention(model, report, state, long_context, backend):
         report.notes.append("per call, the mmcore attention falls back to a dense torch path "
                             "(exact; counted in report.runtime) for attention dropout while "
                             "training, holes in the padding of a sliding-window layer, and "
-                            "mask patterns the op cannot express (custom or/and mask "
-                            "overlays, chunked attention)")
+                            "mask patterns that are not one key interval per query row "
+                            "(and any image / prefix mask under torch.compile)")
 
 
 def _apply_long_context(model, name, mod, lc, report, state):

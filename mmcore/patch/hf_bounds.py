@@ -443,18 +443,18 @@ def _backend(module):
     return getattr(module, "_mmcore_backend", None) or "auto"
 
 
-def _run(q, k, v, lo, hi, key_mask, full, scale, backend, average=None):
+def _run(q, k, v, lo, hi, key_mask, full, scale, softcap, backend, average=None):
     """window_attention in bounds mode; rows in `full` (B, Sq) from a second call over every
     key, rows in `average` (B, Sq) the mean of the values.  q (B, Hq, Sq, D), k/v
     (B, Hkv, Sk, D) -> (B, Hq, Sq, D)."""
     from ..ops import window_attention
     out = window_attention(q, k, v, key_bounds=(lo, hi), key_mask=key_mask, scale=scale,
-                           backend=backend)
+                           softcap=softcap, backend=backend)
     if full is not None:
         Sk = k.shape[2]
         hi2 = torch.where(full, torch.full_like(hi, Sk), torch.zeros_like(hi))
         out2 = window_attention(q, k, v, key_bounds=(torch.zeros_like(lo), hi2), scale=scale,
-                                backend=backend)
+                                softcap=softcap, backend=backend)
         out = torch.where(full[:, None, :, None], out2, out)
     if average is not None:
         mean = v.float().mean(2, keepdim=True).to(out.dtype)  # (B, Hkv, 1, D)
@@ -463,7 +463,8 @@ def _run(q, k, v, lo, hi, key_mask, full, scale, backend, average=None):
     return out
 
 
-def attend_tagged(module, query, key, value, attention_mask, spec, scaling, reason, dense):
+def attend_tagged(module, query, key, value, attention_mask, spec, scaling, softcap, reason,
+                  dense):
     """The attention of a layer whose mask ``mask_for`` tagged: -> (out (B, Hq, Sq, D),
     reason or None).  `dense(mask)` computes the eager-equivalent dense path (for `reason`)."""
     B, _, Sq, _ = query.shape
@@ -479,10 +480,11 @@ def attend_tagged(module, query, key, value, attention_mask, spec, scaling, reas
         return dense(dense_of(lo, hi, km, Sk)), reason
     if bool(km.all()):
         km = None
-    return _run(query, key, value, lo, hi, km, None, float(scaling), _backend(module)), None
+    return _run(query, key, value, lo, hi, km, None, float(scaling), softcap,
+                _backend(module)), None
 
 
-def attend_dense(module, query, key, value, mask, scaling):
+def attend_dense(module, query, key, value, mask, scaling, softcap=None):
     """A dense 4-D mask factored into bounds (eager only): -> out (B, Hq, Sq, D), or None
     when the mask is not of that form (the caller takes the dense path)."""
     if torch.compiler.is_compiling():
@@ -502,5 +504,5 @@ def attend_dense(module, query, key, value, mask, scaling):
             pass
     if f is None:
         return None
-    return _run(query, key, value, f.lo, f.hi, f.key_mask, f.full, float(scaling),
+    return _run(query, key, value, f.lo, f.hi, f.key_mask, f.full, float(scaling), softcap,
                 _backend(module), f.average)

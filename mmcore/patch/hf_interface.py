@@ -6,17 +6,21 @@ Two functions are registered:
 * ``mmcore_mask`` with ``transformers.AttentionMaskInterface``: instead of a dense 4-D mask it
   returns the 2-D padding mask ``(B, kv_length)`` (bool, True = real token), sliced to the keys
   the layer will see, and tags it with a :class:`MaskSpec` (mask kind, HF window, query/key
-  offsets, packed-sequence ids).  Mask patterns it cannot express exactly (``or``/``and``
-  overlays, chunked attention, anything unknown) get HF's own dense boolean mask, and the
-  attention function then takes the dense torch path for that call.  How patterns are
-  recognised, eagerly and under ``torch.compile``: ``mmcore.patch.hf_masks``.
+  offsets, packed-sequence ids).  Patterns that are one key interval per query row
+  (``or``/``and`` overlays of causal, sliding and image / prefix groups: PaliGemma, Gemma-3)
+  are tagged with per-row key bounds instead (eager only: ``mmcore.patch.hf_bounds``).  Other
+  patterns get HF's own dense boolean mask, and the attention function then takes the dense
+  torch path for that call.  How patterns are recognised, eagerly and under
+  ``torch.compile``: ``mmcore.patch.hf_masks``.
 * ``mmcore_attention_forward`` with ``transformers.AttentionInterface`` (HF's signature):
   translates the spec into ``mmcore.ops.window_attention`` arguments.  GQA k/v are passed
   with their Hkv heads (no ``repeat_kv``).  Right padding becomes ``seqlens``; left and holey
   padding are compacted per sample (``mmcore.patch.varlen``); packed sequences become a batch
-  of segments.  What the op cannot express exactly (holes in the padding of a sliding-window
-  layer, softcapping, attention dropout while training, attention sinks, ...) is computed by a
-  dense eager-equivalent torch path for that call: never a wrong answer.
+  of segments; a dense 4-D mask a model built itself (mllama) is factored into key bounds +
+  ``key_mask`` when it has that form (eager, ``hf_bounds.factor_dense``).  What the op
+  cannot express exactly (holes in the padding of a sliding-window layer, softcapping,
+  attention dropout while training, attention sinks, ...) is computed by a dense
+  eager-equivalent torch path for that call: never a wrong answer.
 
 Under ``torch.compile(fullgraph=True)`` both functions trace: the layout decisions are tensor
 ops (compaction always), and what eager code would check with a Python branch is enforced with
@@ -240,7 +244,7 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     reason = _static_reason(module, query, value, dropout, softcap, training, kwargs)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         out = None if reason else hf_bounds.attend_dense(module, query, key, value,
-                                                         attention_mask, scaling)
+                                                         attention_mask, scaling, softcap)
         count(module, None if out is not None else
               reason or "dense 4-D mask (pattern not expressible)")
         if out is None:
@@ -250,7 +254,7 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     bspec = hf_bounds.spec_of(attention_mask)
     if bspec is not None:  # per-row key bounds (mask patterns of hf_bounds)
         out, reason = hf_bounds.attend_tagged(
-            module, query, key, value, attention_mask, bspec, scaling, reason,
+            module, query, key, value, attention_mask, bspec, scaling, softcap, reason,
             lambda m: _dense_attention(query, key, value, m, scaling, dropout, softcap,
                                        training))
         count(module, reason)

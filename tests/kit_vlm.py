@@ -60,22 +60,28 @@ def _model(name):
     return copy.deepcopy(_CACHE[name])
 
 
-def inputs(name, seed=1):
-    """-> (model kwargs, valid query rows (B, S) bool)."""
+def inputs(name, seed=1, padding="right"):
+    """-> (model kwargs, valid query rows (B, S) bool).  padding: "right" or "left" (mllama;
+    left for generate)."""
     g = torch.Generator().manual_seed(seed)
     if name == "mllama":
         # sample 0: text rows 0-1 see no image, image 0 (4 tiles) from row 2, image 1
         # (2 tiles) from row 6 on together with image 0; sample 1: one image of 3 tiles and an
-        # empty image slot, right padding
+        # empty image slot, 3 padding tokens (right: after the text; left: before the image)
         B, S, M, Ti = 2, 11, 2, 4
         ids = torch.randint(3, 90, (B, S), generator=g)
-        ids[0, 2] = ids[0, 6] = ids[1, 0] = IMG
+        p = 3 if padding == "left" else 0
+        ids[0, 2] = ids[0, 6] = ids[1, p] = IMG
         am = torch.ones(B, S, dtype=torch.long)
-        am[1, -3:] = 0
+        if padding == "left":
+            am[1, :p] = 0
+            ids[1, :p] = 0
+        else:
+            am[1, -3:] = 0
         cam = torch.zeros(B, S, M, Ti, dtype=torch.long)
         cam[0, 2:, 0, :4] = 1
         cam[0, 6:, 1, :2] = 1
-        cam[1, :, 0, :3] = 1
+        cam[1, p:, 0, :3] = 1
         kw = dict(input_ids=ids, attention_mask=am,
                   pixel_values=torch.randn(B, M, Ti, 3, 16, 16, generator=g),
                   aspect_ratio_ids=torch.tensor([[6, 2], [5, 0]]),

@@ -225,3 +225,63 @@ def test_factor_refuses():
     assert f.average is not None and f.average[0, 4] and f.average.sum() == 1
     assert f.lo[0, 4] == f.hi[0, 4]
     assert hb.factor_dense(causal.long(), B, S, S) is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_image_layouts_match_sdpa_mask(seed):
+    """Random Gemma-3 image blocks, paddings, windows and chunk offsets: bounds + padding ==
+    HF's own dense mask on every valid query row."""
+    g = torch.Generator().manual_seed(seed)
+    B, S = 3, int(torch.randint(8, 40, (1,), generator=g))
+    am = torch.ones(B, S, dtype=torch.long)
+    for b in range(B):
+        n = int(torch.randint(0, S // 3, (1,), generator=g))
+        if n and b % 2:
+            am[b, :n] = 0
+        elif n:
+            am[b, S - n:] = 0
+    tti = (torch.rand(B, S, generator=g) < 0.4).long() * am
+    ids = _gemma3_ids(tti)
+    fn = mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids))
+    w = int(torch.randint(1, 9, (1,), generator=g))
+    q0 = int(torch.randint(0, S, (1,), generator=g))  # a later chunk of the same sequence
+    for f in (fn, mu.and_masks(fn, mu.sliding_window_overlay(w))):
+        _check(f, am, B, S, S)
+        _check(f, am, B, S - q0, S, q_offset=q0)
+
+
+def test_handed_back_mask_is_reused_or_refused():
+    am = torch.ones(2, 10, dtype=torch.long)
+    ids = torch.full((2, 10), -1)
+    ids[:, 2:6] = 0
+    fn = mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids))
+    pm = hb.mask_for(fn, 2, 10, 10, 0, 0, am, "cpu")
+    assert hb.spec_of(pm) is not None and hb.spec_of(am) is None
+    assert hb.handed_back(pm, 2, 10, 10, 0, 0) is pm  # HF builds the masks again: reused
+    assert hb.handed_back(am, 2, 10, 10, 0, 0) is None
+    with pytest.raises(ValueError, match="handed back"):
+        hb.handed_back(pm, 2, 4, 10, 6, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_dense_equals_the_dense_path(dtype):
+    """The op calls (bounds + key_mask, the all-key rows, the averaged rows of an empty image
+    slot) vs HF's eager computation with the additive mask, within the tolerance rule."""
+    from kit import assert_close
+    from transformers.models.mllama.modeling_mllama import _prepare_aspect_ratio_attention_mask
+    from mmcore.patch import hf_interface as hfi
+    arm = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])  # the last: empty slot
+    mask = _prepare_aspect_ratio_attention_mask(arm, num_patches=5, target_length=8,
+                                                dtype=torch.float32)
+    B, _, S, _ = mask.shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, 4, S, 16, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]  # GQA
+    out = hb.attend_dense(None, q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype), 0.25)
+    f = hb.factor_dense(mask, B, S, S)
+    assert out is not None and f.full is not None and f.average is not None
+    ref = hfi._dense_attention(q.double(), k.double(), v.double(), mask.double(), 0.25, 0,
+                               None, False)
+    base = hfi._dense_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype), 0.25,
+                                0, None, False)
+    assert_close(f"attend_dense.{dtype}", out, ref, base)

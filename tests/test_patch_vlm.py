@@ -30,13 +30,13 @@ def test_vlm_masks_on_the_op(name):
     assert rep.fallback_calls == 0
 
 
-@pytest.mark.parametrize("name", ["paligemma", "gemma3"])
+@pytest.mark.parametrize("name", ["mllama", "paligemma", "gemma3"])
 def test_vlm_generate_matches_eager(name):
     """Greedy generation (dynamic cache: prefill with the image / prefix pattern, then decode
-    steps at an offset) gives eager's tokens and scores, every call on the op."""
+    steps at an offset; left padding) gives eager's tokens and scores, every call on the op."""
     m = KV._model(name)
     mmcore.patch(m)
-    kw, valid = KV.inputs(name)
+    kw, valid = KV.inputs(name, padding="left")
     if name == "paligemma":  # two samples: left padding and none
         kw = {k: v[:2] for k, v in kw.items()}
     gen = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True,

@@ -354,8 +354,8 @@ def factor_dense(mask, B, Sq, Sk):
     dev = allowed.device
     j = torch.arange(Sk, device=dev)
     anyk = allowed.any(-1)  # (B', Sq)
-    lo = torch.where(anyk, allowed.int().argmax(-1), 0)
-    hi = torch.where(anyk, Sk - allowed.flip(-1).int().argmax(-1), 0)
+    lo = torch.where(anyk, allowed.to(torch.uint8).argmax(-1), 0)  # first allowed key
+    hi = torch.where(anyk, Sk - allowed.flip(-1).to(torch.uint8).argmax(-1), 0)
     inside = (j[None, None] >= lo[..., None]) & (j[None, None] < hi[..., None])
     km = ~(inside & ~allowed).any(1)  # (B', Sk): hidden from every row that covers it
     wrong = ((inside & km[:, None]) != allowed).any(-1)  # (B', Sq)

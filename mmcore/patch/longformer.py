@@ -154,7 +154,8 @@ def _any_layout(mod, hidden_states, attention_mask, backend):
         qg = _heads(mod.query_global(hg), B, G, H, D)
         kg = _heads(mod.key_global(hidden_states), B, S, H, D)
         vg = _heads(mod.value_global(hidden_states), B, S, H, D)
-        og = window_attention(qg, kg, vg, key_mask=valid, scale=scale, backend=backend)
+        og = window_attention(qg, kg, vg, key_mask=None if bool(valid.all()) else valid,
+                              scale=scale, backend=backend)
         slot = (glob.long().cumsum(1) - 1).clamp(min=0)  # (B, S): row -> its global slot
         out = torch.where(glob[:, None, :, None], _gather(og, slot), out)
     return torch.where(valid[:, None, :, None], out, torch.zeros((), dtype=out.dtype,

@@ -120,10 +120,11 @@ def patch(model, *, attention=True, lora=True, long_context=None, backend="auto"
     """Swap, in place, the attention (and peft LoRA) layers of a loaded HF model for mmcore ops.
 
     attention: switch every attention module that dispatches through HF's AttentionInterface
-        (BERT/RoBERTa/XLM-R, ModernBERT, CLIP/SigLIP towers, Mistral/Qwen2/Llama, Gemma3, and
-        any other such model) to the ``"mmcore"`` implementation; weights and the module tree
-        are untouched.  Longformer's own self-attention (no AttentionInterface) is mapped by
-        mmcore itself (window + global prefix).  Modules that cannot be served exactly
+        (BERT/RoBERTa/XLM-R, ModernBERT, CLIP/SigLIP towers, Mistral/Qwen2/Llama, Gemma3,
+        PaliGemma, mllama, and any other such model) to the ``"mmcore"`` implementation;
+        weights and the module tree are untouched.  Longformer's own self-attention (no
+        AttentionInterface) is mapped by mmcore itself (window + global tokens wherever
+        ``global_attention_mask`` marks them, any padding).  Modules that cannot be served exactly
         (attention logit softcapping, config.output_attentions=True, attention modules that do
         not use the interface) are left and reported.
     lora: peft ``lora.Linear`` layers keep their class's whole API and run their forward on

@@ -285,3 +285,31 @@ def test_attend_dense_equals_the_dense_path(dtype):
     base = hfi._dense_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype), 0.25,
                                 0, None, False)
     assert_close(f"attend_dense.{dtype}", out, ref, base)
+
+
+def test_tagged_mask_inside_a_compiled_forward():
+    """generate() builds the masks eagerly before a compiled decoding step: a mask tagged with
+    bounds reaches the traced attention function, which must run the bounds there."""
+    from mmcore.patch import hf_interface as hfi
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, :3] = 0
+    ids = torch.full((2, 12), -1)
+    ids[:, 4:8] = 0
+    fn = mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids))
+    pm = hb.mask_for(fn, 2, 12, 12, 0, 0, am, "cpu")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 12, 16, generator=g)
+    k, v = (torch.randn(2, 2, 12, 16, generator=g) for _ in range(2))
+    mod = torch.nn.Module()
+    want = hfi.mmcore_attention_forward(mod, q, k, v, pm, scaling=0.25)[0]
+    torch._dynamo.reset()
+    f = torch.compile(hfi.mmcore_attention_forward, fullgraph=True, backend="aot_eager")
+    got = f(mod, q, k, v, pm, scaling=0.25)[0]
+    dense = hb.dense_of(hb.spec_of(pm).lo, hb.spec_of(pm).hi, pm.bool(), 12)
+    ref = hfi._dense_attention(q.double(), k.double(), v.double(), dense.double().log(),
+                               0.25, 0, None, False).transpose(1, 2)
+    base = hfi._dense_attention(q, k, v, dense, 0.25, 0, None, False).transpose(1, 2)
+    valid = am.bool()
+    from kit import assert_close
+    assert_close("compiled bounds", got[valid], ref[valid], base[valid])
+    assert_close("eager bounds", want[valid], ref[valid], base[valid])

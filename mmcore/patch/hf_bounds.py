@@ -410,10 +410,10 @@ def mask_for(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset
 
 
 def spec_of(attention_mask):
-    """The BoundsSpec of a tagged 2-D mask, else None (always None under torch.compile: the
-    tags are eager-only; a traced model re-derives its masks from its own mask functions)."""
-    if torch.compiler.is_compiling():
-        return None
+    """The BoundsSpec of a tagged 2-D mask, else None.  Tags are made eagerly, but a compiled
+    forward can receive one (``generate`` builds the masks before a compiled decoding step):
+    the attention then runs on the bounds inside the graph (``attend_tagged`` is
+    trace-safe)."""
     spec = getattr(attention_mask, "_mmcore_spec", None)
     return spec if isinstance(spec, BoundsSpec) else None
 
@@ -422,10 +422,12 @@ def handed_back(attention_mask, batch_size, q_length, kv_length, q_offset, kv_of
     """A mask :func:`mask_for` made, handed back to the mask interface as the "2-D padding
     mask" (a model whose inner text model builds its masks again, e.g. PaliGemma's Gemma):
     it is already prepared, as HF treats a 4-D mask; -> it, or None when not ours."""
+    if torch.compiler.is_compiling():
+        return None  # comparing the offsets would guard on them (a recompile per token)
     spec = spec_of(attention_mask)
     if spec is None:
         return None
-    if isinstance(q_offset, torch.Tensor) and not torch.compiler.is_compiling():
+    if isinstance(q_offset, torch.Tensor):
         q_offset = int(q_offset)
     if isinstance(kv_offset, torch.Tensor):
         kv_offset = int(kv_offset)
@@ -478,7 +480,7 @@ def attend_tagged(module, query, key, value, attention_mask, spec, scaling, soft
     lo, hi = lo.to(query.device), hi.to(query.device)
     if reason is not None:
         return dense(dense_of(lo, hi, km, Sk)), reason
-    if bool(km.all()):
+    if not torch.compiler.is_compiling() and bool(km.all()):
         km = None
     return _run(query, key, value, lo, hi, km, None, float(scaling), softcap,
                 _backend(module)), None

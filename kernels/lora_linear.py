@@ -352,12 +352,16 @@ def _mm_configs():
                                (64, 64, 8, 3))]
 
 
-def _default_config(bm, cls, br=16, has_map=False, write_t=False):
+def _default_config(bm, cls, br=16, has_map=False, write_t=False, write_pre=False):
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) used without autotuning (first after prune),
     for config class `cls` (_autotune.config_class); each compiles without spills for sm_90 /
     sm_80 (benchmarks/sm90_audit.py)."""
     if cls == "fp32":
         return 64, 32, 4, 3
+    if write_pre and bm >= 128:
+        # the col_scale epilogue storing the bracket too (DoRA training): a second converted
+        # (BLOCK_M, BLOCK_N) tile; (256, 32, 8, 4) spilled 40 bytes on sm_90
+        return 128, 64, 8, 3
     if cls == "sm80" and bm >= 128:
         # mma.sync keeps more in registers: (256, 32, 8, 4) spilled 3.5 KB on sm_80; the
         # multi-adapter dx (ids + T written) 16 bytes at 128 x 128
@@ -407,7 +411,8 @@ def _prune(configs, named_args, **kwargs):
     else:
         keep = [c for c in keep if _acc_regs(bm, c, br, per_row, fused) <= 160]
     default = _default_config(bm, config_class(x.dtype, x.device), br,
-                              kwargs.get("HAS_MAP", False), kwargs.get("WRITE_T", False))
+                              kwargs.get("HAS_MAP", False), kwargs.get("WRITE_T", False),
+                              kwargs.get("WRITE_PRE", False))
     keep.sort(key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                              c.num_stages) != default)  # stable: the default first
     return keep or configs[-1:]

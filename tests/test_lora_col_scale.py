@@ -14,7 +14,7 @@ from kit import assert_close, lora_cases, lora_dense, noncontig, poison_allocato
 from mmcore.ops import registry
 from mmcore.ops.backends import _loaders
 
-CASES = {"torch": 24, "composed": 24, "cpu": 40, "triton": 16}
+CASES = {"torch": 12, "composed": 12, "cpu": 24, "triton": 12}
 
 
 def _backend_device(name, request):

@@ -240,3 +240,22 @@ def test_gpt2_model_all_kinds():
                                       oracle.named_parameters()):
         if p.requires_grad and q.grad is not None:
             assert_close(k, p.grad, o.grad, q.grad, grad=True)
+
+
+def test_adalora_model_keeps_creating_its_own_layers():
+    """AdaLoraModel subclasses LoraModel: after conversion, a layer created by add_adapter
+    must still come from AdaLoRA's factory (the conversion hook once called LoraModel's and
+    created a lora.Linear: peft's TestRequiresGrad::test_requires_grad_adalora_different_targets
+    failed with mmcore)."""
+    from peft import AdaLoraConfig
+    from peft.tuners.adalora import SVDLinear
+    pm = get_peft_model(Toy(), AdaLoraConfig(target_modules=["q"], total_step=1))
+    rep = convert_peft_model(pm)
+    assert not rep["converted"]  # AdaLoRA layers are not lora.Linear
+    pm.add_adapter("other", AdaLoraConfig(target_modules=["v"], total_step=1,
+                                          inference_mode=True))
+    assert type(pm.base_model.model.blocks[0]["v"]) is SVDLinear
+    # and a LoraModel still gets fused layers for new targets
+    pm2, _, _ = _pair(Toy(), 20, **LIN)
+    pm2.add_adapter("head", LoraConfig(r=2, target_modules=["head"]))
+    assert peft_layer.is_fused(pm2.base_model.model.head)

@@ -327,10 +327,15 @@ def _adapter_kinds(mod, a):
     return kinds
 
 
-def _create_and_fuse(lora_config, adapter_name, target, *, backend="auto", **kwargs):
-    """LoraModel._create_new_module, then the new layer is converted (installed per model)."""
-    from peft.tuners.lora.model import LoraModel
-    new = LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
+def _create_and_fuse(lora_config, adapter_name, target, *, backend="auto", create=None,
+                     **kwargs):
+    """The model class's own _create_new_module (`create`: LoraModel's, or a subclass's such as
+    AdaLoraModel's), then the new layer is converted if it is a peft lora.Linear (installed
+    per model)."""
+    if create is None:
+        from peft.tuners.lora.model import LoraModel
+        create = LoraModel._create_new_module
+    new = create(lora_config, adapter_name, target, **kwargs)
     _fuse(new, backend)
     return new
 
@@ -389,7 +394,9 @@ def convert_peft_model(peft_model: nn.Module, backend: str = "auto") -> dict:
     converted, skipped, kinds = [], {}, {}
     for name, mod in peft_model.named_modules():
         if isinstance(mod, LoraModel):
-            mod.__dict__[_HOOK_ATTR] = functools.partial(_create_and_fuse, backend=backend)
+            # the class's own factory (AdaLoraModel and other subclasses create other layers)
+            mod.__dict__[_HOOK_ATTR] = functools.partial(
+                _create_and_fuse, backend=backend, create=getattr(type(mod), _HOOK_ATTR))
         if not isinstance(mod, LoraLayer):
             continue
         if type(mod) is fused_class():

@@ -106,9 +106,11 @@ def compare(off, on):
     o1, o2 = off["outcomes"], on["outcomes"]
     reg = sorted(n for n, v in o1.items() if v == "passed" and o2.get(n) != "passed")
     fixed = sorted(n for n, v in o2.items() if v == "passed" and o1.get(n) != "passed")
+    both = sorted(n for n, v in o2.items() if v in ("failed", "error")
+                  and o1.get(n) in ("failed", "error"))
     return {"tests": len(o1), "without_mmcore": dict(collections.Counter(o1.values())),
             "with_mmcore": dict(collections.Counter(o2.values())), "regressions": reg,
-            "pass_only_with_mmcore": fixed}
+            "pass_only_with_mmcore": fixed, "fail_either_way": both}
 
 
 def main(argv=None):
@@ -154,6 +156,8 @@ def main(argv=None):
         f"{k} {kc.get(k, 0)}" for k in ("Conv1D", "lora_bias", "DoRA")))
     for why, n in sorted(lo.get("fallback_reasons", {}).items(), key=lambda kv: -kv[1]):
         print(f"    peft's forward {n:6d}x: {why}")
+    for n in summary["fail_either_way"][:10]:
+        print(f"  fails with and without mmcore (peft's own): {n}")
     print(f"  pass without mmcore, fail with it: {len(summary['regressions'])}")
     for n in summary["regressions"][:40]:
         print(f"    {n}  ->  {on['outcomes'].get(n, 'not run')}")

@@ -174,3 +174,47 @@ def test_col_scale_bad_input(bad, msg):
     with pytest.raises((ValueError, TypeError), match=msg):
         mmcore.lora_linear(x, w, None, torch.randn(2, 8), torch.randn(6, 2), 1.0,
                            col_scale=bad(6))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_opcheck_col_scale_op(backend, request):
+    """The col_scale custom op (mmcore::lora_linear_cs_fwd) passes torch.library.opcheck:
+    schema, autograd registration, fake tensors, AOT dispatch; with and without the bracket
+    output, stacked adapters with ids, a transposed weight."""
+    _backend_device(backend, request)
+    g = torch.Generator().manual_seed(0)
+    R = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = R(7, 8).requires_grad_()
+    a, b = R(2, 3, 8).requires_grad_(), R(2, 6, 3).requires_grad_()
+    c = (R(6) + 2).requires_grad_()
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic")
+    op = torch.ops.mmcore.lora_linear_cs_fwd.default
+    torch.library.opcheck(op, (x, R(6, 8), R(6), a, b, torch.tensor([0.5, 2.0]),
+                               torch.tensor([0, 1, -1, 1, 0, 0, 1]), c, True, backend),
+                          test_utils=utils)
+    torch.library.opcheck(op, (x, R(8, 6).t(), None, a[:1], b[:1], torch.tensor([0.5]), None,
+                               c.detach(), False, backend), test_utils=utils)
+
+
+def test_col_scale_under_compile():
+    """lora_linear with a col_scale traces whole under torch.compile (fullgraph), forward and
+    backward equal to eager."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    w, a, b = torch.randn(8, 6, generator=g), torch.randn(2, 8, generator=g), \
+        torch.randn(6, 2, generator=g)
+    a.requires_grad_()
+    c = (torch.rand(6, generator=g) + 0.5).requires_grad_()
+
+    def f(x, a, c):
+        return mmcore.lora_linear(x, w.t(), None, a, b, 0.5, col_scale=c)
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    ye, yc = f(x, a, c), cf(x, a, c)
+    ge = torch.autograd.grad(ye.sum(), (x, a, c))
+    gc = torch.autograd.grad(yc.sum(), (x, a, c))
+    torch.testing.assert_close(yc, ye)
+    for u, v in zip(gc, ge):
+        torch.testing.assert_close(u, v)

@@ -56,10 +56,14 @@ def _cpu_fwd(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, col_scale=No
     return (y, pre) if want_pre else y
 
 
+# probed once, when the backends load (a probe calls into the dispatcher, which torch.compile
+# cannot trace at dispatch time)
+_SCALED_WHY = _loaders.cpp_error("lora_linear_fwd_scaled")
+
+
 def _cpu_check(p):
     """col_scale / a transposed weight need an extension built from this tree's csrc."""
-    if (p.extra.get("col_scale") or p.extra.get("weight_t")) and \
-            _loaders.cpp_error("lora_linear_fwd_scaled"):
+    if (p.extra.get("col_scale") or p.extra.get("weight_t")) and _SCALED_WHY:
         return ["the loaded mmcore._C predates lora_linear_fwd_scaled (rebuild csrc)"]
     return []
 

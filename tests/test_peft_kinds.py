@@ -259,3 +259,21 @@ def test_adalora_model_keeps_creating_its_own_layers():
     pm2, _, _ = _pair(Toy(), 20, **LIN)
     pm2.add_adapter("head", LoraConfig(r=2, target_modules=["head"]))
     assert peft_layer.is_fused(pm2.base_model.model.head)
+
+
+def test_dora_conv1d_compiled_fullgraph():
+    """A converted DoRA model on Conv1D bases traces whole under torch.compile(fullgraph=True)
+    (the weight norm under no_grad, the col_scale op), forward and backward as peft's."""
+    pm, ref, _ = _pair(C1Toy(), 21, use_dora=True, **C1)
+    oracle = copy.deepcopy(ref).double()
+    torch._dynamo.reset()
+    f = torch.compile(pm, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 24)
+    for m, xx in ((f, x), (ref, x), (oracle, x.double())):
+        m(xx).pow(2).sum().backward()
+    with torch.no_grad():
+        assert_close("compiled DoRA", f(x), oracle(x.double()), ref(x))
+    for (k, p), (_, q), (_, o) in zip(pm.named_parameters(), ref.named_parameters(),
+                                      oracle.named_parameters()):
+        if p.requires_grad:
+            assert_close(f"compiled grad {k}", p.grad, o.grad, q.grad, grad=True)

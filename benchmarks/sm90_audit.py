@@ -213,6 +213,11 @@ def _lora(rec, level, dtypes):
         L.lora_backward(x.new_empty(8192, 4096), x, w, a, b, s, ids, True, True, True)
         rec.label = f"lora fwd per-row adapters M=64 {dt}"
         L.lora_forward(x[:64], w, torch.randn(4096, dtype=dt), a, b, s, ids[:64])
+        # DoRA (peft use_dora): the col_scale epilogue storing the bracket too, on a Conv1D
+        # weight read through its transposed view
+        rec.label = f"lora fwd col_scale + pre, transposed weight M=8192 {dt}"
+        L.lora_forward(x, w.t(), torch.randn(4096, dtype=dt), a[:1], b[:1], s[:1], None,
+                       col_scale=torch.ones(4096), want_pre=True)
 
 
 def _dims_dtypes(rec, level, dtypes):

@@ -117,17 +117,19 @@ def test_longformer_window_and_global_projections(G):
     assert hfi.STATS.op_calls == 4 and hfi.STATS.fallback_calls == 0
 
 
-def test_longformer_scattered_globals_fall_back_exactly():
+def test_longformer_output_attentions_falls_back_exactly():
     m, kind = K.load("longformer")
     ref, _ = K.load("longformer")
     mmcore.patch(m)
     kw = K.inputs(kind, B=2, S=16)
     kw["global_attention_mask"] = torch.zeros_like(kw["attention_mask"])
-    kw["global_attention_mask"][:, 5] = 1  # not a prefix: HF's own forward
+    kw["global_attention_mask"][:, 5] = 1
     hfi.STATS.reset()
-    out = m(**kw).last_hidden_state
-    assert hfi.STATS.fallback_calls == 2
-    torch.testing.assert_close(out, ref(**kw).last_hidden_state)
+    out = m(**kw, output_attentions=True)
+    assert hfi.STATS.fallback_reasons == {"output_attentions=True needs the attention weights": 2}
+    want = ref(**kw, output_attentions=True)
+    torch.testing.assert_close(out.last_hidden_state, want.last_hidden_state)
+    torch.testing.assert_close(out.attentions, want.attentions)
     mmcore.unpatch(m)
     assert not any("forward" in x.__dict__ for x in m.modules())
 

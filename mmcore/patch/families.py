@@ -22,7 +22,9 @@ FAMILIES = {
     "ModernBertAttention": "modernbert",
     "CLIPAttention": "clip", "SiglipAttention": "siglip",
     "MistralAttention": "mistral", "Qwen2Attention": "qwen2", "LlamaAttention": "llama",
-    "Gemma3Attention": "gemma3", "Gemma2Attention": "gemma2",
+    "Gemma3Attention": "gemma3", "Gemma2Attention": "gemma2", "GemmaAttention": "gemma",
+    "MllamaTextSelfAttention": "mllama", "MllamaTextCrossAttention": "mllama",
+    "MllamaVisionAttention": "mllama",
 }
 
 # Attention modules with their own code path (no AttentionInterface) that mmcore maps itself.
@@ -112,10 +114,11 @@ def patch(model, *, attention=True, lora=True, long_context=None, backend="auto"
 
     attention: switch every attention module that dispatches through HF's AttentionInterface
         (BERT/RoBERTa/XLM-R, ModernBERT, CLIP/SigLIP towers, Mistral/Qwen2/Llama, Gemma2 (its
-        logit softcapping on the op's ``softcap``), Gemma3, and any other such model) to the
-        ``"mmcore"`` implementation; weights and the module tree are untouched.  Longformer's
-        own self-attention (no AttentionInterface) is mapped by mmcore itself (window + global
-        prefix).  Modules that cannot be served exactly (config.output_attentions=True,
+        logit softcapping on the op's ``softcap``), Gemma3, PaliGemma, mllama, and any other
+        such model) to the ``"mmcore"`` implementation; weights and the module tree are
+        untouched.  Longformer's own self-attention (no AttentionInterface) is mapped by mmcore
+        itself (window + global tokens wherever ``global_attention_mask`` marks them, any
+        padding).  Modules that cannot be served exactly (config.output_attentions=True,
         attention modules that do not use the interface) are left and reported.
     lora: peft ``lora.Linear`` layers keep their class's whole API and run their forward on
         ``mmcore.ops.lora_linear`` (``mmcore.nn.convert_peft_model``); ``lora_route`` is kept
@@ -167,8 +170,9 @@ def _patch_attention(model, report, state, long_context, backend):
                                      mod.__dict__.get("_mmcore_backend")))
             mod.__dict__[hfi.STATS_ATTR] = report.runtime
             report.replaced.append((name, f"{type(mod).__name__} (longformer) forward -> "
-                                          "mmcore window_attention (window + global prefix; "
-                                          "global rows on the *_global projections)"))
+                                          "mmcore window_attention (window + global tokens "
+                                          "anywhere, any padding; global rows on the "
+                                          "*_global projections)"))
             if long_context is not None:
                 report.notes.append(f"{name}: LongContext not applied (Longformer already "
                                     "has its own window and position table)")
@@ -211,8 +215,8 @@ def _patch_attention(model, report, state, long_context, backend):
     if switched:
         report.notes.append("per call, the mmcore attention falls back to a dense torch path "
                             "(exact; counted in report.runtime) for attention dropout while "
-                            "training and mask patterns the op cannot express (custom or/and "
-                            "mask overlays, chunked attention)")
+                            "training and mask patterns that are not one key interval per "
+                            "query row (and any image / prefix mask under torch.compile)")
 
 
 def _apply_long_context(model, name, mod, lc, report, state):

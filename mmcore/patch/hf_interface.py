@@ -6,10 +6,12 @@ Two functions are registered:
 * ``mmcore_mask`` with ``transformers.AttentionMaskInterface``: instead of a dense 4-D mask it
   returns the 2-D padding mask ``(B, kv_length)`` (bool, True = real token), sliced to the keys
   the layer will see, and tags it with a :class:`MaskSpec` (mask kind, HF window, query/key
-  offsets, packed-sequence ids).  Mask patterns it cannot express exactly (``or``/``and``
-  overlays, chunked attention, anything unknown) get HF's own dense boolean mask, and the
-  attention function then takes the dense torch path for that call.  How patterns are
-  recognised, eagerly and under ``torch.compile``: ``mmcore.patch.hf_masks``.
+  offsets, packed-sequence ids).  Patterns that are one key interval per query row
+  (``or``/``and`` overlays of causal, sliding and image / prefix groups: PaliGemma, Gemma-3)
+  are tagged with per-row key bounds instead (eager only: ``mmcore.patch.hf_bounds``).  Other
+  patterns get HF's own dense boolean mask, and the attention function then takes the dense
+  torch path for that call.  How patterns are recognised, eagerly and under
+  ``torch.compile``: ``mmcore.patch.hf_masks``.
 * ``mmcore_attention_forward`` with ``transformers.AttentionInterface`` (HF's signature):
   translates the spec into ``mmcore.ops.window_attention`` arguments.  GQA k/v are passed
   with their Hkv heads (no ``repeat_kv``); HF's ``softcap`` (Gemma-2) goes to the op's
@@ -17,10 +19,11 @@ Two functions are registered:
   sample (``mmcore.patch.varlen``), except where compaction would move window positions
   (holes in a sliding-window layer; left padding with global tokens): there the padding is
   the op's ``key_mask`` on the keys as they are (window positions count key indices, as HF's
-  masks do).  Packed sequences become a batch of segments.  What the op cannot express
-  exactly (attention dropout while training, attention sinks, a forced backend that does not
-  serve ``softcap`` / ``key_mask``, ...) is computed by a dense eager-equivalent torch path for
-  that call: never a wrong answer.
+  masks do).  Packed sequences become a batch of segments; a dense 4-D mask a model built
+  itself (mllama) is factored into key bounds + ``key_mask`` when it has that form (eager,
+  ``hf_bounds.factor_dense``).  What the op cannot express exactly (attention dropout while
+  training, attention sinks, a forced backend that does not serve ``softcap`` / ``key_mask``,
+  ...) is computed by a dense eager-equivalent torch path for that call: never a wrong answer.
 
 Under ``torch.compile(fullgraph=True)`` both functions trace: the layout decisions are tensor
 ops (sliding-window and global-token layers: ``key_mask`` always; others: compaction always),
@@ -44,7 +47,7 @@ import torch
 
 from ..nn.call_stats import CallStats
 from ..ops import window_attention
-from . import varlen
+from . import hf_bounds, varlen
 from .hf_masks import MaskSpec, classify, classify_traced, expected
 
 logger = logging.getLogger("mmcore.patch")
@@ -103,6 +106,10 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     the same, with or without its tag (torch.compile's tracing drops attributes on ``.to()``)."""
     # a static cache hands its live length counter as the offset, and bumps it in place before
     # the attention runs: keep the value it has now
+    prepared = hf_bounds.handed_back(attention_mask, batch_size, q_length, kv_length, q_offset,
+                                     kv_offset)
+    if prepared is not None:
+        return prepared
     if isinstance(q_offset, torch.Tensor):
         q_offset = q_offset.detach().clone()
     if mask_function is None:
@@ -116,6 +123,12 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     else:
         cls = None if use_vmap else classify(mask_function, q_length, kv_length,
                                              _int(q_offset), kv_offset)
+    if cls is None and not _compiling() and not isinstance(kv_offset, torch.Tensor):
+        tagged = hf_bounds.mask_for(mask_function, batch_size, q_length, kv_length,
+                                    _int(q_offset), kv_offset, attention_mask,
+                                    device)  # per-row key bounds
+        if tagged is not None:
+            return tagged
     if cls is None:
         for k in ("allow_is_causal_skip", "allow_is_bidirectional_skip", "dtype", "config"):
             kwargs.pop(k, None)
@@ -262,9 +275,21 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     backend = getattr(module, "_mmcore_backend", None) or "auto"
     reason = _static_reason(module, query, value, dropout, softcap, training, kwargs, backend)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        count(module, reason or "dense 4-D mask (pattern not expressible)")
-        out = _dense_attention(query, key, value, attention_mask, scaling, dropout, softcap,
-                               training)
+        out = None if reason else hf_bounds.attend_dense(module, query, key, value,
+                                                         attention_mask, scaling, softcap)
+        count(module, None if out is not None else
+              reason or "dense 4-D mask (pattern not expressible)")
+        if out is None:
+            out = _dense_attention(query, key, value, attention_mask, scaling, dropout, softcap,
+                                   training)
+        return out.transpose(1, 2).contiguous(), None
+    bspec = hf_bounds.spec_of(attention_mask)
+    if bspec is not None:  # per-row key bounds (mask patterns of hf_bounds)
+        out, reason = hf_bounds.attend_tagged(
+            module, query, key, value, attention_mask, bspec, scaling, softcap, reason,
+            lambda m: _dense_attention(query, key, value, m, scaling, dropout, softcap,
+                                       training))
+        count(module, reason)
         return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"mmcore attention: unsupported attention_mask type "

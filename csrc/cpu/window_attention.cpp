@@ -7,6 +7,16 @@
 //   global query row (p < G):  [0, causal ? p + 1 : Lk)
 //   other rows:                [0, min(G, Lk))  and  [max(0, p - left), min(Lk, p + right + 1))
 // (p >= G makes the causal test of the global keys automatic).
+// Bounds mode (key_lo / key_hi, issue 26) replaces the pattern: row i sees the one interval
+// [clamp(lo_i, 0, Lk), clamp(hi_i, 0, Lk)) (empty when lo >= hi), no alignment offset; a query
+// block visits [min lo, max hi) over its rows, a key block the rows from the first to the
+// last that meet it.  key_mask (B, Sk) is AND-ed into allowed() in both modes: masked keys get
+// score -inf inside the same vector pass that scales the row (vec_table.h: score_max), and
+// count as not allowed wherever allowed() / covers() / row_count() decide (non-finite V or K
+// of a masked key never reaches a row).  softcap c: s = c * tanh(scale * q.k / c) in that pass
+// too (Sleef's vectorised tanh); the backward keeps 1 - tanh^2 per score (one extra tile) and
+// multiplies dS by it.  With all three off the row loops are the plain ones (scale_max,
+// dsoftmax): the choice is made once per row segment, not per score.
 //
 // Forward: one task per (b, query head, block of BQ query rows); the block visits only the
 // keys of its window plus the global prefix (two disjoint key segments, or one when they

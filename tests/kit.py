@@ -34,10 +34,33 @@ def window_mask(B, Sq, Sk, left, right, causal, G, seqlens_q=None, seqlens_k=Non
     return m[:, None].to(device)
 
 
-def attention_dense(q, k, v, mask, scale, dtype):
+def bounds_mask(lo, hi, key_mask=None, seqlens_q=None, seqlens_k=None, Sk=None):
+    """Bounds mode of docs/design.md as a dense (B, 1, Sq, Sk) bool tensor: row i of sample b
+    sees keys lo[b, i] <= j < hi[b, i], j < Lk_b, i < Lq_b, and key_mask[b, j]."""
+    B, Sq = lo.shape
+    Sk = key_mask.shape[1] if Sk is None else Sk
+    lo, hi = lo.cpu().long()[:, :, None], hi.cpu().long()[:, :, None]
+    j = torch.arange(Sk)[None, None, :]
+    m = (j >= lo) & (j < hi)
+    m &= with_lengths(B, Sq, Sk, seqlens_q, seqlens_k)
+    if key_mask is not None:
+        m &= key_mask.cpu()[:, None, :]
+    return m[:, None]
+
+
+def with_lengths(B, Sq, Sk, seqlens_q=None, seqlens_k=None):
+    """(B, Sq, Sk) bool: i < Lq_b and j < Lk_b."""
+    Lq = seqlens_q.cpu() if seqlens_q is not None else torch.full((B,), Sq)
+    Lk = seqlens_k.cpu() if seqlens_k is not None else torch.full((B,), Sk)
+    return (torch.arange(Sq)[None, :, None] < Lq[:, None, None]) & \
+        (torch.arange(Sk)[None, None, :] < Lk[:, None, None])
+
+
+def attention_dense(q, k, v, mask, scale, dtype, softcap=None):
     """Plain dense attention in `dtype` with explicit mask; fully masked rows -> 0, lse -inf.
 
-    q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), mask (B, 1, Sq, Sk). Returns out, lse."""
+    q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), mask (B, 1, Sq, Sk); softcap c: scores capped to
+    c·tanh(s / c) before masking.  Returns out, lse."""
     g = q.shape[1] // k.shape[1]
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     # zero what the mask hides so NaN poison in padding cannot leak into the reference
@@ -47,6 +70,8 @@ def attention_dense(q, k, v, mask, scale, dtype):
     k = torch.where(kmask, k, torch.zeros((), dtype=dtype)).repeat_interleave(g, 1)
     v = torch.where(kmask, v, torch.zeros((), dtype=dtype)).repeat_interleave(g, 1)
     s = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, -1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
@@ -54,21 +79,21 @@ def attention_dense(q, k, v, mask, scale, dtype):
     return p @ v, lse
 
 
-def oracle_attention(q, k, v, mask, scale, dout=None):
+def oracle_attention(q, k, v, mask, scale, dout=None, softcap=None):
     """Float64 CPU oracle: (out, lse[, dq, dk, dv])."""
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_(dout is not None)
                      for t in (q, k, v))
-    out, lse = attention_dense(q64, k64, v64, mask.cpu(), scale, torch.float64)
+    out, lse = attention_dense(q64, k64, v64, mask.cpu(), scale, torch.float64, softcap)
     if dout is None:
         return out, lse
     dq, dk, dv = torch.autograd.grad(out, (q64, k64, v64), dout.detach().cpu().double())
     return out, lse, dq, dk, dv
 
 
-def base_attention(q, k, v, mask, scale, dout=None):
+def base_attention(q, k, v, mask, scale, dout=None, softcap=None):
     """The plain PyTorch computation in the input dtype (the tolerance rule's `base`)."""
     qb, kb, vb = (t.detach().clone().requires_grad_(dout is not None) for t in (q, k, v))
-    out, lse = attention_dense(qb, kb, vb, mask.to(q.device), scale, q.dtype)
+    out, lse = attention_dense(qb, kb, vb, mask.to(q.device), scale, q.dtype, softcap)
     if dout is None:
         return out, lse
     return (out, lse, *torch.autograd.grad(out, (qb, kb, vb), dout))
@@ -156,16 +181,20 @@ ODD_D = (40, 72, 80, 96)
 
 
 def attention_cases(op, backend, n, seed, device="cpu", max_s=160, dims=(16, 32, 40, 64, 72,
-                    80, 96, 128), dtypes=None, grads=True):
+                    80, 96, 128), dtypes=None, grads=True, features=True):
     """n random window/cross attention cases that `backend` declares it can serve.
 
     Each case is a dict: B, Hq, Hkv, Sq, Sk, D, dtype, window, causal, G, seqlens_q,
-    seqlens_k (int64 or None), noncontig, scale.  A draw the backend's check() refuses (e.g.
-    a banded window for `sdpa`) is redrawn in the shapes it serves (conform_window)."""
+    seqlens_k (int64 or None), noncontig, scale, and (features=True, where the backend
+    declares them) softcap, key_bounds (lo, hi), key_mask.  A draw the backend's check()
+    refuses (e.g. a banded window for `sdpa`) is redrawn in the shapes it serves
+    (conform_window)."""
     impl = registry.get(op, backend)
     rng = random.Random(seed)
+    frng = random.Random(seed + 100003)  # the features' own stream: older draws unchanged
     cases = []
     for c in _draw_attention(op, impl, n, rng, max_s, dims, dtypes):
+        c = draw_features(op, impl, c, frng, 0.35 if features else 0.0)
         redraw = random.Random(seed * 7919 + len(cases))
         for _ in range(50):
             if not impl.refuse(case_problem(op, c, device, grads)):
@@ -188,12 +217,67 @@ def case_problem(op, c, device="cpu", grads=False):
     dev = torch.device(device)
     q = SimpleNamespace(shape=(c["B"], c["Hq"], c["Sq"], c["D"]), device=dev, dtype=c["dtype"])
     k = SimpleNamespace(shape=(c["B"], c["Hkv"], c["Sk"], c["D"]), device=dev, dtype=c["dtype"])
+    softcap = c.get("softcap") or 0.0
     if op == "cross_attention":
-        return X.problem(q, k, c["seqlens_q"], c["seqlens_k"], grads)
+        return X.problem(q, k, c["seqlens_q"], c["seqlens_k"], grads, softcap)
     left, right = c["window"] if c["window"] is not None else (-1, -1)
     left, right = -1 if left is None else left, -1 if right is None else right
+    kb = c.get("key_bounds")
     return W.problem(q, k, c["seqlens_q"], c["seqlens_k"], left, 0 if c["causal"] else right,
-                     c["causal"], c["G"], grads)
+                     c["causal"], c["G"], grads, softcap, None if kb is None else kb[0],
+                     c.get("key_mask"))
+
+
+def draw_features(op, impl, c, rng, p=0.35):
+    """Add softcap / key_bounds / key_mask to a case, each with probability p, where `impl`
+    declares it (its own random stream).  Bounds replace the window pattern."""
+    c = dict(c, softcap=None, key_bounds=None, key_mask=None)
+    B, Sq, Sk = c["B"], c["Sq"], c["Sk"]
+    if impl.supports_softcap and rng.random() < p:
+        c["softcap"] = rng.choice([0.5, 2.0, 8.0, 30.0])
+    if op != "window_attention":
+        return c
+    if impl.supports_key_bounds and rng.random() < p:
+        c["window"], c["causal"], c["G"] = None, False, 0
+        c["key_bounds"] = random_bounds(B, Sq, Sk, rng)
+    if impl.supports_key_mask and rng.random() < p:
+        c["key_mask"] = random_key_mask(B, Sk, rng)
+    return c
+
+
+def random_bounds(B, Sq, Sk, rng):
+    """(lo, hi) int64 (B, Sq): a mix of structured rows (causal, prefix-LM, a block, a band)
+    and random ones, with empty rows and values outside [0, Sk]."""
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    i = torch.arange(Sq)[None].expand(B, Sq)
+    kind = rng.choice(["causal", "prefix", "band", "random"])
+    if kind == "causal":
+        lo, hi = torch.zeros_like(i), i + 1 + (Sk - Sq)
+    elif kind == "prefix":
+        P = torch.randint(0, Sk + 1, (B, 1), generator=g)
+        lo, hi = torch.zeros_like(i), torch.maximum(i + 1, P)
+    elif kind == "band":
+        w = rng.randint(0, 8)
+        lo, hi = i - w, i + 1 + rng.randint(0, 3)
+    else:
+        lo = torch.randint(-3, Sk + 2, (B, Sq), generator=g)
+        hi = lo + torch.randint(-2, Sk + 3, (B, Sq), generator=g)
+    empty = torch.rand(B, Sq, generator=g) < 0.1
+    hi = torch.where(empty, lo, hi)
+    return lo.contiguous(), hi.contiguous()
+
+
+def random_key_mask(B, Sk, rng):
+    """(B, Sk) bool with holes, left padding or a fully hidden sample."""
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    kind = rng.choice(["holes", "left", "none_seen"] if B > 1 else ["holes", "left"])
+    m = torch.rand(B, Sk, generator=g) > 0.3
+    if kind == "left":
+        start = torch.randint(0, Sk + 1, (B, 1), generator=g)
+        m = torch.arange(Sk)[None] >= start
+    elif kind == "none_seen":
+        m[0] = False
+    return m
 
 
 def conform_window(c, rng):
@@ -259,6 +343,9 @@ def make_attention_inputs(c, device, requires_grad=True, seed=0):
     q = poison_padding(q, c["seqlens_q"], 2)
     k = poison_padding(k, c["seqlens_k"], 2)
     v = poison_padding(v, c["seqlens_k"], 2)
+    if c.get("key_mask") is not None:  # hidden keys must never reach a row either
+        hidden = ~c["key_mask"][:, None, :, None]
+        k, v = k.masked_fill(hidden, float("nan")), v.masked_fill(hidden, float("nan"))
     dout = poison_padding(dout, c["seqlens_q"], 2)
     ts = []
     for t in (q, k, v, dout):
@@ -273,7 +360,14 @@ def make_attention_inputs(c, device, requires_grad=True, seed=0):
 
 
 def case_mask(c, device="cpu"):
+    kb, km = c.get("key_bounds"), c.get("key_mask")
+    if kb is not None:
+        return bounds_mask(kb[0], kb[1], km, c["seqlens_q"], c["seqlens_k"], c["Sk"]).to(device)
     left, right = c["window"] if c["window"] is not None else (-1, -1)
+    if km is not None:
+        return window_mask(c["B"], c["Sq"], c["Sk"], -1 if left is None else left,
+                           -1 if right is None else right, c["causal"], c["G"], c["seqlens_q"],
+                           c["seqlens_k"]).__and__(km[:, None, None, :]).to(device)
     return window_mask(c["B"], c["Sq"], c["Sk"], -1 if left is None else left,
                        -1 if right is None else right, c["causal"], c["G"], c["seqlens_q"],
                        c["seqlens_k"], device)
@@ -292,24 +386,32 @@ def check_attention_case(op, backend, c, device="cpu", grads=True, seed=0):
     scale = case_scale(c)
     sq = None if c["seqlens_q"] is None else c["seqlens_q"].to(device)
     sk = None if c["seqlens_k"] is None else c["seqlens_k"].to(device)
+    softcap = c.get("softcap")
+    kb, km = c.get("key_bounds"), c.get("key_mask")
+    feats = {}
+    if kb is not None:
+        feats["key_bounds"] = (kb[0].to(device), kb[1].to(device))
+    if km is not None:
+        feats["key_mask"] = km.to(device)
     poison_allocator(device)
     if op == "window_attention":
         out, lse = mmcore.window_attention(q, k, v, window=c["window"], causal=c["causal"],
                                            global_tokens=c["G"], seqlens_q=sq, seqlens_k=sk,
-                                           scale=c["scale"], return_lse=True, backend=backend)
+                                           scale=c["scale"], softcap=softcap, return_lse=True,
+                                           backend=backend, **feats)
     else:
         out, lse = mmcore.cross_attention(q, k, v, seqlens_q=sq, seqlens_k=sk, scale=c["scale"],
-                                          return_lse=True, backend=backend)
+                                          softcap=softcap, return_lse=True, backend=backend)
     # padding rows of dout are NaN: zero them for the oracle (kernels must not read them)
     qvalid = mask.any(-1, keepdim=True).to(device)
     dclean = torch.where(qvalid, dout, torch.zeros((), dtype=dout.dtype, device=device))
     if grads:
-        ref = oracle_attention(q, k, v, mask, scale, dclean)
-        base = base_attention(q, k, v, mask, scale, dclean)
+        ref = oracle_attention(q, k, v, mask, scale, dclean, softcap)
+        base = base_attention(q, k, v, mask, scale, dclean, softcap)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     else:
-        ref = oracle_attention(q, k, v, mask, scale)
-        base = base_attention(q, k, v, mask, scale)
+        ref = oracle_attention(q, k, v, mask, scale, softcap=softcap)
+        base = base_attention(q, k, v, mask, scale, softcap=softcap)
     assert_close("out", out, ref[0], base[0])
     assert_close("lse", lse, ref[1], base[1])
     if grads:

@@ -59,7 +59,7 @@ def run_cases(op, backend, n, seed, max_s, rows_fn):
     dev = _device(backend)
     rng = random.Random(seed)
     for i, c in enumerate(attention_cases(op, backend, n, seed=seed, max_s=max_s,
-                                          dims=(16, 40, 72), grads=False)):
+                                          dims=(16, 40, 72), grads=False, features=False)):
         q, k, v, _ = make_attention_inputs(c, dev, requires_grad=False, seed=i)
         rows = pick_rows(c["Sq"], rng)
         sq = None if c["seqlens_q"] is None else c["seqlens_q"].to(dev)

@@ -20,7 +20,7 @@ class LearnableScale(torch.autograd.Function):
     """apply(scale_t, fwd, bwd, ref_bwd, scale_at, q, k, v, *rest) -> (out, lse).
 
     fwd(q, k, v, *rest) -> (out, lse); bwd(dout, q, k, v, out, lse, *rest) -> (dq, dk, dv);
-    ref_bwd: the same without the trailing backend argument, differentiable (used under
+    ref_bwd: the same arguments (the backend name ignored), differentiable (used under
     create_graph); scale_at: the index of the float scale in rest."""
 
     @staticmethod
@@ -43,7 +43,7 @@ class LearnableScale(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         if torch.is_grad_enabled():  # create_graph: the differentiable reference backward
-            dq, dk, dv = ref_bwd(dout, q, k, v, out, lse, *rest[:-1])
+            dq, dk, dv = ref_bwd(dout, q, k, v, out, lse, *rest)
         else:
             dq, dk, dv = bwd(dout, q, k, v, out, lse, *rest)
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -142,3 +142,54 @@ def attention_qkv(q, k, v):
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"Hq % Hkv must be 0 (q heads {Hq}, k/v heads {Hkv})")
+
+
+def softcap(c):
+    """Logit soft-capping: None (off) or a finite real > 0 -> float (0.0 = off)."""
+    if c is None:
+        return 0.0
+    if isinstance(c, bool) or not isinstance(c, numbers.Real):
+        raise TypeError(f"softcap must be None or a real number > 0, got {type(c).__name__} "
+                        f"{c!r}")
+    c = float(c)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {c}")
+    return c
+
+
+def key_bounds(kb, B, Sq, ref):
+    """key_bounds: None or a pair (lo, hi) of integer tensors (B, Sq) on ref's device ->
+    (lo, hi) contiguous int32 (values clamped to [-1, 2**31 - 1]: a bound past the keys
+    means the same as one at Sk), or (None, None)."""
+    if kb is None:
+        return None, None
+    if not isinstance(kb, (tuple, list)) or len(kb) != 2:
+        raise TypeError(f"key_bounds must be None or a pair (lo, hi) of tensors, got "
+                        f"{type(kb).__name__}")
+    out = []
+    for name, t in zip(("key_bounds[0] (lo)", "key_bounds[1] (hi)"), kb):
+        tensor(name, t, ndim=2)
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int32/int64 tensor, got {t.dtype}")
+        if tuple(t.shape) != (B, Sq):
+            raise ValueError(f"{name} must have shape ({B}, {Sq}) (batch, queries), got "
+                             f"{tuple(t.shape)}")
+        same_device("q", ref, **{name: t})
+        if t.dtype == torch.int64:
+            t = t.clamp(-1, 2 ** 31 - 1)
+        out.append(t.to(torch.int32).contiguous())
+    return out[0], out[1]
+
+
+def key_mask(m, B, Sk, ref):
+    """key_mask: None or a bool tensor (B, Sk) on ref's device -> contiguous bool."""
+    if m is None:
+        return None
+    tensor("key_mask", m, ndim=2)
+    if m.dtype != torch.bool:
+        raise TypeError(f"key_mask must be a bool tensor (True = key visible), got {m.dtype}")
+    if tuple(m.shape) != (B, Sk):
+        raise ValueError(f"key_mask must have shape ({B}, {Sk}) (batch, keys), got "
+                         f"{tuple(m.shape)}")
+    same_device("q", ref, key_mask=m)
+    return m.contiguous()

@@ -5,10 +5,13 @@ Public function -> validation -> backend selection -> custom op ``mmcore::cross_
 
 Backend implementations take normalised arguments:
 
-    forward(q, k, v, seqlens_q, seqlens_k, scale) -> (out (B, Hq, Sq, D), lse (B, Hq, Sq) fp32)
-    backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale) -> (dq, dk, dv)
+    forward(q, k, v, seqlens_q, seqlens_k, scale, softcap)
+        -> (out (B, Hq, Sq, D), lse (B, Hq, Sq) fp32)
+    backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap) -> (dq, dk, dv)
 
-seqlens are int64 (B,) or None; tensors have a contiguous last dim, other strides arbitrary.
+seqlens are int64 (B,) or None; softcap a float (0.0 = off; a backend declares
+supports_softcap or is never called with it); tensors have a contiguous last dim, other
+strides arbitrary.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from . import _validate as V
 from . import _eager, _scale_grad, registry
 
 
-def cross_attention(q, k, v, *, seqlens_q=None, seqlens_k=None, scale=None, return_lse=False,
-                    backend="auto"):
+def cross_attention(q, k, v, *, seqlens_q=None, seqlens_k=None, scale=None, softcap=None,
+                    return_lse=False, backend="auto"):
     """Attention of q over a short k/v set (text over image tokens, or the reverse).
 
     Args:
@@ -29,7 +32,9 @@ def cross_attention(q, k, v, *, seqlens_q=None, seqlens_k=None, scale=None, retu
             contiguous (copied if not).
         seqlens_q, seqlens_k: int (B,) valid lengths (right padding).  allowed(i, j) =
             i < Lq_b and j < Lk_b.  A sample with Lk_b = 0 (no image) returns 0, lse -inf.
-        scale: default 1/sqrt(D).  return_lse: also return lse (B, Hq, Sq) fp32.
+        scale: default 1/sqrt(D).  softcap: None, or c > 0: scores capped to c·tanh(s / c)
+            before the softmax (as window_attention).  return_lse: also return lse (B, Hq,
+            Sq) fp32.
     Returns out (B, Hq, Sq, D) [, lse].  Padded query rows are 0.  A NaN / Inf input reaches
     exactly the rows that see it (padding never does), with IEEE rules (window_attention).
     """
@@ -39,26 +44,28 @@ def cross_attention(q, k, v, *, seqlens_q=None, seqlens_k=None, scale=None, retu
     seqlens_k = V.seqlens("seqlens_k", seqlens_k, B, q)
     scale_t = scale if _scale_grad.wants_grad(scale) else None
     scale = V.scale(scale, D)
+    softcap = V.softcap(softcap)
     q, k, v = (V.last_dim_contiguous(t) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in (q, k, v)) or scale_t is not None)
-    p = problem(q, k, seqlens_q, seqlens_k, needs_grad)
+    p = problem(q, k, seqlens_q, seqlens_k, needs_grad, softcap)
     chosen = registry.dispatch("cross_attention", p, backend)
     if scale_t is not None:  # a learnable scale: dL/dscale = <Q, dQ> / scale
         out, lse = _scale_grad.LearnableScale.apply(
             scale_t, _fwd_impl, _bwd_impl, _ref_bwd, 2, q, k, v, seqlens_q, seqlens_k, scale,
-            chosen)
+            chosen, softcap)
     else:
-        out, lse = _call(q, k, v, seqlens_q, seqlens_k, scale, chosen)
+        out, lse = _call(q, k, v, seqlens_q, seqlens_k, scale, chosen, softcap)
     return (out, lse) if return_lse else out
 
 
-def problem(q, k, seqlens_q, seqlens_k, needs_grad):
+def problem(q, k, seqlens_q, seqlens_k, needs_grad, softcap=0.0):
     """The dispatch Problem of a call (normalised arguments; metadata only)."""
     return registry.Problem("cross_attention", q.device.type, q.dtype, head_dim=q.shape[3],
                             gqa=q.shape[1] != k.shape[1], needs_grad=needs_grad,
                             seqlens=seqlens_q is not None or seqlens_k is not None,
-                            extra={"Sq": q.shape[2], "Sk": k.shape[2]})
+                            extra={"Sq": q.shape[2], "Sk": k.shape[2],
+                                   "softcap": bool(softcap)})
 
 
 def _call(*args):
@@ -69,13 +76,13 @@ def _call(*args):
 
 
 def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Optional[torch.Tensor],
-              seqlens_k: Optional[torch.Tensor], scale: float, backend: str
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              seqlens_k: Optional[torch.Tensor], scale: float, backend: str,
+              softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     V.seqlens_values("seqlens_q", seqlens_q, q.shape[2])
     V.seqlens_values("seqlens_k", seqlens_k, k.shape[2])
     out, lse = registry.run("cross_attention", backend, "forward",
-                            (q, k, v, seqlens_q, seqlens_k, scale),
-                            lambda: problem(q, k, seqlens_q, seqlens_k, False))
+                            (q, k, v, seqlens_q, seqlens_k, scale, softcap),
+                            lambda: problem(q, k, seqlens_q, seqlens_k, False, softcap))
     return out.contiguous(), lse.contiguous()
 
 
@@ -83,18 +90,19 @@ _fwd = torch.library.custom_op("mmcore::cross_attention_fwd", _fwd_impl, mutates
 
 
 @_fwd.register_fake
-def _(q, k, v, seqlens_q, seqlens_k, scale, backend):
+def _(q, k, v, seqlens_q, seqlens_k, scale, backend, softcap=0.0):
     B, Hq, Sq, D = q.shape
     return q.new_empty(B, Hq, Sq, v.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
 
 
 def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               out: torch.Tensor, lse: torch.Tensor, seqlens_q: Optional[torch.Tensor],
-              seqlens_k: Optional[torch.Tensor], scale: float, backend: str
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (V.last_dim_contiguous(dout), q, k, v, out, lse, seqlens_q, seqlens_k, scale)
+              seqlens_k: Optional[torch.Tensor], scale: float, backend: str,
+              softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (V.last_dim_contiguous(dout), q, k, v, out, lse, seqlens_q, seqlens_k, scale,
+            softcap)
     dq, dk, dv = registry.run("cross_attention", backend, "backward", args,
-                              lambda: problem(q, k, seqlens_q, seqlens_k, True))
+                              lambda: problem(q, k, seqlens_q, seqlens_k, True, softcap))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
@@ -102,35 +110,36 @@ _bwd = torch.library.custom_op("mmcore::cross_attention_bwd", _bwd_impl, mutates
 
 
 @_bwd.register_fake
-def _(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, backend):
+def _(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, backend, softcap=0.0):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, sq, sk, scale, backend = inputs
+    q, k, v, sq, sk, scale, backend = inputs[:7]
+    softcap = inputs[7] if len(inputs) > 7 else 0.0
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, sq, sk)
-    ctx.args = (scale, backend)
+    ctx.args = (scale, backend, softcap)
     ctx.mark_non_differentiable(lse)
 
 
-def _ref_bwd(dout, q, k, v, out, lse, sq, sk, scale):
-    """The pure-PyTorch backward: differentiable, so double backward works on any backend."""
+def _ref_bwd(dout, q, k, v, out, lse, sq, sk, scale, backend=None, softcap=0.0):
+    """The pure-PyTorch backward: differentiable, so double backward works on any backend
+    (the backend name, in the custom op's argument order, is ignored)."""
     from .reference import attention as ref
 
-    return ref.cross_bwd(dout, q, k, v, out, lse, sq, sk, scale)
+    return ref.cross_bwd(dout, q, k, v, out, lse, sq, sk, scale, softcap)
 
 
 def _backward(ctx, dout, dlse, bwd=None):
     q, k, v, out, lse, sq, sk = ctx.saved_tensors
-    scale, backend = ctx.args
+    scale, backend, softcap = ctx.args
     if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
-        dq, dk, dv = _ref_bwd(dout, q, k, v, out, lse, sq, sk, scale)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _ref_bwd(dout, q, k, v, out, lse, sq, sk, scale, softcap=softcap)
+        return dq, dk, dv, None, None, None, None, None
     bwd = bwd or torch.ops.mmcore.cross_attention_bwd
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, sq, sk, scale,
-                 backend)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, sq, sk, scale, backend, softcap)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)

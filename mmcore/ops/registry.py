@@ -36,8 +36,9 @@ class Problem:
 
     head_dim: D of the attention (or K of lora_linear); gqa: Hq != Hkv; needs_grad: any input
     requires grad; global_tokens / window: window_attention only; rank / adapters: lora only.
-    extra: sizes and flags of the op (window_attention / cross_attention: Sq, Sk, and for
-    windows ``window`` (left, right), ``causal``, ``aligned`` (every sample has Lq = Lk);
+    extra: sizes and flags of the op (window_attention / cross_attention: Sq, Sk, ``softcap``,
+    and for windows ``window`` (left, right), ``causal``, ``aligned`` (every sample has
+    Lq = Lk), ``key_bounds``, ``key_mask`` (whether the call uses them);
     lora_linear: M, N).
     """
 
@@ -86,6 +87,11 @@ class OpImpl:
     supports_global_tokens: bool = True
     max_rank: Optional[int] = None
     supports_multi_adapter: bool = True
+    # attention features a call may use (Problem.extra "softcap" / "key_bounds" / "key_mask");
+    # a backend serves them only where it declares them
+    supports_softcap: bool = False
+    supports_key_bounds: bool = False
+    supports_key_mask: bool = False
     available: Callable[[], Optional[str]] = lambda: None
     check: Optional[Callable[[Problem], list]] = None
     # devices where the heuristics of backend="auto" may pick it (None: all of `devices`);
@@ -131,6 +137,11 @@ class OpImpl:
             r.append(f"rank {p.rank} > {self.max_rank}")
         if p.adapters > 1 and not self.supports_multi_adapter:
             r.append("no multi-adapter batches")
+        for feat, ok in (("softcap", self.supports_softcap),
+                         ("key_bounds", self.supports_key_bounds),
+                         ("key_mask", self.supports_key_mask)):
+            if p.extra.get(feat) and not ok:
+                r.append(f"no {feat}")
         if self.check is not None and not r:
             r.extend(self.check(p))
         return r

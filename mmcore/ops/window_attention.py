@@ -5,13 +5,18 @@ Public function -> validation -> backend selection (registry) -> torch.library c
 
 Backend implementations (registry.OpImpl) take normalised arguments:
 
-    forward(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale)
+    forward(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale,
+            softcap, key_lo, key_hi, key_mask)
         -> (out (B, Hq, Sq, D) q.dtype contiguous, lse (B, Hq, Sq) float32 contiguous)
     backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
-             global_tokens, scale) -> (dq, dk, dv) shaped like q, k, v
+             global_tokens, scale, softcap, key_lo, key_hi, key_mask) -> (dq, dk, dv)
 
 where left/right are ints >= -1 (-1 = unbounded; right is already 0 when causal), seqlens are
-int64 (B,) or None, and every tensor has a contiguous last dim (other strides arbitrary).
+int64 (B,) or None, softcap a float (0.0 = off), key_lo / key_hi both None or both int32
+(B, Sq) contiguous (bounds mode: then left = right = -1, causal False, global_tokens 0),
+key_mask None or bool (B, Sk) contiguous, and every tensor has a contiguous last dim (other
+strides arbitrary).  A backend declares the three features (registry.OpImpl
+supports_softcap / supports_key_bounds / supports_key_mask) or is never called with them.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from . import _eager, _scale_grad, registry
 
 
 def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seqlens_q=None,
-                     seqlens_k=None, scale=None, return_lse=False, backend="auto"):
+                     seqlens_k=None, scale=None, softcap=None, key_bounds=None, key_mask=None,
+                     return_lse=False, backend="auto"):
     """Sliding-window attention with a global-token prefix (Longformer / attention sinks).
 
     Args:
@@ -42,6 +48,15 @@ def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seq
         seqlens_q, seqlens_k: int (B,) valid lengths (right padding); rows i >= Lq_b give 0,
             keys j >= Lk_b are never seen.
         scale: softmax scale, default 1/sqrt(D).
+        softcap: None, or c > 0: scores s = scale·q·k are capped to c·tanh(s / c) before the
+            softmax (Gemma-2; flash-attn's ``softcap``).
+        key_bounds: None, or (lo, hi) integer tensors (B, Sq): "bounds mode", query row i of
+            sample b sees exactly the keys lo[b, i] <= j < hi[b, i] (absolute key indices; no
+            alignment).  Replaces window / causal / global_tokens (which must stay default).
+            Expresses per-row patterns: prefix-LM (0, max(i + 1, P_b)), bidirectional image
+            blocks inside causal text, packed segments, text rows over one image's tokens.
+        key_mask: None, or bool (B, Sk): key j of sample b is seen only where True (holes and
+            left padding; window positions still count key indices).  Both modes.
         return_lse: also return lse (B, Hq, Sq) float32 (natural log; not differentiable).
 
     Alignment, Sq=3, Sk=6, window=(1, 0) (x = allowed)::
@@ -76,25 +91,36 @@ def window_attention(q, k, v, *, window=None, causal=False, global_tokens=0, seq
     seqlens_k = seqlens_q if same else V.seqlens("seqlens_k", seqlens_k, B, q)
     scale_t = scale if _scale_grad.wants_grad(scale) else None
     scale = V.scale(scale, D)
+    softcap = V.softcap(softcap)
+    if key_bounds is not None and (window is not None or causal or global_tokens):
+        raise ValueError("key_bounds replaces window, causal and global_tokens: leave them at "
+                         f"their defaults (got window={window!r}, causal={causal}, "
+                         f"global_tokens={global_tokens})")
+    key_lo, key_hi = V.key_bounds(key_bounds, B, Sq, q)
+    key_mask = V.key_mask(key_mask, B, Sk, q)
     q, k, v = (V.last_dim_contiguous(t) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in (q, k, v)) or scale_t is not None)
-    p = problem(q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, needs_grad)
+    p = problem(q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, needs_grad,
+                softcap, key_lo, key_mask)
     chosen = registry.dispatch("window_attention", p, backend)
-    args = (q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, chosen)
+    args = (q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, chosen,
+            softcap, key_lo, key_hi, key_mask)
     if scale_t is not None:  # a learnable scale: dL/dscale = <Q, dQ> / scale
         out, lse = _scale_grad.LearnableScale.apply(
-            scale_t, _fwd_impl, _bwd_impl, _ref_bwd, 6, *args)
+            scale_t, _fwd_impl, _bwd_impl, _ref_bwd_rest, 6, *args)
     else:
         out, lse = _call(*args)
     return (out, lse) if return_lse else out
 
 
-def problem(q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, needs_grad):
+def problem(q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, needs_grad,
+            softcap=0.0, key_lo=None, key_mask=None):
     """The dispatch Problem of a call (normalised arguments; metadata only).
 
     aligned: every sample has Lq = Lk (offset 0), known without reading lengths: Sq == Sk
-    and no lengths, or the same lengths tensor for both sides (self-attention padding)."""
+    and no lengths, or the same lengths tensor for both sides (self-attention padding).
+    softcap / key_bounds / key_mask: whether the call uses those features."""
     Sq, Sk = q.shape[2], k.shape[2]
     aligned = Sq == Sk and (seqlens_q is seqlens_k)
     return registry.Problem(
@@ -102,12 +128,14 @@ def problem(q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, need
         gqa=q.shape[1] != k.shape[1], needs_grad=needs_grad, global_tokens=global_tokens,
         seqlens=seqlens_q is not None or seqlens_k is not None,
         extra={"Sq": Sq, "Sk": Sk, "window": (left, right), "causal": causal,
-               "aligned": aligned})
+               "aligned": aligned, "softcap": bool(softcap), "key_bounds": key_lo is not None,
+               "key_mask": key_mask is not None})
 
 
 def _call(*args):
     """Eager fast path for plain tensors, else the registered custom op."""
-    if _eager.plain(*args[:5]):
+    tensors = args[:5] + args[12:15]
+    if _eager.plain(*tensors):
         return _Eager.apply(*args) if _eager.needs_grad(*args[:5]) else _fwd_impl(*args)
     return torch.ops.mmcore.window_attention_fwd(*args)
 
@@ -127,12 +155,16 @@ def _window(window, Sq, Sk):
 # ---------------------------------------------------------------- torch.library custom op
 def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Optional[torch.Tensor],
               seqlens_k: Optional[torch.Tensor], left: int, right: int, causal: bool,
-              global_tokens: int, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+              global_tokens: int, scale: float, backend: str, softcap: float = 0.0,
+              key_lo: Optional[torch.Tensor] = None, key_hi: Optional[torch.Tensor] = None,
+              key_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     V.seqlens_values("seqlens_q", seqlens_q, q.shape[2])
     V.seqlens_values("seqlens_k", seqlens_k, k.shape[2])
-    args = (q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale)
+    args = (q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, softcap,
+            key_lo, key_hi, key_mask)
     out, lse = registry.run("window_attention", backend, "forward", args, lambda: problem(
-        q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, False))
+        q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, False, softcap, key_lo,
+        key_mask))
     return out.contiguous(), lse.contiguous()
 
 
@@ -140,7 +172,8 @@ _fwd = torch.library.custom_op("mmcore::window_attention_fwd", _fwd_impl, mutate
 
 
 @_fwd.register_fake
-def _(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, backend):
+def _(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, backend,
+      softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
     B, Hq, Sq, D = q.shape
     return q.new_empty(B, Hq, Sq, v.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
 
@@ -148,13 +181,16 @@ def _(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale, 
 def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               out: torch.Tensor, lse: torch.Tensor, seqlens_q: Optional[torch.Tensor],
               seqlens_k: Optional[torch.Tensor], left: int, right: int, causal: bool,
-              global_tokens: int, scale: float, backend: str
+              global_tokens: int, scale: float, backend: str, softcap: float = 0.0,
+              key_lo: Optional[torch.Tensor] = None, key_hi: Optional[torch.Tensor] = None,
+              key_mask: Optional[torch.Tensor] = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dout = V.last_dim_contiguous(dout)
     args = (dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal, global_tokens,
-            scale)
+            scale, softcap, key_lo, key_hi, key_mask)
     dq, dk, dv = registry.run("window_attention", backend, "backward", args, lambda: problem(
-        q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, True))
+        q, k, seqlens_q, seqlens_k, left, right, causal, global_tokens, True, softcap, key_lo,
+        key_mask))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
@@ -163,37 +199,50 @@ _bwd = torch.library.custom_op("mmcore::window_attention_bwd", _bwd_impl, mutate
 
 @_bwd.register_fake
 def _(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal, global_tokens,
-      scale, backend):
+      scale, backend, softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, sq, sk, left, right, causal, G, scale, backend = inputs
+    inputs = tuple(inputs) + (0.0, None, None, None)[len(inputs) - 11:]  # defaults
+    q, k, v, sq, sk, left, right, causal, G, scale, backend = inputs[:11]
+    softcap, key_lo, key_hi, key_mask = inputs[11:15]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, sq, sk)
-    ctx.args = (left, right, causal, G, scale, backend)
+    ctx.save_for_backward(q, k, v, out, lse, sq, sk, key_lo, key_hi, key_mask)
+    ctx.args = (left, right, causal, G, scale, backend, softcap)
     ctx.mark_non_differentiable(lse)
 
 
-def _ref_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale):
+def _ref_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale, softcap=0.0,
+             key_lo=None, key_hi=None, key_mask=None):
     """The pure-PyTorch backward: differentiable, so double backward works on any backend."""
     from .reference import attention as ref
 
-    return ref.window_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale)
+    return ref.window_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale,
+                          softcap, key_lo, key_hi, key_mask)
+
+
+def _ref_bwd_rest(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale, backend,
+                  softcap, key_lo, key_hi, key_mask):
+    """_ref_bwd taking the custom op's argument order (with the backend name, ignored)."""
+    return _ref_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale, softcap,
+                    key_lo, key_hi, key_mask)
 
 
 def _backward(ctx, dout, dlse, bwd=None):
-    q, k, v, out, lse, sq, sk = ctx.saved_tensors
-    left, right, causal, G, scale, backend = ctx.args
+    q, k, v, out, lse, sq, sk, key_lo, key_hi, key_mask = ctx.saved_tensors
+    left, right, causal, G, scale, backend, softcap = ctx.args
+    none = (None,) * 12
     if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
-        dq, dk, dv = _ref_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        dq, dk, dv = _ref_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale,
+                              softcap, key_lo, key_hi, key_mask)
+        return (dq, dk, dv) + none
     bwd = bwd or torch.ops.mmcore.window_attention_bwd
-    dq, dk, dv = bwd(
-        dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale, backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale, backend,
+                     softcap, key_lo, key_hi, key_mask)
+    return (dq, dk, dv) + none
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)

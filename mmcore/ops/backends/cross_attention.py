@@ -9,20 +9,28 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 registry.register(registry.OpImpl(
     op="cross_attention", backend="torch", priority=0,
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
-    forward=ref.cross_fwd, backward=ref.cross_bwd,
+    forward=ref.cross_fwd, backward=ref.cross_bwd, supports_softcap=True,
 ))
+
+
+def _unsupported(name, softcap):
+    """Guards a direct call (the registry never sends softcap to a backend not declaring it)."""
+    if softcap:
+        raise ValueError(f"{name} backend: softcap not supported yet")
 
 # ----------------------------------------------------------------------------- triton
 from . import _loaders  # noqa: E402
 
 
-def _triton_fwd(q, k, v, seqlens_q, seqlens_k, scale):
+def _triton_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0):
     from mmcore.kernels import cross_attention as K
+    _unsupported("triton", softcap)
     return K.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale)
 
 
-def _triton_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
+def _triton_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0):
     from mmcore.kernels import cross_attention as K
+    _unsupported("triton", softcap)
     return K.cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale)
 
 
@@ -37,11 +45,13 @@ registry.register(registry.OpImpl(
 # ----------------------------------------------------------------------------- cpu (C++)
 
 
-def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, scale):
+def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0):
+    _unsupported("cpu", softcap)
     return torch.ops.mmcore_C.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale)
 
 
-def _cpu_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
+def _cpu_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0):
+    _unsupported("cpu", softcap)
     return torch.ops.mmcore_C.cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q,
                                                   seqlens_k, scale)
 
@@ -58,11 +68,13 @@ registry.register(registry.OpImpl(
 from . import sdpa  # noqa: E402
 
 
-def _sdpa_fwd(q, k, v, seqlens_q, seqlens_k, scale):
+def _sdpa_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0):
+    _unsupported("sdpa", softcap)
     return sdpa.forward(q, k, v, seqlens_q, seqlens_k, False, scale)
 
 
-def _sdpa_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
+def _sdpa_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0):
+    _unsupported("sdpa", softcap)
     return sdpa.backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, False, scale)
 
 

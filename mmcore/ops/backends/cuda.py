@@ -43,10 +43,18 @@ def cuda_error(name: str):
 
 # ---------------------------------------------------------------- window_attention (decode)
 
-def _decode_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
+def _decode_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale,
+                softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
+    _no_features(softcap, key_lo, key_mask)
     return torch.ops.mmcore_C.window_decode(q, k, v, None, None, None, None, seqlens_q,
                                             seqlens_k, 0, left, right, causal, global_tokens,
                                             scale, 0)
+
+
+def _no_features(softcap, key_lo, key_mask):
+    """Guards a direct call: the registry never sends these features here (not declared)."""
+    if softcap or key_lo is not None or key_mask is not None:
+        raise ValueError("cuda decode backend: softcap / key_bounds / key_mask not supported")
 
 
 def _decode_check(p):

@@ -253,17 +253,28 @@ def _math_backward(dout, q, k, v, kmask, causal, scale, gqa):
     return dq, dk, dv
 
 
-def window_forward(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
+def window_forward(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale,
+                   softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
+    _no_features(softcap, key_lo, key_mask)
     return forward(q, k, v, seqlens_q, seqlens_k,
                    _window_causal(q, k, seqlens_q, seqlens_k, left, right, causal,
                                   global_tokens), scale)
 
 
 def window_backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
-                    global_tokens, scale):
+                    global_tokens, scale, softcap=0.0, key_lo=None, key_hi=None,
+                    key_mask=None):
+    _no_features(softcap, key_lo, key_mask)
     return backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k,
                     _window_causal(q, k, seqlens_q, seqlens_k, left, right, causal,
                                    global_tokens), scale)
+
+
+def _no_features(softcap, key_lo, key_mask):
+    """SDPA has no logit soft-capping, and per-row bounds or key masks would need an (Sq, Sk)
+    mask; the registry never sends them here (not declared).  Guards a direct call."""
+    if softcap or key_lo is not None or key_mask is not None:
+        raise ValueError("sdpa backend: softcap / key_bounds / key_mask not supported")
 
 
 def _window_causal(q, k, seqlens_q, seqlens_k, left, right, causal, G):

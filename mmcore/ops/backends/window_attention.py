@@ -11,19 +11,30 @@ registry.register(registry.OpImpl(
     op="window_attention", backend="torch", priority=0,
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=ref.window_fwd, backward=ref.window_bwd,
+    supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
 ))
 
 
+def _unsupported(name, softcap, key_lo, key_mask):
+    """Guards a direct call of a backend that does not declare a feature (the registry never
+    sends one there)."""
+    if softcap or key_lo is not None or key_mask is not None:
+        raise ValueError(f"{name} backend: softcap / key_bounds / key_mask not supported yet")
+
+
 # ------------------------------------------------------- triton (kernels/window_attention.py)
-def _triton_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
+def _triton_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale,
+                softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
     from mmcore.kernels import window_attention as kern  # imported late: needs TRITON_INTERPRET
+    _unsupported("triton", softcap, key_lo, key_mask)
     return kern.window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal,
                                      global_tokens, scale)
 
 
 def _triton_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
-                global_tokens, scale):
+                global_tokens, scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
     from mmcore.kernels import window_attention as kern
+    _unsupported("triton", softcap, key_lo, key_mask)
     return kern.window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left,
                                      right, causal, global_tokens, scale)
 
@@ -39,13 +50,16 @@ registry.register(registry.OpImpl(
 
 
 # ---------------------------------------------------------------- cpu: csrc/cpu/window_attention.cpp
-def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
+def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale,
+             softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
+    _unsupported("cpu", softcap, key_lo, key_mask)
     return torch.ops.mmcore_C.window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right,
                                                    causal, global_tokens, scale)
 
 
 def _cpu_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal, global_tokens,
-             scale):
+             scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
+    _unsupported("cpu", softcap, key_lo, key_mask)
     return torch.ops.mmcore_C.window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k,
                                                    left, right, causal, global_tokens, scale)
 
@@ -77,4 +91,5 @@ registry.register(registry.OpImpl(
     op="window_attention", backend="flex", priority=45, auto_devices=frozenset({"cuda"}),
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32}),
     forward=flex.forward, backward=flex.backward, max_head_dim=256, check=flex.check,
+    supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
 ))

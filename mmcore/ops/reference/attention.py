@@ -7,7 +7,10 @@ Computation is in fp32 (fp64 for fp64 inputs) whatever the input dtype.
 
 Conventions (docs/design.md): q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); left/right = -1 means
 unbounded; causal forces right = 0 and also restricts global rows to j <= p; lse is the
-natural-log sum-exp of the scaled scores, -inf (and output 0) for a row that sees no key.
+natural-log sum-exp of the scaled (and, with softcap c > 0, capped: c·tanh(s/c)) scores, -inf
+(and output 0) for a row that sees no key.  Bounds mode (key_lo / key_hi (B, Sq) int32): row i
+sees keys key_lo[b, i] <= j < key_hi[b, i] instead of the window pattern; key_mask (B, Sk) bool
+hides keys in either mode.
 """
 from __future__ import annotations
 
@@ -46,6 +49,35 @@ def _row_blocks(Lq, Lk, left, right, causal, G):
             yield i0, i1, (lo, hi), (0, gk)
 
 
+def _bounds_blocks(lo, hi, Lq, Lk):
+    """Bounds mode: yield (i0, i1, (k0, k1), None) query chunks with the key range their rows
+    see (lo / hi: (Lq,) int64 of one sample, on the CPU)."""
+    for i0 in range(0, Lq, _CHUNK):
+        i1 = min(Lq, i0 + _CHUNK)
+        k0 = max(0, int(lo[i0:i1].min()))
+        k1 = min(Lk, int(hi[i0:i1].max()))
+        yield i0, i1, (k0, max(k0, k1)), None
+
+
+def _blocks(b, Lq, Lk, left, right, causal, G, key_lo, key_hi):
+    if key_lo is None:
+        return _row_blocks(Lq, Lk, left, right, causal, G)
+    return _bounds_blocks(key_lo[b].long().cpu(), key_hi[b].long().cpu(), Lq, Lk)
+
+
+def _block_mask(b, i0, i1, kidx, off, Lk, left, right, causal, G, key_lo, key_hi, key_mask):
+    """(C, nk) bool: allowed(i, j) for rows [i0, i1) of sample b and keys kidx."""
+    if key_lo is None:
+        m = _mask(i0, i1, kidx, off, Lk, left, right, causal, G)
+    else:
+        j = kidx[None, :]
+        m = (j >= key_lo[b, i0:i1, None].long()) & (j < key_hi[b, i0:i1, None].long()) & \
+            (j < Lk)
+    if key_mask is not None:
+        m = m & key_mask[b, kidx][None, :]
+    return m
+
+
 def _key_index(rng, glob, device):
     idx = torch.arange(rng[0], rng[1], device=device)
     if glob is not None and glob[1] > glob[0]:
@@ -75,12 +107,15 @@ def allowed(rows, kidx, off, Lk, left, right, causal, G):
     return (inwin | glob) & (j < Lk)
 
 
-def _scores(qc, kc, scale, mask, g):
-    """qc (Hq, C, D), kc (Hkv, nk, D) -> scores (Hkv, g, C, nk) with -inf where masked."""
+def _scores(qc, kc, scale, mask, g, softcap=0.0):
+    """qc (Hq, C, D), kc (Hkv, nk, D) -> scores (Hkv, g, C, nk) with -inf where masked
+    (capped to softcap·tanh(s / softcap) first when softcap > 0)."""
     Hkv = kc.shape[0]
     C = qc.shape[1]
     s = torch.matmul(qc.reshape(Hkv, g * C, -1), kc.transpose(-1, -2)) * scale
     s = s.view(Hkv, g, C, -1)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     return s.masked_fill(~mask, float("-inf"))
 
 
@@ -119,7 +154,8 @@ def _mm_masked(a, b, allowed, chunk=32):
     return out
 
 
-def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale):
+def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale,
+               softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
     """-> out (B, Hq, Sq, D) in q.dtype, lse (B, Hq, Sq) fp32.
 
     Non-finite inputs reach exactly the rows that see them (docs/design.md): a NaN query or seen
@@ -139,15 +175,17 @@ def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens
         if Lq <= 0 or Lk <= 0:
             continue
         off = Lk - Lq
-        for i0, i1, rng, glob in _row_blocks(Lq, Lk, left, right, causal, global_tokens):
+        for i0, i1, rng, glob in _blocks(b, Lq, Lk, left, right, causal, global_tokens,
+                                         key_lo, key_hi):
             kidx = _key_index(rng, glob, q.device)
             if kidx.numel() == 0:
                 continue
-            mask = _mask(i0, i1, kidx, off, Lk, left, right, causal, global_tokens)
+            mask = _block_mask(b, i0, i1, kidx, off, Lk, left, right, causal, global_tokens,
+                               key_lo, key_hi, key_mask)
             qc = q[b, :, i0:i1].to(cdt)  # (Hq, C, D)
             kc = k[b][:, kidx].to(cdt)  # (Hkv, nk, D)
             vc = v[b][:, kidx].to(cdt)
-            p, m, l = _softmax(_scores(qc, kc, scale, mask, g))  # (Hkv, g, C, nk)
+            p, m, l = _softmax(_scores(qc, kc, scale, mask, g, softcap))  # (Hkv, g, C, nk)
             o = _mm_masked(p, vc[:, None], mask)  # (Hkv, g, C, D)
             o = torch.where(l == 0, torch.zeros_like(o), o / l)
             lse_b = torch.where(m == float("inf"), m, m + torch.log(l))  # -inf when l == 0
@@ -157,12 +195,13 @@ def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens
 
 
 def window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
-               global_tokens, scale):
+               global_tokens, scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
     """-> dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D) in the input dtypes.
 
     Recomputes P per block as a self-normalised softmax (a block holds every key its rows
     see, so no saved lse is needed: exact at any logit size): dV += Pᵀ dO;
     dS = P ∘ (dP − rowsum(P∘dP)), dP = dO Vᵀ; dQ = scale·dS K; dK += scale·dSᵀ Q.
+    With softcap c, dS is taken through the cap: dS_raw = dS ∘ (1 − (S_capped / c)²).
     Masked entries take part in no product (see _mm_masked)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -180,17 +219,20 @@ def window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causa
         if Lq <= 0 or Lk <= 0:
             continue
         off = Lk - Lq
-        for i0, i1, rng, glob in _row_blocks(Lq, Lk, left, right, causal, global_tokens):
+        for i0, i1, rng, glob in _blocks(b, Lq, Lk, left, right, causal, global_tokens,
+                                         key_lo, key_hi):
             kidx = _key_index(rng, glob, q.device)
             if kidx.numel() == 0:
                 continue
             C = i1 - i0
-            mask = _mask(i0, i1, kidx, off, Lk, left, right, causal, global_tokens)
+            mask = _block_mask(b, i0, i1, kidx, off, Lk, left, right, causal, global_tokens,
+                               key_lo, key_hi, key_mask)
             qc = q[b, :, i0:i1].to(cdt)
             kc = k[b][:, kidx].to(cdt)
             vc = v[b][:, kidx].to(cdt)
             doc = dout[b, :, i0:i1].to(cdt).reshape(Hkv, g, C, -1)
-            p, m, l = _softmax(_scores(qc, kc, scale, mask, g))
+            s_ = _scores(qc, kc, scale, mask, g, softcap)
+            p, m, l = _softmax(s_)
             p = torch.where(l == 0, torch.zeros_like(p), p / l)
             # a block with a NaN / inf anywhere keeps every masked pair out of every product
             clean = bool(torch.isfinite(l).all()) and all(
@@ -203,18 +245,22 @@ def window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causa
             # rowsum(P∘dP) == rowsum(dO∘O); this form is exact when a row sees one key
             delta = sel(p * dp).sum(-1, keepdim=True)
             ds = sel(p * (dp - delta)) * scale
+            if softcap:  # through the cap: d(c·tanh(x/c))/dx = 1 − tanh²; masked s is -inf
+                t = torch.where(mask, s_ / softcap, zero)
+                ds = ds * (1 - t * t)
             dq[b, :, i0:i1] = mm(ds, kc[:, None], mask).reshape(Hq, C, D)
             dk[b].index_add_(1, kidx, mm(ds.transpose(-1, -2), qc.reshape(Hkv, g, C, D),
                                          mask.T).sum(1))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def cross_fwd(q, k, v, seqlens_q, seqlens_k, scale):
-    return window_fwd(q, k, v, seqlens_q, seqlens_k, -1, -1, False, 0, scale)
+def cross_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0):
+    return window_fwd(q, k, v, seqlens_q, seqlens_k, -1, -1, False, 0, scale, softcap)
 
 
-def cross_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
-    return window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, -1, -1, False, 0, scale)
+def cross_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0):
+    return window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, -1, -1, False, 0, scale,
+                      softcap)
 
 
 def default_scale(D: int) -> float:

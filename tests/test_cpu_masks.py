@@ -7,54 +7,12 @@ import pytest
 import torch
 
 import mmcore  # noqa: F401  (loads mmcore._C)
-from kit import assert_close, window_mask
+from kit import assert_close, base_attention, bounds_mask, oracle_attention, window_mask
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.mmcore_C, "window_attention_fwd"),
                                 reason="mmcore._C not built")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-# ------------------------------------------------------------------ the dense oracle
-
-
-def dense(q, k, v, mask, scale, softcap, dtype):
-    """Dense attention in `dtype`: s = scale q k^T, capped c tanh(s / c) with a softcap, masked
-    by mask (B, 1, Sq, Sk) before the softmax; rows that see nothing -> out 0, lse -inf.
-    q (B, Hq, Sq, D), k / v (B, Hkv, Sk, D)."""
-    g = q.shape[1] // k.shape[1]
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    zero = torch.zeros((), dtype=dtype)
-    q = torch.where(mask.any(-1, keepdim=True), q, zero)  # hidden rows / keys may hold NaN
-    kk = mask.any(-2).unsqueeze(-1)
-    k = torch.where(kk, k, zero).repeat_interleave(g, 1)
-    v = torch.where(kk, v, zero).repeat_interleave(g, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    return p @ v, lse
-
-
-def reference(q, k, v, dout, mask, scale, softcap, dtype):
-    """(out, lse, dq, dk, dv) of `dense` in dtype (the oracle in float64, `base` in q's)."""
-    a, b, c = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    out, lse = dense(a, b, c, mask, scale, softcap, dtype)
-    grads = torch.autograd.grad(out, (a, b, c), dout.to(dtype))
-    return (out, lse, *grads)
-
-
-def bounds_mask(lo, hi, key_mask, Lq, Lk, Sq, Sk):
-    """allowed(b, i, j) of bounds mode: lo <= j < hi, i < Lq, j < Lk, key_mask: (B,1,Sq,Sk)."""
-    i = torch.arange(Sq)[None, :, None]
-    j = torch.arange(Sk)[None, None, :]
-    m = (j >= lo.long()[:, :, None]) & (j < hi.long()[:, :, None])
-    m &= (i < Lq[:, None, None]) & (j < Lk[:, None, None])
-    if key_mask is not None:
-        m &= key_mask[:, None, :]
-    return m[:, None]
 
 
 def run_window(q, k, v, dout, sq, sk, left, right, causal, G, scale, softcap, lo, hi, km):
@@ -67,8 +25,9 @@ def run_window(q, k, v, dout, sq, sk, left, right, causal, G, scale, softcap, lo
 
 
 def check(name, got, mask, q, k, v, dout, scale, softcap):
-    oracle = reference(q, k, v, dout, mask, scale, softcap, torch.float64)
-    base = reference(q, k, v, dout, mask, scale, softcap, q.dtype)
+    """got = (out, lse, dq, dk, dv) against kit's float64 oracle with the tolerance rule."""
+    oracle = oracle_attention(q, k, v, mask, scale, dout, softcap or None)
+    base = base_attention(q, k, v, mask, scale, dout, softcap or None)
     for what, g, o, b, grad in zip(("out", "lse", "dq", "dk", "dv"), got, oracle, base,
                                    (False, False, True, True, True)):
         assert_close(f"{name} {what}", g, o, b, grad=grad)
@@ -154,7 +113,7 @@ def test_bounds_random(dtype, with_mask):
     lo, hi = random_bounds(g, B, Sq, Sk)
     sq, sk = lengths(g, B, Sq, 100), lengths(g, B, Sk, 90)
     km = torch.rand(B, Sk, generator=g) > 0.3 if with_mask else None
-    mask = bounds_mask(lo, hi, km, sq, sk, Sq, Sk)
+    mask = bounds_mask(lo, hi, km, sq, sk, Sk)
     assert (~mask.any(-1)).any() and mask.any(), "the case must have empty and non-empty rows"
     got = run_window(q, k, v, dout, sq, sk, -1, -1, False, 0, 0.3, 0.0, lo, hi, km)
     check(f"bounds mask={with_mask}", got, mask, q, k, v, dout, 0.3, 0.0)
@@ -181,7 +140,7 @@ def test_bounds_patterns_with_softcap(dtype):
     lo[1, blk], hi[1, blk] = 0, 70
     lo[2] = 16
     lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
-    mask = bounds_mask(lo, hi, None, torch.full((B,), Sq), torch.full((B,), Sk), Sq, Sk)
+    mask = bounds_mask(lo, hi, None, None, None, Sk)
     got = run_window(q, k, v, dout, None, None, -1, -1, False, 0, 0.25, 5.0, lo, hi, None)
     check("bounds patterns", got, mask, q, k, v, dout, 0.25, 5.0)
 

@@ -73,6 +73,17 @@ def test_softcap_window(dtype, case):
     check(f"softcap case {case}", got, mask, q, k, v, dout, scale, softcap)
 
 
+@pytest.mark.parametrize("softcap", (0.5, 30.0, 200.0))
+def test_softcap_tanh_accuracy_fp32(softcap):
+    """fp32 scores over the whole bend of the cap and past it (the kernel's vectorised tanh is
+    built from exp: its absolute error must stay within the tolerance rule at any c)."""
+    B, H, S, D = 1, 2, 90, 64
+    q, k, v, dout, _ = inputs(B, H, H, S, S, D, torch.float32, seed=13, amp=3.0)
+    mask = window_mask(B, S, S, -1, -1, False, 0)
+    got = run_window(q, k, v, dout, None, None, -1, -1, False, 0, 1.0, softcap, None, None, None)
+    check(f"softcap {softcap}", got, mask, q, k, v, dout, 1.0, softcap)
+
+
 def test_softcap_changes_the_result():
     """A softcap that bends the scores gives another output than none (the test can fail)."""
     q, k, v, dout, _ = inputs(1, 2, 2, 40, 40, 16, torch.float32, seed=3, amp=2.0)

@@ -56,12 +56,22 @@ inline Vec keep_mask(const bool* km, int64_t r) {
   return Vec::loadu(bits);
 }
 
+// tanh(x) = sign(x) * (1 - 2 / (exp(2|x|) + 1)), |x| clamped to 9 (tanh(9) rounds to 1 in
+// fp32): within 1.6e-7 absolute of tanh (about 2.5 ulp of 1; the cancellation near 0 costs
+// relative, not absolute, accuracy, and scores only need the absolute one); NaN stays NaN,
+// +-inf -> +-1.  The softcap forward (N = 8192, w = 256, AVX-512) cost 1.38x the plain one
+// with Vectorized::tanh (Sleef tanh_u10) and also with expm1; 1.13x with this exp form.
+inline Vec tanh_fast(const Vec& x) {
+  const Vec ax = at::vec::minimum(x.abs(), Vec(9.f));
+  const Vec e = (ax + ax).exp();
+  return (Vec(1.f) - Vec(2.f) / (e + Vec(1.f))) | (x & Vec(-0.f));
+}
+
 // One vector of scores: x * a, or with a softcap c * tanh(x * a) (g <- 1 - tanh^2).
-// ATen's tanh is Sleef's (1 ulp) on AVX2 / AVX-512 / NEON and std::tanh on the default build.
 template <bool Cap>
 inline Vec score1(const Vec& x, const Vec& va, const Vec& vc, Vec* g) {
   if constexpr (Cap) {
-    const Vec t = (x * va).tanh();
+    const Vec t = tanh_fast(x * va);
     *g = Vec(1.f) - t * t;
     return t * vc;
   } else {

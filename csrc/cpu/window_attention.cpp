@@ -13,10 +13,10 @@
 // last that meet it.  key_mask (B, Sk) is AND-ed into allowed() in both modes: masked keys get
 // score -inf inside the same vector pass that scales the row (vec_table.h: score_max), and
 // count as not allowed wherever allowed() / covers() / row_count() decide (non-finite V or K
-// of a masked key never reaches a row).  softcap c: s = c * tanh(scale * q.k / c) in that pass
-// too (Sleef's vectorised tanh); the backward keeps 1 - tanh^2 per score (one extra tile) and
-// multiplies dS by it.  With all three off the row loops are the plain ones (scale_max,
-// dsoftmax): the choice is made once per row segment, not per score.
+// of a masked key never reaches a row).  softcap c: s = c * tanh(scale * q.k / c) in that
+// pass too (a vectorised tanh from exp, vec_kernels.h); the backward keeps 1 - tanh^2 per
+// score (one extra tile) and multiplies dS by it.  With all three off the row loops are the
+// plain ones (scale_max, dsoftmax): the choice is made once per row segment, not per score.
 //
 // Forward: one task per (b, query head, block of BQ query rows); the block visits only the
 // keys of its window plus the global prefix (two disjoint key segments, or one when they
@@ -449,9 +449,9 @@ void zero_masked(acc_t* s, int64_t c0, int64_t n, const RowKeys& rk) {
     std::fill(s + iv[3], s + n, acc_t(0));
   }
   if (rk.km == nullptr) return;
+  const bool* km = rk.km + c0;
   for (int k = 0; k < 2 * niv; k += 2)
-    for (int64_t x = iv[k]; x < iv[k + 1]; ++x)
-      if (!rk.km[c0 + x]) s[x] = acc_t(0);
+    for (int64_t x = iv[k]; x < iv[k + 1]; ++x) s[x] = km[x] ? s[x] : acc_t(0);  // a select
 }
 
 // C (M x N, ldc) += op(A) B, with op(A) M x K (A stored K x M when ta) and B K x N, where

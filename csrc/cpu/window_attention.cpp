@@ -908,6 +908,19 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
       w.gs.resize(cap ? QC * BK : 0);
       return w;
     };
+    // bounds mode: each key block's query rows (an O(Lq) scan), once for all kv heads
+    std::vector<Seg> bsegs;
+    if (P.lo != nullptr) {
+      bsegs.resize(blks.size());
+      at::parallel_for(0, static_cast<int64_t>(blks.size()), 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          Seg sg[2];
+          const Block& kb = blks[t];
+          const int n = query_segments(P, sample(P, kb.b), kb.i0, kb.i1, sg);
+          bsegs[t] = n > 0 ? sg[0] : Seg{0, 0};
+        }
+      });
+    }
     run_tasks(ntask, init, [&](int64_t t, Scratch& w) {
       const Block& blk = blks[t / P.Hkv];
       const int64_t hk = t % P.Hkv, b = blk.b;
@@ -923,7 +936,13 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
       std::fill(dK, dK + nk * D, acc_t(0));
       std::fill(dV, dV + nk * D, acc_t(0));
       Seg segs[2];
-      const int nseg = query_segments(P, s, j0, blk.i1, segs);
+      int nseg;
+      if (P.lo != nullptr) {
+        segs[0] = bsegs[t / P.Hkv];
+        nseg = segs[0].hi > segs[0].lo ? 1 : 0;
+      } else {
+        nseg = query_segments(P, s, j0, blk.i1, segs);
+      }
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
         const acc_t* dl = delta.data() + (b * P.Hq + h) * P.Sq;
         for (int si = 0; si < nseg; ++si) {

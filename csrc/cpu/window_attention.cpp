@@ -366,7 +366,7 @@ inline int64_t row_count(const RowKeys& rk) {
          kept(rk, rk.wlo, std::min(rk.ghi, rk.whi));
 }
 
-// The score parameters: scale, and the softcap c (0 = off; then a = scale / c).
+// The score parameters: scale, the softcap c (0 = off) and, with one, a = scale / c.
 template <typename acc_t>
 struct Scores {
   acc_t scale, cap, a;

@@ -7,6 +7,10 @@ Cases (ratio = peft_ms / ours_ms, both measured in this run):
   * mixed-adapter batches: 1 / 8 / 64 distinct adapters over the batch's sequences, ours
     (``adapter_ids``, stacked adapters, one fused call) vs peft's ``adapter_names=`` forward
     (a loop over adapters with boolean indexing).
+  * peft's own layers converted by ``mmcore.nn.convert_peft_model`` against the same layers
+    unconverted: DoRA (``use_dora=True``: peft's DoRA forward vs the op's col_scale
+    epilogue) on an nn.Linear, and plain LoRA on a transformers Conv1D (GPT-2 storage),
+    forward and forward+backward (A, B and DoRA's magnitude trainable), BERT FFN shape, r=16.
 Plus F.linear alone (the floor) for each single-adapter shape.
 CPU: fp32; GPU: bf16 (peft with bf16 adapters, autocast_adapter_dtype=False, like for like).
 """
@@ -114,6 +118,69 @@ def _single(device, dtype, label, K, N, r, M, timer):
     return rows
 
 
+def _converted_pair(K, N, r, dtype, device, kind):
+    """(peft lora.Linear, the same layer converted by convert_peft_model): kind "dora" (DoRA on
+    an nn.Linear) or "conv1d" (plain LoRA on transformers' Conv1D)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from mmcore.nn import convert_peft_model
+
+    torch.manual_seed(0)
+    if kind == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+        holder = nn.Module()
+        holder.proj = Conv1D(N, K).to(device=device, dtype=dtype)
+        holder.forward = lambda x: holder.proj(x)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], fan_in_fan_out=True)
+    else:
+        holder = _Holder(K, N, dtype, device)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], use_dora=True)
+    pm = get_peft_model(holder, cfg, autocast_adapter_dtype=False)
+    pl = pm.base_model.model.proj
+    with torch.no_grad():
+        pl.lora_B["default"].weight.normal_(0, 0.02)
+    pl.eval()
+    conv = copy.deepcopy(pm)
+    rep = convert_peft_model(conv)
+    assert rep["converted"], rep
+    return pl, conv.base_model.model.proj
+
+
+def _converted(device, dtype, label, K, N, r, M, kind, timer):
+    pl, ours = _converted_pair(K, N, r, dtype, device, kind)
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    dy = torch.randn(M, N, dtype=dtype, device=device)
+    shape = {"M": M, "K": K, "N": N, "r": r}
+    name = {"dora": "DoRA", "conv1d": "Conv1D LoRA"}[kind]
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        bwd = mode == "fwd+bwd"
+        xg = x.detach().clone().requires_grad_(bwd)
+
+        def run(fn):
+            if bwd:
+                return lambda: fn(xg).backward(dy)
+
+            def inference():
+                with torch.no_grad():
+                    return fn(xg)
+            return inference
+
+        case = f"{mode} {name} {label} r={r} M={M}"
+        t_peft = timer(run(pl))
+        t_ours = timer(run(ours))
+        be = _backend(device, dtype, K, r, 1, bwd)
+        fl = _flops(M, K, N, r, bwd)
+        base = f"peft:{name}"
+        rows.append(harness.row(OP, case, base, shape, dtype, device, t_peft, flops=fl))
+        rows.append(harness.row(OP, case, f"mmcore:convert_peft_model[{be}]", shape, dtype,
+                                device, t_ours, flops=fl, baseline_ms=t_peft["median_ms"],
+                                baseline=base))
+    return rows
+
+
 def _mixed(device, dtype, label, K, N, r, n_seq, S, n_adapters, timer):
     pl, ours = _pair(K, N, r, dtype, device, n_adapters=n_adapters)
     names = list(ours.adapter_names)
@@ -134,7 +201,7 @@ def _mixed(device, dtype, label, K, N, r, n_seq, S, n_adapters, timer):
                         baseline="peft:mixed adapter_names")]
 
 
-def run(quick: bool, device: str) -> list:
+def run(quick: bool, device: str, only_converted: bool = False) -> list:
     """Rows for `mmcore bench --op lora_linear`: "mmcore x faster than peft" on the mmcore
     rows (> 1: mmcore faster), and how far above the F.linear floor they run.  quick: a
     CPU-friendly subset (BERT shape, r=16, M=128, fwd and fwd+bwd; no mixed batches)."""
@@ -150,9 +217,14 @@ def run(quick: bool, device: str) -> list:
     else:
         timer = lambda fn: harness.time_fn(fn, device)  # noqa: E731
     rows = []
-    if quick:
+    Mc = (512, 2048, 8192) if cuda else (512, 2048)
+    converted = [(kind, M) for kind in ("dora", "conv1d") for M in Mc]
+    if only_converted:
+        grid, mixed = [], []
+    elif quick:
         grid = [("bert-ffn", 16, 128)]
         mixed = []
+        converted = [("dora", 128)]
     else:
         Ms = (1, 512, 2048, 8192, 16384) if cuda else (1, 512, 2048)
         grid = [(lab, r, M) for lab in SHAPES for r in (8, 16, 64) for M in Ms
@@ -165,6 +237,9 @@ def run(quick: bool, device: str) -> list:
     for lab, r, n_seq, S, a in mixed:
         K, N = SHAPES[lab]
         rows += _mixed(device, dtype, lab, K, N, r, n_seq, S, a, timer)
+    K, N = SHAPES["bert-ffn"]
+    for kind, M in converted:
+        rows += _converted(device, dtype, "bert-ffn", K, N, 16, M, kind, timer)
     return rows
 
 
@@ -174,5 +249,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--converted", action="store_true",
+                    help="only the convert_peft_model cases (DoRA, Conv1D)")
     a = ap.parse_args()
-    print(harness.markdown_table(run(a.quick, a.device)))
+    print(harness.markdown_table(run(a.quick, a.device, a.converted)))

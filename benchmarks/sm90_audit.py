@@ -25,7 +25,9 @@ Levels (what CI runs is ``ci``, under triton 3.9 and 3.6: tests/test_sm90_audit.
            dK/dV, cross fwd / dQ / dK/dV, LoRA GEMM) at D = 128, bf16 and fp16; the default
            config of every other launch (decode, combine, delta, co-attention, LoRA
            low-rank / per-row / segment kernels, fp32, non-causal with lengths and global
-           tokens); sm_80: the default config of each launch, bf16
+           tokens, the issue-26 variants: softcap, key_bounds, key_mask, all three, window and
+           cross); sm_80: the default config of each launch, bf16 (the issue-26 variants in
+           the full sweep only)
     full   every launch x config x dtype (bf16, fp16, fp32), D = 64, 128, 256, sm_90 and
            sm_80 (``./bootstrap.sh audit`` runs it under both Triton versions)
 
@@ -55,7 +57,8 @@ HOT = {"_lora_mm_kernel", "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel",
        "_cross_fwd_kernel"}
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _BLOCK_KEYS = ("BLOCK", "NUM_SPLITS", "M_BLOCKS", "SPLIT", "GROUP_M", "SINGLE", "FUSE_T",
-               "PER_ROW", "HAS_MAP", "CAUSAL", "HAS_SQ", "HAS_SK", "D")
+               "PER_ROW", "HAS_MAP", "CAUSAL", "HAS_SQ", "HAS_SK", "D", "HAS_SOFTCAP", "BOUNDS",
+               "KEY_MASK", "GRANS", "ROWS")
 
 
 def _jit_fn(fn):
@@ -210,6 +213,11 @@ def _lora(rec, level, dtypes):
         L.lora_backward(x.new_empty(8192, 4096), x, w, a, b, s, ids, True, True, True)
         rec.label = f"lora fwd per-row adapters M=64 {dt}"
         L.lora_forward(x[:64], w, torch.randn(4096, dtype=dt), a, b, s, ids[:64])
+        # DoRA (peft use_dora): the col_scale epilogue storing the bracket too, on a Conv1D
+        # weight read through its transposed view
+        rec.label = f"lora fwd col_scale + pre, transposed weight M=8192 {dt}"
+        L.lora_forward(x, w.t(), torch.randn(4096, dtype=dt), a[:1], b[:1], s[:1], None,
+                       col_scale=torch.ones(4096), want_pre=True)
 
 
 def _dims_dtypes(rec, level, dtypes):
@@ -243,6 +251,34 @@ def _window(rec, level, dtypes):
         W.window_attention_fwd(q[:, :, :1], k, k, None, lens, 4096, 0, True, 0, 0.1)
         W.window_attention_fwd(q[:, :, :1], k[:, :, :64], k[:, :, :64], None, None, 4096,
                                0, True, 0, 0.1)  # a single split: no combine
+        if rec.arch == 90 or level == "full":  # (CI's budget: sm_80 in the full sweep only)
+            _window_masks(rec, W, q, k, lens, D, dt)
+
+
+def _window_masks(rec, W, q, k, lens, D, dt):
+    """The issue-26 variants (constexpr HAS_SOFTCAP, BOUNDS, KEY_MASK), default configs:
+    Gemma-2's softcap 50 on a causal window, key_bounds (a causal band of 4096 as (lo, hi)),
+    a key_mask on a sliding window, all three at once, and decoding with all three."""
+    import torch
+    S = q.shape[2]
+    i = torch.arange(S, dtype=torch.int32)[None]
+    lo, hi = (i - 4095).clamp(min=0), i + 1
+    km = torch.ones(1, S, dtype=torch.bool)
+    variants = (("softcap", dict(softcap=50.0), (4096, 0, True)),
+                ("bounds", dict(key_lo=lo, key_hi=hi), (-1, -1, False)),
+                ("key_mask", dict(key_mask=km), (256, 256, False)),
+                ("softcap+bounds+key_mask", dict(softcap=50.0, key_lo=lo, key_hi=hi, key_mask=km),
+                 (-1, -1, False)))
+    for name, kw, (left, right, causal) in variants:
+        rec.label = f"window fwd {name} D={D} {dt}"
+        _, lse = W.window_attention_fwd(q, k, k, None, lens, left, right, causal, 0, D ** -0.5,
+                                        **kw)
+        rec.label = f"window bwd {name} D={D} {dt}"
+        W.window_attention_bwd(q, q, k, k, q, lse, None, lens, left, right, causal, 0,
+                               D ** -0.5, **kw)
+    rec.label = f"window decode softcap+bounds+key_mask D={D} {dt}"
+    W.window_attention_fwd(q[:, :, :1], k, k, None, lens, -1, -1, False, 0, 0.1, softcap=50.0,
+                           key_lo=lo[:, -1:], key_hi=hi[:, -1:], key_mask=km)
 
 
 def _cross(rec, level, dtypes):
@@ -262,6 +298,14 @@ def _cross(rec, level, dtypes):
         C.cross_attention_fwd(q, k[:, :, :49], k[:, :, :49], None, None, D ** -0.5)
         rec.label = f"co-attention fwd D={D} {dt}"
         C.co_attention_fwd(q, k, k, sq, sk, k, q, q, sk, sq, D ** -0.5, res_a=q, res_b=k)
+        if rec.arch != 90 and level != "full":
+            continue
+        rec.label = f"cross fwd softcap D={D} {dt}"  # Gemma-2's softcap 50 (issue 26)
+        _, lse = C.cross_attention_fwd(q, k, k, sq, sk, D ** -0.5, 50.0)
+        rec.label = f"cross bwd softcap D={D} {dt}"
+        C.cross_attention_bwd(q, q, k, k, q, lse, sq, sk, D ** -0.5, 50.0)
+        rec.label = f"cross fwd short K softcap D={D} {dt}"
+        C.cross_attention_fwd(q, k[:, :, :49], k[:, :, :49], None, None, D ** -0.5, 50.0)
 
 
 OPS = {"lora": _lora, "window": _window, "cross": _cross}

@@ -57,6 +57,35 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2 only (no libdevice: its name differs between Triton versions and
+    the interpreter): 1 - 2 / (e^{2|x|} + 1) for |x| >= 1/4 (no cancellation there: the result
+    is >= 0.24, a few ulp), the Taylor series to x^9 below (truncation < 1e-8 relative).
+    +-inf -> +-1, NaN -> NaN.  (The same formula as kernels/window_attention.py.)"""
+    ax = tl.abs(x)
+    big = 1.0 - 2.0 / (tl.exp2(ax * 2.8853900817779268) + 1.0)
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    t = tl.where(ax < 0.25, small, big)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _scores(raw, qk_scale, softcap2, HAS_SOFTCAP: tl.constexpr):
+    """Scores in log2 units from a raw Q·Kᵀ tile -> (s, t): without softcap s = raw·qk_scale
+    (qk_scale = scale·log2 e), t = s (unused); with softcap c (qk_scale = scale / c, softcap2 =
+    c·log2 e) t = tanh(raw·scale / c), s = c·t·log2 e; the backward's dS_raw = dS (1 - t²)."""
+    if HAS_SOFTCAP:
+        t = _tanh(raw * qk_scale)
+        s = t * softcap2
+    else:
+        s = raw * qk_scale
+        t = s
+    return s, t
+
+
+@triton.jit
 def _length(ptr, b, S, HAS: tl.constexpr):
     if HAS:
         return tl.load(ptr + b).to(tl.int32)
@@ -75,9 +104,10 @@ def _kv_block(k_base, v_base, kn, offs_d, dmask, Lk, skn, svn):
 
 
 @triton.jit
-def _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+def _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale, softcap2, PREC: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr):
     """One key block of the online softmax (scores in log2 units)."""
-    s = _dot(q, tl.trans(k), PREC) * qk_scale
+    s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
     s = tl.where(kvalid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -116,11 +146,11 @@ def _fwd_epilogue(acc, m_i, l_i, offs_m, offs_d, dmask, Lq, Sq, o_base, som, or_
 def _fwd_program(pid_m, bh, Q, K, V, O, OR, R, LSE, SQL, SKL,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                  sorb, sorh, sorm, srb, srh, srm,
-                 H, G, Sq, Sk, qk_scale,
+                 H, G, Sq, Sk, qk_scale, softcap2,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, M_BLOCKS: tl.constexpr, SINGLE: tl.constexpr,
                  HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, HAS_RES: tl.constexpr,
-                 STORE_ATTN: tl.constexpr, PREC: tl.constexpr):
+                 STORE_ATTN: tl.constexpr, PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """All work of one program: M_BLOCKS query blocks of (sample b, query head h)."""
     b = bh // H
     h = bh % H
@@ -157,7 +187,8 @@ def _fwd_program(pid_m, bh, Q, K, V, O, OR, R, LSE, SQL, SKL,
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             if Lk > 0:
-                m_i, l_i, acc = _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale, PREC)
+                m_i, l_i, acc = _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale,
+                                              softcap2, PREC, HAS_SOFTCAP)
             _fwd_epilogue(acc, m_i, l_i, offs_m, offs_d, dmask, Lq, Sq, o_base, som, or_base,
                           sorm, r_base, srm, lse_base, HAS_RES, STORE_ATTN)
     else:
@@ -179,7 +210,8 @@ def _fwd_program(pid_m, bh, Q, K, V, O, OR, R, LSE, SQL, SKL,
                             other=0.0)
                 v = tl.load(v_base + kn[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kvm,
                             other=0.0)
-                m_i, l_i, acc = _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale, PREC)
+                m_i, l_i, acc = _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale,
+                                              softcap2, PREC, HAS_SOFTCAP)
             _fwd_epilogue(acc, m_i, l_i, offs_m, offs_d, dmask, Lq, Sq, o_base, som, or_base,
                           sorm, r_base, srm, lse_base, HAS_RES, STORE_ATTN)
 
@@ -198,16 +230,17 @@ _NO_SPEC = ["H", "Sq", "Sk", "SQ_KEY", "SK_KEY"]
 def _cross_fwd_kernel(Q, K, V, O, OR, R, LSE, SQL, SKL,
                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                       sorb, sorh, sorm, srb, srh, srm,
-                      H, G, Sq, Sk, qk_scale, SQ_KEY, SK_KEY,
+                      H, G, Sq, Sk, qk_scale, softcap2, SQ_KEY, SK_KEY,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, M_BLOCKS: tl.constexpr, SINGLE: tl.constexpr,
                       HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, HAS_RES: tl.constexpr,
-                      STORE_ATTN: tl.constexpr, PREC: tl.constexpr):
+                      STORE_ATTN: tl.constexpr, PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """HAS_SOFTCAP: qk_scale = scale / c, softcap2 = c·log2 e (_scores)."""
     _fwd_program(tl.program_id(0), tl.program_id(1), Q, K, V, O, OR, R, LSE, SQL, SKL,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                 sorb, sorh, sorm, srb, srh, srm, H, G, Sq, Sk, qk_scale,
+                 sorb, sorh, sorm, srb, srh, srm, H, G, Sq, Sk, qk_scale, softcap2,
                  D, BLOCK_M, BLOCK_N, BLOCK_D, M_BLOCKS, SINGLE, HAS_SQ, HAS_SK, HAS_RES,
-                 STORE_ATTN, PREC)
+                 STORE_ATTN, PREC, HAS_SOFTCAP)
 
 
 @triton.jit(do_not_specialize=["BHA", "HA", "SqA", "SkA", "BHB", "HB", "SqB", "SkB", "SQ_KEY",
@@ -236,18 +269,18 @@ def _co_fwd_kernel(
         _fwd_program(pid % nma, pid // nma, QA, KA, VA, OA, ORA, RA, LSEA, SQLA, SKLA,
                      a_sqb, a_sqh, a_sqm, a_skb, a_skh, a_skn, a_svb, a_svh, a_svn,
                      a_sob, a_soh, a_som, a_sorb, a_sorh, a_sorm, a_srb, a_srh, a_srm,
-                     HA, GA, SqA, SkA, qk_scale,
+                     HA, GA, SqA, SkA, qk_scale, 0.0,
                      D, BLOCK_M, BLOCK_N_A, BLOCK_D, M_BLOCKS, SINGLE_A, HAS_SQ_A, HAS_SK_A,
-                     HAS_RES, STORE_ATTN, PREC)
+                     HAS_RES, STORE_ATTN, PREC, False)
     else:
         pb = pid - na
         nmb = tl.cdiv(SqB, BLOCK_M * M_BLOCKS)
         _fwd_program(pb % nmb, pb // nmb, QB, KB, VB, OB, ORB, RB, LSEB, SQLB, SKLB,
                      b_sqb, b_sqh, b_sqm, b_skb, b_skh, b_skn, b_svb, b_svh, b_svn,
                      b_sob, b_soh, b_som, b_sorb, b_sorh, b_sorm, b_srb, b_srh, b_srm,
-                     HB, GB, SqB, SkB, qk_scale,
+                     HB, GB, SqB, SkB, qk_scale, 0.0,
                      D, BLOCK_M, BLOCK_N_B, BLOCK_D, M_BLOCKS, SINGLE_B, HAS_SQ_B, HAS_SK_B,
-                     HAS_RES, STORE_ATTN, PREC)
+                     HAS_RES, STORE_ATTN, PREC, False)
 
 
 # ----------------------------------------------------------------------------- backward kernels
@@ -257,11 +290,13 @@ def _co_fwd_kernel(
 def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                    sdob, sdoh, sdom,
-                   H, G, Sq, Sk, qk_scale, scale, SQ_KEY, SK_KEY,
+                   H, G, Sq, Sk, qk_scale, softcap2, scale, SQ_KEY, SK_KEY,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """dQ for one query block, and delta = rowsum(P * dP) (stored for the dK/dV kernel).
+    With softcap (_scores) P and dP are those of the capped scores and dS = P (dP - delta)
+    (1 - t²).
 
     P is renormalised here rather than taken as exp(S - lse): at large logits (|S| ~ 1e4) an
     fp32 lse is off by an ulp of S, P misses summing to 1 by that much, and dS = P (dP - delta)
@@ -300,7 +335,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
     d_i = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         k, v, kvalid = _kv_block(k_base, v_base, start_n + offs_n, offs_d, dmask, Lk, skn, svn)
-        s = tl.where(kvalid[None, :], _dot(q, tl.trans(k), PREC) * qk_scale, float("-inf"))
+        s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
+        s = tl.where(kvalid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
@@ -318,8 +354,10 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         k, v, kvalid = _kv_block(k_base, v_base, start_n + offs_n, offs_d, dmask, Lk, skn, svn)
-        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        s, tc = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
         p = tl.exp2(s - m_use[:, None]) * l_inv[:, None]
+        if HAS_SOFTCAP:  # dS_raw = dS (1 - t²): the factor folded into P
+            p = p * (1.0 - tc * tc)
         p = tl.where(rvalid[:, None] & kvalid[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
@@ -333,10 +371,11 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
 @triton.jit(do_not_specialize=["Hkv", "Sq", "Sk", "Q_PER_SPLIT", "SQ_KEY", "SK_KEY"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SQL, SKL,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-                     sd_split, Hkv, G, Sq, Sk, qk_scale, scale, Q_PER_SPLIT, SQ_KEY, SK_KEY,
+                     sd_split, Hkv, G, Sq, Sk, qk_scale, softcap2, scale, Q_PER_SPLIT, SQ_KEY,
+                     SK_KEY,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """dK, dV of one key block of (sample b, kv head hk), summed over the G query heads of the
     group and over the query rows of split pid_s (rows [pid_s*Q_PER_SPLIT, +Q_PER_SPLIT)).
 
@@ -382,12 +421,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SQL, SKL,
             lse = tl.load(LSE + row_base + offs_m64, mask=rvalid, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m64, mask=rvalid, other=0.0)
             lse2 = lse * 1.4426950408889634
-            st = _dot(k, tl.trans(q), PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+            st, tt = _scores(_dot(k, tl.trans(q), PREC), qk_scale, softcap2,
+                             HAS_SOFTCAP)  # (BLOCK_N, BLOCK_M)
             pt = tl.exp2(st - lse2[None, :])
             pt = tl.where(kvalid[:, None] & rvalid[None, :], pt, 0.0)
+            if HAS_SOFTCAP:  # dS_raw = dS (1 - t²); pt itself dies at the dV dot
+                gt = pt * (1.0 - tt * tt)
+            else:
+                gt = pt
             dv += _dot(pt.to(do.dtype), do, PREC)
             dpt = _dot(v, tl.trans(do), PREC)
-            dst = pt * (dpt - delta[None, :])
+            dst = gt * (dpt - delta[None, :])
             # padding and one-key rows: exactly 0 (a NaN delta must not reach padded keys)
             dst = tl.where((Lk > 1) & kvalid[:, None] & rvalid[None, :], dst, 0.0)
             dk += _dot(dst.to(q.dtype), q, PREC)
@@ -513,14 +557,15 @@ def _prune(kind, table):
     return prune
 
 
-_KEY = ["SQ_KEY", "SK_KEY", "D"]
+_KEY = ["SQ_KEY", "SK_KEY", "D", "HAS_SOFTCAP"]
 
 
 def _tuned(kernel, kind, table, make):
     if _interpret():
         return kernel
     keys = list(dict.fromkeys(k for ks in table.values() for k in ks))
-    return autotune([make(c) for c in keys], _KEY, _prune(kind, table))(kernel)
+    tune_key = [a for a in _KEY if a in kernel.arg_names]  # co-attention: no HAS_SOFTCAP
+    return autotune([make(c) for c in keys], tune_key, _prune(kind, table))(kernel)
 
 
 _fwd = _tuned(_cross_fwd_kernel, "fwd", _FWD, _fwd_cfg)
@@ -558,11 +603,23 @@ def _direction_args(q, k, v, o, orr, r, lse, sq, sk):
     return args, dict(B=B, H=H, G=G, Sq=Sq, Sk=k.shape[2], has_sq=has_sq, has_sk=has_sk)
 
 
-def cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, residual=None, store_attn=True):
+def _softcap_args(scale, softcap):
+    """-> (qk_scale, softcap2, HAS_SOFTCAP): c > 0 gives qk_scale = scale / c and softcap2 =
+    c·log2 e (the kernels' _scores), else qk_scale = scale·log2 e."""
+    c = float(softcap or 0.0)
+    if c > 0.0:
+        return float(scale) / c, c * LOG2E, True
+    return float(scale) * LOG2E, 0.0, False
+
+
+def cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0, residual=None,
+                        store_attn=True):
     """-> out (B, Hq, Sq, D) in q.dtype, lse (B, Hq, Sq) fp32 [, out_res = residual + out].
 
-    seqlens_*: int64 (B,) or None.  residual: (B, Hq, Sq, D) any strides (last contiguous);
-    when given, returns (out or None, lse, out_res) — out only when store_attn."""
+    seqlens_*: int64 (B,) or None.  softcap: c > 0 caps the scores to c·tanh(s / c) before
+    the softmax (lse over the capped scores); 0 = off.  residual: (B, Hq, Sq, D) any strides
+    (last contiguous); when given, returns (out or None, lse, out_res) — out only when
+    store_attn."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     bd = _block_d(D)
@@ -578,10 +635,11 @@ def cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, residual=None, sto
     def grid(meta):
         return (triton.cdiv(Sq, meta["BLOCK_M"] * meta["M_BLOCKS"]), B * H)
 
-    _fwd[grid](*args, H, m["G"], Sq, Sk, scale * LOG2E, _key(Sq), _key(Sk),
+    qk_scale, softcap2, has_cap = _softcap_args(scale, softcap)
+    _fwd[grid](*args, H, m["G"], Sq, Sk, qk_scale, softcap2, _key(Sq), _key(Sk),
                D=D, BLOCK_N=bn, BLOCK_D=bd, SINGLE=single, HAS_SQ=m["has_sq"],
                HAS_SK=m["has_sk"], HAS_RES=has_res, STORE_ATTN=store_attn and has_res,
-               PREC=_prec(q.dtype), **_fixed(_INTERP_FWD))
+               PREC=_prec(q.dtype), HAS_SOFTCAP=has_cap, **_fixed(_INTERP_FWD))
     if has_res:
         return o, lse, orr
     return o, lse
@@ -640,9 +698,9 @@ def _n_sms(device) -> int:
     return 4
 
 
-def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
+def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0):
     """-> dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D) in the input dtypes (out: the attention
-    output of the forward, without residual)."""
+    output of the forward, without residual; softcap: the forward's, 0 = off)."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -654,6 +712,7 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
     sql, has_sq = _lens(seqlens_q, lse)
     skl, has_sk = _lens(seqlens_k, lse)
     lse = lse.contiguous()
+    qk_scale, softcap2, has_cap = _softcap_args(scale, softcap)
 
     def grid_q(meta):
         return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
@@ -663,8 +722,9 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
                 v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
                 out.stride(2),
                 dout.stride(0), dout.stride(1), dout.stride(2),
-                H, G, Sq, Sk, scale * LOG2E, scale, _key(Sq), _key(Sk),
-                D=D, BLOCK_D=bd, HAS_SQ=has_sq, HAS_SK=has_sk, PREC=prec, **_fixed(_INTERP_BWD))
+                H, G, Sq, Sk, qk_scale, softcap2, scale, _key(Sq), _key(Sk),
+                D=D, BLOCK_D=bd, HAS_SQ=has_sq, HAS_SK=has_sk, PREC=prec, HAS_SOFTCAP=has_cap,
+                **_fixed(_INTERP_BWD))
 
     # split the query dim so that short-K problems still fill the device; each split owns an
     # fp32 partial of dK/dV, summed afterwards in a fixed order (deterministic)
@@ -693,8 +753,8 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale):
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2),
                   dout.stride(0), dout.stride(1), dout.stride(2),
-                  sd, Hkv, G, Sq, Sk, scale * LOG2E, scale, q_per, _key(Sq), _key(Sk),
-                  D=D, BLOCK_D=bd, HAS_SQ=has_sq, HAS_SK=has_sk, PREC=prec,
+                  sd, Hkv, G, Sq, Sk, qk_scale, softcap2, scale, q_per, _key(Sq), _key(Sk),
+                  D=D, BLOCK_D=bd, HAS_SQ=has_sq, HAS_SK=has_sk, PREC=prec, HAS_SOFTCAP=has_cap,
                   **_fixed(_INTERP_BWD))
     if split > 1:
         dk = dk_buf.sum(0).to(k.dtype)

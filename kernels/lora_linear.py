@@ -29,6 +29,11 @@ Backward for a frozen base (never dW):
 The segment reductions are split over rows (SPLIT programs per output tile, fp32 partials
 summed afterwards: deterministic, no atomics).
 
+An optional per-output-column scale c (col_scale, DoRA's magnitude over the weight norm) is
+applied in the epilogue: out = c ⊙ acc + bias, the bracket acc optionally stored too (it is
+what d c needs).  The backward needs nothing new: dy ⊙ c (made by the op) feeds it.  W's
+strides are free: a Conv1D weight (K, N) is read through its transposed view, no copy.
+
 fp16 / bf16 accumulate in fp32; fp32 inputs use ``input_precision="ieee"`` (true fp32, no tf32).
 All row / column offsets are int64.
 """
@@ -118,11 +123,12 @@ def _tile_rows(TILES, PERM, pid_m, M, BLOCK_M: tl.constexpr, HAS_MAP: tl.constex
 @triton.jit(do_not_specialize=["M", "R", "NUM_TILES", "sln", "stm", "N_KEY", "K_KEY",
                                "M_BUCKET"])
 def _lora_mm_kernel(
-    X, W, BIAS, AOP, LOP, S, OUT, T_BUF, PERM, TILES, IDS,
+    X, W, BIAS, AOP, LOP, S, OUT, T_BUF, PERM, TILES, IDS, CS, PRE,
     M, N, K, R, NUM_TILES,
     sxm, sxk, swk, swn, saa, sak, sar, sla, slr, sln, som, son, stm,
     N_KEY, K_KEY, M_BUCKET,
-    HAS_BIAS: tl.constexpr, HAS_MAP: tl.constexpr, FUSE_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CS: tl.constexpr, WRITE_PRE: tl.constexpr,
+    HAS_MAP: tl.constexpr, FUSE_T: tl.constexpr,
     WRITE_T: tl.constexpr, PER_ROW: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
@@ -169,8 +175,6 @@ def _lora_mm_kernel(
         x_ptrs += x_step
         w_ptrs += w_step
 
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if PER_ROW:
         # few rows, many adapters: rows in natural order, each row's own B gathered in the
         # epilogue (T = x Aᵀ per row precomputed by _rows_gather_kernel)
@@ -205,8 +209,16 @@ def _lora_mm_kernel(
                 lt = tl.load(LOP + a64 * sla + rr[:, None] * slr + offs_n[None, :] * sln,
                              mask=(rr[:, None] < R) & nmask[None, :], other=0.0)
                 acc = _dot_hi_lo_acc(tt * s, lt, acc, IEEE)
+    omask = rmask[:, None] & nmask[None, :]
+    if WRITE_PRE:  # the bracket of c ⊙ (x Wᵀ + LoRA) + b, for d col_scale (same strides)
+        tl.store(PRE + rows[:, None] * som + offs_n[None, :] * son,
+                 acc.to(PRE.dtype.element_ty), mask=omask)
+    if HAS_CS:  # per-output-column scale (DoRA's magnitude / weight norm), fp32
+        acc = acc * tl.load(CS + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + rows[:, None] * som + offs_n[None, :] * son,
-             acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+             acc.to(OUT.dtype.element_ty), mask=omask)
 
 
 @triton.jit(do_not_specialize=["M", "R", "stm"])
@@ -340,12 +352,16 @@ def _mm_configs():
                                (64, 64, 8, 3))]
 
 
-def _default_config(bm, cls, br=16, has_map=False, write_t=False):
+def _default_config(bm, cls, br=16, has_map=False, write_t=False, write_pre=False):
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) used without autotuning (first after prune),
     for config class `cls` (_autotune.config_class); each compiles without spills for sm_90 /
     sm_80 (benchmarks/sm90_audit.py)."""
     if cls == "fp32":
         return 64, 32, 4, 3
+    if write_pre and bm >= 128:
+        # the col_scale epilogue storing the bracket too (DoRA training): a second converted
+        # (BLOCK_M, BLOCK_N) tile; (256, 32, 8, 4) spilled 40 bytes on sm_90
+        return 128, 64, 8, 3
     if cls == "sm80" and bm >= 128:
         # mma.sync keeps more in registers: (256, 32, 8, 4) spilled 3.5 KB on sm_80; the
         # multi-adapter dx (ids + T written) 16 bytes at 128 x 128
@@ -395,7 +411,8 @@ def _prune(configs, named_args, **kwargs):
     else:
         keep = [c for c in keep if _acc_regs(bm, c, br, per_row, fused) <= 160]
     default = _default_config(bm, config_class(x.dtype, x.device), br,
-                              kwargs.get("HAS_MAP", False), kwargs.get("WRITE_T", False))
+                              kwargs.get("HAS_MAP", False), kwargs.get("WRITE_T", False),
+                              kwargs.get("WRITE_PRE", False))
     keep.sort(key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                              c.num_stages) != default)  # stable: the default first
     return keep or configs[-1:]
@@ -409,7 +426,7 @@ def _bucket(n):
 _lora_mm = autotune(
     _mm_configs(),
     ["N_KEY", "K_KEY", "M_BUCKET", "BLOCK_M", "BLOCK_R", "FUSE_T", "HAS_MAP", "WRITE_T",
-     "PER_ROW"],
+     "PER_ROW", "HAS_CS", "WRITE_PRE"],
     None if _INTERPRET else _prune,
 )(_lora_mm_kernel)
 
@@ -484,13 +501,16 @@ def _lowrank_rows(X, aop, a_strides, R, seg, M, Kdim):
 
 
 def _fused_mm(X, Wop, w_strides, bias, aop, a_strides, lop, l_strides, scaling, seg,
-              M, Nout, Kdim, R, want_t=False, per_row_ids=None):
-    """out (M, Nout) = X @ Wop (+ bias) + s_a (X @ Aop_a) @ Lop_a per row; also returns
-    T = X @ Aop (fp32, (M, R)) when want_t (for the backward's dA)."""
+              M, Nout, Kdim, R, want_t=False, per_row_ids=None, col_scale=None,
+              want_pre=False):
+    """out (M, Nout) = c ⊙ (X @ Wop + s_a (X @ Aop_a) @ Lop_a) (+ bias) per row (c: the
+    optional col_scale (Nout,) fp32, else 1); also returns T = X @ Aop (fp32, (M, R)) when
+    want_t (for the backward's dA), and with want_pre the bracket pre (M, Nout) (else None)."""
     # the numpy interpreter (triton 3.9) casts fp32 -> bf16 by truncation, the GPU rounds to
     # nearest: under the interpreter bf16 results are stored in fp32 and rounded by torch
     trunc = _INTERPRET and X.dtype == torch.bfloat16
     out = torch.empty(M, Nout, device=X.device, dtype=torch.float32 if trunc else X.dtype)
+    pre = torch.empty_like(out) if want_pre else None
     br = _block_r(R)
     fuse = br <= MAX_FUSED_RANK
     force = os.environ.get("MMCORE_LORA_FUSE")  # "0" / "1": force a path (measurements)
@@ -518,16 +538,20 @@ def _fused_mm(X, Wop, w_strides, bias, aop, a_strides, lop, l_strides, scaling, 
         T if T is not None else dummy, seg.perm if seg.has_map else dummy,
         seg.tiles if seg.has_map else dummy,
         per_row_ids if per_row_ids is not None else dummy,
+        col_scale if col_scale is not None else dummy, pre if pre is not None else dummy,
         M, Nout, Kdim, R, seg.n_tiles,
         X.stride(0), X.stride(1), *w_strides, *a_strides, *l_strides,
         out.stride(0), out.stride(1), T.stride(0) if T is not None else 0,
         _bucket(Nout), _bucket(Kdim), min(_bucket(M), 4096),
-        HAS_BIAS=bias is not None, HAS_MAP=seg.has_map, FUSE_T=fuse,
+        HAS_BIAS=bias is not None, HAS_CS=col_scale is not None, WRITE_PRE=want_pre,
+        HAS_MAP=seg.has_map, FUSE_T=fuse,
         WRITE_T=bool(fuse and want_t), PER_ROW=per_row_ids is not None,
         IEEE=_ieee(X.dtype),
         BLOCK_M=bm, BLOCK_R=br,
     )
-    return (out.to(X.dtype) if trunc else out), T
+    if trunc:
+        out, pre = out.to(X.dtype), (pre.to(X.dtype) if pre is not None else None)
+    return (out, T, pre) if want_pre else (out, T)
 
 
 def _num_sms(device):
@@ -585,26 +609,29 @@ def _segments(ids, A, M, device, dtype):
     return Segments(ids, A, M, _block_m(M, dtype), device)
 
 
-def lora_forward(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
-    """-> y (M, N) in x.dtype (see the module docstring for the operands)."""
+def lora_forward(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, col_scale=None,
+                 want_pre=False):
+    """-> y (M, N) in x.dtype (see the module docstring for the operands); with col_scale
+    (N,) fp32, y = col_scale ⊙ (x Wᵀ + LoRA) + b in the epilogue, and with want_pre
+    (y, pre) where pre (M, N) is the bracket (stored by the same epilogue)."""
     M, K = x.shape
     N = weight.shape[0]
     A, R = lora_a.shape[0], lora_a.shape[1]
-    if M == 0 or N == 0:
-        return torch.empty(M, N, device=x.device, dtype=x.dtype)
-    if K == 0:
-        y = torch.zeros(M, N, device=x.device, dtype=x.dtype)
-        return y + bias if bias is not None else y
+    if M == 0 or N == 0 or K == 0:
+        pre = torch.zeros(M, N, device=x.device, dtype=x.dtype)
+        y = pre.clone() if bias is None else pre + bias
+        return (y, pre) if want_pre else y
     per_row = None
     if adapter_ids is not None and A > 1 and M <= _per_row_max_m():
         per_row, adapter_ids = adapter_ids, None  # natural row tiles, ids read per row
     seg = _segments(adapter_ids, A, M, x.device, x.dtype)
-    y, _ = _fused_mm(
+    res = _fused_mm(
         x, weight, (weight.stride(1), weight.stride(0)), bias,
         lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
         lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
-        scaling, seg, M, N, K, R, per_row_ids=per_row)
-    return y
+        scaling, seg, M, N, K, R, per_row_ids=per_row, col_scale=col_scale,
+        want_pre=want_pre)
+    return (res[0], res[2]) if want_pre else res[0]
 
 
 def lora_backward(dy, x, weight, lora_a, lora_b, scaling, adapter_ids,

@@ -18,6 +18,27 @@ window holds the block, plus the global-query blocks [0, G - off) below them (al
 blocks when the key block holds global keys).  Both lists are walked as one loop over
 "virtual" block indices t: t < n_glob is global block t, else window block t - n_glob.
 
+Issue 26 features, each a constexpr (off: the kernels compile to what they were without it):
+  HAS_SOFTCAP  scores c·tanh(s / c) before masking and softmax (lse over the capped scores);
+               the backward recomputes t = tanh(s / c) with the same formula (_tanh, exp2
+               only) and folds dS_raw = dS (1 - t²) into P before the dP dot, so no extra
+               tile is live across a dot.
+  BOUNDS       key_bounds (lo, hi) int32 (B, Sq): allowed(i, j) = i < Lq and j < Lk and
+               lo_i <= j < hi_i (absolute key indices; the window, causal and G are unused).
+               A query block visits keys [max(0, min lo), min(Lk, max hi)) over its rows
+               that see something.  The dK/dV program of a key block needs the query rows
+               that see it: _bounds_rows_kernel first tabulates, per 16-key granule, the
+               first and last row whose range meets it (one scan of lo / hi per sample,
+               O(Sq·Sk / 16) integer work, shared by all heads); the program visits the query
+               blocks from the first to the last row of its granules (rows in between that
+               do not see the block are masked: wasted work, never a wrong result).  Scanning
+               every query block's lo / hi in each dK/dV program instead would cost
+               O(Sq / BLOCK_M) dependent loads per program and head, comparable to the
+               attention work itself for narrow bands at long Sq.
+  KEY_MASK     key_mask (B, Sk) (uint8 here), AND-ed into allowed(i, j) in both modes; a
+               block is "full" (no element mask) only when none of its keys is masked; a
+               dK/dV program whose keys are all masked writes zeros at once.
+
 Kernels
   _fwd_kernel       online softmax, fp32 accumulators, lse in fp32 (natural log); with
                     SPLIT_K each program takes a slice of the key blocks and writes
@@ -26,6 +47,7 @@ Kernels
   _bwd_dq_kernel    one program per query block, loops over its key blocks
   _bwd_dkdv_kernel  one program per (key block, kv head), loops over the g query heads
                     that share the kv head and their query blocks (GQA reduced in registers)
+  _bounds_rows_kernel  bounds mode only: the per-granule row table for _bwd_dkdv_kernel
 The backward is deterministic by construction: every dq / dk / dv element is written by
 exactly one program, in a fixed loop order, with no atomics.
 
@@ -66,6 +88,10 @@ DECODE_MAX_SQ = 16  # Sq <= this takes the split-K (flash-decoding) forward
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 _NEG_INF = tl.constexpr(float("-inf"))
+_TWO_LOG2E = tl.constexpr(2.0 * LOG2E)
+_BIG = tl.constexpr(1 << 30)  # "no row" / "no key" sentinel of the bounds-mode ranges
+GRAN = 16  # keys per granule of the bounds-mode row-range table (divides every BLOCK_N)
+_GRAN = tl.constexpr(GRAN)
 
 # scalars that change between calls: never specialise (no recompiles, no constexpr ints).
 # D stays specialised: its divisibility by 16 lets the head-dim masks keep loads vectorised;
@@ -96,19 +122,59 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @_device_fn
-def _allowed(i, j, off, Lq, Lk, left, right, G, CAUSAL: tl.constexpr):
-    """allowed(i, j) of docs/design.md for broadcastable row / column index tensors."""
-    p = i + off
-    glob = (j < G) | (p < G)
-    if CAUSAL:
-        glob = glob & (j <= p)
-    inwin = (j >= p - left) & (j <= p + right)
-    return (i < Lq) & (j < Lk) & (inwin | glob)
+def _tanh(x):
+    """tanh in fp32 from exp2 only (no libdevice: its name differs between Triton versions and
+    the interpreter): 1 - 2 / (e^{2|x|} + 1) for |x| >= 1/4 (no cancellation there: the result
+    is >= 0.24, a few ulp), the Taylor series to x^9 below (truncation < 1e-8 relative).
+    +-inf -> +-1, NaN -> NaN."""
+    ax = tl.abs(x)
+    big = 1.0 - 2.0 / (tl.exp2(ax * _TWO_LOG2E) + 1.0)
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    t = tl.where(ax < 0.25, small, big)
+    return tl.where(x < 0.0, -t, t)
+
+
+@_device_fn
+def _scores(raw, qk_scale, softcap2, HAS_SOFTCAP: tl.constexpr):
+    """Scores in log2 units from a raw Q·Kᵀ tile -> (s, t).  Without softcap s = raw·qk_scale
+    (qk_scale = scale·log2 e) and t is s (unused); with softcap c, qk_scale = scale / c,
+    softcap2 = c·log2 e: t = tanh(raw·scale / c), s = c·t·log2 e (the backward needs
+    1 - t² for dS_raw = dS_capped (1 - t²))."""
+    if HAS_SOFTCAP:
+        t = _tanh(raw * qk_scale)
+        s = t * softcap2
+    else:
+        s = raw * qk_scale
+        t = s
+    return s, t
+
+
+@_device_fn
+def _allowed(i, j, off, Lq, Lk, left, right, G, lo_i, hi_i, km_j, CAUSAL: tl.constexpr,
+             BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
+    """allowed(i, j) of docs/design.md for broadcastable row / column index tensors.
+    BOUNDS: lo_i <= j < hi_i (key_bounds; the window arguments are unused); KEY_MASK: km_j (a
+    bool per key) is AND-ed in."""
+    if BOUNDS:
+        ok = (i < Lq) & (j < Lk) & (j >= lo_i) & (j < hi_i)
+    else:
+        p = i + off
+        glob = (j < G) | (p < G)
+        if CAUSAL:
+            glob = glob & (j <= p)
+        inwin = (j >= p - left) & (j <= p + right)
+        ok = (i < Lq) & (j < Lk) & (inwin | glob)
+    if KEY_MASK:
+        ok = ok & km_j
+    return ok
 
 
 @_device_fn
 def _dot_masked(a, b, acc, all_ok, b_row0, b_stride, offs_d, d_ok, ri, c0, off, Lq, Lk,
-                left, right, G, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+                left, right, G, lo_r, hi_r, km_base, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr,
+                KEY_MASK: tl.constexpr, PREC: tl.constexpr):
     """acc + a @ b for a (R, C) fp32 that is 0 on every masked pair, b (C, N) the tile of
     rows c0 .. c0 + C - 1 (row c at b_row0 + c * b_stride in memory).
 
@@ -123,7 +189,7 @@ def _dot_masked(a, b, acc, all_ok, b_row0, b_stride, offs_d, d_ok, ri, c0, off, 
         n_bad = tl.sum(tl.sum(tl.where(tl.abs(b.to(tl.float32)) < float("inf"), 0, 1), 1), 0)
     if n_bad > 0:
         acc = _dot_rows(a, acc, b_row0, b_stride, offs_d, d_ok, ri, c0, off, Lq, Lk, left,
-                        right, G, CAUSAL)
+                        right, G, lo_r, hi_r, km_base, CAUSAL, BOUNDS, KEY_MASK)
     else:
         acc = acc + _dot(a.to(b.dtype), b, PREC)
     return acc
@@ -131,35 +197,79 @@ def _dot_masked(a, b, acc, all_ok, b_row0, b_stride, offs_d, d_ok, ri, c0, off, 
 
 @_device_fn
 def _dot_rows(a, acc, b_row0, b_stride, offs_d, d_ok, ri, c0, off, Lq, Lk, left, right, G,
-              CAUSAL: tl.constexpr):
+              lo_r, hi_r, km_base, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr,
+              KEY_MASK: tl.constexpr):
     """acc + sum over c of a[:, c] b[c, :] on the allowed pairs only, one c at a time in fp32
     with IEEE rules (x * NaN, 0 * inf -> NaN).  Slow: blocks holding a non-finite value."""
     kk = tl.arange(0, a.shape[1])
     for c in range(0, a.shape[1]):
-        ok = _allowed(ri, c0 + c, off, Lq, Lk, left, right, G, CAUSAL)
+        j = c0 + c
+        if KEY_MASK:
+            km_c = tl.load(km_base + j, mask=j < Lk, other=0) != 0
+        else:
+            km_c = j >= 0
+        ok = _allowed(ri, j, off, Lq, Lk, left, right, G, lo_r, hi_r, km_c, CAUSAL, BOUNDS,
+                      KEY_MASK)
         a_c = tl.sum(tl.where(kk[None, :] == c, a, 0.0), 1)  # (R,)
-        b_c = tl.load(b_row0 + c * b_stride + offs_d, mask=d_ok & (offs_d * 0 + c0 + c < Lk),
+        b_c = tl.load(b_row0 + c * b_stride + offs_d, mask=d_ok & (offs_d * 0 + j < Lk),
                       other=0.0).to(tl.float32)  # (N,)
         acc += tl.where(ok[:, None], a_c[:, None] * b_c[None, :], 0.0)
     return acc
 
 
 @_device_fn
-def _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL: tl.constexpr,
+def _block_full(start_m, start_n, Lq, Lk, off, left, right, G, lo_max, hi_min, km_all,
+                CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """True when every (i, j) of the block rows [start_m, +BLOCK_M) x keys [start_n, +BLOCK_N)
-    is allowed: the per-element mask can be skipped (interior of the band)."""
-    p_lo = start_m + off
-    p_hi = start_m + BLOCK_M - 1 + off
+    is allowed: the per-element mask can be skipped (interior of the band).
+    BOUNDS: lo_max / hi_min are the largest lo and smallest hi of the block's rows; KEY_MASK:
+    km_all says that no key of the block is masked."""
     j_hi = start_n + BLOCK_N - 1
     full = (start_m + BLOCK_M <= Lq) & (j_hi < Lk)
-    in_win = (start_n >= p_hi - left) & (j_hi <= p_lo + right)
-    glob_k = j_hi < G
-    if CAUSAL:
-        glob_all = glob_k & (j_hi <= p_lo)
+    if BOUNDS:
+        full = full & (start_n >= lo_max) & (j_hi < hi_min)
     else:
-        glob_all = glob_k | (p_hi < G)
-    return full & (in_win | glob_all)
+        p_lo = start_m + off
+        p_hi = start_m + BLOCK_M - 1 + off
+        in_win = (start_n >= p_hi - left) & (j_hi <= p_lo + right)
+        glob_k = j_hi < G
+        if CAUSAL:
+            glob_all = glob_k & (j_hi <= p_lo)
+        else:
+            glob_all = glob_k | (p_hi < G)
+        full = full & (in_win | glob_all)
+    if KEY_MASK:
+        full = full & km_all
+    return full
+
+
+@_device_fn
+def _row_bounds(KLO, KHI, b, offs_m, Sq, Lq, Lk, BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bounds mode, the query rows offs_m of sample b: -> (lo_r, hi_r (BLOCK_M,) int32, lo_max,
+    hi_min (for _block_full), lo (first key block, a multiple of BLOCK_N), n_win).  The key
+    range is [max(0, min lo), min(Lk, max hi)) over the valid rows that see something.
+    Without BOUNDS: zeros (unused)."""
+    if BOUNDS:
+        row_ok = offs_m < Lq
+        base = b.to(tl.int64) * Sq
+        lo_r = tl.load(KLO + base + offs_m, mask=row_ok, other=0)
+        hi_r = tl.load(KHI + base + offs_m, mask=row_ok, other=0)
+        sees = row_ok & (lo_r < hi_r)
+        k_lo = tl.maximum(tl.min(tl.where(sees, lo_r, _BIG), 0), 0)
+        k_hi = tl.minimum(tl.max(tl.where(sees, hi_r, 0), 0), Lk)
+        lo = (k_lo // BLOCK_N) * BLOCK_N
+        n_win = tl.where(k_hi > k_lo, (k_hi - lo + BLOCK_N - 1) // BLOCK_N, 0)
+        lo_max = tl.max(lo_r, 0)
+        hi_min = tl.min(hi_r, 0)
+    else:
+        lo_r = offs_m * 0
+        hi_r = lo_r
+        lo = Lk * 0
+        n_win = lo
+        lo_max = lo
+        hi_min = lo
+    return lo_r, hi_r, lo_max, hi_min, lo, n_win
 
 
 @_device_fn
@@ -230,10 +340,34 @@ def _lengths(SEQ_Q, SEQ_K, b, Sq, Sk, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr
 
 
 @_device_fn
+def _key_mask_block(km_base, cols, Lk, KEY_MASK: tl.constexpr):
+    """-> (km (BLOCK_N,) bool: key_mask of keys cols (False past Lk), km_all: all True)."""
+    if KEY_MASK:
+        km = tl.load(km_base + cols, mask=cols < Lk, other=0) != 0
+        km_all = tl.min(km.to(tl.int32), 0) > 0
+    else:
+        km = cols >= 0
+        km_all = Lk >= 0
+    return km, km_all
+
+
+@_device_fn
+def _kv_mask(cols, Lk, d_ok, km, KEY_MASK: tl.constexpr):
+    """Load mask of a (BLOCK_N, BLOCK_D) K / V tile: keys past Lk and, with KEY_MASK, hidden
+    keys are never read (a NaN there cannot reach a row, in any path: split-K included)."""
+    ok = (cols[:, None] < Lk) & d_ok[None, :]
+    if KEY_MASK:
+        ok = ok & km[:, None]
+    return ok
+
+
+@_device_fn
 def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, offs_n, offs_d,
               d_ok, start_m, lo, n_glob, t0, t1, Lq, Lk, off, left, right, G, qk_scale,
+              softcap2, lo_r, hi_r, lo_max, hi_min, km_base,
               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+              BLOCK_D: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
     """The online softmax over key blocks t0 .. t1 - 1 of one query block -> (m, l, acc).
     EXACT: masked pairs never meet a non-finite V row (_dot_masked; slower, more registers)."""
     m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)  # running max, log2 units
@@ -242,16 +376,18 @@ def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, o
     for t in range(t0, t1):
         start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
+        km, km_all = _key_mask_block(km_base, cols, Lk, KEY_MASK)
+        kv_mask = _kv_mask(cols, Lk, d_ok, km, KEY_MASK)
         n64 = start_n.to(tl.int64)
         k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
         # the scale right after the dot: triton 3.6's pipeliner fails to compile a wgmma whose
         # result is read only inside the branches of a runtime if (issue 11)
-        s = _dot(q, tl.trans(k), PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
-        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M,
-                           BLOCK_N)
+        s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
+        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, lo_max, hi_min,
+                           km_all, CAUSAL, BOUNDS, KEY_MASK, BLOCK_M, BLOCK_N)
         if not full:
-            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
+            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G,
+                          lo_r[:, None], hi_r[:, None], km[None, :], CAUSAL, BOUNDS, KEY_MASK)
             s = tl.where(ok, s, _NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row with nothing seen yet
@@ -262,7 +398,7 @@ def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, o
         if EXACT:
             acc = _dot_masked(p, v, acc * alpha[:, None], full, v_base + n64 * stride_vn,
                               stride_vn, offs_d, d_ok, offs_m, start_n, off, Lq, Lk, left, right,
-                              G, CAUSAL, PREC)
+                              G, lo_r, hi_r, km_base, CAUSAL, BOUNDS, KEY_MASK, PREC)
         else:
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
         m_i = m_new
@@ -274,19 +410,24 @@ def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, o
 
 # (the lse strides follow Sq: unspecialised too, they only place one (BLOCK_M,) row)
 @triton.jit(do_not_specialize=_NO_SPEC + ["n_splits", "stride_lb", "stride_lh"])
-def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K, FLAG,
+def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K, FLAG, KLO, KHI, KM,
                 stride_qb, stride_qh, stride_qm,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_os, stride_om,
                 stride_lb, stride_lh, stride_ls,
-                H, GROUP, Sq, Sk, D, left, right, G, qk_scale, TUNE_KEY, n_splits,
+                H, GROUP, Sq, Sk, D, left, right, G, qk_scale, softcap2, TUNE_KEY, n_splits,
                 HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                SPLIT_K: tl.constexpr, PREC: tl.constexpr, FLAGS: tl.constexpr):
+                SPLIT_K: tl.constexpr, PREC: tl.constexpr, FLAGS: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
     """FLAGS (the non-finite pass, module docstring): 0 none, 1 write FLAG (B*H, Sq) int8 = 1
     where a row's result is not finite, 2 the fix-up pass: only programs holding a flagged
-    row run, with masked pairs kept out of the dots."""
+    row run, with masked pairs kept out of the dots.
+
+    HAS_SOFTCAP: qk_scale = scale / c, softcap2 = c·log2 e (_scores).  BOUNDS: KLO / KHI
+    (B, Sq) int32 key bounds replace the window (left, right, G, CAUSAL unused); KEY_MASK:
+    KM (B, Sk) uint8, 0 = key never seen.  Absent features: None pointers."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -314,8 +455,17 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K, FLAG,
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
-    lo, n_win, n_glob = _key_blocks(start_m, Lq, Lk, off, left, right, G, CAUSAL,
-                                    BLOCK_M, BLOCK_N)
+    lo_r, hi_r, lo_max, hi_min, lo, n_win = _row_bounds(KLO, KHI, b, offs_m, Sq, Lq, Lk, BOUNDS,
+                                                        BLOCK_N)
+    if BOUNDS:
+        n_glob = 0 * n_win
+    else:
+        lo, n_win, n_glob = _key_blocks(start_m, Lq, Lk, off, left, right, G, CAUSAL,
+                                        BLOCK_M, BLOCK_N)
+    if KEY_MASK:
+        km_base = KM + b64 * Sk
+    else:
+        km_base = K
     n_tot = n_glob + n_win
     if SPLIT_K:
         per = (n_tot + n_splits - 1) // n_splits
@@ -329,8 +479,9 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K, FLAG,
     v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
     m_i, l_i, acc = _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m,
                               offs_n, offs_d, d_ok, start_m, lo, n_glob, t0, t1, Lq, Lk, off,
-                              left, right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC,
-                              FLAGS == 2)
+                              left, right, G, qk_scale, softcap2, lo_r, hi_r, lo_max, hi_min,
+                              km_base, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, FLAGS == 2,
+                              HAS_SOFTCAP, BOUNDS, KEY_MASK)
     if FLAGS == 1:
         bad = tl.sum(tl.where(acc * 0.0 == 0.0, 0, 1), 1)  # (BLOCK_M,)
         tl.store(FLAG + pid_bh.to(tl.int64) * Sq + offs_m, (bad > 0).to(tl.int8),
@@ -407,52 +558,61 @@ def _bwd_delta_kernel(O, DO, DELTA, SEQ_Q,
 @_device_fn
 def _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m,
              offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left, right, G,
-             qk_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_D: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+             qk_scale, softcap2, lo_r, hi_r, lo_max, hi_min, km_base, CAUSAL: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             PREC: tl.constexpr, EXACT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
     """dQ / scale of one query block over its key blocks.  EXACT: masked pairs never meet a
     non-finite K row (_dot_masked)."""
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(0, n_glob + n_win):
         start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
+        km, km_all = _key_mask_block(km_base, cols, Lk, KEY_MASK)
+        kv_mask = _kv_mask(cols, Lk, d_ok, km, KEY_MASK)
         n64 = start_n.to(tl.int64)
         k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
         v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
         # the scale right after the dot: triton 3.6's pipeliner fails to compile a wgmma whose
         # result is read only inside the branches of a runtime if (issue 11)
-        s = _dot(q, tl.trans(k), PREC) * qk_scale
-        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL, BLOCK_M,
-                           BLOCK_N)
+        s, tc = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
+        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, lo_max, hi_min,
+                           km_all, CAUSAL, BOUNDS, KEY_MASK, BLOCK_M, BLOCK_N)
         if not full:
-            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G, CAUSAL)
+            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G,
+                          lo_r[:, None], hi_r[:, None], km[None, :], CAUSAL, BOUNDS, KEY_MASK)
             s = tl.where(ok, s, _NEG_INF)
         # masked (-inf) pairs get P = 0 even when the row's lse is NaN, and dS = 0 wherever
         # P = 0 even when dP (a masked non-finite V) or delta is not finite
         p = tl.where(s == _NEG_INF, 0.0, tl.exp2(s - lse2[:, None]))
+        if HAS_SOFTCAP:  # dS_raw = dS_capped (1 - t²): the factor folded into P here
+            p = tl.where(p == 0.0, 0.0, p * (1.0 - tc * tc))
         dp = _dot(do, tl.trans(v), PREC)
         ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))
         if EXACT:
             dq = _dot_masked(ds, k, dq, full, k_base + n64 * stride_kn, stride_kn, offs_d, d_ok,
-                             offs_m, start_n, off, Lq, Lk, left, right, G, CAUSAL, PREC)
+                             offs_m, start_n, off, Lq, Lk, left, right, G, lo_r, hi_r, km_base,
+                             CAUSAL, BOUNDS, KEY_MASK, PREC)
         else:
             dq += _dot(ds.to(k.dtype), k, PREC)
     return dq
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K, FLAG,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K, FLAG, KLO, KHI, KM,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
                    stride_db, stride_dh, stride_dm,
                    stride_dqb, stride_dqh, stride_dqm,
-                   H, GROUP, Sq, Sk, D, left, right, G, qk_scale, sm_scale, TUNE_KEY,
+                   H, GROUP, Sq, Sk, D, left, right, G, qk_scale, softcap2, sm_scale, TUNE_KEY,
                    HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PREC: tl.constexpr, FLAGS: tl.constexpr):
-    """dQ = scale · dS K over the key blocks of one query block, dS = P ∘ (dO Vᵀ − delta).
-    FLAGS as in _fwd_kernel (1: flag non-finite dQ rows, 2: recompute the flagged blocks)."""
+                   PREC: tl.constexpr, FLAGS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
+    """dQ = scale · dS K over the key blocks of one query block, dS = P ∘ (dO Vᵀ − delta)
+    (∘ (1 - t²) with softcap).  FLAGS as in _fwd_kernel (1: flag non-finite dQ rows, 2:
+    recompute the flagged blocks); HAS_SOFTCAP, BOUNDS, KEY_MASK as there."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if FLAGS == 2:
@@ -486,13 +646,23 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K, FLAG,
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
-    lo, n_win, n_glob = _key_blocks(start_m, Lq, Lk, off, left, right, G, CAUSAL,
-                                    BLOCK_M, BLOCK_N)
+    lo_r, hi_r, lo_max, hi_min, lo, n_win = _row_bounds(KLO, KHI, b, offs_m, Sq, Lq, Lk, BOUNDS,
+                                                        BLOCK_N)
+    if BOUNDS:
+        n_glob = 0 * n_win
+    else:
+        lo, n_win, n_glob = _key_blocks(start_m, Lq, Lk, off, left, right, G, CAUSAL,
+                                        BLOCK_M, BLOCK_N)
+    if KEY_MASK:
+        km_base = KM + b64 * Sk
+    else:
+        km_base = K
     k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
     v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
     dq = _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
                   offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left,
-                  right, G, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, FLAGS == 2)
+                  right, G, qk_scale, softcap2, lo_r, hi_r, lo_max, hi_min, km_base, CAUSAL,
+                  BLOCK_M, BLOCK_N, BLOCK_D, PREC, FLAGS == 2, HAS_SOFTCAP, BOUNDS, KEY_MASK)
     if FLAGS == 1:
         bad = tl.sum(tl.where(dq * 0.0 == 0.0, 0, 1), 1)  # (BLOCK_M,)
         tl.store(FLAG + pid_bh.to(tl.int64) * Sq + offs_m, (bad > 0).to(tl.int8),
@@ -502,20 +672,59 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K, FLAG,
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
 
 
+@triton.jit(do_not_specialize=["Sq", "Sk"])
+def _bounds_rows_kernel(KLO, KHI, SEQ_Q, SEQ_K, FIRST, LAST, Sq, Sk,
+                        HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr,
+                        GRANS: tl.constexpr, ROWS: tl.constexpr):
+    """Bounds mode, for the dK/dV kernel: which query rows see each granule of GRAN keys.
+
+    FIRST / LAST (B, cdiv(Sk, GRAN)) int32 <- the first and last row i < Lq whose range
+    [max(lo_i, g0), min(hi_i, g0 + GRAN, Lk)) is not empty (_BIG / -1: none).  One program per
+    GRANS granules of a sample scans all the sample's rows, ROWS at a time: O(Sq·Sk / GRAN)
+    integer work per sample, shared by every head (a dK/dV program reads BLOCK_N / GRAN
+    entries instead of scanning lo / hi itself)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    Lq, Lk = _lengths(SEQ_Q, SEQ_K, b, Sq, Sk, HAS_SQ, HAS_SK)
+    NG = (Sk + _GRAN - 1) // _GRAN
+    g = pid * GRANS + tl.arange(0, GRANS)
+    g0 = g * _GRAN
+    g1 = tl.minimum(g0 + _GRAN, Lk)
+    first = tl.full([GRANS], _BIG, tl.int32)
+    last = tl.full([GRANS], -1, tl.int32)
+    base = b.to(tl.int64) * Sq
+    for r0 in range(0, Lq, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_ok = rows < Lq
+        lo = tl.load(KLO + base + rows, mask=row_ok, other=0)
+        hi = tl.load(KHI + base + rows, mask=row_ok, other=0)
+        sees = row_ok[None, :] & (tl.maximum(lo[None, :], g0[:, None])
+                                  < tl.minimum(hi[None, :], g1[:, None]))  # (GRANS, ROWS)
+        first = tl.minimum(first, tl.min(tl.where(sees, rows[None, :], _BIG), 1))
+        last = tl.maximum(last, tl.max(tl.where(sees, rows[None, :], -1), 1))
+    out = b.to(tl.int64) * NG + g
+    tl.store(FIRST + out, first, mask=g < NG)
+    tl.store(LAST + out, last, mask=g < NG)
+
+
 @triton.jit(do_not_specialize=_NO_SPEC + ["HKV"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, KHI, KM, FIRST, LAST,
                      stride_qb, stride_qh, stride_qm,
                      stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn,
                      stride_db, stride_dh, stride_dm,
                      stride_dkb, stride_dkh, stride_dkn,
                      stride_dvb, stride_dvh, stride_dvn,
-                     H, HKV, GROUP, Sq, Sk, D, left, right, G, qk_scale, sm_scale, TUNE_KEY,
+                     H, HKV, GROUP, Sq, Sk, D, left, right, G, qk_scale, softcap2, sm_scale,
+                     TUNE_KEY,
                      HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr,
+                     KEY_MASK: tl.constexpr):
     """dV = Pᵀ dO, dK = scale · dSᵀ Q for one key block of kv head hk, summed over the GROUP
-    query heads that read it and over their query blocks (in transposed form: Sᵀ = K Qᵀ)."""
+    query heads that read it and over their query blocks (in transposed form: Sᵀ = K Qᵀ).
+    HAS_SOFTCAP, BOUNDS, KEY_MASK as in _fwd_kernel; in bounds mode the query blocks are
+    those holding the rows FIRST .. LAST of _bounds_rows_kernel (of the block's granules)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -531,14 +740,33 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     cols = offs_n.to(tl.int64)[:, None]
-    kv_mask = (offs_n[:, None] < Lk) & d_ok[None, :]
+    if KEY_MASK:
+        km = tl.load(KM + b64 * Sk + offs_n, mask=offs_n < Lk, other=0) != 0  # (BLOCK_N,)
+        km_all = tl.min(km.to(tl.int32), 0) > 0
+    else:
+        km = offs_n >= 0
+        km_all = Lk >= 0
+    kv_mask = _kv_mask(offs_n, Lk, d_ok, km, KEY_MASK)
     k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + cols * stride_kn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + cols * stride_vn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
 
-    lo, n_win, n_glob = _query_blocks(start_n, Lq, Lk, off, left, right, G, CAUSAL,
-                                      BLOCK_M, BLOCK_N)
+    if BOUNDS:
+        NG = (Sk + _GRAN - 1) // _GRAN
+        gran = start_n // _GRAN + tl.arange(0, BLOCK_N // _GRAN)
+        q_first = tl.min(tl.load(FIRST + b64 * NG + gran, mask=gran < NG, other=_BIG), 0)
+        q_last = tl.max(tl.load(LAST + b64 * NG + gran, mask=gran < NG, other=-1), 0)
+        lo = (q_first // BLOCK_M) * BLOCK_M
+        n_win = tl.where(q_last >= q_first, (q_last + 1 - lo + BLOCK_M - 1) // BLOCK_M, 0)
+        n_glob = 0 * n_win
+    else:
+        lo, n_win, n_glob = _query_blocks(start_n, Lq, Lk, off, left, right, G, CAUSAL,
+                                          BLOCK_M, BLOCK_N)
+    if KEY_MASK:  # every key of the block hidden: dK = dV = 0 at once
+        none = tl.max(km.to(tl.int32), 0) == 0
+        n_win = tl.where(none, 0, n_win)
+        n_glob = tl.where(none, 0, n_glob)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # in-tile offsets in int32 (the launcher guarantees BLOCK_M row strides fit): two int64
@@ -564,19 +792,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K,
             lse = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)
             delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
-            sT = _dot(k, qT, PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-            if not _block_full(start_m, start_n, Lq, Lk, off, left, right, G, CAUSAL,
-                               BLOCK_M, BLOCK_N):
+            sT, tT = _scores(_dot(k, qT, PREC), qk_scale, softcap2, HAS_SOFTCAP)  # (BN, BM)
+            lo_r, hi_r, lo_max, hi_min, _, _ = _row_bounds(KLO, KHI, b, rows, Sq, Lq, Lk,
+                                                           BOUNDS, BLOCK_N)
+            if not _block_full(start_m, start_n, Lq, Lk, off, left, right, G, lo_max, hi_min,
+                               km_all, CAUSAL, BOUNDS, KEY_MASK, BLOCK_M, BLOCK_N):
                 ok = _allowed(rows[None, :], offs_n[:, None], off, Lq, Lk, left, right, G,
-                              CAUSAL)
+                              lo_r[None, :], hi_r[None, :], km[:, None], CAUSAL, BOUNDS,
+                              KEY_MASK)
                 sT = tl.where(ok, sT, _NEG_INF)
             # as in the dq kernel: P = 0 on masked pairs, dS = 0 wherever P = 0.  Unlike there,
             # a non-finite Q / dO row is not kept out of the dots (0 * NaN reaches the other
             # keys of this block): at 255 registers on sm_90 any extra tile spills
             pT = tl.where(sT == _NEG_INF, 0.0, tl.exp2(sT - lse2[None, :]))
+            if HAS_SOFTCAP:  # dS_raw = dS_capped (1 - t²); pT itself dies at the dV dot
+                gT = tl.where(pT == 0.0, 0.0, pT * (1.0 - tT * tT))
+            else:
+                gT = pT
             dv += _dot(pT.to(do.dtype), do, PREC)
             dpT = _dot(v, tl.trans(do), PREC)
-            dsT = tl.where(pT == 0.0, 0.0, pT * (dpT - delta[None, :]))
+            dsT = tl.where(gT == 0.0, 0.0, gT * (dpT - delta[None, :]))
             dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC)
     dk = dk * sm_scale
     out_mask = (offs_n[:, None] < Sk) & d_ok[None, :]
@@ -630,6 +865,11 @@ else:
         # without spilling registers (the others spill 56-1168 bytes at D = 128)
         "sm90": ((32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 2),
                  (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
+        # bounds mode (key_bounds: lo / hi loaded per query block): under triton 3.6,
+        # (32, 128, 8, 2) spilled 64 bytes at D = 128 (80 with softcap and key_mask as well),
+        # (32, 64, 8, 2) 32; one stage did not (the other configs stay for autotuning)
+        "sm90_bounds": ((32, 128, 8, 1), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3),
+                        (64, 64, 4, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
         # sm_80: every 128-key config spilled 0.7-4.9 KB
         "sm80": ((64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
         # fp32: K and V stay in registers as FMA operands: 16 x 32 tiles (32 x 32 spilled)
@@ -653,6 +893,8 @@ def _prune(kind, table):
         by_key = {_key_of(c): c for c in configs}
         cls = config_class(q.dtype, q.device)
         order = table.get(cls) or table["any"]
+        if kwargs.get("BOUNDS") and cls + "_bounds" in table:
+            order = table[cls + "_bounds"]
         if bd > 128 and cls in ("sm90", "sm80") and kind in ("fwd", "dq") \
                 and _D256_DEFAULT in order:
             # D = 256: every larger 16-bit fwd / dQ tile spilled 136-496 bytes per thread
@@ -699,7 +941,8 @@ def _all(table):
     return [_cfg(*k) for k in keys]
 
 
-_KEY = ["BLOCK_D", "TUNE_KEY", "CAUSAL"]  # (+ the dtypes of the tensor arguments)
+# (+ the dtypes of the tensor arguments)
+_KEY = ["BLOCK_D", "TUNE_KEY", "CAUSAL", "HAS_SOFTCAP", "BOUNDS", "KEY_MASK"]
 _fwd_tuned = autotune(_all(_FWD), _KEY, _prune("fwd", _FWD))(_fwd_kernel)
 _dq_tuned = autotune(_all(_DQ), _KEY, _prune("dq", _DQ))(_bwd_dq_kernel)
 _dkdv_tuned = autotune(_all(_DKDV), _KEY, _prune("dkdv", _DKDV))(_bwd_dkdv_kernel)
@@ -748,19 +991,53 @@ def _num_splits(B, H, Sq, Sk, left, right, G, device, block_n):
     return max(1, min(want, n_blocks // 2, MAX_SPLITS))
 
 
+# _bounds_rows_kernel: granules per program, rows per step (a (GRANS, ROWS) compare per step)
+_GRANS, _ROWS = 16, 64
+
+
 def _store_dtype(dt):
     """The numpy interpreter (triton 3.9) casts fp32 -> bf16 by truncation where the GPU rounds
     to nearest: under TRITON_INTERPRET bf16 results are stored in fp32 and rounded by torch."""
     return torch.float32 if (_INTERPRET and dt == torch.bfloat16) else dt
 
 
+def _features(q, Sk, scale, softcap, key_lo, key_hi, key_mask):
+    """The SPEC-26 extras as kernel arguments -> (qk_scale, softcap2, klo, khi, km, constexprs).
+
+    softcap c > 0: qk_scale = scale / c and softcap2 = c·log2 e (the kernels' _scores), else
+    qk_scale = scale·log2 e.  key_lo / key_hi (B, Sq) int32 (other integer dtypes are clamped
+    to [0, Sk] first: the same rows, in range) or None; key_mask (B, Sk) bool -> uint8 or
+    None.  Absent features are None pointers (constexpr: the kernels compile as before)."""
+    c = float(softcap or 0.0)
+    if c > 0.0:
+        qk_scale, softcap2 = float(scale) / c, c * LOG2E
+    else:
+        qk_scale, softcap2 = float(scale) * LOG2E, 0.0
+    if (key_lo is None) != (key_hi is None):
+        raise ValueError("key_lo and key_hi: give both or neither")
+    klo = khi = km = None
+    if key_lo is not None:
+        klo, khi = (t if t.dtype == torch.int32 else t.clamp(0, Sk).to(torch.int32)
+                    for t in (key_lo, key_hi))
+        klo, khi = klo.contiguous(), khi.contiguous()
+    if key_mask is not None:
+        km = key_mask.contiguous().view(torch.uint8) if key_mask.dtype == torch.bool \
+            else (key_mask != 0).contiguous().view(torch.uint8)
+    flags = dict(HAS_SOFTCAP=c > 0.0, BOUNDS=klo is not None, KEY_MASK=km is not None)
+    return qk_scale, softcap2, klo, khi, km, flags
+
+
 def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
-                         scale):
+                         scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
     """Normalised forward (see mmcore/ops/window_attention.py).
 
     q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) with stride(-1) == 1; left/right >= -1 (-1 =
-    unbounded); seqlens int64 (B,) or None.  Returns out (B, Hq, Sq, D) in q.dtype
-    (contiguous) and lse (B, Hq, Sq) float32 (natural log, -inf for rows that see nothing)."""
+    unbounded); seqlens int64 (B,) or None.  softcap: c > 0 caps the scores to c·tanh(s / c)
+    (0 = off); key_lo / key_hi: int32 (B, Sq) key bounds (bounds mode: row i sees keys
+    lo <= j < hi; left = right = -1, causal False, global_tokens 0) or None; key_mask: bool
+    (B, Sk), False = key never seen, or None.  Returns out (B, Hq, Sq, D) in q.dtype
+    (contiguous) and lse (B, Hq, Sq) float32 (natural log over the capped scores, -inf for
+    rows that see nothing)."""
     B, H, Sq, D = q.shape
     HKV, Sk = k.shape[1], k.shape[2]
     out = torch.empty((B, H, Sq, D), dtype=_store_dtype(q.dtype), device=q.device)
@@ -773,9 +1050,10 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
     G = int(global_tokens)
     BLOCK_D = _block_d(D)
     sq, sk = _seq_args(seqlens_q, seqlens_k, q)
+    qk_scale, softcap2, klo, khi, km, feats = _features(q, Sk, scale, softcap, key_lo, key_hi,
+                                                        key_mask)
     common = dict(HAS_SQ=seqlens_q is not None, HAS_SK=seqlens_k is not None,
-                  CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype))
-    qk_scale = float(scale) * LOG2E
+                  CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype), **feats)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
 
@@ -786,19 +1064,19 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
         warps = 4
         if ns == 1:
             _fwd_kernel[(1, B * H, 1)](
-                q, k, v, out, lse, sq, sk, lse, *strides,
+                q, k, v, out, lse, sq, sk, lse, klo, khi, km, *strides,
                 out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
-                H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, 0, 1,
+                H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, 0, 1,
                 BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=False, FLAGS=0, num_warps=warps,
                 num_stages=2, **common)
             return out.to(q.dtype), lse
         o_part = torch.empty((B, H, ns, Sq, D), dtype=torch.float32, device=q.device)
         l_part = torch.empty((B, H, ns, Sq), dtype=torch.float32, device=q.device)
         _fwd_kernel[(1, B * H, ns)](
-            q, k, v, o_part, l_part, sq, sk, l_part, *strides,
+            q, k, v, o_part, l_part, sq, sk, l_part, klo, khi, km, *strides,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
             l_part.stride(0), l_part.stride(1), l_part.stride(2),
-            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, 0, ns,
+            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, 0, ns,
             BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=True, FLAGS=0, num_warps=warps, num_stages=2,
             **common)
         _combine_kernel[(Sq, B * H)](o_part, l_part, out, lse, Sq, D, ns,
@@ -807,10 +1085,10 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
 
     grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H, 1)  # noqa: E731
     flag = torch.empty((B * H, Sq), dtype=torch.int8, device=q.device)
-    args = (q, k, v, out, lse, sq, sk, flag, *strides,
+    args = (q, k, v, out, lse, sq, sk, flag, klo, khi, km, *strides,
             out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
-            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, _tune_key(Sq, Sk, left, right, G),
-            1)
+            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2,
+            _tune_key(Sq, Sk, left, right, G), 1)
     _fwd_tuned[grid](*args, SPLIT_K=False, FLAGS=1, **common)
     bm, bn, w, st = _fixup_config(_FWD, "fwd", q, BLOCK_D)
     _fwd_kernel[(triton.cdiv(Sq, bm), B * H, 1)](
@@ -820,8 +1098,10 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
 
 
 def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
-                         global_tokens, scale):
-    """Normalised backward: -> dq, dk, dv (contiguous, input dtypes).  Deterministic."""
+                         global_tokens, scale, softcap=0.0, key_lo=None, key_hi=None,
+                         key_mask=None):
+    """Normalised backward: -> dq, dk, dv (contiguous, input dtypes).  Deterministic.
+    softcap, key_lo, key_hi, key_mask as in window_attention_fwd (lse: the forward's)."""
     B, H, Sq, D = q.shape
     HKV, Sk = k.shape[1], k.shape[2]
     dq = torch.empty((B, H, Sq, D), dtype=_store_dtype(q.dtype), device=q.device)
@@ -838,8 +1118,10 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
     # row stride): rows further apart than 2^24 elements are copied first
     if max(q.stride(2), dout.stride(2)) >= _ROW_STRIDE_LIMIT:
         q, dout = q.contiguous(), dout.contiguous()
+    qk_scale, softcap2, klo, khi, km, feats = _features(q, Sk, scale, softcap, key_lo, key_hi,
+                                                        key_mask)
     flags = dict(HAS_SQ=seqlens_q is not None, HAS_SK=seqlens_k is not None,
-                 CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype))
+                 CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype), **feats)
 
     delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     BMD = 64 if BLOCK_D <= 128 else 32
@@ -848,23 +1130,31 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
         dout.stride(0), dout.stride(1), dout.stride(2), H, Sq, D,
         HAS_SQ=seqlens_q is not None, BLOCK_M=BMD, BLOCK_D=BLOCK_D)
 
-    qk_scale = float(scale) * LOG2E
     tk = _tune_key(Sq, Sk, left, right, G)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2),
                dout.stride(0), dout.stride(1), dout.stride(2))
     grid_q = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)  # noqa: E731
     flag = torch.empty((B * H, Sq), dtype=torch.int8, device=q.device)
-    args = (q, k, v, dout, lse, delta, dq, sq, sk, flag, *strides,
+    args = (q, k, v, dout, lse, delta, dq, sq, sk, flag, klo, khi, km, *strides,
             dq.stride(0), dq.stride(1), dq.stride(2),
-            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, float(scale), tk)
+            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, float(scale), tk)
     _dq_tuned[grid_q](*args, FLAGS=1, **flags)
     bm, bn, w, st = _fixup_config(_DQ, "dq", q, BLOCK_D)
     _bwd_dq_kernel[(triton.cdiv(Sq, bm), B * H)](
         *args, FLAGS=2, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **flags)
+    first = last = None
+    if klo is not None:  # bounds mode: the query rows that see each granule of GRAN keys
+        ng = triton.cdiv(Sk, GRAN)
+        first = torch.empty((B, ng), dtype=torch.int32, device=q.device)
+        last = torch.empty((B, ng), dtype=torch.int32, device=q.device)
+        _bounds_rows_kernel[(triton.cdiv(ng, _GRANS), B)](
+            klo, khi, sq, sk, first, last, Sq, Sk, HAS_SQ=seqlens_q is not None,
+            HAS_SK=seqlens_k is not None, GRANS=_GRANS, ROWS=_ROWS)
     grid_k = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * HKV)  # noqa: E731
     _dkdv_tuned[grid_k](
-        q, k, v, dout, lse, delta, dk, dv, sq, sk, *strides,
+        q, k, v, dout, lse, delta, dk, dv, sq, sk, klo, khi, km, first, last, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        H, HKV, H // HKV, Sq, Sk, D, left, right, G, qk_scale, float(scale), tk, **flags)
+        H, HKV, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, float(scale), tk,
+        **flags)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

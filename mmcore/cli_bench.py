@@ -21,6 +21,7 @@ BENCH_MODULES = {
     "patch": ["bench_patch"],
     "cuda_kernels": ["bench_cuda_kernels"],  # csrc/cuda decode + SGMV (GPU only)
     "train": ["bench_train"],
+    "masks": ["bench_masks"],  # HF mask patterns: bounds / key_mask / softcap vs SDPA / eager
 }
 # `--quick` without --op: these modules (importing peft and a training step take long:
 # `--op lora_linear --quick` adds peft's layer, `--op train --quick` a training step)

@@ -14,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 V = 97  # vocab
+IMAGE_TOKEN = 1  # llava_onevision's image placeholder id (text ids are drawn from [3, V))
+IMAGE_TOKENS = 10  # features per 16x16 image of the tiny llava_onevision config (base + 1 tile)
 try:
     from transformers.utils import logging as _hf_logging
     _hf_logging.disable_progress_bar()
@@ -91,10 +93,24 @@ def build(family):
                                            layer_types=["sliding_attention", "full_attention"],
                                            query_pre_attn_scalar=16))
         return cfg, T.Gemma3ForCausalLM, "decoder"
+    if family == "qwen2-full":  # HF's default Qwen2 (use_sliding_window=False): full attention only
+        return T.Qwen2Config(**_dec_kw()), T.Qwen2ForCausalLM, "decoder"
+    if family == "llava_onevision":  # Qwen2 text backbone + SigLIP tower, 10 tokens per image
+        cfg = T.LlavaOnevisionConfig(
+            text_config=dict(model_type="qwen2", **_dec_kw(hidden_size=32, intermediate_size=37)),
+            vision_config=dict(model_type="siglip_vision_model", image_size=16, patch_size=8,
+                               hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=37),
+            image_token_index=IMAGE_TOKEN, vision_feature_select_strategy="full",
+            vision_feature_layer=-1, image_grid_pinpoints=[[16, 16]])
+        return cfg, T.LlavaOnevisionForConditionalGeneration, "vlm"
     if family == "gemma2":
+        # scores up to ~8 (initializer_range 0.2) under a cap of 2: the softcap changes the
+        # logits by ~1.8, far beyond any tolerance (HF's default cap, 50, would be a no-op)
         cfg = T.Gemma2Config(**_dec_kw(head_dim=16, sliding_window=5,
                                        layer_types=["sliding_attention", "full_attention"],
-                                       query_pre_attn_scalar=16))
+                                       query_pre_attn_scalar=16, initializer_range=0.2,
+                                       attn_logit_softcapping=2.0))
         return cfg, T.Gemma2ForCausalLM, "decoder"
     raise KeyError(family)
 
@@ -120,9 +136,10 @@ def load(family, attn="eager", seed=0):
 
 
 def inputs(kind, B=3, S=19, seed=1, padding="right"):
-    """Token ids (+ pixels for dual towers) and a padding layout: "none", "right", "left",
-    "holey" (left padding plus holes inside the valid tokens), or "packed" (no attention mask;
-    position_ids restart inside each row, as a packing collator makes them)."""
+    """Token ids (+ pixels for dual towers, + one image per sample for "vlm") and a padding
+    layout: "none", "right", "left", "holey" (left padding plus holes inside the valid
+    tokens), or "packed" (no attention mask; position_ids restart inside each row, as a
+    packing collator makes them)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, V, (B, S), generator=g)
     am = torch.ones(B, S, dtype=torch.long)
@@ -147,6 +164,12 @@ def inputs(kind, B=3, S=19, seed=1, padding="right"):
         kw = {"input_ids": ids, "position_ids": pos, "use_cache": False}
     if kind == "dual":
         kw["pixel_values"] = torch.randn(B, 3, 24, 24, generator=g)
+    if kind == "vlm":  # one image per sample: its placeholders open the valid tokens
+        for b in range(B):
+            first = int(am[b].nonzero()[0])
+            ids[b, first:first + IMAGE_TOKENS] = IMAGE_TOKEN
+        kw["pixel_values"] = torch.randn(B, 2, 3, 16, 16, generator=g)
+        kw["image_sizes"] = torch.tensor([[16, 16]] * B)
     return kw
 
 
@@ -183,16 +206,47 @@ def loss_of(outs, seed=7):
     return tot
 
 
+EAGER64 = "eager_fp64_softmax"  # a test-only attention implementation (see _eager64)
+
+
+def _eager64(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+             softcap=None, **kwargs):
+    """HF's eager attention math (GQA by repeat, softcap before the additive mask) with the
+    softmax in the input's dtype.  HF's own eager takes the softmax in float32, where fp64's
+    finfo.min mask becomes -inf: the rows of left-padding tokens turn NaN and spread."""
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    w = (query @ key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    if attention_mask is not None:
+        w = w + attention_mask[:, :, :, :key.shape[-2]]
+    w = torch.softmax(w, dim=-1)
+    return (w @ value).transpose(1, 2).contiguous(), None
+
+
+def load_oracle(family):
+    """The fp64 oracle: the unpatched model on HF's sdpa path (CPU fp64 sdpa is exact math;
+    HF's eager path gives NaN in fp64 for ModernBERT and Gemma2); for families without an
+    sdpa path, Gemma2 on ``_eager64`` and the others (Longformer) on eager."""
+    try:
+        return load(family, "sdpa")[0].double()
+    except ValueError:
+        pass
+    if family == "gemma2":
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+        AttentionInterface.register(EAGER64, _eager64)
+        AttentionMaskInterface.register(EAGER64, eager_mask)
+        return load(family, EAGER64)[0].double()
+    return load(family, "eager")[0].double()
+
+
 def compare(family, patched, kind, kw, grads=True, params=3):
     """Apply the tolerance rule to `patched` vs a fresh unpatched fp32 eager base and a fp64
     oracle (same weights), forward outputs and (optionally) parameter gradients."""
     base, _ = load(family, "eager")
-    # the fp64 oracle is the unpatched model on HF's sdpa path (CPU fp64 sdpa is exact math;
-    # HF's eager path gives NaN in fp64 for ModernBERT)
-    try:
-        oracle = load(family, "sdpa")[0].double()
-    except ValueError:  # no sdpa path for this family (Longformer, Gemma2): eager fp64
-        oracle = load(family, "eager")[0].double()
+    oracle = load_oracle(family)
     kw64 = {k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}
     res = {}
     for name, m, args in (("patched", patched, kw), ("base", base, kw), ("oracle", oracle, kw64)):

@@ -38,3 +38,20 @@ def randomize(model, seed, scale=0.3):
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+
+
+class C1Toy(nn.Module):
+    """transformers' Conv1D layers (GPT-2 storage: weight (in, out)), as peft targets them."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.c_fc = Conv1D(19, 24).to(dtype)  # nf = 19 out, nx = 24 in
+        self.c_proj = Conv1D(24, 19).to(dtype)
+        self.head = nn.Linear(24, 5, dtype=dtype)
+        with torch.no_grad():  # Conv1D's bias starts at 0: make it count
+            self.c_fc.bias.normal_()
+            self.c_proj.bias.normal_()
+
+    def forward(self, x):
+        return self.head(self.c_proj(torch.tanh(self.c_fc(x))) + x)

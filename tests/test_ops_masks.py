@@ -251,3 +251,18 @@ def test_auto_serves_every_feature_on_the_cpu():
     out = mmcore.window_attention(q, k, v, softcap=3.0, key_bounds=(lo, hi),
                                   key_mask=torch.ones(2, 5, dtype=torch.bool))
     assert torch.isfinite(out).all()
+
+
+def test_bench_masks_cases_agree_with_their_baselines():
+    """benchmarks/bench_masks.py: each mmcore call equals the baseline it is timed against
+    (small S; the benchmark itself checks again at its warm-up call)."""
+    from mmcore.benchmarks import bench_masks as bm
+
+    S = 96
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(bm.B, bm.HQ, S, bm.D, generator=g)
+    k, v = (torch.randn(bm.B, bm.HKV, S, bm.D, generator=g) for _ in range(2))
+    cases = bm._cases(S, "cpu", W=8, IMG=12)  # the patterns at a small scale
+    assert len(cases) == 4
+    for name, _, base, ours, _ in cases:
+        torch.testing.assert_close(ours(q, k, v), base(q, k, v), atol=2e-5, rtol=0, msg=name)

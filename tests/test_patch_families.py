@@ -73,15 +73,17 @@ def test_module_tree_and_weights_kept_and_unpatch():
     mmcore.unpatch(m)  # idempotent
 
 
-def test_gemma2_softcapping_left_and_reported():
+def test_gemma2_patched_with_softcap_on_the_op():
+    """Issue 26: Gemma2 (attention logit softcapping) was left on HF's implementation; it is
+    patched now, the cap going to the op's softcap: forward and gradients equal eager."""
+    from mmcore.patch import hf_interface as hfi
     m, kind = K.load("gemma2")
-    kw = K.inputs(kind)
-    ref = m(**kw).logits
     rep = mmcore.patch(m)
-    assert not rep.replaced
-    assert rep.left and all("softcapping" in r for _, r in rep.left)
-    assert m.config._attn_implementation == "eager"
-    assert torch.equal(m(**kw).logits, ref)
+    assert not rep.left and len(rep.replaced) == 2, rep
+    assert m.config._attn_implementation == "mmcore"
+    hfi.STATS.reset()
+    K.compare("gemma2", m, kind, K.inputs(kind, B=2, S=13, padding="left"))
+    assert hfi.STATS.op_calls == 2 and hfi.STATS.fallback_calls == 0, hfi.STATS
 
 
 def test_output_attentions_config_left():
@@ -115,17 +117,19 @@ def test_longformer_window_and_global_projections(G):
     assert hfi.STATS.op_calls == 4 and hfi.STATS.fallback_calls == 0
 
 
-def test_longformer_scattered_globals_fall_back_exactly():
+def test_longformer_output_attentions_falls_back_exactly():
     m, kind = K.load("longformer")
     ref, _ = K.load("longformer")
     mmcore.patch(m)
     kw = K.inputs(kind, B=2, S=16)
     kw["global_attention_mask"] = torch.zeros_like(kw["attention_mask"])
-    kw["global_attention_mask"][:, 5] = 1  # not a prefix: HF's own forward
+    kw["global_attention_mask"][:, 5] = 1
     hfi.STATS.reset()
-    out = m(**kw).last_hidden_state
-    assert hfi.STATS.fallback_calls == 2
-    torch.testing.assert_close(out, ref(**kw).last_hidden_state)
+    out = m(**kw, output_attentions=True)
+    assert hfi.STATS.fallback_reasons == {"output_attentions=True needs the attention weights": 2}
+    want = ref(**kw, output_attentions=True)
+    torch.testing.assert_close(out.last_hidden_state, want.last_hidden_state)
+    torch.testing.assert_close(out.attentions, want.attentions)
     mmcore.unpatch(m)
     assert not any("forward" in x.__dict__ for x in m.modules())
 
@@ -139,11 +143,11 @@ def test_siglip_pooling_head_reported():
 _LAST_REPORT = []
 
 
-def _served_case(family, kw, valid=None):
+def _served_case(family, kw, valid=None, backend="auto"):
     """mmcore (patched) vs the unpatched model: the tolerance rule on the valid rows, and the
     number of op calls / dense fallbacks."""
     m, kind = K.load(family)
-    _LAST_REPORT[:] = [mmcore.patch(m)]
+    _LAST_REPORT[:] = [mmcore.patch(m, backend=backend)]
     base, _ = K.load(family)
     oracle = K.load(family, "sdpa")[0].double()
     hfi.STATS.reset()
@@ -182,17 +186,20 @@ def test_holey_padding_served_by_the_op():
     assert st["op_calls"] == 2 and st["fallback_calls"] == 0, st
 
 
-def test_holey_padding_in_a_sliding_window_layer_falls_back_exactly():
+def test_holey_padding_in_a_sliding_window_layer():
     """A sliding window counts positions, holes included: compaction would shorten distances,
-    so those layers take the dense path (the full-attention layers still use the op); the
-    patch report counts the fallbacks."""
+    so those layers run the op on the keys as they are with the padding as key_mask (issue 26;
+    they took the dense path).  A forced backend that does not serve key_mask (the C++ CPU
+    kernel) still takes the dense path there, exactly, and the patch report counts it."""
     ids = torch.randint(3, K.V, (2, 16))
     am = torch.ones(2, 16, dtype=torch.long)
     am[0, 5:7] = 0
+    # qwen2 here: layer 0 full attention, layers 1-2 sliding (max_window_layers=1)
     st = _served_case("qwen2", {"input_ids": ids, "attention_mask": am}, am.bool())
+    assert st == {"op_calls": 3, "fallback_calls": 0, "fallback_reasons": {}}, st
+    st = _served_case("qwen2", {"input_ids": ids, "attention_mask": am}, am.bool(), "cpu")
     rep = _LAST_REPORT[0]
     assert rep.fallback_calls == 2 and "2x: holes in the padding" in str(rep)
-    # qwen2 here: layer 0 full attention, layers 1-2 sliding (max_window_layers=1)
     assert st["fallback_reasons"] == {"holes in the padding of a sliding-window layer": 2}, st
     assert st["op_calls"] == 1, st
 

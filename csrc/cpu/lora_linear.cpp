@@ -13,6 +13,11 @@
 //   2 merged   : y = addmm(b, x, (W + s·B A)ᵀ)                   (2·N·r·K flops, one W copy)
 // merged costs a W-sized temporary and 2·N·r·K flops, so it can only win for many rows;
 // two-pass is the default below 4096 rows (see merge_pays).
+// A per-output-column scale (lora_linear_fwd_scaled, DoRA's magnitude / norm) is applied in
+// fp32 after the low-rank term: y = c ⊙ (x Wᵀ + LoRA) + b, one pass over the fp32 result
+// before the conversion to x's dtype; it can also return the bracket (for d c).
+// The weight may be (N, K) with a contiguous last dim or the transposed view of a contiguous
+// (K, N) matrix (transformers' Conv1D): ATen's GEMMs read either layout without a copy.
 // Multi-adapter: one base GEMM over all rows, then per adapter its rows (grouped by a
 // counting sort of the ids, O(M)) get s·(x_g Aᵀ) Bᵀ added row by row on the vector build of
 // ATen's CPU capability (add_rows, vec_table.h), or, for a big
@@ -34,7 +39,11 @@ at::Tensor f32(const at::Tensor& t) {
 void check_operands(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
                     const at::Tensor& lora_b, const at::Tensor& scaling) {
   check_cpu_lastdim(x, "x");
-  check_cpu_lastdim(weight, "weight");
+  MMCORE_CHECK_ARG(weight.device().is_cpu(), "weight", "must be a CPU tensor");
+  MMCORE_CHECK_ARG(weight.dim() != 2 || weight.numel() == 0 || weight.size(1) <= 1 ||
+                       weight.stride(1) == 1 || weight.size(0) <= 1 || weight.stride(0) == 1,
+                   "weight", "must have a contiguous last dim or be a transposed contiguous "
+                   "(K, N) matrix");
   check_cpu_lastdim(lora_a, "lora_a");
   check_cpu_lastdim(lora_b, "lora_b");
   MMCORE_CHECK_ARG(x.dim() == 2, "x", "must be (M, K)");
@@ -133,7 +142,8 @@ at::Tensor single(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   return y;
 }
 
-at::Tensor fwd_impl(const at::Tensor& x_, const at::Tensor& weight_,
+// -> y (M, N) fp32 (x's dtype converted by the callers)
+at::Tensor fwd_f32(const at::Tensor& x_, const at::Tensor& weight_,
                     const c10::optional<at::Tensor>& bias_, const at::Tensor& lora_a_,
                     const at::Tensor& lora_b_, const at::Tensor& scaling_,
                     const c10::optional<at::Tensor>& ids, int64_t variant) {
@@ -160,8 +170,7 @@ at::Tensor fwd_impl(const at::Tensor& x_, const at::Tensor& weight_,
     for (int64_t a = 0; a < A; ++a)
       if ((int64_t)groups[a].size() == M) whole = a;
     if (whole >= 0) {
-      y = single(x, w, bias, la[whole], lb[whole], s[whole], merge_pays(M, r) ? 2 : 0);
-      return y.scalar_type() == x_.scalar_type() ? y : y.to(x_.scalar_type());
+      return single(x, w, bias, la[whole], lb[whole], s[whole], merge_pays(M, r) ? 2 : 0);
     }
     y = base_mm(x, w, bias);
     for (int64_t a = 0; a < A; ++a) {
@@ -178,7 +187,19 @@ at::Tensor fwd_impl(const at::Tensor& x_, const at::Tensor& weight_,
       }
     }
   }
-  return y.scalar_type() == x_.scalar_type() ? y : y.to(x_.scalar_type());
+  return y;
+}
+
+at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt ? t : t.to(dt);
+}
+
+at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                    const at::Tensor& lora_b, const at::Tensor& scaling,
+                    const c10::optional<at::Tensor>& ids, int64_t variant) {
+  return to_dtype(fwd_f32(x, weight, bias, lora_a, lora_b, scaling, ids, variant),
+                  x.scalar_type());
 }
 
 }  // namespace
@@ -188,6 +209,25 @@ at::Tensor lora_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
                            const at::Tensor& lora_b, const at::Tensor& scaling,
                            const c10::optional<at::Tensor>& adapter_ids) {
   return fwd_impl(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, -1);
+}
+
+// y = c ⊙ (x Wᵀ + LoRA) + b with col_scale c (N,); with want_pre also the bracket (else an
+// empty tensor), both in x's dtype.
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_scaled(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
+    const c10::optional<at::Tensor>& adapter_ids, const at::Tensor& col_scale, bool want_pre) {
+  const int64_t N = weight.size(0);
+  MMCORE_CHECK_ARG(col_scale.dim() == 1 && col_scale.size(0) == N && col_scale.device().is_cpu(),
+                   "col_scale", "must be a CPU tensor of shape (N,)");
+  if (bias.has_value() && bias->defined())
+    MMCORE_CHECK_ARG(bias->dim() == 1 && bias->size(0) == N, "bias", "must be (N,)");
+  auto pre = fwd_f32(x, weight, c10::nullopt, lora_a, lora_b, scaling, adapter_ids, -1);
+  auto c = f32(col_scale);
+  auto y = (bias.has_value() && bias->defined()) ? at::addcmul(f32(*bias), pre, c)
+                                                 : at::mul(pre, c);
+  const auto dt = x.scalar_type();
+  return {to_dtype(y, dt), want_pre ? to_dtype(pre, dt) : x.new_empty({0})};
 }
 
 // Single adapter, a forced variant (0 two-pass, 1 aug-K, 2 merged): for the benchmark.
@@ -259,6 +299,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
 TORCH_LIBRARY_FRAGMENT(mmcore_C, m) {
   m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
         "Tensor scaling, Tensor? adapter_ids) -> Tensor");
+  m.def("lora_linear_fwd_scaled(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
+        "Tensor lora_b, Tensor scaling, Tensor? adapter_ids, Tensor col_scale, bool want_pre) "
+        "-> (Tensor, Tensor)");
   m.def("lora_linear_fwd_variant(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
         "Tensor lora_b, Tensor scaling, int variant) -> Tensor");
   m.def("lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
@@ -268,6 +311,7 @@ TORCH_LIBRARY_FRAGMENT(mmcore_C, m) {
 
 TORCH_LIBRARY_IMPL(mmcore_C, CPU, m) {
   m.impl("lora_linear_fwd", &mmcore::lora_linear_fwd);
+  m.impl("lora_linear_fwd_scaled", &mmcore::lora_linear_fwd_scaled);
   m.impl("lora_linear_fwd_variant", &mmcore::lora_linear_fwd_variant);
   m.impl("lora_linear_bwd", &mmcore::lora_linear_bwd);
 }

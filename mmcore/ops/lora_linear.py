@@ -1,4 +1,5 @@
-"""lora_linear: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, single- or multi-adapter, frozen base weight.
+"""lora_linear: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, single- or multi-adapter, frozen base weight;
+optionally y = c ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b with a per-output-column scale c (DoRA).
 
 Public function -> validation -> backend selection -> custom op ``mmcore::lora_linear_fwd``
 (+ fake + autograd via ``mmcore::lora_linear_bwd``).  Gradients: dx, d lora_a, d lora_b from the
@@ -13,7 +14,13 @@ Backend implementations take normalised arguments:
              need_dx, need_da, need_db) -> (dx | None, d lora_a | None, d lora_b | None)
 
 adapter_ids None means every row uses adapter 0; -1 means base only.  All tensors have a
-contiguous last dim.
+contiguous last dim, except a weight that is the transposed view of a contiguous (K, N)
+matrix (transformers' Conv1D), served only by backends declaring ``supports_weight_t``.
+
+With a col_scale (backends declaring ``supports_col_scale``) the forward gets two more
+arguments, ``col_scale`` (N,) fp32 (fp64 for fp64) and ``want_pre``, and returns y, or
+(y, pre) with want_pre, pre = x Wᵀ + LoRA (M, N) in x.dtype (before the scale and the bias):
+the backward is the plain one fed with dy ⊙ c, and d c = Σ_rows dy ⊙ pre.
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ from . import _validate as V
 from . import _eager, registry
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, backend="auto"):
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, col_scale=None,
+                backend="auto"):
     """Linear layer plus a LoRA term, in one pass over x and weight.
 
     Args:
@@ -36,6 +44,12 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, b
         scaling: float, or a tensor (1,) / () (single adapter) or (A,) (stacked).
         adapter_ids: with stacked adapters, int tensor shaped x.shape[:-1] (per token) or
             x.shape[:1] (per sequence, broadcast); -1 = base only.  None = adapter 0 for all.
+        col_scale: None, or (N,) float: y = col_scale * (x Wᵀ + LoRA) + bias, the scale on
+            each output feature applied in the kernel's epilogue before the bias (DoRA's
+            magnitude over the weight norm).  Differentiable: d col_scale = Σ_rows dy ⊙ (x Wᵀ
+            + LoRA); the other gradients see dy ⊙ col_scale.
+    The weight may also be the transposed view ``w.t()`` of a contiguous (K, N) matrix
+    (transformers' Conv1D storage): it is read in place, not copied.
     Returns y (..., N) in x's dtype.
 
     Differentiable in x, lora_a, lora_b, bias and a scaling tensor that requires grad
@@ -50,6 +64,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, b
         V.tensor("bias", bias, ndim=1)
     V.tensor("lora_a", lora_a, ndims=(2, 3))
     V.tensor("lora_b", lora_b, ndims=(2, 3))
+    if col_scale is not None:
+        V.tensor("col_scale", col_scale, ndim=1)
     x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
     V.float_dtype("x", x)
     V.same_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
@@ -81,27 +97,54 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, adapter_ids=None, b
     if A_ == 0 and adapter_ids is None:
         raise ValueError("lora_a holds A = 0 adapters, but adapter_ids=None means adapter 0 "
                          "for every row; pass adapter_ids (-1 = base only)")
+    if col_scale is not None:
+        if col_scale.shape[0] != N:
+            raise ValueError(f"col_scale must have shape ({N},) (one per output feature), "
+                             f"got {tuple(col_scale.shape)}")
+        if not col_scale.is_floating_point():
+            raise TypeError(f"col_scale must be a float tensor, got {col_scale.dtype}")
+        if col_scale.device != x.device:
+            raise ValueError(f"col_scale is on {col_scale.device} but x is on {x.device}")
+        col_scale = col_scale.to(_cdt(x.dtype)).contiguous()  # differentiable cast
     scaling = _scaling(scaling, A_, stacked, x.device)
     if not stacked:
         lora_a, lora_b = lora_a.unsqueeze(0), lora_b.unsqueeze(0)
     lead = x.shape[:-1]
     ids = _ids(adapter_ids, lead, x.device)
     x2 = x.reshape(math.prod(lead), K)  # not (-1, K): K may be 0
-    x2, weight, lora_a, lora_b = (V.last_dim_contiguous(t) for t in (x2, weight, lora_a, lora_b))
+    x2, lora_a, lora_b = (V.last_dim_contiguous(t) for t in (x2, lora_a, lora_b))
+    weight = weight if transposed(weight) else V.last_dim_contiguous(weight)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, lora_a, lora_b, bias, scaling))
-    p = problem(x2, weight, lora_a, needs_grad)
+        t is not None and t.requires_grad for t in (x, lora_a, lora_b, bias, scaling, col_scale))
+    p = problem(x2, weight, lora_a, needs_grad, col_scale is not None)
     chosen = registry.dispatch("lora_linear", p, backend)
-    y = _call(x2, weight, bias, lora_a, lora_b, scaling, ids, chosen)
+    if col_scale is None:
+        y = _call(x2, weight, bias, lora_a, lora_b, scaling, ids, chosen)
+    else:
+        want_pre = torch.is_grad_enabled() and col_scale.requires_grad
+        y = _call_cs(x2, weight, bias, lora_a, lora_b, scaling, ids, col_scale, want_pre,
+                     chosen)
     return y.reshape(*lead, N)
 
 
-def problem(x2, weight, lora_a, needs_grad):
-    """The dispatch Problem of a call: x2 (M, K), weight (N, K), lora_a (A, r, K)."""
+def transposed(weight) -> bool:
+    """Is weight (N, K) the transposed view of a contiguous (K, N) matrix (Conv1D), with a
+    non-contiguous last dim?  Such a weight goes to the backends as it is."""
+    N, K = weight.shape
+    return K > 1 and weight.stride(1) != 1 and (N <= 1 or weight.stride(0) == 1)
+
+
+def problem(x2, weight, lora_a, needs_grad, col_scale=False):
+    """The dispatch Problem of a call: x2 (M, K), weight (N, K), lora_a (A, r, K).  The flags
+    col_scale / weight_t appear in ``extra`` only when set (other calls keep their keys)."""
+    extra = {"M": x2.shape[0], "N": weight.shape[0]}
+    if col_scale:
+        extra["col_scale"] = True
+    if transposed(weight):
+        extra["weight_t"] = True
     return registry.Problem("lora_linear", x2.device.type, x2.dtype, head_dim=x2.shape[1],
                             rank=lora_a.shape[1], adapters=lora_a.shape[0],
-                            needs_grad=needs_grad,
-                            extra={"M": x2.shape[0], "N": weight.shape[0]})
+                            needs_grad=needs_grad, extra=extra)
 
 
 def _autocast(*ts):
@@ -281,3 +324,77 @@ def _dscaling(dy, x, lora_a, lora_b, ids):
 
 _fwd.register_autograd(_backward, setup_context=_setup)
 _Eager = _eager.function("_LoraLinearEager", _fwd_impl, _bwd_impl, _setup, _backward)
+
+
+# ---------------------------------------------------------------- with a col_scale (DoRA)
+
+
+def _call_cs(*args):
+    """-> y: the col_scale variant (eager fast path, else its custom op)."""
+    if _eager.plain(*args[:8]):
+        if _eager.needs_grad(*args[:8]):
+            return _EagerCS.apply(*args)[0]
+        return _fwd_cs_impl(*args)[0]
+    return torch.ops.mmcore.lora_linear_cs_fwd(*args)[0]
+
+
+def _fwd_cs_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
+                 adapter_ids: Optional[torch.Tensor], col_scale: torch.Tensor, want_pre: bool,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (y (M, N), pre (M, N) with want_pre, else an empty tensor)."""
+    _check_ids(adapter_ids, lora_a.shape[0])
+    with _no_autocast(x):
+        out = registry.run("lora_linear", backend, "forward",
+                           (x, weight, bias, lora_a, lora_b, scaling, adapter_ids, col_scale,
+                            want_pre),
+                           lambda: problem(x, weight, lora_a, False, True))
+    y, pre = out if want_pre else (out, x.new_empty(0))
+    return y.contiguous(), pre.contiguous()
+
+
+_fwd_cs = torch.library.custom_op("mmcore::lora_linear_cs_fwd", _fwd_cs_impl, mutates_args=())
+
+
+@_fwd_cs.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, col_scale, want_pre, backend):
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    return y, (x.new_empty(x.shape[0], weight.shape[0]) if want_pre else x.new_empty(0))
+
+
+def _setup_cs(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, ids, col_scale, want_pre, backend = inputs
+    pre = output[1] if want_pre else None
+    ctx.save_for_backward(x, weight, lora_a, lora_b, scaling, ids, col_scale, pre)
+    ctx.backend = backend
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward_cs(ctx, dy, _dpre, bwd=None):
+    """dy ⊙ c feeds the plain backward (dx, d lora_a, d lora_b, d scaling); d bias = Σ dy;
+    d c = Σ_rows dy ⊙ pre (fp32, fp64 for fp64)."""
+    x, weight, lora_a, lora_b, scaling, ids, col_scale, pre = ctx.saved_tensors
+    nx, _, nbias, na, nb, ns, _, nc = ctx.needs_input_grad[:8]
+    cdt = _cdt(x.dtype)
+    with _no_autocast(x):
+        g = (dy.to(cdt) * col_scale).to(dy.dtype)  # (M, N): what the bracket's backward sees
+    dx = da = db = None
+    if nx or na or nb:
+        if torch.is_grad_enabled():  # create_graph=True: the differentiable reference backward
+            from .reference.lora import lora_bwd as ref_bwd
+
+            def bwd(*a):
+                return ref_bwd(*a[:-1])
+        bwd = bwd or torch.ops.mmcore.lora_linear_bwd
+        dx, da, db = bwd(g, x, weight, lora_a, lora_b, scaling, ids, nx, na, nb, ctx.backend)
+    with _no_autocast(x):
+        dbias = _dbias(dy, ctx.bias_dtype) if nbias else None
+        dscaling = _dscaling(g, x, lora_a, lora_b, ids) if ns else None
+        dcol = (dy.to(cdt) * pre.to(cdt)).sum(0) if nc and pre is not None else None
+    return (dx if nx else None, None, dbias, da if na else None, db if nb else None,
+            dscaling, None, dcol, None, None)
+
+
+_fwd_cs.register_autograd(_backward_cs, setup_context=_setup_cs)
+_EagerCS = _eager.function("_LoraLinearCSEager", _fwd_cs_impl, _bwd_impl, _setup_cs,
+                           _backward_cs)

@@ -92,6 +92,10 @@ class OpImpl:
     supports_softcap: bool = False
     supports_key_bounds: bool = False
     supports_key_mask: bool = False
+    # lora_linear: a per-output-column scale epilogue (col_scale, DoRA's magnitude / norm)
+    # and a weight passed as the transposed view of an (K, N) matrix (transformers' Conv1D)
+    supports_col_scale: bool = False
+    supports_weight_t: bool = False
     available: Callable[[], Optional[str]] = lambda: None
     check: Optional[Callable[[Problem], list]] = None
     # devices where the heuristics of backend="auto" may pick it (None: all of `devices`);
@@ -142,6 +146,10 @@ class OpImpl:
                          ("key_mask", self.supports_key_mask)):
             if p.extra.get(feat) and not ok:
                 r.append(f"no {feat}")
+        if p.extra.get("col_scale") and not self.supports_col_scale:
+            r.append("no col_scale epilogue")
+        if p.extra.get("weight_t") and not self.supports_weight_t:
+            r.append("no transposed (Conv1D) weight")
         if self.check is not None and not r:
             r.extend(self.check(p))
         return r

@@ -22,15 +22,14 @@ FAMILIES = {
     "ModernBertAttention": "modernbert",
     "CLIPAttention": "clip", "SiglipAttention": "siglip",
     "MistralAttention": "mistral", "Qwen2Attention": "qwen2", "LlamaAttention": "llama",
-    "Gemma3Attention": "gemma3", "Gemma2Attention": "gemma2",
+    "Gemma3Attention": "gemma3", "Gemma2Attention": "gemma2", "GemmaAttention": "gemma",
+    "MllamaTextSelfAttention": "mllama", "MllamaTextCrossAttention": "mllama",
+    "MllamaVisionAttention": "mllama",
 }
 
 # Attention modules with their own code path (no AttentionInterface) that mmcore maps itself.
 OWN_MAPPING = {"LongformerSelfAttention": "longformer"}
 UNSUPPORTED: dict = {}
-
-_SOFTCAP_ATTRS = ("attn_logit_softcapping",)
-
 
 _USES_INTERFACE: dict = {}
 
@@ -87,10 +86,6 @@ def _attention_modules(model):
 
 
 def _config_problem(config):
-    for a in _SOFTCAP_ATTRS:
-        if getattr(config, a, None) is not None:
-            return f"attention logit softcapping ({a}={getattr(config, a)}) is not supported " \
-                   "by the mmcore ops; left on HF's implementation"
     if getattr(config, "output_attentions", False):
         return "config.output_attentions=True needs the attention weights; left on HF's " \
                "implementation"
@@ -118,12 +113,13 @@ def patch(model, *, attention=True, lora=True, long_context=None, backend="auto"
     """Swap, in place, the attention (and peft LoRA) layers of a loaded HF model for mmcore ops.
 
     attention: switch every attention module that dispatches through HF's AttentionInterface
-        (BERT/RoBERTa/XLM-R, ModernBERT, CLIP/SigLIP towers, Mistral/Qwen2/Llama, Gemma3, and
-        any other such model) to the ``"mmcore"`` implementation; weights and the module tree
-        are untouched.  Longformer's own self-attention (no AttentionInterface) is mapped by
-        mmcore itself (window + global prefix).  Modules that cannot be served exactly
-        (attention logit softcapping, config.output_attentions=True, attention modules that do
-        not use the interface) are left and reported.
+        (BERT/RoBERTa/XLM-R, ModernBERT, CLIP/SigLIP towers, Mistral/Qwen2/Llama, Gemma2 (its
+        logit softcapping on the op's ``softcap``), Gemma3, PaliGemma, mllama, and any other
+        such model) to the ``"mmcore"`` implementation; weights and the module tree are
+        untouched.  Longformer's own self-attention (no AttentionInterface) is mapped by mmcore
+        itself (window + global tokens wherever ``global_attention_mask`` marks them, any
+        padding).  Modules that cannot be served exactly (config.output_attentions=True,
+        attention modules that do not use the interface) are left and reported.
     lora: peft ``lora.Linear`` layers keep their class's whole API and run their forward on
         ``mmcore.ops.lora_linear`` (``mmcore.nn.convert_peft_model``); ``lora_route`` is kept
         for compatibility: "auto", "wrap" and "convert" all take this route.
@@ -174,8 +170,9 @@ def _patch_attention(model, report, state, long_context, backend):
                                      mod.__dict__.get("_mmcore_backend")))
             mod.__dict__[hfi.STATS_ATTR] = report.runtime
             report.replaced.append((name, f"{type(mod).__name__} (longformer) forward -> "
-                                          "mmcore window_attention (window + global prefix; "
-                                          "global rows on the *_global projections)"))
+                                          "mmcore window_attention (window + global tokens "
+                                          "anywhere, any padding; global rows on the "
+                                          "*_global projections)"))
             if long_context is not None:
                 report.notes.append(f"{name}: LongContext not applied (Longformer already "
                                     "has its own window and position table)")
@@ -218,9 +215,8 @@ def _patch_attention(model, report, state, long_context, backend):
     if switched:
         report.notes.append("per call, the mmcore attention falls back to a dense torch path "
                             "(exact; counted in report.runtime) for attention dropout while "
-                            "training, holes in the padding of a sliding-window layer, and "
-                            "mask patterns the op cannot express (custom or/and mask "
-                            "overlays, chunked attention)")
+                            "training and mask patterns that are not one key interval per "
+                            "query row (and any image / prefix mask under torch.compile)")
 
 
 def _apply_long_context(model, name, mod, lc, report, state):

@@ -6,22 +6,31 @@ Two functions are registered:
 * ``mmcore_mask`` with ``transformers.AttentionMaskInterface``: instead of a dense 4-D mask it
   returns the 2-D padding mask ``(B, kv_length)`` (bool, True = real token), sliced to the keys
   the layer will see, and tags it with a :class:`MaskSpec` (mask kind, HF window, query/key
-  offsets, packed-sequence ids).  Mask patterns it cannot express exactly (``or``/``and``
-  overlays, chunked attention, anything unknown) get HF's own dense boolean mask, and the
-  attention function then takes the dense torch path for that call.  How patterns are
-  recognised, eagerly and under ``torch.compile``: ``mmcore.patch.hf_masks``.
+  offsets, packed-sequence ids).  Patterns that are one key interval per query row
+  (``or``/``and`` overlays of causal, sliding and image / prefix groups: PaliGemma, Gemma-3)
+  are tagged with per-row key bounds instead (eager only: ``mmcore.patch.hf_bounds``).  Other
+  patterns get HF's own dense boolean mask, and the attention function then takes the dense
+  torch path for that call.  How patterns are recognised, eagerly and under
+  ``torch.compile``: ``mmcore.patch.hf_masks``.
 * ``mmcore_attention_forward`` with ``transformers.AttentionInterface`` (HF's signature):
   translates the spec into ``mmcore.ops.window_attention`` arguments.  GQA k/v are passed
-  with their Hkv heads (no ``repeat_kv``).  Right padding becomes ``seqlens``; left and holey
-  padding are compacted per sample (``mmcore.patch.varlen``); packed sequences become a batch
-  of segments.  What the op cannot express exactly (holes in the padding of a sliding-window
-  layer, softcapping, attention dropout while training, attention sinks, ...) is computed by a
-  dense eager-equivalent torch path for that call: never a wrong answer.
+  with their Hkv heads (no ``repeat_kv``); HF's ``softcap`` (Gemma-2) goes to the op's
+  ``softcap``.  Right padding becomes ``seqlens``; left and holey padding are compacted per
+  sample (``mmcore.patch.varlen``), except where compaction would move window positions
+  (holes in a sliding-window layer; left padding with global tokens): there the padding is
+  the op's ``key_mask`` on the keys as they are (window positions count key indices, as HF's
+  masks do).  Packed sequences become a batch of segments; a dense 4-D mask a model built
+  itself (mllama) is factored into key bounds + ``key_mask`` when it has that form (eager,
+  ``hf_bounds.factor_dense``).  What the op cannot express exactly (attention dropout while
+  training, attention sinks, a forced backend that does not serve ``softcap`` / ``key_mask``,
+  ...) is computed by a dense eager-equivalent torch path for that call: never a wrong answer.
 
 Under ``torch.compile(fullgraph=True)`` both functions trace: the layout decisions are tensor
-ops (compaction always), and what eager code would check with a Python branch is enforced with
-``torch._assert_async`` (a holey mask in a sliding-window layer raises instead of computing a
-wrong answer; packed sequences and unknown patterns take HF's dense mask).
+ops (sliding-window and global-token layers: ``key_mask`` always; others: compaction always),
+and what eager code would check with a Python branch is enforced with ``torch._assert_async``
+(packed sequences and unknown patterns take HF's dense mask).  Masks that generate() builds
+before the compiled forward carry their offsets as tensors, so decoding steps do not
+recompile.
 
 HF window conventions, mapped exactly (docs/design.md): causal ``sliding_window=w`` (``kv > q - w``)
 -> ``window=(w - 1, 0), causal=True``; bidirectional ``|q - kv| <= w`` -> ``window=(w, w)``.
@@ -38,7 +47,7 @@ import torch
 
 from ..nn.call_stats import CallStats
 from ..ops import window_attention
-from . import varlen
+from . import hf_bounds, varlen
 from .hf_masks import MaskSpec, classify, classify_traced, expected
 
 logger = logging.getLogger("mmcore.patch")
@@ -97,10 +106,12 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     the same, with or without its tag (torch.compile's tracing drops attributes on ``.to()``)."""
     # a static cache hands its live length counter as the offset, and bumps it in place before
     # the attention runs: keep the value it has now
+    prepared = hf_bounds.handed_back(attention_mask, batch_size, q_length, kv_length, q_offset,
+                                     kv_offset)
+    if prepared is not None:
+        return prepared
     if isinstance(q_offset, torch.Tensor):
-        q_offset = q_offset.clone() if _compiling() else int(q_offset)
-    if isinstance(kv_offset, torch.Tensor) and not _compiling():
-        kv_offset = int(kv_offset)
+        q_offset = q_offset.detach().clone()
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function
         mask_function = causal_mask_function
@@ -110,8 +121,14 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
         cls = classify_traced(mask_function, local_size, use_vmap, attention_mask,
                               kwargs.get("config"), kwargs)
     else:
-        cls = None if use_vmap else classify(mask_function, q_length, kv_length, q_offset,
-                                             kv_offset)
+        cls = None if use_vmap else classify(mask_function, q_length, kv_length,
+                                             _int(q_offset), kv_offset)
+    if cls is None and not _compiling() and not isinstance(kv_offset, torch.Tensor):
+        tagged = hf_bounds.mask_for(mask_function, batch_size, q_length, kv_length,
+                                    _int(q_offset), kv_offset, attention_mask,
+                                    device)  # per-row key bounds
+        if tagged is not None:
+            return tagged
     if cls is None:
         for k in ("allow_is_causal_skip", "allow_is_bidirectional_skip", "dtype", "config"):
             kwargs.pop(k, None)
@@ -130,8 +147,24 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
         pm = pm[:, :need].contiguous()
     if pm is attention_mask:
         pm = pm.clone()  # the tag must not land on the caller's tensor
-    pm._mmcore_spec = MaskSpec(cls[0], cls[1], q_offset, kv_offset, cls[2])
+    pm._mmcore_spec = MaskSpec(cls[0], cls[1], _offset(q_offset), _offset(kv_offset), cls[2])
     return pm
+
+
+def _int(x):
+    return int(x) if isinstance(x, torch.Tensor) else x
+
+
+def _offset(x):
+    """A mask made eagerly (generate() builds the masks of a compiled decoding step before
+    calling the compiled forward) carries its offsets as 0-dim int64 tensors: a Python int
+    read under torch.compile is a guard on its value, i.e. one compile per decoding step.
+    Inside a trace ints stay as they are (they come from the cache, which dynamo already
+    guards or treats as dynamic).  A CPU tensor: reading it eagerly costs no device sync, and
+    a 0-dim CPU tensor combines with tensors on any device."""
+    if isinstance(x, torch.Tensor) or _compiling():
+        return x
+    return torch.tensor(x, dtype=torch.long)
 
 
 # ------------------------------------------------------------------ attention function
@@ -205,9 +238,20 @@ def _dense_attention(query, key, value, mask, scaling, dropout, softcap, trainin
     return torch.matmul(w, value)
 
 
-def _static_reason(module, query, value, dropout, softcap, training, kwargs):
-    if softcap is not None:
-        return "attention logit softcapping"
+def _serves(backend, feature):
+    """Does the attention's backend serve `feature` ("softcap", "key_mask") of the op?  With
+    "auto", a backend that declares it is always found (the torch reference declares all)."""
+    from ..ops import registry
+    backend = registry.requested(backend)
+    if backend == "auto":
+        return True
+    return bool(getattr(registry.get("window_attention", backend), "supports_" + feature,
+                        False))
+
+
+def _static_reason(module, query, value, dropout, softcap, training, kwargs, backend):
+    if softcap is not None and not _serves(backend, "softcap"):
+        return f"attention logit softcapping (backend {backend!r} does not serve softcap)"
     if dropout and training:
         return "attention dropout while training"
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
@@ -228,11 +272,24 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
         scaling = D ** -0.5
     training = bool(getattr(module, "training", False))
     override = getattr(module, OVERRIDE_ATTR, None)
-    reason = _static_reason(module, query, value, dropout, softcap, training, kwargs)
+    backend = getattr(module, "_mmcore_backend", None) or "auto"
+    reason = _static_reason(module, query, value, dropout, softcap, training, kwargs, backend)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        count(module, reason or "dense 4-D mask (pattern not expressible)")
-        out = _dense_attention(query, key, value, attention_mask, scaling, dropout, softcap,
-                               training)
+        out = None if reason else hf_bounds.attend_dense(module, query, key, value,
+                                                         attention_mask, scaling, softcap)
+        count(module, None if out is not None else
+              reason or "dense 4-D mask (pattern not expressible)")
+        if out is None:
+            out = _dense_attention(query, key, value, attention_mask, scaling, dropout, softcap,
+                                   training)
+        return out.transpose(1, 2).contiguous(), None
+    bspec = hf_bounds.spec_of(attention_mask)
+    if bspec is not None:  # per-row key bounds (mask patterns of hf_bounds)
+        out, reason = hf_bounds.attend_tagged(
+            module, query, key, value, attention_mask, bspec, scaling, softcap, reason,
+            lambda m: _dense_attention(query, key, value, m, scaling, dropout, softcap,
+                                       training))
+        count(module, reason)
         return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"mmcore attention: unsupported attention_mask type "
@@ -246,16 +303,17 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
             pm.bool(), (0, Sk - pm.shape[-1]))
         pm = pm.bool()
     causal, window, G = _window_args(spec.kind, spec.window, override)
-    backend = getattr(module, "_mmcore_backend", None) or "auto"
+    cap = None if softcap is None else float(softcap)
 
-    def op(q, k, v, seqlens_q, seqlens_k):
+    def op(q, k, v, seqlens_q, seqlens_k, key_mask=None):
         return window_attention(q, k, v, window=window, causal=causal, global_tokens=G,
                                 seqlens_q=seqlens_q, seqlens_k=seqlens_k, scale=float(scaling),
-                                backend=backend)
+                                softcap=cap, key_mask=key_mask, backend=backend)
 
     out = None
     if reason is None:
-        out, reason = _attend(op, query, key, value, pm, spec, causal, window, G)
+        out, reason = _attend(op, query, key, value, pm, spec, causal, window, G,
+                              _serves(backend, "key_mask"))
     if reason is not None:
         count(module, reason)
         mask = _dense_allowed(spec, override, pm, B, Sq, Sk, query.device)
@@ -265,12 +323,19 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.transpose(1, 2).contiguous(), None
 
 
-def _attend(op, q, k, v, pm, spec, causal, window, G):
-    """-> (out (B, Hq, Sq, D), None) from the op, or (None, reason) for the dense path."""
+def _attend(op, q, k, v, pm, spec, causal, window, G, masked_ok):
+    """-> (out (B, Hq, Sq, D), None) from the op, or (None, reason) for the dense path.
+
+    masked_ok: the backend serves key_mask.  Sliding-window (and global-token) layers whose
+    padding the compaction cannot serve (holes; globals with left padding) then run the op
+    on the uncompacted keys with the padding as key_mask; under torch.compile they always
+    do (no data-dependent choice), eagerly only when the cheaper layouts do not apply."""
     B, _, Sq, _ = q.shape
     Sk = k.shape[2]
     traced = _compiling()
     d = spec.q_offset - spec.kv_offset  # key column of query row 0 (int or 0-dim tensor)
+    if not traced:
+        d = _int(d)
     static_d = not isinstance(d, torch.Tensor)
     windowed = window not in ((-1, -1), (-1, 0))
     free = not causal and not windowed and G == 0  # plain bidirectional: alignment irrelevant
@@ -282,20 +347,28 @@ def _attend(op, q, k, v, pm, spec, causal, window, G):
         if traced or pm is None or not bool(pm.all()) or not static_d or d != 0 or Sq != Sk:
             return None, "packed sequences with padding or an offset"
         return varlen.attend_segments(op, q, k, v, spec.segments), None
-    if pm is None:
+    no_pm = pm is None
+    if no_pm:
         pm = torch.ones(B, Sk, dtype=torch.bool, device=q.device)
         if static_d and d == 0 and Sq == Sk:
             return op(q, k, v, None, None), None
     qvalid, kvalid = varlen.masks(pm, Sq, Sk, d, causal)
     need_run = windowed or G > 0
     if traced:
+        if need_run and masked_ok:
+            if static_d and not 0 <= d <= Sk - Sq:
+                return None, "queries outside the keys"
+            return _attend_key_mask(op, q, k, v, None if no_pm else pm, qvalid, d), None
         if need_run:
             torch._assert_async(varlen.compact_ok(kvalid, G > 0),
                                 "mmcore attention under torch.compile: the padding mask has "
                                 "holes (or, with global tokens, left padding) in a "
-                                "sliding-window layer; run this batch eagerly")
+                                "sliding-window layer and the backend does not serve "
+                                "key_mask; run this batch eagerly")
         return varlen.attend_compacted(op, q, k, v, qvalid, kvalid, not free), None
     if need_run and not bool(varlen.compact_ok(kvalid, G > 0)):
+        if masked_ok and 0 <= d <= Sk - Sq:
+            return _attend_key_mask(op, q, k, v, pm, qvalid, d), None
         return None, ("global tokens with left padding" if G > 0 and bool(
             varlen.compact_ok(kvalid, False)) else "holes in the padding of a sliding-window "
             "layer")
@@ -309,6 +382,27 @@ def _attend(op, q, k, v, pm, spec, causal, window, G):
             return op(q, k, v, None, None), None
         return op(q, k, v, Lq, Lk), None
     return varlen.attend_compacted(op, q, k, v, qvalid, kvalid, not free), None
+
+
+def _attend_key_mask(op, q, k, v, key_mask, qvalid, d):
+    """The op on the keys as they are, key_mask (B, Sk) bool (or None) hiding the padding:
+    window positions count key indices, as HF's masks do, so holes and left padding are exact.
+    Query row i is the token of key column d + i (0 <= d <= Sk - Sq; an int or a 0-dim
+    tensor): seqlens_k = d + Sq puts it there (bottom-right alignment; the keys after the last
+    query are never seen by a causal layer, and a bidirectional window has d = 0, Sq = Sk).
+    Rows of padding tokens return 0, as on the compacted path."""
+    B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
+    if isinstance(d, torch.Tensor):
+        seqlens_k = torch.full((B,), Sq, dtype=torch.long, device=q.device) + d.to(torch.long)
+        torch._assert_async((d >= 0) & (d <= Sk - Sq),
+                            "mmcore attention: queries outside the keys (offsets)")
+    elif d == Sk - Sq:
+        seqlens_k = None
+    else:
+        seqlens_k = torch.full((B,), d + Sq, dtype=torch.long, device=q.device)
+    out = op(q, k, v, None, seqlens_k, key_mask)
+    return torch.where(qvalid[:, None, :, None], out, torch.zeros((), dtype=out.dtype,
+                                                                  device=out.device))
 
 
 _REGISTERED = False

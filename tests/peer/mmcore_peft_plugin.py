@@ -4,11 +4,18 @@
 Environment:
   MMCORE_PEER_MMCORE  "1": every peft model that ``get_peft_model`` / ``PeftModel.from_pretrained``
                       return goes through ``mmcore.nn.convert_peft_model``; "0": peft as is.
-  MMCORE_PEER_SELECT  "full": TestPeftCustomModel's "Vanilla MLP 1..6 LoRA" cases (plain LoRA on
-                      nn.Linear); "fast": the test functions in FAST of the FAST_CASES.
+  MMCORE_PEER_SELECT  "full": every test of the LoRA cases mmcore converts (CASES: nn.Linear and
+                      transformers Conv1D targets, plain LoRA, DoRA, lora_bias) in
+                      TestPeftCustomModel, TestPeftCustomModel's tests parametrised by
+                      LoraConfig alone, and the LoRA tests of the classes in CLASSES (repr,
+                      multiple active adapters, mixed adapter batches, requires_grad, ...);
+                      "fast": the test functions in FAST of the FAST_CASES; "all": the whole
+                      file (about 24,800 tests, every peft method).
   MMCORE_PEER_ONLY    a JSON file listing node ids: run only those.
-  MMCORE_PEER_OUT     a JSON file: {"outcomes": {nodeid: outcome}, "lora": {...op / fallback counts},
-                      "converted_models": n, "converted_layers": n}.
+  MMCORE_PEER_OUT     a JSON file: {"outcomes": {nodeid: outcome}, "lora": {...op / fallback counts,
+                      "kind_calls": op calls per kind}, "converted_models": n,
+                      "converted_layers": n, "converted_kinds": {kind: layers}} (kinds:
+                      "Linear" / "Conv1D" bases, layers with a "lora_bias" / "DoRA" adapter).
 
 peft's source distribution ships neither ``tests/__init__.py`` nor its conftest; the runner adds
 an empty ``__init__.py``.  ``diffusers`` and ``datasets`` are imported at module level by peft's
@@ -26,7 +33,18 @@ import types
 
 import pytest
 
-CASES = {f"Vanilla MLP {i} LoRA" for i in range(1, 7)}
+# TestPeftCustomModel's LoRA cases with an nn.Linear or Conv1D target (what mmcore converts)
+CASES = {f"Vanilla MLP {i} LoRA" for i in range(1, 7)} | {
+    f"Vanilla MLP {i} LoRA with DoRA" for i in (7, 8, 9)} | {
+    "Vanilla MLP 1 LoRA with lora_b bias",
+    "Embedding + transformers Conv1D 1 LoRA", "Embedding + transformers Conv1D 3 LoRA",
+    "Embedding + transformers Conv1D 1 LoRA trainable_tokens",
+    "Embedding + transformers Conv1D 1 DoRA", "Embedding + transformers Conv1D 3 DoRA",
+    "Conv2d 2 LoRA", "Conv2d 2 LoRA with DoRA", "Conv3d 2 LoRA", "Conv3d 2 LoRA with DoRA",
+}
+# other classes whose LoRA tests (node id mentions LoRA / lora / LoraConfig) are selected
+CLASSES = {"TestLayerRepr", "TestMultipleActiveAdapters", "TestMixedAdapterBatches",
+           "TestRequiresGrad", "TestDynamicDispatch", "TestMultiRankAdapter"}
 # the fast selection (CI): saving, loading, adding / deleting / switching adapters, disabling,
 # merging, training -- the APIs that broke when peft layers were swapped out -- on the cases
 # with two targets, with modules_to_save, and with dropout
@@ -37,7 +55,9 @@ FAST = {
     "test_merge_layers_is_idempotent", "test_training_custom_models",
     "test_only_params_are_updated", "test_forward_bfloat16",
 }
-FAST_CASES = {"Vanilla MLP 4 LoRA", "Vanilla MLP 5 LoRA", "Vanilla MLP 6 LoRA"}
+FAST_CASES = {"Vanilla MLP 4 LoRA", "Vanilla MLP 5 LoRA", "Vanilla MLP 6 LoRA",
+              "Vanilla MLP 8 LoRA with DoRA", "Vanilla MLP 1 LoRA with lora_b bias",
+              "Embedding + transformers Conv1D 1 LoRA"}
 # MMCORE_PEER_ONLY: a file of node ids to run (the runner's rerun of failures without mmcore)
 _ONLY = os.environ.get("MMCORE_PEER_ONLY")
 
@@ -45,7 +65,7 @@ _ON = os.environ.get("MMCORE_PEER_MMCORE", "0") == "1"
 _SELECT = os.environ.get("MMCORE_PEER_SELECT", "full")
 _OUT = os.environ.get("MMCORE_PEER_OUT")
 _outcomes: dict = {}
-_counts = {"converted_models": 0, "converted_layers": 0}
+_counts = {"converted_models": 0, "converted_layers": 0, "converted_kinds": {}}
 
 
 def _stub(name, attrs):
@@ -71,6 +91,9 @@ def _convert(model):
     rep = convert_peft_model(model)
     _counts["converted_models"] += 1
     _counts["converted_layers"] += len(rep["converted"])
+    kinds = _counts["converted_kinds"]
+    for k, n in rep.get("kinds", {}).items():
+        kinds[k] = kinds.get(k, 0) + n
     return model
 
 
@@ -101,6 +124,7 @@ def pytest_configure(config):
         stats = _stats()
         if stats is not None:
             stats.reset()
+            _kind_calls().clear()
 
 
 def _stats():
@@ -112,6 +136,32 @@ def _stats():
     return STATS
 
 
+def _kind_calls() -> dict:
+    """op calls per kind ("Conv1D", "lora_bias", "DoRA"), {} for an mmcore without them."""
+    try:
+        from mmcore.nn.peft_layer import KIND_CALLS
+    except ImportError:
+        return {}
+    return KIND_CALLS
+
+
+def _selected(it) -> bool:
+    cs = getattr(it, "callspec", None)
+    params = cs.params if cs is not None else {}
+    name = params.get("test_name")
+    cls = it.cls.__name__ if it.cls is not None else None
+    if _SELECT == "all":
+        return True
+    if _SELECT == "fast":
+        return cls == "TestPeftCustomModel" and it.originalname in FAST and name in FAST_CASES
+    if cls == "TestPeftCustomModel":
+        if name is not None:
+            return name in CASES
+        return "[LoraConfig]" in it.nodeid  # parametrised by the config class alone
+    low = it.nodeid.lower()
+    return cls in CLASSES and ("lora" in low or "dora" in low)
+
+
 def pytest_collection_modifyitems(config, items):
     only = set()
     if _ONLY is not None:
@@ -119,10 +169,7 @@ def pytest_collection_modifyitems(config, items):
             only = set(json.load(f))
     keep, drop = [], []
     for it in items:
-        cs = getattr(it, "callspec", None)
-        name = cs.params.get("test_name") if cs is not None else None
-        ok = (it.cls is not None and it.cls.__name__ == "TestPeftCustomModel" and name in CASES
-              and (_SELECT == "full" or (it.originalname in FAST and name in FAST_CASES)))
+        ok = _selected(it)
         if _ONLY is not None:
             ok = it.nodeid in only
         (keep if ok else drop).append(it)
@@ -146,6 +193,6 @@ def pytest_sessionfinish(session, exitstatus):
         return
     res = {"outcomes": _outcomes, **_counts}
     if _ON and _stats() is not None:
-        res["lora"] = _stats().as_dict()
+        res["lora"] = {**_stats().as_dict(), "kind_calls": dict(_kind_calls())}
     with open(_OUT, "w") as f:
         json.dump(res, f, indent=1, sort_keys=True)

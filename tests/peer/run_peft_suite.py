@@ -1,7 +1,9 @@
 """Run peft's own LoRA tests with and without mmcore, and list what mmcore breaks.
 
-    python tests/peer/run_peft_suite.py            # full: TestPeftCustomModel, "Vanilla MLP 1..6 LoRA"
+    python tests/peer/run_peft_suite.py            # full: the LoRA tests of the cases mmcore
+                                                   # converts (mmcore_peft_plugin, ~1,760 tests)
     python tests/peer/run_peft_suite.py --fast     # the CI selection (mmcore_peft_plugin.FAST)
+    python tests/peer/run_peft_suite.py -k DoRA    # a pytest -k filter on top of the selection
     python tests/peer/run_peft_suite.py --json out.json
 
 peft's ``tests/`` come from the source distribution on PyPI of the installed peft version
@@ -10,8 +12,9 @@ repository root (git-ignored); nothing of peft is copied into the repository.  T
 of ``tests/test_custom_models.py`` run twice in subprocesses: once as they are, once with every
 peft model that ``get_peft_model`` / ``PeftModel.from_pretrained`` return converted by
 ``mmcore.nn.convert_peft_model`` (``tests/peer/mmcore_peft_plugin.py``).  Prints the counts, the
-LoRA calls served by ``mmcore.ops.lora_linear`` and those left to peft's forward (with reasons),
-and every test that passes without mmcore and fails with it.  Exit status 1 if there is one (or
+converted layers per kind (nn.Linear / Conv1D bases, layers with lora_bias / DoRA adapters), the
+LoRA calls served by ``mmcore.ops.lora_linear`` (per kind) and those left to peft's forward
+(with reasons), and every test that passes without mmcore and fails with it.  Exit status 1 if there is one (or
 if mmcore converted nothing / served no call), else 0.
 """
 from __future__ import annotations
@@ -66,7 +69,7 @@ def peft_tests(version, cache=CACHE):
     return tests
 
 
-def run_once(tests, mmcore_on, select, timeout, only=None):
+def run_once(tests, mmcore_on, select, timeout, only=None, kfilter=None):
     """-> (result dict from the plugin, seconds).  only: node ids to run (else the selection)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
@@ -83,6 +86,8 @@ def run_once(tests, mmcore_on, select, timeout, only=None):
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                "-p", "mmcore_peft_plugin", "-o", "addopts=", "-W", "ignore",
                "--rootdir", os.path.dirname(tests), "tests/test_custom_models.py"]
+        if kfilter:
+            cmd += ["-k", kfilter]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, cwd=os.path.dirname(tests), env=env, capture_output=True,
                            text=True, timeout=timeout)
@@ -101,9 +106,11 @@ def compare(off, on):
     o1, o2 = off["outcomes"], on["outcomes"]
     reg = sorted(n for n, v in o1.items() if v == "passed" and o2.get(n) != "passed")
     fixed = sorted(n for n, v in o2.items() if v == "passed" and o1.get(n) != "passed")
+    both = sorted(n for n, v in o2.items() if v in ("failed", "error")
+                  and o1.get(n) in ("failed", "error"))
     return {"tests": len(o1), "without_mmcore": dict(collections.Counter(o1.values())),
             "with_mmcore": dict(collections.Counter(o2.values())), "regressions": reg,
-            "pass_only_with_mmcore": fixed}
+            "pass_only_with_mmcore": fixed, "fail_either_way": both}
 
 
 def main(argv=None):
@@ -113,25 +120,27 @@ def main(argv=None):
                          "rerun without it")
     ap.add_argument("--json", help="write the summary here")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per pytest run")
+    ap.add_argument("-k", dest="kfilter", help="a pytest -k expression on top of the selection")
     args = ap.parse_args(argv)
     version = importlib.metadata.version("peft")
     tests = peft_tests(version)
     select = "fast" if args.fast else "full"
-    on, t_on = run_once(tests, True, select, args.timeout)
+    on, t_on = run_once(tests, True, select, args.timeout, kfilter=args.kfilter)
     if args.fast:  # the baseline only for the tests that failed with mmcore
         redo = [n for n, v in on["outcomes"].items() if v in ("failed", "error")]
         off, t_off = run_once(tests, False, select, args.timeout, only=redo) if redo else (
             {"outcomes": {}}, 0.0)
         off["outcomes"] = {**on["outcomes"], **off["outcomes"]}
     else:
-        off, t_off = run_once(tests, False, select, args.timeout)
+        off, t_off = run_once(tests, False, select, args.timeout, kfilter=args.kfilter)
     summary = compare(off, on)
     summary.update(peft=version, selection=select, seconds={"without": round(t_off, 1),
                                                             "with": round(t_on, 1)},
                    converted_models=on.get("converted_models", 0),
-                   converted_layers=on.get("converted_layers", 0), lora=on.get("lora", {}))
-    print(f"peft {version} TestPeftCustomModel 'Vanilla MLP 1..6 LoRA' ({select}): "
-          f"{summary['tests']} tests")
+                   converted_layers=on.get("converted_layers", 0),
+                   converted_kinds=on.get("converted_kinds", {}), lora=on.get("lora", {}))
+    print(f"peft {version} tests/test_custom_models.py, LoRA selection ({select}"
+          f"{', -k ' + repr(args.kfilter) if args.kfilter else ''}): {summary['tests']} tests")
     print(f"  without mmcore: {summary['without_mmcore']}  ({t_off:.0f} s"
           f"{'; only the tests that failed with mmcore were run' if args.fast else ''})")
     print(f"  with mmcore:    {summary['with_mmcore']}  ({t_on:.0f} s)")
@@ -139,8 +148,16 @@ def main(argv=None):
     print(f"  mmcore: {summary['converted_layers']} peft layers converted in "
           f"{summary['converted_models']} models; {lo.get('op_calls', 0)} LoRA calls on "
           f"mmcore.ops.lora_linear, {lo.get('fallback_calls', 0)} on peft's forward")
+    kinds = summary["converted_kinds"]
+    print("  converted layers per kind: " + (", ".join(
+        f"{k} {kinds.get(k, 0)}" for k in ("Linear", "Conv1D", "lora_bias", "DoRA")) or "-"))
+    kc = lo.get("kind_calls", {})
+    print("  op calls per kind: " + ", ".join(
+        f"{k} {kc.get(k, 0)}" for k in ("Conv1D", "lora_bias", "DoRA")))
     for why, n in sorted(lo.get("fallback_reasons", {}).items(), key=lambda kv: -kv[1]):
         print(f"    peft's forward {n:6d}x: {why}")
+    for n in summary["fail_either_way"][:10]:
+        print(f"  fails with and without mmcore (peft's own): {n}")
     print(f"  pass without mmcore, fail with it: {len(summary['regressions'])}")
     for n in summary["regressions"][:40]:
         print(f"    {n}  ->  {on['outcomes'].get(n, 'not run')}")

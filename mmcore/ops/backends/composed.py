@@ -9,6 +9,10 @@ scattered into y with index_add_; rows with id -1 get the base term only.  Backw
 base, never dW): dx = dy W + s (dy B) A, dA = s (dy B)ᵀ x, dB = s dyᵀ (x Aᵀ), per group, each
 only when asked for.  The scaling stays a tensor (no host read per call).
 
+With a col_scale c (N,) (DoRA): the base GEMM without the bias, the low-rank term, then one
+elementwise pass y = c ⊙ y + b.  A weight passed as a transposed view (Conv1D's (K, N)
+storage) goes to the GEMMs as it is: BLAS reads either layout, no copy.
+
 Operands as in mmcore/ops/lora_linear.py: x (M, K), weight (N, K), bias (N,) | None,
 lora_a (A, r, K), lora_b (A, N, r), scaling (A,) fp32, adapter_ids (M,) int64 | None.
 """
@@ -26,9 +30,11 @@ def groups(adapter_ids, A):
     return _groups(adapter_ids, A, 0, None)
 
 
-def forward(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
-    """-> y (M, N) in x.dtype."""
-    y = F.linear(x, weight, bias)
+def forward(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, col_scale=None,
+            want_pre=False):
+    """-> y (M, N) in x.dtype; with col_scale (N,) y = col_scale ⊙ (x Wᵀ + LoRA) + b, and
+    with want_pre also the bracket, pre (M, N) (see mmcore/ops/lora_linear.py)."""
+    y = F.linear(x, weight, bias if col_scale is None else None)
     s = scaling.to(x.dtype)
     for a, rows in groups(adapter_ids, lora_a.shape[0]):
         if rows is None:
@@ -37,7 +43,11 @@ def forward(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
         else:
             t = torch.mm(x[rows], lora_a[a].t()).mul_(s[a])  # (m, r)
             y.index_add_(0, rows, torch.mm(t, lora_b[a].t()))
-    return y
+    if col_scale is None:
+        return y
+    c = col_scale.to(x.dtype)
+    out = torch.mul(y, c) if bias is None else torch.addcmul(bias, y, c)
+    return (out, y) if want_pre else out
 
 
 def backward(dy, x, weight, lora_a, lora_b, scaling, adapter_ids, need_dx, need_da, need_db):

@@ -24,20 +24,18 @@ from . import _loaders  # noqa: E402
 
 def _triton_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0):
     from mmcore.kernels import cross_attention as K
-    _unsupported("triton", softcap)
-    return K.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale)
+    return K.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap)
 
 
 def _triton_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0):
     from mmcore.kernels import cross_attention as K
-    _unsupported("triton", softcap)
-    return K.cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale)
+    return K.cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap)
 
 
 registry.register(registry.OpImpl(
     op="cross_attention", backend="triton", priority=40,
     devices=_loaders.triton_devices(), dtypes=frozenset({F16, BF16, F32}),
-    forward=_triton_fwd, backward=_triton_bwd, max_head_dim=256,
+    forward=_triton_fwd, backward=_triton_bwd, max_head_dim=256, supports_softcap=True,
     available=_loaders.triton_error, auto_devices=frozenset({"cuda"}),
 ))
 

@@ -1,4 +1,9 @@
-"""Backends of lora_linear and what each declares it can serve."""
+"""Backends of lora_linear and what each declares it can serve.
+
+Every backend here serves the col_scale epilogue (y = c ⊙ (x Wᵀ + LoRA) + b, DoRA) and a
+weight given as the transposed view of a (K, N) matrix (Conv1D); the C++ one only when the
+loaded extension has ``lora_linear_fwd_scaled`` (built from this tree's csrc).
+"""
 import torch
 
 from .. import registry
@@ -11,6 +16,7 @@ registry.register(registry.OpImpl(
     op="lora_linear", backend="torch", priority=0,
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=ref.lora_fwd, backward=ref.lora_bwd,
+    supports_col_scale=True, supports_weight_t=True,
 ))
 
 
@@ -32,15 +38,34 @@ registry.register(registry.OpImpl(
     dtypes=frozenset({F16, BF16, F32}),
     forward=_triton_fwd, backward=_triton_bwd,
     max_rank=256, supports_multi_adapter=True,
+    supports_col_scale=True, supports_weight_t=True,
     available=_loaders.triton_error,
 ))
 
 
 # ---------------------------------------------------------------- cpu (csrc/cpu/lora_linear.cpp)
 
-def _cpu_fwd(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
-    return torch.ops.mmcore_C.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling,
-                                              adapter_ids)
+def _cpu_fwd(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, col_scale=None,
+             want_pre=False):
+    if col_scale is None:
+        return torch.ops.mmcore_C.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling,
+                                                  adapter_ids)
+    y, pre = torch.ops.mmcore_C.lora_linear_fwd_scaled(x, weight, bias, lora_a, lora_b,
+                                                       scaling, adapter_ids, col_scale,
+                                                       want_pre)
+    return (y, pre) if want_pre else y
+
+
+# probed once, when the backends load (a probe calls into the dispatcher, which torch.compile
+# cannot trace at dispatch time)
+_SCALED_WHY = _loaders.cpp_error("lora_linear_fwd_scaled")
+
+
+def _cpu_check(p):
+    """col_scale / a transposed weight need an extension built from this tree's csrc."""
+    if (p.extra.get("col_scale") or p.extra.get("weight_t")) and _SCALED_WHY:
+        return ["the loaded mmcore._C predates lora_linear_fwd_scaled (rebuild csrc)"]
+    return []
 
 
 def _cpu_bwd(dy, x, weight, lora_a, lora_b, scaling, adapter_ids, need_dx, need_da, need_db):
@@ -53,6 +78,7 @@ registry.register(registry.OpImpl(
     op="lora_linear", backend="cpu", priority=20,
     devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32}),
     forward=_cpu_fwd, backward=_cpu_bwd, supports_multi_adapter=True,
+    supports_col_scale=True, supports_weight_t=True, check=_cpu_check,
     available=lambda: _loaders.cpp_error("lora_linear_fwd"),
 ))
 
@@ -64,4 +90,5 @@ registry.register(registry.OpImpl(
     op="lora_linear", backend="composed", priority=50, device_priority={"cpu": 10},
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=composed.forward, backward=composed.backward, supports_multi_adapter=True,
+    supports_col_scale=True, supports_weight_t=True,
 ))

@@ -26,17 +26,16 @@ def _unsupported(name, softcap, key_lo, key_mask):
 def _triton_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale,
                 softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
     from mmcore.kernels import window_attention as kern  # imported late: needs TRITON_INTERPRET
-    _unsupported("triton", softcap, key_lo, key_mask)
     return kern.window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal,
-                                     global_tokens, scale)
+                                     global_tokens, scale, softcap, key_lo, key_hi, key_mask)
 
 
 def _triton_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
                 global_tokens, scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
     from mmcore.kernels import window_attention as kern
-    _unsupported("triton", softcap, key_lo, key_mask)
     return kern.window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left,
-                                     right, causal, global_tokens, scale)
+                                     right, causal, global_tokens, scale, softcap, key_lo,
+                                     key_hi, key_mask)
 
 
 registry.register(registry.OpImpl(
@@ -45,6 +44,7 @@ registry.register(registry.OpImpl(
     dtypes=frozenset({F16, BF16, F32}), max_head_dim=256,
     forward=_triton_fwd, backward=_triton_bwd,
     supports_gqa=True, supports_global_tokens=True,
+    supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
     available=_loaders.triton_error,
 ))
 

@@ -2,7 +2,9 @@
 
 Normalised operands (mmcore/ops/lora_linear.py makes them):
   x (M, K); weight (N, K); bias (N,) or None; lora_a (A, r, K); lora_b (A, N, r);
-  scaling (A,) fp32; adapter_ids (M,) int64 in [-1, A) or None (= every row uses adapter 0).
+  scaling (A,) fp32; adapter_ids (M,) int64 in [-1, A) or None (= every row uses adapter 0);
+  col_scale (N,) fp32 (fp64 for fp64) or None: y = col_scale * (x Wᵀ + LoRA) + b (DoRA).
+The weight may also be the transposed view of a contiguous (K, N) matrix (Conv1D).
 Computation is in fp32 (fp64 for fp64 inputs); -1 rows get only the base term.
 """
 from __future__ import annotations
@@ -28,13 +30,14 @@ def _groups(adapter_ids, A, M, device):
     return out
 
 
-def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
-    """-> y (M, N) in x.dtype: x Wᵀ + b + s_a (x A_aᵀ) B_aᵀ per row."""
+def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, col_scale=None,
+             want_pre=False):
+    """-> y (M, N) in x.dtype: c ⊙ (x Wᵀ + s_a (x A_aᵀ) B_aᵀ) + b per row (c = col_scale, 1
+    when None); with want_pre, (y, pre) where pre (M, N) in x.dtype is the term in brackets
+    (what d col_scale needs)."""
     cdt = _cdt(x.dtype)
     xc = x.to(cdt)
     y = xc @ weight.to(cdt).t()
-    if bias is not None:
-        y = y + bias.to(cdt)
     for a, rows in _groups(adapter_ids, lora_a.shape[0], x.shape[0], x.device):
         xa = xc if rows is None else xc[rows]
         t = (xa @ lora_a[a].to(cdt).t()) @ lora_b[a].to(cdt).t() * scaling[a].to(cdt)
@@ -42,6 +45,13 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
             y = y + t
         else:
             y.index_add_(0, rows, t)
+    pre = y
+    if col_scale is not None:
+        y = y * col_scale.to(cdt)
+    if bias is not None:
+        y = y + bias.to(cdt)
+    if want_pre:
+        return y.to(x.dtype), pre.to(x.dtype)
     return y.to(x.dtype)
 
 

@@ -28,6 +28,8 @@ inline float to_f32(T x) { return static_cast<float>(x); }
 std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& seqlens_q, const std::optional<at::Tensor>& seqlens_k,
-    int64_t left, int64_t right, bool causal, int64_t global_tokens, double scale);
+    int64_t left, int64_t right, bool causal, int64_t global_tokens, double scale,
+    double softcap, const std::optional<at::Tensor>& key_lo,
+    const std::optional<at::Tensor>& key_hi, const std::optional<at::Tensor>& key_mask);
 
 }  // namespace mmcore

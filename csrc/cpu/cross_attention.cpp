@@ -64,7 +64,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& seqlens_q, const c10::optional<at::Tensor>& seqlens_k,
-    double scale) {
+    double scale, double softcap) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inputs may require grad; no graph here
   check_inputs(q, k, v);
   const int64_t B = q.size(0), Sq = q.size(2), Sk = k.size(2);
@@ -79,12 +79,15 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
     return t->to(at::kLong);
   };
   return window_attention_fwd_cpu(q, k, v, as_long(seqlens_q), as_long(seqlens_k), -1, -1,
-                                  false, 0, scale);
+                                  false, 0, scale, softcap, c10::nullopt, c10::nullopt,
+                                  c10::nullopt);
 }
 
 // Backward with ATen GEMMs, one work unit = (sample, kv head, slice of the stacked query rows):
 //   P = softmax(scale * Q K^T), dP = dO V^T, dV = P^T dO, dS = scale * P * (dP - delta),
 //   delta = rowsum(P * dP), dQ = dS K, dK = dS^T Q.
+// With a softcap c the scores are c * tanh(scale * Q K^T / c) and dS takes the cap's
+// derivative 1 - tanh^2 as a factor (ATen's vectorised tanh on the (C, Lk) chunk).
 // delta is taken from this P and dP in fp32, not as rowsum(dO * O) from the saved output:
 // for 16-bit inputs O was rounded to 16 bits, and at large logits (P nearly one-hot, dP -
 // delta a near cancellation) that rounding, times the scale, put dQ past the tolerance rule
@@ -127,7 +130,7 @@ void add_at_b_pairwise(at::Tensor acc, const at::Tensor& a, const at::Tensor& b,
 }
 
 void unit_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& dout, double scale, at::Tensor dq,
+                   const at::Tensor& dout, double scale, double softcap, at::Tensor dq,
                    at::Tensor dk, at::Tensor dv) {
   // q/dout/dq (M, D) rows of one kv head's stacked queries; k/v/dk/dv (Lk, D)
   const int64_t M = q.size(0), Lk = k.size(0), D = q.size(1);
@@ -136,17 +139,26 @@ void unit_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   // chunk buffers allocated once per unit (fresh pages are costly to fault in)
   at::Tensor sbuf = at::empty({C, Lk}, k.options()), pbuf = at::empty({C, Lk}, k.options());
   at::Tensor dsbuf = at::empty({C, Lk}, k.options());
+  at::Tensor gbuf = softcap != 0.0 ? at::empty({C, Lk}, k.options()) : at::Tensor();
   at::Tensor parts = at::empty({(C + kRows - 1) / kRows, Lk, D}, k.options());
   for (int64_t m0 = 0; m0 < M; m0 += C) {
     const int64_t c = std::min(C, M - m0);
     at::Tensor qc = q.narrow(0, m0, c), doc = dout.narrow(0, m0, c);
     at::Tensor s = sbuf.narrow(0, 0, c), p = pbuf.narrow(0, 0, c), ds = dsbuf.narrow(0, 0, c);
-    at::mm_out(s, qc, kt).mul_(scale);
+    if (softcap != 0.0) {  // s = c * t, t = tanh(scale * q k^T / c); g = 1 - t^2
+      at::mm_out(s, qc, kt).mul_(scale / softcap).tanh_();
+      at::Tensor gc = gbuf.narrow(0, 0, c);
+      at::mul_out(gc, s, s).neg_().add_(1.0);
+      s.mul_(softcap);
+    } else {
+      at::mm_out(s, qc, kt).mul_(scale);
+    }
     at::_softmax_out(p, s, -1, false);  // (c, Lk)
     add_at_b_pairwise(dv, p, doc, parts);
     at::mm_out(ds, doc, vt);                                         // dP (c, Lk)
     at::Tensor delta = at::mul_out(s, p, ds).sum(-1, true);  // (c, 1); s is free now
     ds.sub_(delta).mul_(p).mul_(scale);
+    if (softcap != 0.0) ds.mul_(gbuf.narrow(0, 0, c));
     at::Tensor dqc = dq.narrow(0, m0, c);
     if (dqc.is_contiguous()) {
       at::mm_out(dqc, ds, k);
@@ -162,9 +174,11 @@ void unit_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& seqlens_q,
-    const c10::optional<at::Tensor>& seqlens_k, double scale) {
+    const c10::optional<at::Tensor>& seqlens_k, double scale, double softcap) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inputs may require grad; no graph here
   check_inputs(q, k, v);
+  MMCORE_CHECK_ARG(std::isfinite(softcap) && softcap >= 0.0, "softcap",
+                   "must be a finite float > 0, or 0 for none; got " + std::to_string(softcap));
   check_cpu_lastdim(dout, "dout");
   check_cpu_lastdim(out, "out");
   MMCORE_CHECK_ARG(dout.sizes() == q.sizes(), "dout", "must have q's shape");
@@ -225,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
       PV[u] = at::zeros({lk, D}, f32);
       auto rows = [&](const at::Tensor& t) { return t.select(0, w.h).narrow(0, w.m0, n); };
       unit_backward(rows(Q[w.b]), K[w.b].select(0, w.h), V[w.b].select(0, w.h),
-                    rows(DO[w.b]), scale, rows(GQ[w.b]), PK[u], PV[u]);
+                    rows(DO[w.b]), scale, softcap, rows(GQ[w.b]), PK[u], PV[u]);
     }
   });
   // fixed-order reduction of the partials; dQ / dK stay 0 for a single key (see above)
@@ -252,9 +266,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
 
 TORCH_LIBRARY_FRAGMENT(mmcore_C, m) {
   m.def("cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? seqlens_q, Tensor? seqlens_k, "
-        "float scale) -> (Tensor, Tensor)");
+        "float scale, float softcap=0.0) -> (Tensor, Tensor)");
   m.def("cross_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "Tensor? seqlens_q, Tensor? seqlens_k, float scale) -> (Tensor, Tensor, Tensor)");
+        "Tensor? seqlens_q, Tensor? seqlens_k, float scale, float softcap=0.0) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmcore_C, CPU, m) {

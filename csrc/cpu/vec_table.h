@@ -25,6 +25,12 @@ struct Table {
   float (*scale_max)(float* s, int64_t n, float scale);
   // s[0:n) = exp(s - m) (-inf -> 0); returns the sum
   float (*exp_sum)(float* s, int64_t n, float m);
+  // Scores with softcap and / or a key mask (the features-off path is scale_max):
+  //   s[j] = c != 0 ? c * tanh(a * s[j]) : a * s[j]   (a = scale / c with a softcap)
+  //   s[j] = -inf where km != nullptr and km[j] is false (a masked NaN never shows)
+  //   g[j] = 1 - tanh(a * s[j])^2 when g != nullptr and c != 0 (the softcap's derivative)
+  // returns the max as scale_max does
+  float (*score_max)(float* s, float* g, const bool* km, int64_t n, float a, float c);
   // whether every x[0:n) is finite
   bool (*all_finite)(const float* x, int64_t n);
   // x[0:n) *= a
@@ -34,6 +40,9 @@ struct Table {
   // out[j] = p[j] * (dp[j] - delta) * scale  (dS of attention; out may alias p or dp)
   void (*dsoftmax)(float* out, const float* p, const float* dp, int64_t n, float delta,
                    float scale);
+  // out[j] = p[j] * (dp[j] - delta) * g[j] * scale  (dS through a softcap; out may alias)
+  void (*dsoftmax_g)(float* out, const float* p, const float* dp, const float* g, int64_t n,
+                     float delta, float scale);
   // y[0:n) += a * x
   void (*axpy)(float* y, const float* x, int64_t n, float a);
   // dst[0:n) = float(src)

@@ -7,6 +7,16 @@
 //   global query row (p < G):  [0, causal ? p + 1 : Lk)
 //   other rows:                [0, min(G, Lk))  and  [max(0, p - left), min(Lk, p + right + 1))
 // (p >= G makes the causal test of the global keys automatic).
+// Bounds mode (key_lo / key_hi, issue 26) replaces the pattern: row i sees the one interval
+// [clamp(lo_i, 0, Lk), clamp(hi_i, 0, Lk)) (empty when lo >= hi), no alignment offset; a query
+// block visits [min lo, max hi) over its rows, a key block the rows from the first to the
+// last that meet it.  key_mask (B, Sk) is AND-ed into allowed() in both modes: masked keys get
+// score -inf inside the same vector pass that scales the row (vec_table.h: score_max), and
+// count as not allowed wherever allowed() / covers() / row_count() decide (non-finite V or K
+// of a masked key never reaches a row).  softcap c: s = c * tanh(scale * q.k / c) in that
+// pass too (a vectorised tanh from exp, vec_kernels.h); the backward keeps 1 - tanh^2 per
+// score (one extra tile) and multiplies dS by it.  With all three off the row loops are the
+// plain ones (scale_max, dsoftmax): the choice is made once per row segment, not per score.
 //
 // Forward: one task per (b, query head, block of BQ query rows); the block visits only the
 // keys of its window plus the global prefix (two disjoint key segments, or one when they
@@ -60,6 +70,30 @@ acc_t scale_max(acc_t* s, int64_t n, acc_t scale) {
     s[j] *= scale;
     m = std::max(m, s[j]);
     nan = nan || std::isnan(s[j]);
+  }
+  return nan ? std::numeric_limits<acc_t>::quiet_NaN() : m;
+}
+
+// Scores with a softcap c (0 = off) and / or a key mask km (nullptr = none), vec_table.h's
+// score_max: s = c != 0 ? c * tanh(a * s) : a * s, -inf where km is false; g (optional, with
+// c != 0) = 1 - tanh^2.  Returns the max as scale_max.  The features-off path is scale_max.
+template <typename acc_t>
+acc_t score_max(acc_t* s, acc_t* g, const bool* km, int64_t n, acc_t a, acc_t c) {
+  if constexpr (std::is_same_v<acc_t, float>) return vec::vec().score_max(s, g, km, n, a, c);
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  acc_t m = ninf;
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t x = s[j] * a;
+    if (c != acc_t(0)) {
+      const acc_t t = std::tanh(x);
+      if (g != nullptr) g[j] = acc_t(1) - t * t;
+      x = c * t;
+    }
+    if (km != nullptr && !km[j]) x = ninf;
+    s[j] = x;
+    m = std::max(m, x);
+    nan = nan || std::isnan(x);
   }
   return nan ? std::numeric_limits<acc_t>::quiet_NaN() : m;
 }
@@ -119,6 +153,15 @@ template <typename acc_t>
 void dsoftmax(acc_t* out, const acc_t* p, const acc_t* dp, int64_t n, acc_t delta, acc_t scale) {
   if constexpr (std::is_same_v<acc_t, float>) return vec::vec().dsoftmax(out, p, dp, n, delta, scale);
   for (int64_t j = 0; j < n; ++j) out[j] = p[j] * (dp[j] - delta) * scale;
+}
+
+// out[j] = p[j] * (dp[j] - delta) * g[j] * scale: dS through a softcap (out may alias)
+template <typename acc_t>
+void dsoftmax_g(acc_t* out, const acc_t* p, const acc_t* dp, const acc_t* g, int64_t n,
+                acc_t delta, acc_t scale) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    return vec::vec().dsoftmax_g(out, p, dp, g, n, delta, scale);
+  for (int64_t j = 0; j < n; ++j) out[j] = p[j] * (dp[j] - delta) * g[j] * scale;
 }
 
 // y[0:n) += a * x
@@ -252,32 +295,54 @@ struct Problem {
   int64_t B, Hq, Hkv, Sq, Sk, D, left, right, G;
   bool causal;
   double scale;
+  double softcap = 0.0;  // c of s = c * tanh(s / c); 0 = off
   std::vector<int64_t> Lq, Lk;
+  // bounds mode (lo != nullptr): row i of sample b sees keys [lo[b, i], hi[b, i]) (int32
+  // (B, Sq) each, clamped to [0, Lk_b]) instead of the window / causal / global pattern
+  const int32_t *lo = nullptr, *hi = nullptr;
+  // key_mask (B, Sk) (nullptr = none), AND-ed into allowed() in both modes; kc (B, Sk + 1):
+  // kc[b, j] = how many keys of [0, j) key_mask keeps (interval counts in O(1))
+  const bool* km = nullptr;
+  std::vector<int32_t> kc;
 };
 
 struct Sample {
-  int64_t Lq, Lk, off, ig, gk;  // ig: rows [0, ig) are global query rows; gk = min(G, Lk)
+  int64_t b, Lq, Lk, off, ig, gk;  // ig: rows [0, ig) are global query rows; gk = min(G, Lk)
+  const bool* km;     // this sample's key_mask row, or nullptr
+  const int32_t* kc;  // its running counts (with km)
 };
 
 inline Sample sample(const Problem& P, int64_t b) {
   Sample s;
+  s.b = b;
   s.Lq = P.Lq[b];
   s.Lk = P.Lk[b];
   s.off = s.Lk - s.Lq;
   s.ig = std::min(s.Lq, std::max<int64_t>(0, P.G - s.off));
   s.gk = std::min(P.G, s.Lk);
+  s.km = P.km == nullptr ? nullptr : P.km + b * P.Sk;
+  s.kc = P.km == nullptr ? nullptr : P.kc.data() + b * (P.Sk + 1);
   return s;
 }
 
-// The keys of query row i: [0, ghi) U [wlo, whi).
+// The keys of query row i: ([0, ghi) U [wlo, whi)) and, with a key mask, km[j].
 struct RowKeys {
   int64_t ghi, wlo, whi;
+  const bool* km;     // the sample's key_mask row, or nullptr
+  const int32_t* kc;  // its running counts
 };
 
 inline RowKeys row_keys(const Problem& P, const Sample& s, int64_t i) {
   const int64_t p = i + s.off;
   RowKeys r;
-  if (p < P.G) {
+  r.km = s.km;
+  r.kc = s.kc;
+  if (P.lo != nullptr) {  // bounds mode: one interval, no alignment offset
+    const int64_t at = s.b * P.Sq + i;
+    r.ghi = 0;
+    r.wlo = std::clamp<int64_t>(P.lo[at], 0, s.Lk);
+    r.whi = std::max(r.wlo, std::clamp<int64_t>(P.hi[at], 0, s.Lk));
+  } else if (p < P.G) {
     r.ghi = P.causal ? std::min(s.Lk, std::max<int64_t>(0, p + 1)) : s.Lk;
     r.wlo = r.whi = 0;
   } else {
@@ -289,45 +354,84 @@ inline RowKeys row_keys(const Problem& P, const Sample& s, int64_t i) {
   return r;
 }
 
-// How many keys row keys rk hold: |[0, ghi) U [wlo, whi)|.
-inline int64_t row_count(const RowKeys& rk) {
-  const int64_t overlap = std::max<int64_t>(0, std::min(rk.ghi, rk.whi) - rk.wlo);
-  return rk.ghi + (rk.whi - rk.wlo) - overlap;
+// How many keys of [a, b) the key mask keeps (b - a without one).
+inline int64_t kept(const RowKeys& rk, int64_t a, int64_t b) {
+  if (b <= a) return 0;
+  return rk.kc == nullptr ? b - a : rk.kc[b] - rk.kc[a];
 }
 
-// Masks row `s` holding keys [c0, c0 + n) of query row with keys rk: masked entries -> -inf,
-// allowed ones scaled.  Returns the max over the allowed entries (-inf if none).
+// How many keys row keys rk hold: |[0, ghi) U [wlo, whi)| (and kept by the key mask).
+inline int64_t row_count(const RowKeys& rk) {
+  return kept(rk, 0, rk.ghi) + kept(rk, rk.wlo, rk.whi) -
+         kept(rk, rk.wlo, std::min(rk.ghi, rk.whi));
+}
+
+// The score parameters: scale, the softcap c (0 = off) and, with one, a = scale / c.
 template <typename acc_t>
-acc_t mask_scale_max(acc_t* s, int64_t c0, int64_t n, const RowKeys& rk, acc_t scale) {
-  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t c1 = c0 + n;
-  // the two intervals clipped to the chunk, in chunk coordinates
+struct Scores {
+  acc_t scale, cap, a;
+  explicit Scores(const Problem& P)
+      : scale(static_cast<acc_t>(P.scale)),
+        cap(static_cast<acc_t>(P.softcap)),
+        a(P.softcap != 0.0 ? static_cast<acc_t>(P.scale / P.softcap) : acc_t(0)) {}
+};
+
+// The intervals of rk clipped to the chunk of keys [c0, c0 + n), in chunk coordinates: one
+// [a0, a1) (returns 1, b0 = b1 = a1) or [a0, a1) and [b0, b1) with a1 < b0 (returns 2).
+inline int chunk_intervals(const RowKeys& rk, int64_t c0, int64_t n, int64_t* iv) {
   int64_t a0 = 0, a1 = std::clamp<int64_t>(rk.ghi - c0, 0, n);
   int64_t b0 = std::clamp<int64_t>(rk.wlo - c0, 0, n), b1 = std::clamp<int64_t>(rk.whi - c0, 0, n);
-  (void)c1;
   if (a1 <= a0) a0 = a1 = 0;
   if (b1 <= b0) b0 = b1 = a1;
   if (b0 <= a1) {  // one interval [lo, hi)
-    const int64_t lo = a1 > a0 ? a0 : b0, hi = std::max(a1, b1);
-    std::fill(s, s + lo, ninf);
-    std::fill(s + hi, s + n, ninf);
-    return scale_max(s + lo, hi - lo, scale);
+    iv[0] = a1 > a0 ? a0 : b0;
+    iv[1] = std::max(a1, b1);
+    return 1;
   }
-  // [a0, a1) and [b0, b1) with a1 < b0 (a0 == 0)
-  std::fill(s + a1, s + b0, ninf);
-  std::fill(s + b1, s + n, ninf);
-  acc_t m1 = scale_max(s + a0, a1 - a0, scale);
-  acc_t m2 = scale_max(s + b0, b1 - b0, scale);
+  iv[0] = a0, iv[1] = a1, iv[2] = b0, iv[3] = b1;
+  return 2;
+}
+
+// Masks row `s` holding keys [c0, c0 + n) of query row with keys rk: masked entries -> -inf,
+// allowed ones scaled (and capped, with a softcap; g (optional) <- the cap's derivative,
+// 0 outside the intervals).  Returns the max over the allowed entries (-inf if none).
+template <typename acc_t>
+acc_t mask_scale_max(acc_t* s, acc_t* g, int64_t c0, int64_t n, const RowKeys& rk,
+                     const Scores<acc_t>& sc) {
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  int64_t iv[4];
+  const int niv = chunk_intervals(rk, c0, n, iv);
+  const bool plain = sc.cap == acc_t(0) && rk.km == nullptr;  // the features-off path
+  auto seg = [&](int64_t lo, int64_t hi) {
+    if (plain) return scale_max(s + lo, hi - lo, sc.scale);
+    return score_max(s + lo, g == nullptr ? nullptr : g + lo,
+                     rk.km == nullptr ? nullptr : rk.km + c0 + lo, hi - lo,
+                     sc.cap != acc_t(0) ? sc.a : sc.scale, sc.cap);
+  };
+  auto fill = [&](int64_t lo, int64_t hi) {
+    std::fill(s + lo, s + hi, ninf);
+    if (g != nullptr) std::fill(g + lo, g + hi, acc_t(0));
+  };
+  if (niv == 1) {
+    fill(0, iv[0]);
+    fill(iv[1], n);
+    return seg(iv[0], iv[1]);
+  }
+  fill(iv[1], iv[2]);
+  fill(iv[3], n);
+  acc_t m1 = seg(iv[0], iv[1]);
+  acc_t m2 = seg(iv[2], iv[3]);
   return nan_max(m1, m2);
 }
 
 // Whether key j (absolute) is allowed for a row with keys rk.
 inline bool allowed(const RowKeys& rk, int64_t j) {
-  return j < rk.ghi || (j >= rk.wlo && j < rk.whi);
+  return (j < rk.ghi || (j >= rk.wlo && j < rk.whi)) && (rk.km == nullptr || rk.km[j]);
 }
 
 // Whether a row with keys rk sees every key of [c0, c1).
 inline bool covers(const RowKeys& rk, int64_t c0, int64_t c1) {
+  if (kept(rk, c0, c1) != c1 - c0) return false;
   if (rk.wlo <= rk.ghi) return c1 <= std::max(rk.ghi, rk.whi);  // one interval [0, .)
   return c1 <= rk.ghi || (c0 >= rk.wlo && c1 <= rk.whi);
 }
@@ -335,8 +439,19 @@ inline bool covers(const RowKeys& rk, int64_t c0, int64_t c1) {
 // Zeroes the entries of row `s` (keys [c0, c0 + n)) that rk does not allow.
 template <typename acc_t>
 void zero_masked(acc_t* s, int64_t c0, int64_t n, const RowKeys& rk) {
-  for (int64_t x = 0; x < n; ++x)
-    if (!allowed(rk, c0 + x)) s[x] = acc_t(0);
+  int64_t iv[4];
+  const int niv = chunk_intervals(rk, c0, n, iv);
+  if (niv == 1) {
+    std::fill(s, s + iv[0], acc_t(0));
+    std::fill(s + iv[1], s + n, acc_t(0));
+  } else {
+    std::fill(s + iv[1], s + iv[2], acc_t(0));
+    std::fill(s + iv[3], s + n, acc_t(0));
+  }
+  if (rk.km == nullptr) return;
+  const bool* km = rk.km + c0;
+  for (int k = 0; k < 2 * niv; k += 2)
+    for (int64_t x = iv[k]; x < iv[k + 1]; ++x) s[x] = km[x] ? s[x] : acc_t(0);  // a select
 }
 
 // C (M x N, ldc) += op(A) B, with op(A) M x K (A stored K x M when ta) and B K x N, where
@@ -376,7 +491,17 @@ struct Seg {
 
 // Key segments (disjoint, ascending) that a block of query rows [i0, i1) needs.  Blocks never
 // mix global and non-global rows.
+// Bounds mode: one segment, [min lo, max hi) over the block's rows that see some key.
 inline int key_segments(const Problem& P, const Sample& s, int64_t i0, int64_t i1, Seg* out) {
+  if (P.lo != nullptr) {
+    int64_t lo = s.Lk, hi = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const RowKeys rk = row_keys(P, s, i);
+      if (rk.whi > rk.wlo) lo = std::min(lo, rk.wlo), hi = std::max(hi, rk.whi);
+    }
+    out[0] = {lo, hi};
+    return hi > lo ? 1 : 0;
+  }
   if (i0 < s.ig) {  // global rows
     const int64_t hi = row_keys(P, s, i1 - 1).ghi;
     out[0] = {0, hi};
@@ -400,7 +525,20 @@ inline int key_segments(const Problem& P, const Sample& s, int64_t i0, int64_t i
 
 // Query rows (disjoint, ascending) that can see some key of [j0, j1) (a key block that never
 // mixes global and non-global keys).
+// Bounds mode: one segment, from the first to the last row whose keys meet [j0, j1).
 inline int query_segments(const Problem& P, const Sample& s, int64_t j0, int64_t j1, Seg* out) {
+  if (P.lo != nullptr) {
+    int64_t first = -1, last = -1;
+    for (int64_t i = 0; i < s.Lq; ++i) {
+      const RowKeys rk = row_keys(P, s, i);
+      if (rk.wlo < j1 && rk.whi > j0 && rk.whi > rk.wlo) {
+        if (first < 0) first = i;
+        last = i;
+      }
+    }
+    out[0] = {first, last + 1};
+    return first >= 0 ? 1 : 0;
+  }
   if (j0 < s.gk) {  // global keys: every row sees them (global rows subject to causal)
     int64_t lo = P.causal ? std::clamp<int64_t>(j0 - s.off, 0, s.Lq) : 0;
     lo = std::min(lo, s.ig);  // non-global rows see global keys regardless of causal
@@ -463,7 +601,7 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-  const acc_t scale = static_cast<acc_t>(P.scale);
+  const Scores<acc_t> sc(P);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
   // With the vec kernel (vec_gemm), S = Q K^T reads K^T: one transposed fp32 copy of K per
@@ -549,7 +687,7 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
         for (int64_t r = 0; r < nq; ++r) {
           acc_t* sr = S + r * lds;
           all_ok = all_ok && covers(rks[r], c0, c0 + n);
-          const acc_t mx = mask_scale_max(sr, c0, n, rks[r], scale);
+          const acc_t mx = mask_scale_max<acc_t>(sr, nullptr, c0, n, rks[r], sc);
           if (mx == ninf || bad[r]) {
             if (bad[r] && std::isnan(mx)) bad[r] = 2;
             std::fill(sr, sr + n, acc_t(0));
@@ -606,7 +744,8 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
   const int64_t ds0 = dout.stride(0), ds1 = dout.stride(1), ds2 = dout.stride(2);
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
   const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
-  const acc_t scale = static_cast<acc_t>(P.scale);
+  const Scores<acc_t> sc(P);
+  const bool cap = P.softcap != 0.0;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   // delta = rowsum(P * dP) = rowsum(dO * O), written by pass 1, read by pass 2: (B, Hq, Sq)
   std::vector<acc_t> delta(static_cast<size_t>(P.B * P.Hq * P.Sq), acc_t(0));
@@ -617,7 +756,8 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
   // Returns whether the row sees a single key (the caller then zeroes its dS).
   // A row whose lse is NaN / +inf (its scores met a NaN / +inf) gets P = NaN on its allowed
   // keys: its gradients reach exactly the keys it sees.
-  auto probs = [&](acc_t* sr, int64_t c0, int64_t n, const RowKeys& rk, acc_t L) {
+  // With a softcap, gr (n entries) receives the cap's derivative 1 - tanh^2 for dS.
+  auto probs = [&](acc_t* sr, acc_t* gr, int64_t c0, int64_t n, const RowKeys& rk, acc_t L) {
     if (L == ninf) {
       std::fill(sr, sr + n, acc_t(0));
       return false;
@@ -627,7 +767,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
         sr[j] = allowed(rk, c0 + j) ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
       return false;
     }
-    mask_scale_max(sr, c0, n, rk, scale);
+    mask_scale_max<acc_t>(sr, cap ? gr : nullptr, c0, n, rk, sc);
     if (row_count(rk) == 1) {
       for (int64_t j = 0; j < n; ++j) sr[j] = sr[j] == ninf ? acc_t(0) : acc_t(1);
       return true;
@@ -635,13 +775,21 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
     exp_sum(sr, n, L);
     return false;
   };
+  // out = dS (scaled) from P, dP (and the cap's derivative g): out may alias p or dp
+  auto dscores = [&](acc_t* out, const acc_t* p, const acc_t* dp, const acc_t* g, int64_t n,
+                     acc_t dl) {
+    if (cap)
+      dsoftmax_g(out, p, dp, g, n, dl, sc.scale);
+    else
+      dsoftmax(out, p, dp, n, dl, sc.scale);
+  };
 
   // ---- pass 1: delta and dQ over (b, query head, query block)
   {
     auto blks = blocks(P, BQ, /*keys=*/false);
     const int64_t ntask = static_cast<int64_t>(blks.size()) * P.Hq;
     struct Scratch {
-      std::vector<acc_t> q, d, k, v, s, dp, acc;
+      std::vector<acc_t> q, d, k, v, s, dp, acc, gs;  // gs: the cap's derivative (softcap)
     };
     auto init = [&] {
       Scratch w;
@@ -652,6 +800,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
       w.s.resize(BQ * KC);
       w.dp.resize(BQ * KC);
       w.acc.resize(BQ * D);
+      w.gs.resize(cap ? BQ * KC : 0);
       return w;
     };
     run_tasks(ntask, init, [&](int64_t t, Scratch& w) {
@@ -677,7 +826,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
       for (int si = 0; si < nseg; ++si)
         for (int64_t c0 = segs[si].lo; c0 < segs[si].hi; c0 += KC)
           chunks.push_back({c0, std::min(KC, segs[si].hi - c0)});
-      acc_t *acc = w.acc.data(), *S = w.s.data(), *dP = w.dp.data();
+      acc_t *acc = w.acc.data(), *S = w.s.data(), *dP = w.dp.data(), *G = w.gs.data();
       // S = Q K^T and dP = dO V^T of one chunk; S becomes P.  Returns K's tile (for dQ).
       auto scores = [&](const Seg& c, int64_t* ldk_out) {
         int64_t ldv;
@@ -699,8 +848,8 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
           int64_t ldk;
           scores(c, &ldk);
           for (int64_t r = 0; r < nq; ++r) {
-            acc_t *sr = S + r * c.hi, *dr = dP + r * c.hi;
-            if (probs(sr, c.lo, c.hi, rks[r], L[r])) continue;
+            acc_t *sr = S + r * c.hi, *dr = dP + r * c.hi, *gr = G + (cap ? r * c.hi : 0);
+            if (probs(sr, gr, c.lo, c.hi, rks[r], L[r])) continue;
             zero_masked(dr, c.lo, c.hi, rks[r]);  // a masked non-finite V must not count
             dl[r] += dot(sr, dr, c.hi);
           }
@@ -720,15 +869,15 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
         const acc_t* K = scores(c, &ldk);
         bool all_ok = true;
         for (int64_t r = 0; r < nq; ++r) {
-          acc_t *sr = S + r * n, *dr = dP + r * n;
+          acc_t *sr = S + r * n, *dr = dP + r * n, *gr = G + (cap ? r * n : 0);
           all_ok = all_ok && covers(rks[r], c.lo, c.lo + n);
-          if (probs(sr, c.lo, n, rks[r], L[r])) {
+          if (probs(sr, gr, c.lo, n, rks[r], L[r])) {
             std::fill(sr, sr + n, acc_t(0));
             continue;
           }
           zero_masked(dr, c.lo, n, rks[r]);
           if (one) dl[r] = dot(sr, dr, n);
-          dsoftmax(sr, sr, dr, n, dl[r], scale);
+          dscores(sr, sr, dr, gr, n, dl[r]);
           zero_masked(sr, c.lo, n, rks[r]);
         }
         gemm_acc_masked<acc_t>(false, nq, D, n, S, n, K, ldk, acc, D, all_ok,
@@ -744,7 +893,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
     auto blks = blocks(P, BK, /*keys=*/true);
     const int64_t ntask = static_cast<int64_t>(blks.size()) * P.Hkv;
     struct Scratch {
-      std::vector<acc_t> k, v, q, d, s, dp, dk, dv;
+      std::vector<acc_t> k, v, q, d, s, dp, dk, dv, gs;  // gs: the cap's derivative
     };
     auto init = [&] {
       Scratch w;
@@ -756,8 +905,22 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
       w.dp.resize(QC * BK);
       w.dk.resize(BK * D);
       w.dv.resize(BK * D);
+      w.gs.resize(cap ? QC * BK : 0);
       return w;
     };
+    // bounds mode: each key block's query rows (an O(Lq) scan), once for all kv heads
+    std::vector<Seg> bsegs;
+    if (P.lo != nullptr) {
+      bsegs.resize(blks.size());
+      at::parallel_for(0, static_cast<int64_t>(blks.size()), 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          Seg sg[2];
+          const Block& kb = blks[t];
+          const int n = query_segments(P, sample(P, kb.b), kb.i0, kb.i1, sg);
+          bsegs[t] = n > 0 ? sg[0] : Seg{0, 0};
+        }
+      });
+    }
     run_tasks(ntask, init, [&](int64_t t, Scratch& w) {
       const Block& blk = blks[t / P.Hkv];
       const int64_t hk = t % P.Hkv, b = blk.b;
@@ -768,11 +931,18 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
                                              w.k.data(), &ldk);
       const acc_t* V = tile<scalar_t, acc_t>(vp + b * vs0 + hk * vs1 + j0 * vs2, vs2, nk, D,
                                              w.v.data(), &ldv);
-      acc_t *dK = w.dk.data(), *dV = w.dv.data(), *S = w.s.data(), *dP = w.dp.data();
+      acc_t *dK = w.dk.data(), *dV = w.dv.data(), *S = w.s.data(), *dP = w.dp.data(),
+            *G = w.gs.data();
       std::fill(dK, dK + nk * D, acc_t(0));
       std::fill(dV, dV + nk * D, acc_t(0));
       Seg segs[2];
-      const int nseg = query_segments(P, s, j0, blk.i1, segs);
+      int nseg;
+      if (P.lo != nullptr) {
+        segs[0] = bsegs[t / P.Hkv];
+        nseg = segs[0].hi > segs[0].lo ? 1 : 0;
+      } else {
+        nseg = query_segments(P, s, j0, blk.i1, segs);
+      }
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
         const acc_t* dl = delta.data() + (b * P.Hq + h) * P.Sq;
         for (int si = 0; si < nseg; ++si) {
@@ -788,15 +958,16 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
             bool all_ok = true;
             for (int64_t r = 0; r < nq; ++r) {
               const int64_t i = r0 + r;
-              acc_t *sr = S + r * nk, *dr = dP + r * nk;
+              acc_t *sr = S + r * nk, *dr = dP + r * nk, *gr = G + (cap ? r * nk : 0);
               const RowKeys rk = row_keys(P, s, i);
               all_ok = all_ok && covers(rk, j0, j0 + nk);
-              if (probs(sr, j0, nk, rk, static_cast<acc_t>(lp[b * ls0 + h * ls1 + i * ls2]))) {
+              if (probs(sr, gr, j0, nk, rk,
+                        static_cast<acc_t>(lp[b * ls0 + h * ls1 + i * ls2]))) {
                 std::fill(dr, dr + nk, acc_t(0));
                 continue;
               }
               // dr <- dS (scaled); sr keeps P for dV
-              dsoftmax(dr, sr, dr, nk, dl[i], scale);
+              dscores(dr, sr, dr, gr, nk, dl[i]);
               zero_masked(dr, j0, nk, rk);
             }
             // dV += P^T dO, dK += dS^T Q over these rows; a row's masked keys take no part
@@ -847,10 +1018,57 @@ void check_attn_tensor(const at::Tensor& t, const char* name) {
                              std::string(c10::toString(dt)));
 }
 
+// An optional (B, S) per-row / per-key tensor of dtype dt: CPU, contiguous.
+void check_rows(const at::Tensor& t, const char* name, at::ScalarType dt, int64_t B, int64_t S,
+                const char* dims) {
+  MMCORE_CHECK_ARG(t.device().is_cpu(), name, "must be a CPU tensor");
+  MMCORE_CHECK_ARG(t.scalar_type() == dt, name,
+                   "must be " + std::string(c10::toString(dt)) + ", got " +
+                       std::string(c10::toString(t.scalar_type())));
+  MMCORE_CHECK_ARG(t.dim() == 2 && t.size(0) == B && t.size(1) == S, name,
+                   "must have shape " + std::string(dims) + " = (" + std::to_string(B) + ", " +
+                       std::to_string(S) + "), got " + c10::str(t.sizes()));
+  MMCORE_CHECK_ARG(t.is_contiguous(), name, "must be contiguous");
+}
+
+// softcap, bounds mode (key_lo, key_hi) and key_mask of P (docs/design.md, issue 26).
+void set_masks(Problem& P, double softcap, const std::optional<at::Tensor>& key_lo,
+               const std::optional<at::Tensor>& key_hi,
+               const std::optional<at::Tensor>& key_mask) {
+  MMCORE_CHECK_ARG(std::isfinite(softcap) && softcap >= 0.0, "softcap",
+                   "must be a finite float > 0, or 0 for none; got " + std::to_string(softcap));
+  P.softcap = softcap;
+  MMCORE_CHECK_ARG(key_lo.has_value() == key_hi.has_value(),
+                   key_lo.has_value() ? "key_hi" : "key_lo",
+                   "key_lo and key_hi come together (bounds mode) or not at all");
+  if (key_lo.has_value()) {
+    check_rows(*key_lo, "key_lo", at::kInt, P.B, P.Sq, "(B, Sq)");
+    check_rows(*key_hi, "key_hi", at::kInt, P.B, P.Sq, "(B, Sq)");
+    MMCORE_CHECK_ARG(P.left == -1 && P.right == -1 && !P.causal && P.G == 0, "key_lo",
+                     "bounds mode (key_lo / key_hi) replaces the window: it needs left = right "
+                     "= -1, causal false and global_tokens 0");
+    P.lo = key_lo->data_ptr<int32_t>();
+    P.hi = key_hi->data_ptr<int32_t>();
+  }
+  if (key_mask.has_value()) {
+    check_rows(*key_mask, "key_mask", at::kBool, P.B, P.Sk, "(B, Sk)");
+    P.km = key_mask->data_ptr<bool>();
+    P.kc.assign(static_cast<size_t>(P.B * (P.Sk + 1)), 0);
+    for (int64_t b = 0; b < P.B; ++b) {
+      const bool* m = P.km + b * P.Sk;
+      int32_t* c = P.kc.data() + b * (P.Sk + 1);
+      for (int64_t j = 0; j < P.Sk; ++j) c[j + 1] = c[j] + (m[j] ? 1 : 0);
+    }
+  }
+}
+
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& seqlens_q,
                      const std::optional<at::Tensor>& seqlens_k, int64_t left, int64_t right,
-                     bool causal, int64_t global_tokens, double scale) {
+                     bool causal, int64_t global_tokens, double scale, double softcap,
+                     const std::optional<at::Tensor>& key_lo,
+                     const std::optional<at::Tensor>& key_hi,
+                     const std::optional<at::Tensor>& key_mask) {
   check_attn_tensor(q, "q");
   check_attn_tensor(k, "k");
   check_attn_tensor(v, "v");
@@ -883,6 +1101,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   P.scale = scale;
   P.Lq = lengths(seqlens_q, "seqlens_q", P.B, P.Sq);
   P.Lk = lengths(seqlens_k, "seqlens_k", P.B, P.Sk);
+  set_masks(P, softcap, key_lo, key_hi, key_mask);
   return P;
 }
 
@@ -891,10 +1110,12 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& seqlens_q, const std::optional<at::Tensor>& seqlens_k,
-    int64_t left, int64_t right, bool causal, int64_t global_tokens, double scale) {
+    int64_t left, int64_t right, bool causal, int64_t global_tokens, double scale,
+    double softcap, const std::optional<at::Tensor>& key_lo,
+    const std::optional<at::Tensor>& key_hi, const std::optional<at::Tensor>& key_mask) {
   using namespace window;
   Problem P = make_problem(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
-                           scale);
+                           scale, softcap, key_lo, key_hi, key_mask);
   at::Tensor out = at::zeros({P.B, P.Hq, P.Sq, P.D}, q.options());
   at::Tensor lse = at::full({P.B, P.Hq, P.Sq}, -std::numeric_limits<float>::infinity(),
                             q.options().dtype(at::kFloat));
@@ -913,10 +1134,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& seqlens_q,
     const std::optional<at::Tensor>& seqlens_k, int64_t left, int64_t right, bool causal,
-    int64_t global_tokens, double scale) {
+    int64_t global_tokens, double scale, double softcap, const std::optional<at::Tensor>& key_lo,
+    const std::optional<at::Tensor>& key_hi, const std::optional<at::Tensor>& key_mask) {
   using namespace window;
   Problem P = make_problem(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
-                           scale);
+                           scale, softcap, key_lo, key_hi, key_mask);
   check_attn_tensor(dout, "dout");
   check_attn_tensor(out, "out");
   MMCORE_CHECK_ARG(dout.sizes() == q.sizes(), "dout", "must have q's shape " + c10::str(q.sizes()));
@@ -949,11 +1171,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_cpu(
 TORCH_LIBRARY_FRAGMENT(mmcore_C, m) {
   m.def(
       "window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? seqlens_q, Tensor? seqlens_k, "
-      "int left, int right, bool causal, int global_tokens, float scale) -> (Tensor, Tensor)");
+      "int left, int right, bool causal, int global_tokens, float scale, float softcap=0.0, "
+      "Tensor? key_lo=None, Tensor? key_hi=None, Tensor? key_mask=None) -> (Tensor, Tensor)");
   m.def(
       "window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? seqlens_q, Tensor? seqlens_k, int left, int right, bool causal, "
-      "int global_tokens, float scale) -> (Tensor, Tensor, Tensor)");
+      "int global_tokens, float scale, float softcap=0.0, Tensor? key_lo=None, "
+      "Tensor? key_hi=None, Tensor? key_mask=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmcore_C, CPU, m) {

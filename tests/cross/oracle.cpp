@@ -53,13 +53,15 @@ at::Tensor window_mask(int64_t Lq, int64_t Lk, int64_t left, int64_t right, bool
   return lo.logical_and(hi).logical_or(glob);
 }
 
-// Naive masked attention of one sample, q (H, Lq, D), k/v (Hkv, Lk, D), any float dtype.
+// Naive masked attention of one sample, q (H, Lq, D), k/v (Hkv, Lk, D), any float dtype;
+// softcap c > 0: scores capped to c * tanh(s / c) before the mask.
 at::Tensor naive(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& mask, double scale) {
+                 const at::Tensor& mask, double scale, double softcap) {
   const int64_t g = q.size(0) / k.size(0);
   auto kk = k.repeat_interleave(g, 0), vv = v.repeat_interleave(g, 0);
-  auto s = at::matmul(q, kk.transpose(1, 2)).mul(scale).masked_fill(mask.logical_not(),
-                                                                    -INFINITY);
+  auto s = at::matmul(q, kk.transpose(1, 2)).mul(scale);
+  if (softcap > 0) s = s.div(softcap).tanh().mul(softcap);
+  s = s.masked_fill(mask.logical_not(), -INFINITY);
   auto p = at::softmax(s, -1).nan_to_num(0.0);  // rows with no key: 0
   return at::matmul(p, vv);
 }
@@ -67,14 +69,16 @@ at::Tensor naive(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // Reference output of the whole batch (padded rows 0), in q's dtype, with autograd.
 at::Tensor reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::vector<int64_t>& Lq, const std::vector<int64_t>& Lk,
-                     int64_t left, int64_t right, bool causal, int64_t G, double scale) {
+                     int64_t left, int64_t right, bool causal, int64_t G, double scale,
+                     double softcap, const at::Tensor& key_mask) {
   std::vector<at::Tensor> outs;
   for (int64_t b = 0; b < q.size(0); ++b) {
     auto out = at::zeros({q.size(1), q.size(2), q.size(3)}, q.options().requires_grad(false));
     if (Lq[b] > 0 && Lk[b] > 0) {
       auto m = window_mask(Lq[b], Lk[b], left, right, causal, G);
+      if (key_mask.defined()) m = m.logical_and(key_mask[b].narrow(0, 0, Lk[b]).unsqueeze(0));
       auto o = naive(q[b].narrow(1, 0, Lq[b]), k[b].narrow(1, 0, Lk[b]),
-                     v[b].narrow(1, 0, Lk[b]), m, scale);
+                     v[b].narrow(1, 0, Lk[b]), m, scale, softcap);
       out = at::cat({o, at::zeros({q.size(1), q.size(2) - Lq[b], q.size(3)}, q.options())}, 1);
     }
     outs.push_back(out);
@@ -85,17 +89,23 @@ at::Tensor reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 using Fwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                const at::Tensor&, const std::optional<at::Tensor>&,
                                                const std::optional<at::Tensor>&, int64_t, int64_t,
-                                               bool, int64_t, double);
+                                               bool, int64_t, double, double,
+                                               const std::optional<at::Tensor>&,
+                                               const std::optional<at::Tensor>&,
+                                               const std::optional<at::Tensor>&);
 using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    int64_t, int64_t, bool, int64_t, double);
+    int64_t, int64_t, bool, int64_t, double, double, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 using CFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                 const at::Tensor&, const std::optional<at::Tensor>&,
-                                                const std::optional<at::Tensor>&, double);
+                                                const std::optional<at::Tensor>&, double,
+                                                double);
 using CBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double);
+    const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+    double);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op(const char* name) {
@@ -106,8 +116,17 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
 void attention_case(const std::string& label, bool cross, at::ScalarType dt, int64_t B,
                     int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t left,
                     int64_t right, bool causal, int64_t G, std::vector<int64_t> Lq,
-                    std::vector<int64_t> Lk, bool bwd) {
+                    std::vector<int64_t> Lk, bool bwd, double softcap = 0.0,
+                    bool holes = false) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  // holes: a key_mask (B, Sk) masking every 5th key (no row loses all its keys: the naive
+  // oracle's gradient of an empty row is NaN; tests/test_cpu_masks.py covers those rows)
+  at::Tensor km;
+  if (holes) {
+    auto j = at::arange(Sk, at::kLong);
+    km = (j.remainder(5) != 2).unsqueeze(0).expand({B, Sk}).contiguous();
+  }
+  const std::optional<at::Tensor> kmo = holes ? std::optional<at::Tensor>(km) : std::nullopt;
   auto f64 = at::TensorOptions().dtype(at::kDouble);
   auto q64 = at::randn({B, Hq, Sq, D}, f64), k64 = at::randn({B, Hkv, Sk, D}, f64);
   auto v64 = at::randn({B, Hkv, Sk, D}, f64), do64 = at::randn({B, Hq, Sq, D}, f64);
@@ -117,15 +136,16 @@ void attention_case(const std::string& label, bool cross, at::ScalarType dt, int
   auto sq = at::tensor(Lq, at::kLong), sk = at::tensor(Lk, at::kLong);
   at::Tensor out, lse;
   if (cross)
-    std::tie(out, lse) = op<CFwd>("mmcore_C::cross_attention_fwd").call(q, k, v, sq, sk, scale);
+    std::tie(out, lse) = op<CFwd>("mmcore_C::cross_attention_fwd").call(q, k, v, sq, sk, scale, softcap);
   else
     std::tie(out, lse) = op<Fwd>("mmcore_C::window_attention_fwd")
-                             .call(q, k, v, sq, sk, left, right, causal, G, scale);
+                             .call(q, k, v, sq, sk, left, right, causal, G, scale, softcap,
+                                   std::nullopt, std::nullopt, kmo);
   auto run_ref = [&](at::ScalarType t, bool grad) {
     auto a = (t == at::kDouble ? q64 : q).clone().requires_grad_(grad);
     auto b = (t == at::kDouble ? k64 : k).clone().requires_grad_(grad);
     auto c = (t == at::kDouble ? v64 : v).clone().requires_grad_(grad);
-    auto o = reference(a, b, c, Lq, Lk, left, right, causal, G, scale);
+    auto o = reference(a, b, c, Lq, Lk, left, right, causal, G, scale, softcap, km);
     std::vector<at::Tensor> res{o.detach()};
     if (grad) {
       auto g = torch::autograd::grad({o}, {a, b, c}, {t == at::kDouble ? do64 : dout});
@@ -139,7 +159,7 @@ void attention_case(const std::string& label, bool cross, at::ScalarType dt, int
   auto base32 = [&] {
     auto a = q.to(at::kFloat).requires_grad_(bwd), b = k.to(at::kFloat).requires_grad_(bwd);
     auto c = v.to(at::kFloat).requires_grad_(bwd);
-    auto o = reference(a, b, c, Lq, Lk, left, right, causal, G, scale);
+    auto o = reference(a, b, c, Lq, Lk, left, right, causal, G, scale, softcap, km);
     std::vector<at::Tensor> res{o.detach().to(dt)};
     if (bwd) {
       auto g = torch::autograd::grad({o}, {a, b, c}, {dout.to(at::kFloat)});
@@ -152,10 +172,11 @@ void attention_case(const std::string& label, bool cross, at::ScalarType dt, int
   at::Tensor dq, dk, dv;
   if (cross)
     std::tie(dq, dk, dv) = op<CBwd>("mmcore_C::cross_attention_bwd")
-                               .call(dout, q, k, v, out, lse, sq, sk, scale);
+                               .call(dout, q, k, v, out, lse, sq, sk, scale, softcap);
   else
     std::tie(dq, dk, dv) = op<Bwd>("mmcore_C::window_attention_bwd")
-                               .call(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale);
+                               .call(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale,
+                                     softcap, std::nullopt, std::nullopt, kmo);
   check(label + " dq", dq, oracle[1], base32[1], true);
   check(label + " dk", dk, oracle[2], base32[2], true);
   check(label + " dv", dv, oracle[3], base32[3], true);
@@ -213,6 +234,12 @@ int main() {
                  0, {200, 113}, {77, 40}, true);
   attention_case("cross bf16", true, at::kBFloat16, 1, 2, 2, 100, 50, 64, -1, -1, false, 0, {100},
                  {50}, true);
+  attention_case("window fp32 softcap 2 + key_mask holes, causal w=(40,0)", false, at::kFloat,
+                 1, 2, 1, 190, 190, 32, 40, 0, true, 0, {190}, {190}, true, 2.0, true);
+  attention_case("window bf16 softcap 4 + key_mask, lengths", false, at::kBFloat16, 2, 2, 2, 120,
+                 120, 64, -1, -1, false, 0, {120, 77}, {120, 90}, true, 4.0, true);
+  attention_case("cross fp32 softcap 3", true, at::kFloat, 1, 2, 1, 90, 60, 32, -1, -1, false, 0,
+                 {90}, {60}, true, 3.0);
   lora_case(at::kFloat);
   lora_case(at::kBFloat16);
   auto peak = op<std::tuple<std::string, int64_t, double>(int64_t)>("mmcore_C::fma_peak").call(1);

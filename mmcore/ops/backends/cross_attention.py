@@ -44,20 +44,18 @@ registry.register(registry.OpImpl(
 
 
 def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0):
-    _unsupported("cpu", softcap)
-    return torch.ops.mmcore_C.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale)
+    return torch.ops.mmcore_C.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap)
 
 
 def _cpu_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0):
-    _unsupported("cpu", softcap)
     return torch.ops.mmcore_C.cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q,
-                                                  seqlens_k, scale)
+                                                  seqlens_k, scale, softcap)
 
 
 registry.register(registry.OpImpl(
     op="cross_attention", backend="cpu", priority=20,
     devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32}),
-    forward=_cpu_fwd, backward=_cpu_bwd,
+    forward=_cpu_fwd, backward=_cpu_bwd, supports_softcap=True,
     available=lambda: _loaders.cpp_error("cross_attention_fwd"),
 ))
 

@@ -52,22 +52,23 @@ registry.register(registry.OpImpl(
 # ---------------------------------------------------------------- cpu: csrc/cpu/window_attention.cpp
 def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale,
              softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
-    _unsupported("cpu", softcap, key_lo, key_mask)
     return torch.ops.mmcore_C.window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right,
-                                                   causal, global_tokens, scale)
+                                                   causal, global_tokens, scale, softcap,
+                                                   key_lo, key_hi, key_mask)
 
 
 def _cpu_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal, global_tokens,
              scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
-    _unsupported("cpu", softcap, key_lo, key_mask)
     return torch.ops.mmcore_C.window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k,
-                                                   left, right, causal, global_tokens, scale)
+                                                   left, right, causal, global_tokens, scale,
+                                                   softcap, key_lo, key_hi, key_mask)
 
 
 registry.register(registry.OpImpl(
     op="window_attention", backend="cpu", priority=20,
     devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=_cpu_fwd, backward=_cpu_bwd,
+    supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
     available=lambda: _loaders.cpp_error("window_attention_fwd"),
 ))
 

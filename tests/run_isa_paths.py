@@ -24,7 +24,7 @@ ROOT = os.path.dirname(HERE)
 SELECTION = ["tests/test_window_cpu.py::test_random", "tests/test_window_cpu.py::test_edge",
              "tests/test_cross_attention.py::test_cpu_random",
              "tests/test_cross_attention.py::test_cpu_edge",
-             "tests/test_lora_kernels.py::test_cpu_random"]
+             "tests/test_lora_kernels.py::test_cpu_random", "tests/test_cpu_masks.py"]
 THINNED = ("test_window_cpu.py::test_random[", "test_cross_attention.py::test_cpu_random[")
 
 

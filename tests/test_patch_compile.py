@@ -98,11 +98,14 @@ def test_compiled_holey_and_left_padding_in_sliding_layers(family):
     assert all(c.get("softcap", 0.0) == cap for c in calls), calls
 
 
-def test_compiled_holes_raise_without_key_mask():
-    """A backend that does not serve key_mask (forced: the C++ CPU kernel) keeps the
-    compaction under compile: a holey mask in a sliding-window layer raises
-    (torch._assert_async) instead of a wrong answer."""
+def test_compiled_holes_raise_without_key_mask(monkeypatch):
+    """A backend that does not serve key_mask (forced: the C++ CPU kernel with its declaration
+    switched off here) keeps the compaction under compile: a holey mask in a sliding-window
+    layer raises (torch._assert_async) instead of a wrong answer."""
     import mmcore
+    from mmcore.ops import registry
+    monkeypatch.setattr(registry.get("window_attention", "cpu"), "supports_key_mask", False)
+    registry.clear_cache()
     torch._dynamo.reset()
     _, ours = _models("mistral")
     mmcore.patch(ours, backend="cpu", lora=False)
@@ -114,6 +117,7 @@ def test_compiled_holes_raise_without_key_mask():
         kw["attention_mask"][0, 5] = 0
         with pytest.raises(RuntimeError, match="holes"):
             fwd(**kw)
+    registry.clear_cache()
 
 
 def test_traced_mask_classification_matches_eager():

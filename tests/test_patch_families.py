@@ -186,11 +186,14 @@ def test_holey_padding_served_by_the_op():
     assert st["op_calls"] == 2 and st["fallback_calls"] == 0, st
 
 
-def test_holey_padding_in_a_sliding_window_layer():
+def test_holey_padding_in_a_sliding_window_layer(monkeypatch):
     """A sliding window counts positions, holes included: compaction would shorten distances,
     so those layers run the op on the keys as they are with the padding as key_mask (issue 26;
-    they took the dense path).  A forced backend that does not serve key_mask (the C++ CPU
-    kernel) still takes the dense path there, exactly, and the patch report counts it."""
+    they took the dense path), on `auto` and on the C++ CPU kernel.  A forced backend that does
+    not serve key_mask (the C++ kernel with its declaration switched off here) still takes the
+    dense path there, exactly, and the patch report counts it."""
+    from mmcore.ops import registry
+
     ids = torch.randint(3, K.V, (2, 16))
     am = torch.ones(2, 16, dtype=torch.long)
     am[0, 5:7] = 0
@@ -198,10 +201,15 @@ def test_holey_padding_in_a_sliding_window_layer():
     st = _served_case("qwen2", {"input_ids": ids, "attention_mask": am}, am.bool())
     assert st == {"op_calls": 3, "fallback_calls": 0, "fallback_reasons": {}}, st
     st = _served_case("qwen2", {"input_ids": ids, "attention_mask": am}, am.bool(), "cpu")
+    assert st == {"op_calls": 3, "fallback_calls": 0, "fallback_reasons": {}}, st
+    monkeypatch.setattr(registry.get("window_attention", "cpu"), "supports_key_mask", False)
+    registry.clear_cache()
+    st = _served_case("qwen2", {"input_ids": ids, "attention_mask": am}, am.bool(), "cpu")
     rep = _LAST_REPORT[0]
     assert rep.fallback_calls == 2 and "2x: holes in the padding" in str(rep)
     assert st["fallback_reasons"] == {"holes in the padding of a sliding-window layer": 2}, st
     assert st["op_calls"] == 1, st
+    registry.clear_cache()
 
 
 def test_attention_dropout_training_falls_back():

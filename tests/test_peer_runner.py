@@ -17,6 +17,8 @@ import run_hf_models as rhm  # noqa: E402
 
 FAKE_TESTS = '''
 import os
+import unittest
+
 import pytest
 from transformers.testing_utils import _MMCORE_PEER_FAKE_CONSTANT, _mmcore_peer_fake_function
 
@@ -37,6 +39,13 @@ def test_sdpa_can_dispatch_composite_models():
 
 def test_fixed_by_mmcore():
     assert MODE == "mmcore"
+
+
+class FakeModelTest(unittest.TestCase):
+    def test_subtest_breaks_with_mmcore(self):  # the test passes, one of its subtests fails
+        for i in range(3):
+            with self.subTest(i=i):
+                self.assertTrue(i != 1 or MODE == "base", "subtest broken by mmcore (fake)")
 
 
 @pytest.mark.skip(reason="skipped in both")
@@ -98,16 +107,18 @@ def test_runner_reports_regressions_expected_differences_and_attention_calls(che
     text = capsys.readouterr().out
     s = json.loads(out.read_text())
     fam = s["families"][0]
-    assert rc == 1, text  # one regression
+    assert rc == 1, text  # regressions
     ids = lambda rows: [r["test"].rsplit("::", 1)[-1] for r in rows]  # noqa: E731
-    assert ids(fam["regressions"]) == ["test_breaks_with_mmcore"]
-    assert "broken by mmcore (fake)" in fam["regressions"][0]["error"]
+    assert ids(fam["regressions"]) == ["test_subtest_breaks_with_mmcore",
+                                       "test_breaks_with_mmcore"]
+    assert "subtest broken by mmcore (fake)" in fam["regressions"][0]["error"]
+    assert "broken by mmcore (fake)" in fam["regressions"][1]["error"]
     assert ids(fam["expected_different"]) == ["test_sdpa_can_dispatch_composite_models"]
     assert [n.rsplit("::", 1)[-1] for n in fam["pass_only_with_mmcore"]] == [
         "test_fixed_by_mmcore"]
     assert fam["base"]["passed"] == 6 and fam["base"]["failed"] == 1
     assert fam["base"]["skipped"] == 1
-    assert fam["mmcore"]["passed"] == 5 and fam["mmcore"]["failed"] == 2
+    assert fam["mmcore"]["passed"] == 4 and fam["mmcore"]["failed"] == 3
     # the tiny Llama was patched in mmcore mode and its attention calls counted
     att = fam["attention"]
     assert fam["mmcore"]["patched_models"] >= 1

@@ -253,7 +253,7 @@ def test_deps(cache=CACHE):
 
 # ------------------------------------------------------------------ one pytest run
 def run_family(tests, family, mode, select="default", k=None, timeout=900.0, shims=None,
-               deps=None, python=sys.executable):
+               deps=None, python=sys.executable, records=None):
     """-> dict(outcomes {nodeid: outcome}, errors {nodeid: line}, stats, status, rc, seconds,
     tail).  status: "ok", "timeout" (outcomes so far) or "error" (nothing ran)."""
     env_sel, k_sel = SELECTIONS[select]
@@ -293,6 +293,9 @@ def run_family(tests, family, mode, select="default", k=None, timeout=900.0, shi
             text, _ = proc.communicate()
             status = "timeout"
         res = read_records(out)
+        if records is not None:  # keep the raw JSON lines
+            os.makedirs(records, exist_ok=True)
+            shutil.copy(out, os.path.join(records, f"{family}-{mode}-{select}.jsonl"))
         res.update(rc=proc.returncode, seconds=round(time.perf_counter() - t0, 1),
                    tail=(text or "")[-3000:])
         if status == "ok" and not res["outcomes"]:
@@ -302,8 +305,12 @@ def run_family(tests, family, mode, select="default", k=None, timeout=900.0, shi
 
 
 def read_records(path):
-    """The plugin's JSON lines -> {outcomes, errors, stats (the last cumulative counters)}."""
-    outcomes, errors, stats, models = {}, {}, None, 0
+    """The plugin's JSON lines -> {outcomes, errors, stats (the last cumulative counters)}.
+
+    A test with subtests (``self.subTest``) has one record per subtest besides its own: it
+    counts as failed if any of them failed, else as passed if any passed, else skipped."""
+    seen: dict = collections.defaultdict(set)
+    errors, stats, models = {}, None, 0
     if os.path.isfile(path):
         with open(path) as f:
             for line in f:
@@ -311,11 +318,19 @@ def read_records(path):
                     rec = json.loads(line)
                 except ValueError:
                     continue  # a line cut by the timeout's kill
-                outcomes[rec["test"]] = rec["outcome"]
+                seen[rec["test"]].add(rec["outcome"])
                 if "error" in rec:
-                    errors[rec["test"]] = rec["error"]
+                    errors.setdefault(rec["test"], rec["error"])
                 stats = rec.get("stats", stats)
                 models = rec.get("patched_models", models)
+    outcomes = {}
+    for test, outs in seen.items():
+        for o in ("failed", "xpassed", "passed", "xfailed", "skipped"):
+            if o in outs:
+                outcomes[test] = o
+                break
+        else:
+            outcomes[test] = sorted(outs)[0]
     return {"outcomes": outcomes, "errors": errors, "stats": stats, "patched_models": models}
 
 
@@ -428,6 +443,8 @@ def parse_args(argv):
     ap.add_argument("--timeout", type=float, default=900.0,
                     help="seconds per family and mode (default 900)")
     ap.add_argument("--json", help="write the summary here")
+    ap.add_argument("--records", metavar="DIR",
+                    help="keep each run's raw per-test records (JSON lines) in DIR")
     args = ap.parse_args(argv)
     bad = [f for f in args.families if f not in FAMILIES]
     if bad:
@@ -474,10 +491,10 @@ def main(argv=None):
     for fam in families:
         res = {}
         for mode in args.modes:
-            res[mode] = run_family(tests, fam, mode, args.select, args.k, args.timeout, shims,
-                                   deps)
-            print(f"[{fam} {mode}] {_pfs({**counts(res[mode]['outcomes']), 'status': res[mode]['status']})}"
-                  f" in {res[mode]['seconds']:.0f} s", file=sys.stderr, flush=True)
+            r = res[mode] = run_family(tests, fam, mode, args.select, args.k, args.timeout,
+                                       shims, deps, records=args.records)
+            print(f"[{fam} {mode}] {_pfs({**counts(r['outcomes']), 'status': r['status']})} "
+                  f"in {r['seconds']:.0f} s", file=sys.stderr, flush=True)
         summary["families"].append(family_summary(fam, res.get("base"), res.get("mmcore")))
         if args.json:  # as it goes: a long run interrupted still leaves its families
             _dump(summary, args.json)

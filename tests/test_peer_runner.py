@@ -128,6 +128,11 @@ def test_runner_reports_regressions_expected_differences_and_attention_calls(che
     assert s["tests_source"] == "fake checkout of test_peer_runner.py"
     assert "REGRESSION " in text and "test_breaks_with_mmcore" in text
     assert "test_sdpa_can_dispatch_composite_models" not in text.split("REGRESSION", 1)[1]
+    # the saved summary re-rendered as Markdown, without running anything
+    assert rhm.main(["--from-json", str(out), "--markdown"]) == 1
+    md = capsys.readouterr().out.splitlines()
+    assert md[0].startswith("| family | base p/f/s | mmcore p/f/s | regr |")
+    assert md[2].startswith("| mistral | 6/1/1 | 4/3/1 | 2 |")
 
 
 def test_runner_base_mode_alone_has_no_attention_counts(checkout, capsys):
@@ -163,6 +168,7 @@ def test_compare_counts_only_tests_run_in_both_modes():
     (["--timeout", "0"], "--timeout must be > 0"),
     (["--from-git", "/tmp"], "--from-git and --rev go together"),
     (["--tests-dir", "/nonexistent/checkout"], "no test_modeling_common.py"),
+    (["--from-json", __file__], "not a summary of this script"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(argv, message, capsys):
     rc = rhm.main(argv)

@@ -391,8 +391,8 @@ def _pfs(c):
     return f"{c['passed']}/{c['failed']}/{c['skipped']}{flag}"
 
 
-def render(summary):
-    """-> the report table (text)."""
+def render(summary, markdown=False):
+    """-> the report table (text, or Markdown)."""
     rows = [("family", "base p/f/s", "mmcore p/f/s", "regr", "op calls", "dense calls",
              "main dense reason")]
     for s in summary["families"]:
@@ -406,24 +406,39 @@ def render(summary):
         rows.append((s["family"], _pfs(s.get("base")), _pfs(s.get("mmcore")),
                      str(len(s["regressions"])) if "regressions" in s else "-",
                      "-" if att is None else str(att["op_calls"]), dense, reason))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in rows]
+        lines.insert(1, "|" + "---|" * len(rows[0]))
+    else:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = []
     for s in summary["families"]:
         for r in s.get("regressions", []):
-            lines.append(f"REGRESSION {r['test']}: {r['error']}")
+            notes.append(f"REGRESSION {r['test']}: {r['error']}")
         att = s.get("attention")
         if att and len(att["fallback_reasons"]) > 1:
             for why, n in sorted(att["fallback_reasons"].items(), key=lambda kv: -kv[1]):
-                lines.append(f"  {s['family']}: dense {n}x {why}")
+                notes.append(f"{s['family']}: dense {n}x {why}")
         for mode, p in s.get("problems", {}).items():
-            lines.append(f"  {s['family']} {mode}: {p.splitlines()[0] if p else ''}")
-    lines.append("p/f/s: passed/failed/skipped (T: cut by the timeout, E: nothing ran)")
+            notes.append(f"{s['family']} {mode}: {_problem_line(p)}")
+    notes.append("p/f/s: passed/failed/skipped (T: cut by the timeout, E: nothing ran)")
     if summary.get("version_gap"):
         names = [f"{m}.{n}" for m, d in summary["version_gap"].items() for n in d]
-        lines.append(f"version gap: the tests import {len(names)} names the installed "
+        notes.append(f"version gap: the tests import {len(names)} names the installed "
                      f"transformers lacks (stand-ins set): {', '.join(names)}")
-    return "\n".join(lines)
+    if markdown:
+        return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+    return "\n".join(lines + notes)
+
+
+def _problem_line(text):
+    """The status and the first 'E ...' line (else the last line) of a run's output tail."""
+    head = text.split(":", 1)[0]
+    es = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ") and ln[1:].strip()]
+    last = es[0] if es else (text.strip().splitlines() or [""])[-1]
+    return f"{head}: {last[:200]}"
 
 
 # ------------------------------------------------------------------ command line
@@ -443,6 +458,9 @@ def parse_args(argv):
     ap.add_argument("--timeout", type=float, default=900.0,
                     help="seconds per family and mode (default 900)")
     ap.add_argument("--json", help="write the summary here")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="print the report of a saved --json summary (runs nothing)")
     ap.add_argument("--records", metavar="DIR",
                     help="keep each run's raw per-test records (JSON lines) in DIR")
     args = ap.parse_args(argv)
@@ -464,6 +482,15 @@ def parse_args(argv):
 def main(argv=None):
     try:
         args = parse_args(argv)
+        if args.from_json:
+            try:
+                with open(args.from_json) as f:
+                    summary = json.load(f)
+                print(render(summary, args.markdown))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UsageError(f"--from-json {args.from_json}: not a summary of this script "
+                                 f"({type(e).__name__}: {e})")
+            return 1 if any(s.get("regressions") for s in summary["families"]) else 0
         families = args.families or list(FAMILIES)
         version = importlib.metadata.version("transformers")
         if args.tests_dir:
@@ -500,7 +527,7 @@ def main(argv=None):
             _dump(summary, args.json)
     print(f"transformers {version}'s model tests ({args.select}"
           f"{', -k ' + args.k if args.k else ''}) from {tests}, modes {', '.join(args.modes)}")
-    print(render(summary))
+    print(render(summary, args.markdown))
     if args.json:
         _dump(summary, args.json)
     return 1 if any(s.get("regressions") for s in summary["families"]) else 0

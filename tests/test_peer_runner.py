@@ -156,10 +156,11 @@ def test_timeout_keeps_the_outcomes_so_far(checkout):
 
 def test_compare_counts_only_tests_run_in_both_modes():
     base = {"outcomes": {"a::test_x": "passed", "a::test_y": "passed",
-                         "a::test_can_set_attention_dynamically": "passed"}}
-    mm = {"outcomes": {"a::test_x": "failed", "a::test_can_set_attention_dynamically": "failed"}}
-    assert rhm.compare(base, mm) == (["a::test_x"], ["a::test_can_set_attention_dynamically"],
-                                     [])
+                         "a::test_sdpa_can_dispatch_non_composite_models": "passed"}}
+    mm = {"outcomes": {"a::test_x": "failed",
+                       "a::test_sdpa_can_dispatch_non_composite_models": "failed"}}
+    assert rhm.compare(base, mm) == (
+        ["a::test_x"], ["a::test_sdpa_can_dispatch_non_composite_models"], [])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -60,16 +60,13 @@ SELECTIONS = {"default": ({}, None),
 # Tests whose failure with mmcore is expected, by test function name: each asserts that the
 # model's attention implementation is named "sdpa" after loading or switching, and under
 # mmcore mode the name is "mmcore" by design.  Listed in the report, never counted as
-# regressions.  Keep this small; every entry says why.
+# regressions.  Keep this small; every entry says why, and was seen failing for that reason
+# (2026-12-07: the first in mistral, qwen2, gemma3, mllama; the second in llava_onevision).
 EXPECTED_DIFFERENT = {
     "test_sdpa_can_dispatch_non_composite_models":
         "asserts model.config._attn_implementation == 'sdpa' after loading with sdpa",
     "test_sdpa_can_dispatch_composite_models":
         "asserts each sub-config's _attn_implementation == 'sdpa' after loading with sdpa",
-    "test_can_set_attention_dynamically":
-        "asserts _attn_implementation == 'sdpa' on a model built with sdpa",
-    "test_can_set_attention_dynamically_composite_model":
-        "asserts each sub-config's _attn_implementation == 'sdpa' on a model built with sdpa",
 }
 # pip packages transformers' test helpers import at module level (installed, if the venv lacks
 # them, into .peer/hf-test-deps with --no-deps): import name -> distribution

@@ -1,0 +1,152 @@
+"""pytest plugin for transformers' own model tests (loaded with ``-p mmcore_hf_plugin`` by
+``tests/peer/run_hf_models.py``; not collected by mmcore's own test run).
+
+Environment:
+  MMCORE_PEER_MODE   "base": transformers as is.  "mmcore": every model whose attention
+                     implementation resolves to "sdpa" (transformers' default) is handed to
+                     ``mmcore.patch(model)`` at the end of its construction (``post_init``), so
+                     its attention runs on ``attn_implementation="mmcore"``; models built with
+                     "eager" (the reference side of transformers' eager-vs-sdpa tests) stay eager.
+  MMCORE_PEER_FORCE  "1": patch eager models too (Longformer: transformers reports no SDPA support
+                     for it, so its models are always "eager"; mmcore maps its own attention).
+  MMCORE_PEER_OUT    a JSON-lines file: one line per test report ({"test", "outcome"}, with the
+                     cumulative attention counters of ``mmcore.patch.hf_interface.STATS`` in
+                     mmcore mode), written as the run goes, so that a run killed by its timeout
+                     still leaves what it did.
+  MMCORE_PEER_SHIMS  a JSON file {module: {name: value | null}}: names the test sources import
+                     from transformers that the installed version lacks (tests of another
+                     version); a value is set as is, null becomes a function that raises.
+
+``datasets`` (imported at module level by transformers' pipeline test helpers, used by none of
+the model tests) is replaced by an import stub when it is not installed.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import types
+
+_MODE = os.environ.get("MMCORE_PEER_MODE", "base")
+_FORCE = os.environ.get("MMCORE_PEER_FORCE", "0") == "1"
+_OUT = os.environ.get("MMCORE_PEER_OUT")
+_SHIMS = os.environ.get("MMCORE_PEER_SHIMS")
+_patched = {"models": 0}
+
+
+def _stub_module(name):
+    mod = types.ModuleType(name)
+    mod.__dict__["__mmcore_stub__"] = True
+
+    def __getattr__(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+
+        def unavailable(*a, **k):
+            raise ImportError(f"{name} is not installed (import stub of mmcore's peer-suite "
+                              "runner)")
+        return type(attr, (), {"__init__": unavailable}) if attr[:1].isupper() else unavailable
+    mod.__getattr__ = __getattr__
+    sys.modules[name] = mod
+
+
+def _missing(name):
+    def unavailable(*a, **k):
+        raise NotImplementedError(f"{name} is not in the installed transformers (a stand-in of "
+                                  "mmcore's peer-suite runner: the test sources are of another "
+                                  "version)")
+    unavailable.__name__ = name.rsplit(".", 1)[-1]
+    return unavailable
+
+
+def _apply_shims(path):
+    with open(path) as f:
+        shims = json.load(f)
+    for modname, names in shims.items():
+        mod = importlib.import_module(modname)
+        for name, value in names.items():
+            if not hasattr(mod, name):
+                setattr(mod, name, _missing(f"{modname}.{name}") if value is None else value)
+
+
+def _stats():
+    from mmcore.patch import hf_interface
+    return hf_interface.STATS
+
+
+def _wants_mmcore(model):
+    impls = set()
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return False
+    stack = [cfg]
+    while stack:
+        c = stack.pop()
+        impls.add(getattr(c, "_attn_implementation", None))
+        for key in getattr(c, "sub_configs", {}) or {}:
+            sub = getattr(c, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation"):
+                stack.append(sub)
+    return "sdpa" in impls or (_FORCE and impls <= {"eager", None})
+
+
+def _install_mmcore():
+    import mmcore
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.post_init
+
+    def post_init(self, *a, **k):
+        out = real(self, *a, **k)
+        if _wants_mmcore(self):
+            mmcore.patch(self, lora=False)
+            _patched["models"] += 1
+        return out
+    post_init.__wrapped__ = real
+    PreTrainedModel.post_init = post_init
+
+
+def pytest_configure(config):
+    if importlib.util.find_spec("datasets") is None:
+        _stub_module("datasets")
+    if _SHIMS:
+        _apply_shims(_SHIMS)
+    if _MODE == "mmcore":
+        _install_mmcore()
+        _stats().reset()
+    if _OUT:
+        open(_OUT, "w").close()
+
+
+def _write(rec):
+    if _OUT:
+        with open(_OUT, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def pytest_runtest_logreport(report):
+    out = None
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        out = report.outcome
+        if hasattr(report, "wasxfail"):
+            out = "xfailed" if report.skipped else "xpassed"
+    elif report.when == "teardown" and report.outcome == "failed":
+        out = "failed"
+    if out is None:
+        return
+    rec = {"test": report.nodeid, "outcome": out}
+    if out == "failed" and report.longrepr is not None:
+        rec["error"] = _error_line(report)
+    if _MODE == "mmcore":
+        rec["stats"] = _stats().as_dict()
+        rec["patched_models"] = _patched["models"]
+    _write(rec)
+
+
+def _error_line(report):
+    """The first 'E   ...' line of the failure (the exception), at most 300 characters."""
+    text = str(report.longrepr)
+    lines = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ") and ln[1:].strip()]
+    return (lines[0] if lines else (text.strip().splitlines() or [""])[-1])[:300]

@@ -37,6 +37,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import varlen
+
 _INF = 1 << 40  # "unbounded" in absolute key positions (int64)
 _PROBE_ROWS = 16
 
@@ -397,14 +399,7 @@ def mask_for(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset
                              kv_offset, attention_mask, device)
     if got is None:
         return None
-    need = kv_offset + kv_length
-    if attention_mask is None:
-        pm = torch.ones(batch_size, need, dtype=torch.bool, device=device)
-    else:
-        pm = attention_mask.to(device=device, dtype=torch.bool)
-        if pm.shape[-1] < need:
-            pm = torch.nn.functional.pad(pm, (0, need - pm.shape[-1]))
-        pm = pm[:, :need].clone()  # the tag must not land on the caller's tensor
+    pm = varlen.key_padding(attention_mask, batch_size, kv_offset + kv_length, device)
     pm._mmcore_spec = BoundsSpec(got[0], got[1], q_offset, kv_offset)
     return pm
 

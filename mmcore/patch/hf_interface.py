@@ -137,16 +137,7 @@ def mmcore_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
                                mask_function=mask_function, attention_mask=attention_mask,
                                allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
                                use_vmap=use_vmap, device=device)
-    need = kv_offset + kv_length
-    if attention_mask is None:
-        pm = torch.ones(batch_size, need, dtype=torch.bool, device=device)
-    else:
-        pm = attention_mask.to(device=device, dtype=torch.bool)
-        if pm.shape[-1] < need:
-            pm = torch.nn.functional.pad(pm, (0, need - pm.shape[-1]))
-        pm = pm[:, :need].contiguous()
-    if pm is attention_mask:
-        pm = pm.clone()  # the tag must not land on the caller's tensor
+    pm = varlen.key_padding(attention_mask, batch_size, kv_offset + kv_length, device)
     pm._mmcore_spec = MaskSpec(cls[0], cls[1], _offset(q_offset), _offset(kv_offset), cls[2])
     return pm
 

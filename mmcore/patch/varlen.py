@@ -25,6 +25,18 @@ from __future__ import annotations
 import torch
 
 
+def key_padding(attention_mask, batch_size, need, device):
+    """HF's 2-D padding mask (or None: no padding) as a fresh bool (B, need) tensor: cut or
+    padded with False to `need` key columns (a tag set on it never lands on the caller's)."""
+    if attention_mask is None:
+        return torch.ones(batch_size, need, dtype=torch.bool, device=device)
+    pm = attention_mask.to(device=device, dtype=torch.bool)
+    if pm.shape[-1] < need:
+        pm = torch.nn.functional.pad(pm, (0, need - pm.shape[-1]))
+    pm = pm[:, :need].contiguous()
+    return pm.clone() if pm is attention_mask else pm
+
+
 def _gather_rows(x, idx):
     """x (B, H, S, D), idx (B, S') -> (B, H, S', D) with row j of sample b = x[b, :, idx[b, j]]."""
     B, H, _, D = x.shape

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ._autotune import autotune, config_class, smem_budget
+from .window_attention import _scores  # the capped scores (and their tanh), shared
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -54,35 +55,6 @@ def _dot(a, b, PREC: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def _tanh(x):
-    """tanh in fp32 from exp2 only (no libdevice: its name differs between Triton versions and
-    the interpreter): 1 - 2 / (e^{2|x|} + 1) for |x| >= 1/4 (no cancellation there: the result
-    is >= 0.24, a few ulp), the Taylor series to x^9 below (truncation < 1e-8 relative).
-    +-inf -> +-1, NaN -> NaN.  (The same formula as kernels/window_attention.py.)"""
-    ax = tl.abs(x)
-    big = 1.0 - 2.0 / (tl.exp2(ax * 2.8853900817779268) + 1.0)
-    x2 = x * x
-    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
-        -0.05396825396825397 + x2 * 0.021869488536155203))))
-    t = tl.where(ax < 0.25, small, big)
-    return tl.where(x < 0.0, -t, t)
-
-
-@triton.jit
-def _scores(raw, qk_scale, softcap2, HAS_SOFTCAP: tl.constexpr):
-    """Scores in log2 units from a raw Q·Kᵀ tile -> (s, t): without softcap s = raw·qk_scale
-    (qk_scale = scale·log2 e), t = s (unused); with softcap c (qk_scale = scale / c, softcap2 =
-    c·log2 e) t = tanh(raw·scale / c), s = c·t·log2 e; the backward's dS_raw = dS (1 - t²)."""
-    if HAS_SOFTCAP:
-        t = _tanh(raw * qk_scale)
-        s = t * softcap2
-    else:
-        s = raw * qk_scale
-        t = s
-    return s, t
 
 
 @triton.jit

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+import kit
 from kit import assert_close
 from mmcore.kernels import cross_attention as C
 from mmcore.kernels import window_attention as W
@@ -64,40 +65,18 @@ def check(got, q, k, v, mask, scale, softcap, dout):
 
 
 def lengths_mask(B, Sq, Sk, seqlens_q, seqlens_k):
-    """i < Lq_b and j < Lk_b as (B, Sq, Sk)."""
-    Lq = seqlens_q if seqlens_q is not None else torch.full((B,), Sq)
-    Lk = seqlens_k if seqlens_k is not None else torch.full((B,), Sk)
-    return ((torch.arange(Sq)[None, :, None] < Lq[:, None, None])
-            & (torch.arange(Sk)[None, None, :] < Lk[:, None, None]))
+    """i < Lq_b and j < Lk_b as (B, Sq, Sk) (kit's rule)."""
+    return kit.with_lengths(B, Sq, Sk, seqlens_q, seqlens_k)
 
 
 def window_dense_mask(B, Sq, Sk, left, right, causal, G, seqlens_q=None, seqlens_k=None):
-    """allowed(b, i, j) of docs/design.md (bottom-right aligned window + global prefix)."""
-    Lq = seqlens_q if seqlens_q is not None else torch.full((B,), Sq)
-    Lk = seqlens_k if seqlens_k is not None else torch.full((B,), Sk)
-    i, j = torch.arange(Sq)[None, :, None], torch.arange(Sk)[None, None, :]
-    p = i + (Lk - Lq)[:, None, None]
-    right = 0 if causal else right
-    inwin = torch.ones(B, Sq, Sk, dtype=torch.bool)
-    if left >= 0:
-        inwin &= j >= p - left
-    if right >= 0:
-        inwin &= j <= p + right
-    glob = (j < G) | (p < G)
-    if causal:
-        glob &= j <= p
-    return lengths_mask(B, Sq, Sk, seqlens_q, seqlens_k) & (inwin | glob)
+    """allowed(b, i, j) of docs/design.md as (B, Sq, Sk) (kit's oracle mask)."""
+    return kit.window_mask(B, Sq, Sk, left, right, causal, G, seqlens_q, seqlens_k)[:, 0]
 
 
 def bounds_dense_mask(lo, hi, key_mask, Sk, seqlens_q=None, seqlens_k=None):
     """Bounds mode: lo_i <= j < hi_i, within the lengths, AND key_mask -> (B, Sq, Sk)."""
-    B, Sq = lo.shape
-    j = torch.arange(Sk)[None, None, :]
-    m = (j >= lo[:, :, None].long()) & (j < hi[:, :, None].long())
-    m &= lengths_mask(B, Sq, Sk, seqlens_q, seqlens_k)
-    if key_mask is not None:
-        m &= key_mask[:, None, :]
-    return m
+    return kit.bounds_mask(lo, hi, key_mask, seqlens_q, seqlens_k, Sk)[:, 0]
 
 
 def inputs(B, Hq, Hkv, Sq, Sk, D, dtype, seed, mag=1.5):
@@ -121,20 +100,16 @@ def run_window(q, k, v, dout, seqlens_q, seqlens_k, left, right, causal, G, scal
 
 
 @triton.jit
-def _tanh_kernel(X, Y, N, BLOCK: tl.constexpr, CROSS: tl.constexpr):
+def _tanh_kernel(X, Y, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(X + offs, mask=offs < N, other=0.0)
-    if CROSS:
-        y = C._tanh(x)
-    else:
-        y = W._tanh(x)
+    y = W._tanh(x)  # the one tanh of both kernels' _scores
     tl.store(Y + offs, y, mask=offs < N)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # numpy: exp2(2e30), (1e30)²
-@pytest.mark.parametrize("cross", [False, True])
-def test_tanh(interpret, cross):
-    """Both kernels' tanh (exp2-based, a series below |x| = 1/4) against float64: within 3e-7
+def test_tanh(interpret):
+    """The kernels' tanh (exp2-based, a series below |x| = 1/4) against float64: within 3e-7
     absolute and 1e-6 relative everywhere, exact signs, +-inf -> +-1, NaN -> NaN."""
     x = torch.cat([torch.linspace(-12, 12, 4001), torch.logspace(-30, 1.5, 400),
                    -torch.logspace(-30, 1.5, 400), torch.tensor([0.0, 0.25, -0.25, 0.2499999,
@@ -142,7 +117,7 @@ def test_tanh(interpret, cross):
     x = torch.cat([x, torch.tensor([float("inf"), float("-inf"), float("nan")])]).float()
     y = torch.empty_like(x)
     _tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x.to(interpret), y.to(interpret), x.numel(),
-                                                 BLOCK=1024, CROSS=cross)
+                                                 BLOCK=1024)
     y = y.cpu().double()
     ref = torch.tanh(x.double())
     fin = torch.isfinite(x)

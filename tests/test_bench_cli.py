@@ -45,7 +45,15 @@ def test_bench_writes_rows_and_plot_where_asked_outside_the_checkout(tmp_path):
         fast, slow = by[(x["case"], x["faster"])], by[(x["case"], x["than"])]
         assert x["speedup"] == pytest.approx(slow["median_ms"] / fast["median_ms"])
     assert "roofline:" in r.stdout and "% roof" in r.stdout
-    assert "mmcore x faster" in r.stdout and "faster than sdpa-dense-mask" in r.stdout
+    assert "mmcore x faster" in r.stdout
+    # each mmcore:cpu row is compared with its case's fastest baseline (dense mask or chunked:
+    # which one wins at N = 256 depends on the run), and the table names that baseline
+    for x in rows:
+        if x["impl"] == "mmcore:cpu" and "than" in x:
+            base = [y for y in rows if y["case"] == x["case"] and y.get("median_ms")
+                    and not y["impl"].startswith("mmcore")]
+            assert x["than"] == min(base, key=lambda y: y["median_ms"])["impl"]
+            assert f"faster than {x['than']}" in r.stdout
     # nothing written into the checkout
     assert set(os.listdir(os.path.join(ROOT, "benchmarks"))) == before
 

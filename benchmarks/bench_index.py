@@ -3,6 +3,7 @@
 
     python benchmarks/bench_index.py --docs 2000            # the issue's folder (long)
     python benchmarks/bench_index.py --docs 200 --rounds 2  # a shorter run
+    python benchmarks/bench_index.py --docs 2000 --slices 20  # interleaved in 20 slices
     python benchmarks/bench_index.py --search-passages 100000 --docs 0
 
 Throughput: a generated folder of `--docs` documents of 200-2,000 tokens (uniform, seeded).
@@ -15,6 +16,14 @@ Per round, in one process and alternating which goes first:
     order, batches of 16 padded to the longest, under torch.no_grad — encoding only.
 Both count the same tokens (each document's tokens + [CLS]/[SEP]); the ratio is HF seconds /
 mmcore seconds.  Same model weights (MiniLM-L6), fp32, torch's default threads.
+
+``--slices K``: the documents are dealt round-robin into K sub-folders, and each round runs
+the two sides slice by slice, alternating which goes first per slice, so that the two sides
+are never more than one slice apart in time.  On a machine whose speed drifts (a shared or
+throttled host: single rounds here swung 2.5x within minutes) the summed ratio then compares
+like with like; the per-slice ratios' spread is printed to show how much the host drifted.
+mmcore indexes each slice into its own index (its length batching sees one slice's files at
+a time, which can only cost it).
 
 Search: an index of `--search-passages` random unit vectors (384-d) with text, then
 `Index.open(...).search(q, top_k=5)`: open + first search, and a warm search (model loaded).
@@ -80,7 +89,21 @@ def hf_encode(model, tok, texts, chunk=512, batch=16):
     return sum(len(d) + 2 for d in ids)
 
 
-def throughput(docs: int, rounds: int, seed: int):
+def _slices(folder: str, k: int) -> list:
+    """Deal the files of `folder` round-robin into `k` sub-folders -> their paths (k == 1:
+    [folder])."""
+    if k <= 1:
+        return [folder]
+    names = sorted(os.listdir(folder))
+    subs = [os.path.join(folder, f"slice{i:03d}") for i in range(k)]
+    for p in subs:
+        os.makedirs(p)
+    for i, n in enumerate(names):
+        os.rename(os.path.join(folder, n), os.path.join(subs[i % k], n))
+    return subs
+
+
+def throughput(docs: int, rounds: int, seed: int, slices: int = 1):
     import transformers
 
     import mmcore
@@ -91,37 +114,52 @@ def throughput(docs: int, rounds: int, seed: int):
     work = tempfile.mkdtemp(prefix="bench-index-")
     folder = os.path.join(work, "docs")
     tokens = make_folder(folder, docs, seed)
-    texts = [open(os.path.join(folder, n)).read() for n in sorted(os.listdir(folder))]
+    parts = _slices(folder, slices)
+    texts = [[open(os.path.join(p, n)).read() for n in sorted(os.listdir(p))] for p in parts]
     d = default_text_model()
     hf = transformers.BertModel.from_pretrained(d, attn_implementation="sdpa").eval()
     tok = Tokenizer(d)
     pe = PassageEncoder(d)
-    hf_encode(hf, tok, texts[:4])  # warm-up both
-    pe.encode([pe.tokenize(x) for x in texts[:4]])
-    n_tok = sum(len(tok.document(x)[0]) for x in texts)  # the tokens both sides count
-    rows = []
+    hf_encode(hf, tok, texts[0][:4])  # warm-up both
+    pe.encode([pe.tokenize(x) for x in texts[0][:4]])
+    n_tok = [sum(len(tok.document(x)[0]) for x in t) for t in texts]  # what both sides count
+    rows, pair = [], []
     for r in range(rounds):
-        order = ["mmcore", "hf"] if r % 2 == 0 else ["hf", "mmcore"]
-        for who in order:
-            load = os.getloadavg()[0]
-            t = time.perf_counter()
-            if who == "hf":
-                n = hf_encode(hf, tok, texts)
-            else:
-                out = os.path.join(work, f"idx{r}")
-                res = mmcore.index(folder, out, encoder=pe)
-                n = res["tokens"]
-                assert res["encoded"] == docs and n == n_tok, res
-            s = time.perf_counter() - t
-            rows.append(dict(round=r, who=who, docs=docs, tokens=n, seconds=round(s, 2),
-                             tokens_per_s=round(n / s), load_before=round(load, 1)))
+        secs = {"mmcore": 0.0, "hf": 0.0}
+        load = os.getloadavg()[0]
+        for i, (p, t) in enumerate(zip(parts, texts)):
+            order = ["mmcore", "hf"] if (r + i) % 2 == 0 else ["hf", "mmcore"]
+            took = {}
+            for who in order:
+                t0 = time.perf_counter()
+                if who == "hf":
+                    n = hf_encode(hf, tok, t)
+                else:
+                    res = mmcore.index(p, os.path.join(work, f"idx{r}-{i}"), encoder=pe)
+                    n = res["tokens"]
+                    assert res["encoded"] == len(t), res
+                assert n == n_tok[i], (who, n, n_tok[i])
+                took[who] = time.perf_counter() - t0
+                secs[who] += took[who]
+            pair.append(took["hf"] / took["mmcore"])
+        for who in ("mmcore", "hf"):
+            rows.append(dict(round=r, who=who, docs=docs, slices=len(parts), tokens=sum(n_tok),
+                             seconds=round(secs[who], 2),
+                             tokens_per_s=round(sum(n_tok) / secs[who]),
+                             load_before=round(load, 1)))
             print(json.dumps(rows[-1]), flush=True)
     tm = sum(x["seconds"] for x in rows if x["who"] == "mmcore")
     th = sum(x["seconds"] for x in rows if x["who"] == "hf")
-    summary = dict(docs=docs, tokens=tokens, rounds=rounds, mmcore_seconds=round(tm, 1),
-                   hf_seconds=round(th, 1), ratio_mmcore_over_hf=round(th / tm, 3),
+    pair.sort()
+    summary = dict(docs=docs, tokens=tokens, rounds=rounds, slices=len(parts),
+                   mmcore_seconds=round(tm, 1), hf_seconds=round(th, 1),
+                   ratio_mmcore_over_hf=round(th / tm, 3),
+                   slice_ratio_min=round(pair[0], 3),
+                   slice_ratio_median=round(pair[len(pair) // 2], 3),
+                   slice_ratio_max=round(pair[-1], 3),
                    threads=torch.get_num_threads(), torch=torch.__version__,
-                   transformers=transformers.__version__)
+                   transformers=transformers.__version__,
+                   load_after=round(os.getloadavg()[0], 1))
     print(json.dumps(summary), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return summary
@@ -178,10 +216,14 @@ def main(argv=None):
     ap.add_argument("--docs", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slices", type=int, default=1,
+                    help="interleave the two sides slice by slice (see the module docstring)")
     ap.add_argument("--search-passages", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.docs and not 1 <= a.slices <= a.docs:
+        ap.error(f"--slices must be between 1 and --docs ({a.docs}), got {a.slices}")
     if a.docs:
-        throughput(a.docs, a.rounds, a.seed)
+        throughput(a.docs, a.rounds, a.seed, a.slices)
     if a.search_passages:
         search_latency(a.search_passages, a.seed)
 

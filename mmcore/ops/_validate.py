@@ -157,6 +157,17 @@ def softcap(c):
     return c
 
 
+def dropout_p(p):
+    """Attention dropout probability: a real number in [0, 1) -> float (0.0 = off)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number in [0, 1), got {type(p).__name__} "
+                        f"{p!r}")
+    p = float(p)
+    if not (0.0 <= p < 1.0):  # NaN fails this too
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return p
+
+
 def key_bounds(kb, B, Sq, ref):
     """key_bounds: None or a pair (lo, hi) of integer tensors (B, Sq) on ref's device ->
     (lo, hi) contiguous int32 (values clamped to [-1, 2**31 - 1]: a bound past the keys

@@ -37,6 +37,7 @@ class Problem:
     head_dim: D of the attention (or K of lora_linear); gqa: Hq != Hkv; needs_grad: any input
     requires grad; global_tokens / window: window_attention only; rank / adapters: lora only.
     extra: sizes and flags of the op (window_attention / cross_attention: Sq, Sk, ``softcap``,
+    ``dropout`` (attention dropout, only present when used),
     and for windows ``window`` (left, right), ``causal``, ``aligned`` (every sample has
     Lq = Lk), ``key_bounds``, ``key_mask`` (whether the call uses them);
     lora_linear: M, N).
@@ -92,6 +93,10 @@ class OpImpl:
     supports_softcap: bool = False
     supports_key_bounds: bool = False
     supports_key_mask: bool = False
+    # attention dropout (Problem.extra "dropout"): forward / backward take dropout_p (float)
+    # and seed ((2,) int64 CPU tensor) after key_mask (window) / softcap (cross), and must
+    # regenerate the same mask in the backward from the seed
+    supports_dropout: bool = False
     # lora_linear: a per-output-column scale epilogue (col_scale, DoRA's magnitude / norm)
     # and a weight passed as the transposed view of an (K, N) matrix (transformers' Conv1D)
     supports_col_scale: bool = False
@@ -143,7 +148,8 @@ class OpImpl:
             r.append("no multi-adapter batches")
         for feat, ok in (("softcap", self.supports_softcap),
                          ("key_bounds", self.supports_key_bounds),
-                         ("key_mask", self.supports_key_mask)):
+                         ("key_mask", self.supports_key_mask),
+                         ("dropout", self.supports_dropout)):
             if p.extra.get(feat) and not ok:
                 r.append(f"no {feat}")
         if p.extra.get("col_scale") and not self.supports_col_scale:

@@ -10,6 +10,7 @@ registry.register(registry.OpImpl(
     op="cross_attention", backend="torch", priority=0,
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=ref.cross_fwd, backward=ref.cross_bwd, supports_softcap=True,
+    supports_dropout=True,
 ))
 
 

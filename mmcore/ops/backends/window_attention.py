@@ -12,6 +12,7 @@ registry.register(registry.OpImpl(
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=ref.window_fwd, backward=ref.window_bwd,
     supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
+    supports_dropout=True,
 ))
 
 

@@ -10,13 +10,18 @@ unbounded; causal forces right = 0 and also restricts global rows to j <= p; lse
 natural-log sum-exp of the scaled (and, with softcap c > 0, capped: c·tanh(s/c)) scores, -inf
 (and output 0) for a row that sees no key.  Bounds mode (key_lo / key_hi (B, Sq) int32): row i
 sees keys key_lo[b, i] <= j < key_hi[b, i] instead of the window pattern; key_mask (B, Sk) bool
-hides keys in either mode.
+hides keys in either mode.  Attention dropout (dropout_p > 0, a seed (2,) int64): the
+normalised weights are multiplied by the regenerated keep mask / (1 − p) of
+mmcore/ops/reference/dropout.py, in the forward and again in the backward; lse stays the
+un-dropped softmax's.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from . import dropout as _dropout
 
 _CHUNK = 256
 
@@ -155,7 +160,8 @@ def _mm_masked(a, b, allowed, chunk=32):
 
 
 def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale,
-               softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
+               softcap=0.0, key_lo=None, key_hi=None, key_mask=None, dropout_p=0.0,
+               seed=None):
     """-> out (B, Hq, Sq, D) in q.dtype, lse (B, Hq, Sq) fp32.
 
     Non-finite inputs reach exactly the rows that see them (docs/design.md): a NaN query or seen
@@ -186,7 +192,8 @@ def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens
             kc = k[b][:, kidx].to(cdt)  # (Hkv, nk, D)
             vc = v[b][:, kidx].to(cdt)
             p, m, l = _softmax(_scores(qc, kc, scale, mask, g, softcap))  # (Hkv, g, C, nk)
-            o = _mm_masked(p, vc[:, None], mask)  # (Hkv, g, C, D)
+            pd = p if not dropout_p else p * _drop(seed, b, Hq, i0, i1, kidx, dropout_p, p)
+            o = _mm_masked(pd, vc[:, None], mask)  # (Hkv, g, C, D)
             o = torch.where(l == 0, torch.zeros_like(o), o / l)
             lse_b = torch.where(m == float("inf"), m, m + torch.log(l))  # -inf when l == 0
             out[b, :, i0:i1] = o.reshape(Hq, i1 - i0, -1).to(q.dtype)
@@ -195,13 +202,15 @@ def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens
 
 
 def window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
-               global_tokens, scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
+               global_tokens, scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None,
+               dropout_p=0.0, seed=None):
     """-> dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D) in the input dtypes.
 
     Recomputes P per block as a self-normalised softmax (a block holds every key its rows
     see, so no saved lse is needed: exact at any logit size): dV += Pᵀ dO;
     dS = P ∘ (dP − rowsum(P∘dP)), dP = dO Vᵀ; dQ = scale·dS K; dK += scale·dSᵀ Q.
     With softcap c, dS is taken through the cap: dS_raw = dS ∘ (1 − (S_capped / c)²).
+    With dropout (Z = keep / (1 − p)): O = (P∘Z) V, so dV += (P∘Z)ᵀ dO and dP = (dO Vᵀ)∘Z.
     Masked entries take part in no product (see _mm_masked)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -240,8 +249,12 @@ def window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causa
             sel = (lambda x: x) if clean else (lambda x: torch.where(mask, x, zero))  # noqa
             mm = (lambda a, b_, _: torch.matmul(a, b_)) if clean else _mm_masked  # noqa
             p = sel(p)
-            dv[b].index_add_(1, kidx, mm(p.transpose(-1, -2), doc, mask.T).sum(1))
+            z = None if not dropout_p else _drop(seed, b, Hq, i0, i1, kidx, dropout_p, p)
+            pd = p if z is None else p * z
+            dv[b].index_add_(1, kidx, mm(pd.transpose(-1, -2), doc, mask.T).sum(1))
             dp = torch.matmul(doc, vc[:, None].transpose(-1, -2))  # (Hkv, g, C, nk)
+            if z is not None:
+                dp = dp * z
             # rowsum(P∘dP) == rowsum(dO∘O); this form is exact when a row sees one key
             delta = sel(p * dp).sum(-1, keepdim=True)
             ds = sel(p * (dp - delta)) * scale
@@ -254,13 +267,21 @@ def window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causa
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def cross_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0):
-    return window_fwd(q, k, v, seqlens_q, seqlens_k, -1, -1, False, 0, scale, softcap)
+def _drop(seed, b, Hq, i0, i1, kidx, p, like):
+    """The dropout factor (Hkv, g, C, nk) of a block, like `like`: keep / (1 − p) or 0."""
+    z = _dropout.scale_block(seed, b, Hq, i0, i1, kidx, p, like.dtype)
+    return z.view(like.shape)
 
 
-def cross_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0):
+def cross_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0, dropout_p=0.0, seed=None):
+    return window_fwd(q, k, v, seqlens_q, seqlens_k, -1, -1, False, 0, scale, softcap,
+                      dropout_p=dropout_p, seed=seed)
+
+
+def cross_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0,
+              dropout_p=0.0, seed=None):
     return window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, -1, -1, False, 0, scale,
-                      softcap)
+                      softcap, dropout_p=dropout_p, seed=seed)
 
 
 def default_scale(D: int) -> float:

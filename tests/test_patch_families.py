@@ -212,7 +212,7 @@ def test_holey_padding_in_a_sliding_window_layer(monkeypatch):
     registry.clear_cache()
 
 
-def test_attention_dropout_training_falls_back():
+def test_attention_dropout_training_on_the_op(monkeypatch):
     import transformers as T
     cfg, cls, _ = K.build("bert")
     cfg.attention_probs_dropout_prob = 0.5
@@ -221,7 +221,15 @@ def test_attention_dropout_training_falls_back():
     m.train()
     hfi.STATS.reset()
     m(input_ids=torch.randint(3, K.V, (1, 9)))
-    assert hfi.STATS.fallback_reasons.get("attention dropout while training") == 2
+    assert hfi.STATS.op_calls == 2 and hfi.STATS.fallback_calls == 0, hfi.STATS
+    # a forced backend that does not serve dropout: the dense path, with the reason
+    for mod in m.modules():
+        if hasattr(mod, "_mmcore_backend"):
+            monkeypatch.setattr(mod, "_mmcore_backend", "cpu", raising=False)
+    hfi.STATS.reset()
+    m(input_ids=torch.randint(3, K.V, (1, 9)))
+    assert hfi.STATS.fallback_reasons == {
+        "attention dropout while training (backend 'cpu' does not serve dropout)": 2}, hfi.STATS
     m.eval()
     hfi.STATS.reset()
     m(input_ids=torch.randint(3, K.V, (1, 9)))

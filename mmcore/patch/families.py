@@ -214,9 +214,10 @@ def _patch_attention(model, report, state, long_context, backend):
         _set_impl(top, hfi.NAME)
     if switched:
         report.notes.append("per call, the mmcore attention falls back to a dense torch path "
-                            "(exact; counted in report.runtime) for attention dropout while "
-                            "training and mask patterns that are not one key interval per "
-                            "query row (and any image / prefix mask under torch.compile)")
+                            "(exact; counted in report.runtime) for mask patterns that are not "
+                            "one key interval per query row (and any image / prefix mask under "
+                            "torch.compile); attention dropout while training runs on the op's "
+                            "dropout_p")
 
 
 def _apply_long_context(model, name, mod, lc, report, state):

@@ -440,20 +440,27 @@ def _backend(module):
     return getattr(module, "_mmcore_backend", None) or "auto"
 
 
-def _run(q, k, v, lo, hi, key_mask, full, scale, softcap, backend, average=None):
+def _run(q, k, v, lo, hi, key_mask, full, scale, softcap, backend, average=None,
+         dropout_p=0.0):
     """window_attention in bounds mode; rows in `full` (B, Sq) from a second call over every
     key, rows in `average` (B, Sq) the mean of the values.  q (B, Hq, Sq, D), k/v
-    (B, Hkv, Sk, D) -> (B, Hq, Sq, D)."""
+    (B, Hkv, Sk, D) -> (B, Hq, Sq, D).  dropout_p: the op's attention dropout (training)."""
     from ..ops import window_attention
     out = window_attention(q, k, v, key_bounds=(lo, hi), key_mask=key_mask, scale=scale,
-                           softcap=softcap, backend=backend)
+                           softcap=softcap, dropout_p=dropout_p, backend=backend)
     if full is not None:
         Sk = k.shape[2]
         hi2 = torch.where(full, torch.full_like(hi, Sk), torch.zeros_like(hi))
         out2 = window_attention(q, k, v, key_bounds=(torch.zeros_like(lo), hi2), scale=scale,
-                                softcap=softcap, backend=backend)
+                                softcap=softcap, dropout_p=dropout_p, backend=backend)
         out = torch.where(full[:, None, :, None], out2, out)
-    if average is not None:
+    if average is not None and dropout_p:  # uniform weights (q = 0) over every key, dropped
+        Sk = k.shape[2]
+        hi2 = torch.where(average, torch.full_like(hi, Sk), torch.zeros_like(hi))
+        out3 = window_attention(torch.zeros_like(q), k, v, key_bounds=(torch.zeros_like(lo),
+                                hi2), scale=scale, dropout_p=dropout_p, backend=backend)
+        out = torch.where(average[:, None, :, None], out3, out)
+    elif average is not None:
         mean = v.float().mean(2, keepdim=True).to(out.dtype)  # (B, Hkv, 1, D)
         mean = mean.repeat_interleave(q.shape[1] // v.shape[1], 1)
         out = torch.where(average[:, None, :, None], mean, out)
@@ -461,7 +468,7 @@ def _run(q, k, v, lo, hi, key_mask, full, scale, softcap, backend, average=None)
 
 
 def attend_tagged(module, query, key, value, attention_mask, spec, scaling, softcap, reason,
-                  dense):
+                  dense, dropout_p=0.0):
     """The attention of a layer whose mask ``mask_for`` tagged: -> (out (B, Hq, Sq, D),
     reason or None).  `dense(mask)` computes the eager-equivalent dense path (for `reason`)."""
     B, _, Sq, _ = query.shape
@@ -478,10 +485,10 @@ def attend_tagged(module, query, key, value, attention_mask, spec, scaling, soft
     if not torch.compiler.is_compiling() and bool(km.all()):
         km = None
     return _run(query, key, value, lo, hi, km, None, float(scaling), softcap,
-                _backend(module)), None
+                _backend(module), dropout_p=dropout_p), None
 
 
-def attend_dense(module, query, key, value, mask, scaling, softcap=None):
+def attend_dense(module, query, key, value, mask, scaling, softcap=None, dropout_p=0.0):
     """A dense 4-D mask factored into bounds (eager only): -> out (B, Hq, Sq, D), or None
     when the mask is not of that form (the caller takes the dense path)."""
     if torch.compiler.is_compiling():
@@ -502,4 +509,4 @@ def attend_dense(module, query, key, value, mask, scaling, softcap=None):
     if f is None:
         return None
     return _run(query, key, value, f.lo, f.hi, f.key_mask, f.full, float(scaling), softcap,
-                _backend(module), f.average)
+                _backend(module), f.average, dropout_p)

@@ -21,9 +21,13 @@ Two functions are registered:
   the op's ``key_mask`` on the keys as they are (window positions count key indices, as HF's
   masks do).  Packed sequences become a batch of segments; a dense 4-D mask a model built
   itself (mllama) is factored into key bounds + ``key_mask`` when it has that form (eager,
-  ``hf_bounds.factor_dense``).  What the op cannot express exactly (attention dropout while
-  training, attention sinks, a forced backend that does not serve ``softcap`` / ``key_mask``,
-  ...) is computed by a dense eager-equivalent torch path for that call: never a wrong answer.
+  ``hf_bounds.factor_dense``).  Attention dropout while training (``dropout > 0`` and
+  ``module.training``: BERT-family fine-tuning) goes to the op's ``dropout_p`` (the same
+  distribution as HF eager's ``F.dropout`` on the weights; the mask comes from the op's own
+  seeded generator, so it differs from eager's draw).  What the op cannot express exactly
+  (attention sinks, a forced backend that does not serve ``softcap`` / ``key_mask`` /
+  ``dropout``, ...) is computed by a dense eager-equivalent torch path for that call: never
+  a wrong answer.
 
 Under ``torch.compile(fullgraph=True)`` both functions trace: the layout decisions are tensor
 ops (sliding-window and global-token layers: ``key_mask`` always; others: compaction always),
@@ -230,7 +234,8 @@ def _dense_attention(query, key, value, mask, scaling, dropout, softcap, trainin
 
 
 def _serves(backend, feature):
-    """Does the attention's backend serve `feature` ("softcap", "key_mask") of the op?  With
+    """Does the attention's backend serve `feature` ("softcap", "key_mask", "dropout") of the
+    op?  With
     "auto", a backend that declares it is always found (the torch reference declares all)."""
     from ..ops import registry
     backend = registry.requested(backend)
@@ -243,8 +248,8 @@ def _serves(backend, feature):
 def _static_reason(module, query, value, dropout, softcap, training, kwargs, backend):
     if softcap is not None and not _serves(backend, "softcap"):
         return f"attention logit softcapping (backend {backend!r} does not serve softcap)"
-    if dropout and training:
-        return "attention dropout while training"
+    if dropout and training and not _serves(backend, "dropout"):
+        return f"attention dropout while training (backend {backend!r} does not serve dropout)"
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         return "attention sinks (s_aux)"
     if value.shape[-1] != query.shape[-1]:
@@ -265,9 +270,11 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     override = getattr(module, OVERRIDE_ATTR, None)
     backend = getattr(module, "_mmcore_backend", None) or "auto"
     reason = _static_reason(module, query, value, dropout, softcap, training, kwargs, backend)
+    drop = float(dropout) if (dropout and training) else 0.0  # the op's dropout_p
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         out = None if reason else hf_bounds.attend_dense(module, query, key, value,
-                                                         attention_mask, scaling, softcap)
+                                                         attention_mask, scaling, softcap,
+                                                         dropout_p=drop)
         count(module, None if out is not None else
               reason or "dense 4-D mask (pattern not expressible)")
         if out is None:
@@ -279,7 +286,7 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
         out, reason = hf_bounds.attend_tagged(
             module, query, key, value, attention_mask, bspec, scaling, softcap, reason,
             lambda m: _dense_attention(query, key, value, m, scaling, dropout, softcap,
-                                       training))
+                                       training), dropout_p=drop)
         count(module, reason)
         return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
@@ -299,7 +306,8 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     def op(q, k, v, seqlens_q, seqlens_k, key_mask=None):
         return window_attention(q, k, v, window=window, causal=causal, global_tokens=G,
                                 seqlens_q=seqlens_q, seqlens_k=seqlens_k, scale=float(scaling),
-                                softcap=cap, key_mask=key_mask, backend=backend)
+                                softcap=cap, key_mask=key_mask, dropout_p=drop,
+                                backend=backend)
 
     out = None
     if reason is None:

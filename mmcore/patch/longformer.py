@@ -22,7 +22,9 @@ query rows are 0.
   the window is the same key indices); global rows: ``window_attention(q_global[globals_b],
   k_global, v_global, key_mask=valid)`` scattered back; padding rows 0.
 
-Attention dropout while training and output_attentions=True run HF's own forward for that call.
+Attention dropout while training (HF drops the local and the global rows' weights) is the
+op's ``dropout_p`` in every call above.  output_attentions=True runs HF's own forward for that
+call.
 """
 from __future__ import annotations
 
@@ -69,8 +71,6 @@ def make_forward(mod, orig_forward, backend):
         why = None
         if output_attentions:
             why = "output_attentions=True needs the attention weights"
-        elif mod.training and mod.dropout > 0:
-            why = "attention dropout while training"
         elif kwargs:
             why = "extra forward arguments"
         if why is None and (attention_mask is None or attention_mask.dim() != 2 or
@@ -84,17 +84,18 @@ def make_forward(mod, orig_forward, backend):
                                 is_global_attn=is_global_attn,
                                 output_attentions=output_attentions, **kwargs)
         lay = _layout(attention_mask)
+        drop = float(mod.dropout) if (mod.training and mod.dropout > 0) else 0.0
         if lay is None:
-            out = _any_layout(mod, hidden_states, attention_mask, backend)
+            out = _any_layout(mod, hidden_states, attention_mask, backend, drop)
         else:
-            out = _prefix_layout(mod, hidden_states, lay, backend)
+            out = _prefix_layout(mod, hidden_states, lay, backend, drop)
         hfi.count(mod)
         B, S, E = hidden_states.shape
         return (out.transpose(1, 2).reshape(B, S, E),)
     return forward
 
 
-def _prefix_layout(mod, hidden_states, lay, backend):
+def _prefix_layout(mod, hidden_states, lay, backend, drop=0.0):
     """Right padding, global tokens a common prefix [0, G): -> out (B, H, S, D)."""
     L, G = lay
     B, S, E = hidden_states.shape
@@ -106,7 +107,7 @@ def _prefix_layout(mod, hidden_states, lay, backend):
     v = _heads(mod.value(hidden_states), B, S, H, D)
     seq = None if bool((L == S).all()) else L
     out = window_attention(q, k, v, window=(w, w), global_tokens=G, seqlens_q=seq,
-                           seqlens_k=seq, scale=scale, backend=backend)
+                           seqlens_k=seq, scale=scale, dropout_p=drop, backend=backend)
     if G > 0:
         hg = hidden_states[:, :G]
         qg = _heads(mod.query_global(hg), B, G, H, D)
@@ -114,7 +115,7 @@ def _prefix_layout(mod, hidden_states, lay, backend):
         vg = _heads(mod.value_global(hidden_states), B, S, H, D)
         og = window_attention(qg, kg, vg, seqlens_q=None if seq is None else
                               torch.full_like(L, G), seqlens_k=seq, scale=scale,
-                              backend=backend)
+                              dropout_p=drop, backend=backend)
         out = torch.cat([og, out[:, :, G:]], dim=2)
     return out
 
@@ -125,7 +126,7 @@ def _gather(x, idx):
     return torch.gather(x, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], D))
 
 
-def _any_layout(mod, hidden_states, attention_mask, backend):
+def _any_layout(mod, hidden_states, attention_mask, backend, drop=0.0):
     """Global tokens anywhere, any padding (key_mask): -> out (B, H, S, D)."""
     B, S, E = hidden_states.shape
     H, D = mod.num_heads, mod.head_dim
@@ -141,7 +142,7 @@ def _any_layout(mod, hidden_states, attention_mask, backend):
     local = valid & ~glob
     if G == 0:
         out = window_attention(q, k, v, window=(w, w), key_mask=local, scale=scale,
-                               backend=backend)
+                               dropout_p=drop, backend=backend)
     else:
         order = torch.argsort((~glob).to(torch.uint8), dim=1, stable=True)[:, :G]  # (B, G)
         slot_ok = torch.arange(G, device=glob.device)[None] < n_g[:, None]  # (B, G)
@@ -149,13 +150,13 @@ def _any_layout(mod, hidden_states, attention_mask, backend):
         v2 = torch.cat([_gather(v, order), v], dim=2)
         out = window_attention(q, k2, v2, window=(w, w), global_tokens=G,
                                key_mask=torch.cat([slot_ok, local], dim=1), scale=scale,
-                               backend=backend)
+                               dropout_p=drop, backend=backend)
         hg = torch.gather(hidden_states, 1, order[:, :, None].expand(B, G, E))
         qg = _heads(mod.query_global(hg), B, G, H, D)
         kg = _heads(mod.key_global(hidden_states), B, S, H, D)
         vg = _heads(mod.value_global(hidden_states), B, S, H, D)
         og = window_attention(qg, kg, vg, key_mask=None if bool(valid.all()) else valid,
-                              scale=scale, backend=backend)
+                              scale=scale, dropout_p=drop, backend=backend)
         slot = (glob.long().cumsum(1) - 1).clamp(min=0)  # (B, S): row -> its global slot
         out = torch.where(glob[:, None, :, None], _gather(og, slot), out)
     return torch.where(valid[:, None, :, None], out, torch.zeros((), dtype=out.dtype,

@@ -371,3 +371,15 @@ def test_patched_longformer_training_with_dropout_on_the_op():
         torch.manual_seed(1)
         again = m(**kw).last_hidden_state
         assert torch.equal(again, out)  # reproducible under the same seed
+
+
+def test_opcheck_with_dropout():
+    """The custom ops' schemas, fake kernels and autograd registrations take dropout_p / seed
+    (what torch.compile traces)."""
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 1, 10, 10, 8, seed=10))
+    seed = D.draw_seed()
+    torch.library.opcheck(torch.ops.mmcore.window_attention_fwd.default,
+                          (q, k, v, None, None, 3, 3, False, 1, 0.25, "torch", 0.0, None, None,
+                           None, 0.2, seed))
+    torch.library.opcheck(torch.ops.mmcore.cross_attention_fwd.default,
+                          (q, k, v, None, torch.tensor([7]), 0.25, "torch", 0.0, 0.2, seed))

@@ -17,8 +17,11 @@ Two sources, both eager-only (the recognised layout depends on the data):
   ``and`` intersects intervals; ``or`` unites them.  The result is exact "modulo padding":
   keys the padding hides (``key_mask``) may sit inside an interval.  Where that is not
   guaranteed (a group whose valid keys are not contiguous among the valid keys, a union with a
-  valid key in its gap) the pattern is not claimed.  The claim is then checked by evaluating
-  the mask function itself on a few probe rows of every sample.
+  valid key in its gap) the rows are not served by that call: rows of a scattered blockwise
+  group get one more call on the keys permuted for that group (``hf_scattered``: at most
+  ``MAX_GROUPS`` groups, each an interval there), any other such row leaves the pattern
+  unclaimed.  The plan (:class:`Plan`) is then checked by evaluating the mask function itself
+  on a few probe rows of every sample.
 
 * **Dense 4-D masks** (:func:`factor_dense`, called by ``mmcore_attention_forward``): the
   additive or boolean mask a model built itself (mllama's cross-attention and vision masks) is
@@ -55,6 +58,15 @@ class BoundsSpec(NamedTuple):
     hi: torch.Tensor
     q_offset: int
     kv_offset: int
+    groups: tuple = ()
+
+
+class Plan(NamedTuple):
+    """A mask function as op calls: the natural call's lo, hi (B, Sq) int32 key columns, and
+    the permuted calls of scattered blockwise groups (``hf_scattered.Group``; their rows are
+    empty in the natural call)."""
+    lo: torch.Tensor
+    hi: torch.Tensor
     groups: tuple = ()
 
 
@@ -268,15 +280,6 @@ def _probe_rows(lo, hi, qvalid, n=_PROBE_ROWS):
         for i in idx.tolist():
             rows.update((i - 1, i))
     return torch.tensor(sorted(rows), dtype=torch.long, device=lo.device)
-
-
-class Plan(NamedTuple):
-    """A mask function as op calls: the natural call's lo, hi (B, Sq) int32 key columns, and
-    the permuted calls of scattered blockwise groups (``hf_scattered.Group``; their rows are
-    empty in the natural call)."""
-    lo: torch.Tensor
-    hi: torch.Tensor
-    groups: tuple = ()
 
 
 def plan_of(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,

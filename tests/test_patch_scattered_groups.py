@@ -148,3 +148,22 @@ def test_tiny_paligemma_random_token_types_on_the_op():
     KV.compare("paligemma", m, kw, valid)
     assert hfi.STATS.fallback_calls == 0, hfi.STATS.fallback_reasons
     assert hfi.STATS.op_calls == 3, hfi.STATS  # 1 SigLIP + 2 Gemma layers, each one call
+
+
+def test_dense_path_gets_the_whole_plan_as_its_mask():
+    """A call the op cannot serve (e.g. attention dropout while training) takes the dense path
+    with the mask of every planned call: HF's mask on the valid rows, empty padded rows."""
+    B, S = 3, 21
+    am, ids = _layout(B, S, "holey", 7)
+    fn = mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids))
+    tagged = hb.mask_for(fn, B, S, S, 0, 0, am, "cpu")
+    spec = hb.spec_of(tagged)
+    assert spec.groups
+    q = torch.randn(B, 2, S, 8)
+    k = v = torch.randn(B, 1, S, 8)
+    seen = []
+    out, reason = hb.attend_tagged(_Layer("auto"), q, k, v, tagged, spec, 0.3, None,
+                                   "attention dropout while training",
+                                   lambda m: seen.append(m) or q)
+    assert reason == "attention dropout while training" and out is q
+    assert torch.equal(seen[0], _hf_mask(fn, am, B, S))

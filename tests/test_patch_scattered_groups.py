@@ -167,3 +167,30 @@ def test_dense_path_gets_the_whole_plan_as_its_mask():
                                    lambda m: seen.append(m) or q)
     assert reason == "attention dropout while training" and out is q
     assert torch.equal(seen[0], _hf_mask(fn, am, B, S))
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "holey"])
+def test_plans_equal_hf_masks_with_offsets_and_other_leaves(padding):
+    """The keys every planned call lets a row see == HF's sdpa_mask, at query / key offsets
+    (a second prefill chunk, a layer whose keys start later), with a window that covers the
+    keys and-ed in, with bidirectional text or-ed in; pure masks, no attention."""
+    from mmcore.patch import hf_scattered
+    B, S = 3, 24
+    am, ids = _layout(B, S, padding, 11)
+    base = mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids))
+    fns = (base, mu.and_masks(mu.sliding_window_overlay(S), base),
+           mu.and_masks(base, mu.chunked_overlay(S, torch.zeros(B, dtype=torch.long))))
+    for fn in fns:
+        for q_offset, kv_offset in ((0, 0), (9, 0), (13, 5), (23, 2)):
+            Sq, Sk = S - q_offset, S - kv_offset
+            tagged = hb.mask_for(fn, B, Sq, Sk, q_offset, kv_offset, am, "cpu")
+            assert tagged is not None, (q_offset, kv_offset)
+            spec = hb.spec_of(tagged)
+            km = am.bool()[:, kv_offset:]
+            mine = hf_scattered.claim(spec.lo, spec.hi, spec.groups, Sk) & km[:, None, :]
+            ref = mu.sdpa_mask(batch_size=B, q_length=Sq, kv_length=Sk, q_offset=q_offset,
+                               kv_offset=kv_offset, mask_function=fn,
+                               attention_mask=am.bool(), allow_is_causal_skip=False)[:, 0]
+            qv = am.bool()[:, q_offset:]
+            assert torch.equal(mine[qv], ref[qv]), (q_offset, kv_offset)
+            assert not bool(mine[~qv].any())

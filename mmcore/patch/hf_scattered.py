@@ -62,7 +62,8 @@ class _GroupCtx:
 
     def __init__(self, base, raw_ids, ids, g):
         B, Sk = base.B, base.Sk
-        self.base, self.raw, self.q, self.shape, self.Sk = base, raw_ids, base.q, base.shape, Sk
+        self.base, self.raw, self.q, self.shape = base, raw_ids, base.q, base.shape
+        self.B, self.Sk, self.kv0 = B, Sk, base.kv0
         dev = base.q.device
         member = ids[:, base.kv0:base.kv0 + Sk] == g  # (B, Sk)
         self.perm = torch.argsort((~member).to(torch.int64), dim=1, stable=True)  # (B, Sk)

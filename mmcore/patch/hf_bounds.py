@@ -17,8 +17,11 @@ Two sources, both eager-only (the recognised layout depends on the data):
   ``and`` intersects intervals; ``or`` unites them.  The result is exact "modulo padding":
   keys the padding hides (``key_mask``) may sit inside an interval.  Where that is not
   guaranteed (a group whose valid keys are not contiguous among the valid keys, a union with a
-  valid key in its gap) the pattern is not claimed.  The claim is then checked by evaluating
-  the mask function itself on a few probe rows of every sample.
+  valid key in its gap) the rows are not served by that call: rows of a scattered blockwise
+  group get one more call on the keys permuted for that group (``hf_scattered``: at most
+  ``MAX_GROUPS`` groups, each an interval there), any other such row leaves the pattern
+  unclaimed.  The plan (:class:`Plan`) is then checked by evaluating the mask function itself
+  on a few probe rows of every sample.
 
 * **Dense 4-D masks** (:func:`factor_dense`, called by ``mmcore_attention_forward``): the
   additive or boolean mask a model built itself (mllama's cross-attention and vision masks) is
@@ -48,11 +51,23 @@ class BoundsSpec(NamedTuple):
 
     lo, hi: (B, Sq) int32, key columns [lo, hi) of the layer's key tensor (column 0 = absolute
     position kv_offset) that query row i sees, intersected with the padding mask; empty
-    (lo == hi == 0) for padded query rows.  q_offset / kv_offset: as in ``MaskSpec``."""
+    (lo == hi == 0) for padded query rows.  q_offset / kv_offset: as in ``MaskSpec``.  groups:
+    the permuted calls of scattered blockwise groups (``hf_scattered.Group``), whose rows
+    are empty in lo / hi."""
     lo: torch.Tensor
     hi: torch.Tensor
     q_offset: int
     kv_offset: int
+    groups: tuple = ()
+
+
+class Plan(NamedTuple):
+    """A mask function as op calls: the natural call's lo, hi (B, Sq) int32 key columns, and
+    the permuted calls of scattered blockwise groups (``hf_scattered.Group``; their rows are
+    empty in the natural call)."""
+    lo: torch.Tensor
+    hi: torch.Tensor
+    groups: tuple = ()
 
 
 class Factored(NamedTuple):
@@ -143,8 +158,19 @@ class _Ctx:
         hi = torch.as_tensor(hi, device=self.q.device).expand(self.shape)
         return _Iv(lo, hi, self.true if exact is None else exact)
 
+    # the algebra _eval runs on (hf_scattered._GroupCtx has the same three, on permuted keys)
+    def union(self, a, b):
+        return _union(self, a, b)
+
+    def intersect(self, a, b):
+        return _intersect(a, b)
+
+    def blockwise(self, ids):
+        return _blockwise(self, ids)
+
 
 def _union(ctx, a, b):
+    """a | b as one interval; exact where no valid key (``ctx.count``) lies in the gap."""
     ea, eb = a.lo >= a.hi, b.lo >= b.hi
     gap_lo, gap_hi = torch.minimum(a.hi, b.hi), torch.maximum(a.lo, b.lo)
     joined = (gap_hi <= gap_lo) | (ctx.count(gap_lo, gap_hi) == 0)
@@ -213,7 +239,7 @@ def _eval(fn, ctx, depth=0):
             iv = _eval(s, ctx, depth + 1)
             if iv is None:
                 return None
-            acc = _union(ctx, acc, iv) if kind == "or" else _intersect(acc, iv)
+            acc = ctx.union(acc, iv) if kind == "or" else ctx.intersect(acc, iv)
         return acc
     if kind == "causal":
         return ctx.iv(-_INF, q + 1)
@@ -237,7 +263,7 @@ def _eval(fn, ctx, depth=0):
         start = torch.div(q - p, c, rounding_mode="floor") * c + p
         return ctx.iv(start, start + c)
     if kind == "blockwise":
-        return _blockwise(ctx, cv.get("block_sequence_ids"))
+        return ctx.blockwise(cv.get("block_sequence_ids"))
     return None
 
 
@@ -256,13 +282,15 @@ def _probe_rows(lo, hi, qvalid, n=_PROBE_ROWS):
     return torch.tensor(sorted(rows), dtype=torch.long, device=lo.device)
 
 
-def from_mask_function(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
-                       attention_mask, device):
-    """Eager: -> (lo, hi) (B, Sq) int32 key columns for the layer's keys (column 0 = position
-    kv_offset), exact with the padding mask as ``key_mask``, or None (not recognised, not an
-    interval pattern, or the probe disagrees).
+def plan_of(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
+            attention_mask, device, scattered=True):
+    """Eager: -> :class:`Plan` for the layer's keys (column 0 = position kv_offset), exact with
+    the padding mask as ``key_mask``, or None (not recognised, not expressible, or the probe
+    disagrees).  scattered: rows of scattered blockwise groups may be served by permuted calls
+    (``hf_scattered``); else they make the pattern unclaimed.
 
     attention_mask: HF's 2-D padding mask (B, >= kv_offset + kv_length) or None."""
+    from . import hf_scattered
     if not (_int_arg(q_offset) and _int_arg(kv_offset)) or q_length <= 0 or kv_length <= 0:
         return None
     B, Sq, Sk = batch_size, q_length, kv_length
@@ -277,29 +305,46 @@ def from_mask_function(mask_function, batch_size, q_length, kv_length, q_offset,
             pm = torch.nn.functional.pad(pm, (0, need - pm.shape[1]))
         pm = pm[:, :need]
     ctx = _Ctx(B, Sq, Sk, q_offset, kv_offset, pm[:, kv_offset:], device)
-    try:
-        iv = _eval(mask_function, ctx)
-    except (RuntimeError, IndexError, TypeError, ValueError):
-        return None
-    if iv is None:
-        return None
     qpos = ctx.q.expand(B, -1)
     qvalid = (qpos < need) & pm.gather(1, qpos.clamp(max=need - 1))
-    if not bool((iv.exact | ~qvalid).all()):
+    try:
+        iv = _eval(mask_function, ctx)
+        if iv is None:
+            return None
+        groups = () if bool((iv.exact | ~qvalid).all()) else \
+            hf_scattered.plan(mask_function, ctx, iv, qvalid) if scattered else None
+    except (RuntimeError, IndexError, TypeError, ValueError):
+        return None
+    if groups is None:
         return None
     lo, hi = ctx.col(iv.lo), ctx.col(iv.hi)
     keep = qvalid & (lo < hi)
+    for g in groups:
+        keep &= ~g.rows
     lo = torch.where(keep, lo, torch.zeros_like(lo)).to(torch.int32).contiguous()
     hi = torch.where(keep, hi, torch.zeros_like(hi)).to(torch.int32).contiguous()
-    if not _probe_ok(mask_function, lo, hi, ctx, qvalid):
+    if not _probe_ok(mask_function, lo, hi, groups, ctx, qvalid):
         return None
-    return lo, hi
+    return Plan(lo, hi, groups)
 
 
-def _probe_ok(mask_function, lo, hi, ctx, qvalid):
-    """The mask function itself, on a few rows of every sample, equals the claimed bounds
-    (on valid query rows and valid keys)."""
-    rows = _probe_rows(lo, hi, qvalid)
+def from_mask_function(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
+                       attention_mask, device):
+    """Eager: -> (lo, hi) (B, Sq) int32 key columns (one call in the natural key order), or
+    None; see :func:`plan_of` (which may also plan permuted calls)."""
+    p = plan_of(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
+                attention_mask, device, scattered=False)
+    return None if p is None else (p.lo, p.hi)
+
+
+def _probe_ok(mask_function, lo, hi, groups, ctx, qvalid):
+    """The mask function itself, on a few rows of every sample, equals what the plan's calls
+    let those rows see (on valid query rows and valid keys)."""
+    from . import hf_scattered
+    rows = set(_probe_rows(lo, hi, qvalid).tolist())
+    for g in groups:
+        rows.update(_probe_rows(g.lo, g.hi, g.rows).tolist())
+    rows = torch.tensor(sorted(rows), dtype=torch.long, device=lo.device)
     dev = lo.device
     b = torch.arange(ctx.B, device=dev)[:, None, None, None]
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
@@ -310,8 +355,7 @@ def _probe_ok(mask_function, lo, hi, ctx, qvalid):
         got = got.expand(ctx.B, 1, rows.numel(), ctx.Sk)[:, 0]
     except Exception:  # noqa: BLE001 - a function that does not broadcast: not ours
         return False
-    j = torch.arange(ctx.Sk, device=dev)[None, None]
-    claim = (j >= lo[:, rows, None].long()) & (j < hi[:, rows, None].long())
+    claim = hf_scattered.claim(lo, hi, groups, ctx.Sk, rows)
     care = qvalid[:, rows, None] & ctx.valid[:, None, :]
     return bool(((got == claim) | ~care).all())
 
@@ -395,12 +439,12 @@ def mask_for(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset
              attention_mask, device):
     """``mmcore_mask`` for patterns ``hf_masks.classify`` does not know (eager only): the 2-D
     padding mask (B, kv_offset + kv_length) tagged with a :class:`BoundsSpec`, or None."""
-    got = from_mask_function(mask_function, batch_size, q_length, kv_length, q_offset,
-                             kv_offset, attention_mask, device)
+    got = plan_of(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
+                  attention_mask, device)
     if got is None:
         return None
     pm = varlen.key_padding(attention_mask, batch_size, kv_offset + kv_length, device)
-    pm._mmcore_spec = BoundsSpec(got[0], got[1], q_offset, kv_offset)
+    pm._mmcore_spec = BoundsSpec(got.lo, got.hi, q_offset, kv_offset, got.groups)
     return pm
 
 
@@ -470,22 +514,30 @@ def _run(q, k, v, lo, hi, key_mask, full, scale, softcap, backend, average=None,
 def attend_tagged(module, query, key, value, attention_mask, spec, scaling, softcap, reason,
                   dense, dropout_p=0.0):
     """The attention of a layer whose mask ``mask_for`` tagged: -> (out (B, Hq, Sq, D),
-    reason or None).  `dense(mask)` computes the eager-equivalent dense path (for `reason`)."""
+    reason or None).  `dense(mask)` computes the eager-equivalent dense path (for `reason`).
+    A plan with scattered groups runs 1 + len(spec.groups) op calls (``hf_scattered``)."""
+    from . import hf_scattered
     B, _, Sq, _ = query.shape
     Sk = key.shape[2]
     lo, hi = spec.lo, spec.hi
     if lo.shape != (B, Sq) or attention_mask.dim() != 2 or attention_mask.shape[0] != B or \
-            attention_mask.shape[1] < Sk:
+            attention_mask.shape[1] < Sk or \
+            any(tuple(g.perm.shape) != (B, Sk) for g in spec.groups):
         raise ValueError(f"mmcore attention: the bounds of the mask ({tuple(lo.shape)}) do not "
                          f"fit the attention call (B={B}, Sq={Sq}, Sk={Sk})")
     km = attention_mask[:, -Sk:].bool()
     lo, hi = lo.to(query.device), hi.to(query.device)
+    groups = hf_scattered.to_device(spec.groups, query.device)
     if reason is not None:
-        return dense(dense_of(lo, hi, km, Sk)), reason
+        allowed = hf_scattered.claim(lo, hi, groups, Sk) & km[:, None, :]
+        return dense(allowed[:, None]), reason
     if not torch.compiler.is_compiling() and bool(km.all()):
         km = None
-    return _run(query, key, value, lo, hi, km, None, float(scaling), softcap,
-                _backend(module), dropout_p=dropout_p), None
+    backend = _backend(module)
+    out = _run(query, key, value, lo, hi, km, None, float(scaling), softcap, backend,
+               dropout_p=dropout_p)
+    return hf_scattered.run(out, query, key, value, groups, km, float(scaling), softcap,
+                            backend, dropout_p=dropout_p), None
 
 
 def attend_dense(module, query, key, value, mask, scaling, softcap=None, dropout_p=0.0):

@@ -17,6 +17,20 @@ DROPOUT_BACKENDS = [i.backend for i in registry.implementations("window_attentio
                         extra={"dropout": True}))]
 
 
+@pytest.fixture(params=["batched", "chunked"])
+def ref_path(request, monkeypatch):
+    """Runs a test on both paths of the torch backend: the whole-problem one for small calls
+    (reference/batched.py) and the chunked one (budget 0); checks the path was taken."""
+    from mmcore.ops.reference import batched
+    calls = []
+    real = batched.forward
+    monkeypatch.setattr(batched, "forward", lambda *a: calls.append(1) or real(*a))
+    if request.param == "chunked":
+        monkeypatch.setattr(batched, "BUDGET", 0)
+    yield request.param
+    assert bool(calls) == (request.param == "batched"), (request.param, len(calls))
+
+
 def test_reference_backends_declare_dropout():
     """The parametrized tests below run on every declaring backend: never on none."""
     assert "torch" in DROPOUT_BACKENDS
@@ -82,6 +96,7 @@ WINDOW_CASES = {
 
 @pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
 @pytest.mark.parametrize("case", sorted(WINDOW_CASES))
+@pytest.mark.usefixtures("ref_path")
 def test_window_dropout_matches_oracle(backend, case):
     kw = WINDOW_CASES[case]
     B, Hq, Hkv, S, Dh, p = 2, 4, 2, 23, 16, 0.3
@@ -97,6 +112,7 @@ def test_window_dropout_matches_oracle(backend, case):
 
 
 @pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
+@pytest.mark.usefixtures("ref_path")
 def test_window_dropout_seqlens_offset(backend):
     """Per-sample lengths (Lq != Lk: bottom-right alignment), a sample with no keys."""
     B, Hq, Sq, Sk, Dh, p = 3, 2, 9, 14, 8, 0.45
@@ -115,6 +131,7 @@ def test_window_dropout_seqlens_offset(backend):
 
 
 @pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
+@pytest.mark.usefixtures("ref_path")
 def test_window_dropout_key_bounds_key_mask(backend):
     B, Hq, S, Dh, p = 2, 2, 17, 8, 0.2
     q, k, v = _qkv(B, Hq, 1, S, S, Dh, seed=3)
@@ -136,6 +153,7 @@ def test_window_dropout_key_bounds_key_mask(backend):
 
 
 @pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
+@pytest.mark.usefixtures("ref_path")
 def test_cross_dropout_matches_oracle(backend):
     B, Hq, Hkv, Sq, Sk, Dh, p = 2, 4, 1, 11, 7, 16, 0.35
     q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, Dh, seed=4)
@@ -150,6 +168,7 @@ def test_cross_dropout_matches_oracle(backend):
 
 
 @pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
+@pytest.mark.usefixtures("ref_path")
 def test_one_hot_values_reveal_dropped_weights(backend):
     """v = I (Sk <= D): out[i, j] = P_ij · M_ij / (1 − p), independent of the mask helper —
     every weight is either dropped (0) or scaled by exactly 1 / (1 − p), and the kept set is
@@ -268,6 +287,7 @@ def test_expectation_is_the_undropped_output():
 
 
 @pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
+@pytest.mark.usefixtures("ref_path")
 def test_gradcheck_fixed_mask(backend):
     q, k, v = _qkv(1, 2, 1, 6, 7, 4, dtype=torch.float64, seed=9)
     scale = torch.tensor(0.7, dtype=torch.float64)
@@ -383,3 +403,32 @@ def test_opcheck_with_dropout():
                            None, 0.2, seed))
     torch.library.opcheck(torch.ops.mmcore.cross_attention_fwd.default,
                           (q, k, v, None, torch.tensor([7]), 0.25, "torch", 0.0, 0.2, seed))
+
+
+@pytest.mark.usefixtures("ref_path")
+def test_dropout_keeps_the_nan_rules():
+    """NaN / Inf in padding (a hidden query row, hidden keys and values) reaches no other row,
+    forward or backward, with dropout as without."""
+    B, H, S, Dh = 2, 2, 10, 8
+    q, k, v = _qkv(B, H, H, S, S, Dh, seed=12)
+    sl = torch.tensor([10, 6])
+    qp, kp, vp = q.clone(), k.clone(), v.clone()
+    qp[1, :, 7] = float("nan")
+    kp[1, :, 8] = float("inf")
+    vp[1, :, 6:] = float("nan")
+    res = []
+    for t in ((q, k, v), (qp, kp, vp)):
+        ts = [x.clone().requires_grad_() for x in t]
+        torch.manual_seed(4)
+        out = window_attention(*ts, window=(2, 2), seqlens_q=sl, seqlens_k=sl, dropout_p=0.3,
+                               backend="torch")
+        out.sum().backward()
+        res.append([out.detach()] + [x.grad for x in ts])
+    valid = torch.arange(S)[None, :] < sl[:, None]  # (B, S)
+    # the poisoned call always takes the chunked path (the clean one may be batched: the
+    # same mask and formulas, another summation order)
+    for a, b in zip(res[0], res[1]):
+        sel = valid[:, None, :, None].expand_as(a)
+        assert torch.isfinite(b[sel]).all()
+        torch.testing.assert_close(b[sel], a[sel], rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(res[1][0]).all()

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from . import batched as _batched
 from . import dropout as _dropout
 
 _CHUNK = 256
@@ -172,6 +173,10 @@ def window_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens
     cdt = _cdt(q.dtype)
     if causal:
         right = 0
+    if _batched.applies(q, k, dropout_p, v):  # small, finite, with dropout: batched
+        mask = _batched.allowed(B, Sq, Sk, seqlens_q, seqlens_k, left, right, causal,
+                                global_tokens, key_lo, key_hi, key_mask, q.device)
+        return _batched.forward(q, k, v, mask, scale, softcap, dropout_p, seed, cdt)
     out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -217,6 +222,10 @@ def window_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causa
     cdt = _cdt(q.dtype)
     if causal:
         right = 0
+    if _batched.applies(q, k, dropout_p, q, k, v, dout):
+        mask = _batched.allowed(B, Sq, Sk, seqlens_q, seqlens_k, left, right, causal,
+                                global_tokens, key_lo, key_hi, key_mask, q.device)
+        return _batched.backward(dout, q, k, v, mask, scale, softcap, dropout_p, seed, cdt)
     dq = torch.zeros(B, Hq, Sq, D, dtype=cdt, device=q.device)
     dk = torch.zeros(B, Hkv, Sk, D, dtype=cdt, device=q.device)
     dv = torch.zeros(B, Hkv, Sk, v.shape[-1], dtype=cdt, device=q.device)

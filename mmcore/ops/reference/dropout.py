@@ -5,14 +5,15 @@ j: indices into the tensors the op was called with) is kept iff
 
     u(seed, b, h, i, j) >= round(p · 2**32)
 
-where u is a 32-bit hash (Chris Wellons' "lowbias32" mixer, applied per level: seed, then
-(b, h), then the row, then the column).  The mask is a pure function of its indices, so the
+where u is a 32-bit hash (an xorshift-multiply mixer from Chris Wellons' hash prospector,
+multipliers 0x2c1b3c6d / 0x297a2d39, applied per level: seed, then (b, h), then the row, then
+the column).  The mask is a pure function of its indices, so the
 forward and the backward (which chunk the rows the same way or not) see the same mask without
 saving it, on any device.  Kept weights are scaled by 1 / (1 − p) (as torch.nn.functional.dropout).
 
 The seed is two 31-bit ints drawn from torch's default CPU generator when the op is called
 (:func:`draw_seed`), so ``torch.manual_seed(s)`` before a call makes its mask reproducible.
-All arithmetic stays in int64 without overflow (products of 16-bit and 32-bit halves).
+All arithmetic is in int64 without overflow (a 32-bit value times a multiplier < 2**31).
 """
 from __future__ import annotations
 
@@ -26,18 +27,14 @@ def draw_seed() -> torch.Tensor:
     return torch.randint(0, 2 ** 31, (2,), dtype=torch.int64)
 
 
-def _mul32(x, c: int):
-    """x * c mod 2**32 for x an int64 tensor in [0, 2**32) (or a Python int), c < 2**32."""
-    return (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & _M32
-
-
 def _mix(x):
-    """lowbias32: a 32-bit -> 32-bit bijective mixer (tensor or Python int)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    """A 32-bit -> 32-bit bijective mixer (tensor or Python int in [0, 2**32)); each product
+    is < 2**63, so int64 never overflows."""
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x = (x * 0x2C1B3C6D) & _M32
+    x = x ^ (x >> 12)
+    x = (x * 0x297A2D39) & _M32
+    return x ^ (x >> 15)
 
 
 def threshold(p: float) -> int:

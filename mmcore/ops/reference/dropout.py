@@ -42,24 +42,26 @@ def threshold(p: float) -> int:
     return int(round(p * 2 ** 32))
 
 
-def keep(seed, b: int, heads, rows, cols, p: float):
-    """bool (H, R, N): element (b, heads[h], rows[r], cols[n]) kept.
+def keep(seed, b, heads, rows, cols, p: float):
+    """bool (H, R, N): element (b, heads[h], rows[r], cols[n]) kept; or (B, H, R, N) when b
+    is an int64 tensor (B,) of samples.
 
     seed: (2,) int64 tensor (or a pair of ints); heads / rows / cols: int64 tensors (H,), (R,),
     (N,) on the device the mask is wanted on."""
     s0, s1 = (int(x) for x in (seed.tolist() if isinstance(seed, torch.Tensor) else seed))
     base = _mix((_mix(s1 & _M32) ^ (s0 & _M32) ^ 0x9E3779B9) & _M32)
-    kh = _mix((heads + b * 65599) & _M32 ^ base)  # (H,)
-    kr = _mix(kh[:, None] ^ _mix((rows + 0x632BE5AB) & _M32)[None, :])  # (H, R)
+    bs = b[:, None] if isinstance(b, torch.Tensor) else b
+    kh = _mix((heads + bs * 65599) & _M32 ^ base)  # (H,) or (B, H)
+    kr = _mix(kh[..., None] ^ _mix((rows + 0x632BE5AB) & _M32))  # (.., H, R)
     kc = _mix((cols * 0x3C6EF372 + 0x5BD1E995) & _M32)  # (N,)
-    u = _mix(kr[:, :, None] ^ kc[None, None, :])  # (H, R, N)
+    u = _mix(kr[..., None] ^ kc)  # (.., H, R, N)
     return u >= threshold(p)
 
 
 def mask(seed, B: int, H: int, Sq: int, Sk: int, p: float, device="cpu"):
-    """The whole keep mask (B, H, Sq, Sk) bool of a call (tests, and the dense oracle)."""
+    """The whole keep mask (B, H, Sq, Sk) bool of a call (tests, and the batched path)."""
     ar = lambda n: torch.arange(n, dtype=torch.int64, device=device)  # noqa: E731
-    return torch.stack([keep(seed, b, ar(H), ar(Sq), ar(Sk), p) for b in range(B)])
+    return keep(seed, ar(B), ar(H), ar(Sq), ar(Sk), p)
 
 
 def scale_block(seed, b: int, Hq: int, i0: int, i1: int, kidx, p: float, dtype):

@@ -123,3 +123,20 @@ def test_auto_meets_the_rule_at_logits_1e4(monkeypatch):
     # plain auto took sdpa here and missed the rule: the knob is what made the difference
     assert _order("window_attention", _window_problem(True, S))[0] == "sdpa"
     assert any(e > t for e, t in errs[False]), errs[False]
+
+
+def test_info_shows_the_knob(monkeypatch, capsys):
+    from mmcore import cli
+
+    monkeypatch.delenv("MMCORE_BACKEND", raising=False)
+    monkeypatch.setenv(registry.EXACT_ENV, "1")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"{registry.EXACT_ENV}=1" in out
+    rows = [ln.split() for ln in out.split("\ncross_attention:", 1)[1].split("\n\n")[0]
+            .splitlines() if ln.strip()]
+    assert {r[0] for r in rows if "exact-grads" in r} == EXACT
+    monkeypatch.setenv(registry.EXACT_ENV, "bogus")
+    assert cli.main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and registry.EXACT_ENV in err and "bogus" in err

@@ -841,9 +841,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, 
                          mask=row_ok[None, :] & d_ok[:, None], other=0.0)
             do = tl.load(do_base + m64 * stride_dm + do_tile,
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            m2 = tl.load(MROW + bh * Sq + rows, mask=row_ok, other=0.0)
-            l_inv = tl.load(LINV + bh * Sq + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
             sT, tT = _scores(_dot(k, qT, PREC), qk_scale, softcap2, HAS_SOFTCAP)  # (BN, BM)
             lo_r, hi_r, lo_max, hi_min, _, _ = _row_bounds(KLO, KHI, b, rows, Sq, Lq, Lk,
                                                            BOUNDS, BLOCK_N)
@@ -855,7 +852,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, 
                 sT = tl.where(ok, sT, _NEG_INF)
             # as in the dq kernel: P = 0 on masked pairs, dS = 0 wherever P = 0.  Unlike there,
             # a non-finite Q / dO row is not kept out of the dots (0 * NaN reaches the other
-            # keys of this block): at 255 registers on sm_90 any extra tile spills
+            # keys of this block): at 255 registers on sm_90 any extra tile spills.  The row
+            # statistics are loaded where they are used: three (BLOCK_M,) vectors live across
+            # the Sᵀ dot cost 8 registers each and spilled at D = 128
+            m2 = tl.load(MROW + bh * Sq + rows, mask=row_ok, other=0.0)
+            l_inv = tl.load(LINV + bh * Sq + rows, mask=row_ok, other=0.0)
             pT = tl.where(sT == _NEG_INF, 0.0, tl.exp2(sT - m2[None, :]) * l_inv[None, :])
             if HAS_SOFTCAP:  # dS_raw = dS_capped (1 - t²); pT itself dies at the dV dot
                 gT = tl.where(pT == 0.0, 0.0, pT * (1.0 - tT * tT))
@@ -863,6 +864,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, 
                 gT = pT
             dv += _dot(pT.to(do.dtype), do, PREC)
             dpT = _dot(v, tl.trans(do), PREC)
+            delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
             dsT = tl.where(gT == 0.0, 0.0, gT * (dpT - delta[None, :]))
             dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC)
     dk = dk * sm_scale
@@ -910,7 +912,8 @@ else:
         # (128, 64, 8, 2) spilled 1.7 KB on sm_80 (mma.sync keeps more in registers)
         "sm80": ((64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2),
                  (32, 32, 4, 1)),
-        "fp32": ((64, 32, 8, 2), (32, 32, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
+        # fp32: (64, 32, 8, 2) spilled 896 bytes at D = 128 once dQ made two passes (issue 24)
+        "fp32": ((32, 32, 8, 2), (64, 32, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
     }
     _DKDV = {
         # (32, 128, 8, 2) and (32, 64, 8, 2): the D = 128 configs that compile for sm_90

@@ -398,11 +398,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SQL, SKL,
             q = tl.load(q_base + offs_m64[:, None] * sqm + offs_d[None, :], mask=qm, other=0.0)
             do = tl.load(do_base + offs_m64[:, None] * sdom + offs_d[None, :], mask=qm,
                          other=0.0)
-            m2 = tl.load(MROW + row_base + offs_m64, mask=rvalid, other=0.0)
-            l_inv = tl.load(LINV + row_base + offs_m64, mask=rvalid, other=0.0)
-            delta = tl.load(DELTA + row_base + offs_m64, mask=rvalid, other=0.0)
             st, tt = _scores(_dot(k, tl.trans(q), PREC), qk_scale, softcap2,
                              HAS_SOFTCAP)  # (BLOCK_N, BLOCK_M)
+            # the row statistics loaded where they are used (fewer registers across the dots)
+            m2 = tl.load(MROW + row_base + offs_m64, mask=rvalid, other=0.0)
+            l_inv = tl.load(LINV + row_base + offs_m64, mask=rvalid, other=0.0)
             pt = tl.exp2(st - m2[None, :]) * l_inv[None, :]
             pt = tl.where(kvalid[:, None] & rvalid[None, :], pt, 0.0)
             if HAS_SOFTCAP:  # dS_raw = dS (1 - t²); pt itself dies at the dV dot
@@ -411,6 +411,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SQL, SKL,
                 gt = pt
             dv += _dot(pt.to(do.dtype), do, PREC)
             dpt = _dot(v, tl.trans(do), PREC)
+            delta = tl.load(DELTA + row_base + offs_m64, mask=rvalid, other=0.0)
             dst = gt * (dpt - delta[None, :])
             # padding and one-key rows: exactly 0 (a NaN delta must not reach padded keys)
             dst = tl.where((Lk > 1) & kvalid[:, None] & rvalid[None, :], dst, 0.0)

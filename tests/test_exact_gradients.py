@@ -4,6 +4,8 @@ PyTorch's SDPA backward misses the tolerance rule at logits ~ 1e4 (it takes P = 
 from an fp32 lse); under the knob an attention call that needs gradients goes only to a
 backend declaring `exact_grads`, `auto` skips the others, and naming one is refused with the
 reason.  docs/robustness.md."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -34,6 +36,11 @@ def _order(op, p):
     return [i.backend for i in registry.plan(op, p)[0]]
 
 
+def _off(p):
+    """p as built without the knob."""
+    return dataclasses.replace(p, exact=False)
+
+
 def test_declarations():
     for op in registry.SOFTMAX_OPS:
         exact = {i.backend for i in registry.implementations(op) if i.exact_grads}
@@ -50,7 +57,7 @@ def test_auto_keeps_to_exact_backends(op, build, monkeypatch):
         exact = _order(op, build(True))
         assert exact and set(exact) <= EXACT, exact
         assert exact == [b for b in plain if b in EXACT]  # the same order, minus the others
-        assert _order(op, build(False)) == _order(op, dataclass_off(build(False)))
+        assert _order(op, build(False)) == _order(op, _off(build(False)))  # inference
         with mmcore.exact_gradients(False):  # nests: off inside
             assert _order(op, build(True)) == plain
         assert _order(op, build(True)) == exact
@@ -59,12 +66,6 @@ def test_auto_keeps_to_exact_backends(op, build, monkeypatch):
     assert _order(op, build(True)) == exact
     with mmcore.exact_gradients(False):  # the context manager overrides the environment
         assert _order(op, build(True)) == plain
-
-
-def dataclass_off(p):
-    import dataclasses
-
-    return dataclasses.replace(p, exact=False)
 
 
 def test_named_inexact_backend_is_refused_clearly(monkeypatch):

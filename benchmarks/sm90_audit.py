@@ -23,7 +23,7 @@ Levels (what CI runs is ``ci``, under triton 3.9 and 3.6: tests/test_sm90_audit.
     defaults  the default config of every launch
     ci     sm_90: every config the autotuner may try for the hot kernels (window fwd / dQ /
            dK/dV, cross fwd / dQ / dK/dV, LoRA GEMM) at D = 128, bf16 and fp16; the default
-           config of every other launch (decode, combine, delta, co-attention, LoRA
+           config of every other launch (decode, combine, co-attention, LoRA
            low-rank / per-row / segment kernels, fp32, non-causal with lengths and global
            tokens, the issue-26 variants: softcap, key_bounds, key_mask, all three, window and
            cross); sm_80: the default config of each launch, bf16 (the issue-26 variants in

@@ -11,7 +11,8 @@ Short-K design (Sk is 49..1025 image tokens, Sq up to 10^5 text tokens):
     of a sample fits one tile (BLOCK_N >= Sk, ``SINGLE``), K and V are loaded once per program
     and reused by all its query blocks, and the softmax is a single pass (no rescaling);
     otherwise a short online-softmax loop over BLOCK_N key blocks.
-  * backward: (1) a dQ kernel over query blocks that also computes delta = rowsum(dO * O);
+  * backward: (1) a dQ kernel over query blocks that also computes each row's statistics from
+    the scores (max, sum, delta = rowsum(P dP)), for exact gradients at large logits;
     (2) a dK/dV kernel over key blocks that loops over the G query heads of its kv head and
     over the query blocks of one query split.  With few key blocks (short K) the query dim is
     split into S chunks for parallelism; each chunk writes its own fp32 partial and the
@@ -49,10 +50,12 @@ def _interpret() -> bool:
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
     """tl.dot with fp32 accumulation; PREC "ieee" (fp32 inputs), None (16-bit inputs) or
-    "upcast": the numpy interpreter mis-multiplies bf16 (stored as uint16), so under
-    TRITON_INTERPRET=1 bf16 tiles are widened to fp32 first (same rounded operands)."""
+    "upcast" (every dtype under TRITON_INTERPRET=1): the product in fp64, rounded once to
+    fp32.  numpy's BLAS rounds a tile by its shape and orientation, which a GPU's dot does
+    not, and the dK/dV kernel's Kᵀ-side scores must equal the dQ kernel's bit for bit
+    (window_attention._dot explains); numpy also mis-multiplies bf16 (stored as uint16)."""
     if PREC == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float64), b.to(tl.float64), out_dtype=tl.float64).to(tl.float32)
     else:
         return tl.dot(a, b, input_precision=PREC)
 
@@ -259,14 +262,15 @@ def _co_fwd_kernel(
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
+def _bwd_dq_kernel(Q, K, V, O, DO, MROW, LINV, DELTA, DQ, SQL, SKL,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                    sdob, sdoh, sdom,
                    H, G, Sq, Sk, qk_scale, softcap2, scale, SQ_KEY, SK_KEY,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr,
                    PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """dQ for one query block, and delta = rowsum(P * dP) (stored for the dK/dV kernel).
+    """dQ for one query block, and the row statistics m, 1 / l and delta = rowsum(P * dP)
+    (stored in MROW, LINV, DELTA (B*H, Sq) fp32 for the dK/dV kernel).
     With softcap (_scores) P and dP are those of the capped scores and dS = P (dP - delta)
     (1 - t²).
 
@@ -275,7 +279,9 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
     then fails to cancel where P is one-hot: dQ was off by 2.1 for a true max of 0.017 (bf16,
     q, k ~ 100 randn; issue 16).  Pass 1 takes the row max m, l = sum exp(S - m) and
     delta = sum P dP (not rowsum(dO * O): O is rounded to the input dtype); pass 2 uses
-    P = exp(S - m) / l, which sums to 1 to fp32 rounding.  The saved lse is unused."""
+    P = exp(S - m) / l, which sums to 1 to fp32 rounding.  The saved lse is unused (O too).
+    The dK/dV kernel takes P and delta from these statistics: exact where a row is one-hot
+    as long as its scores equal these bit for bit (window_attention's _dot, issue 24)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -318,10 +324,12 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
         d_i = d_i * alpha + tl.sum(p * dp, 1)
         m_i = m_new
     rvalid = rvalid & (l_i != 0.0)  # NaN l (a NaN / +inf score) stays valid: NaN propagates
-    l_inv = tl.where(rvalid, 1.0 / l_i, 0.0)
+    l_inv = tl.where(rvalid, 1.0 / tl.where(rvalid, l_i, 1.0), 0.0)
     m_use = tl.where(rvalid, m_i, 0.0)
     delta = d_i * l_inv
     tl.store(DELTA + row_base + offs_m64, delta, mask=offs_m < Sq)
+    tl.store(MROW + row_base + offs_m64, m_use, mask=offs_m < Sq)
+    tl.store(LINV + row_base + offs_m64, l_inv, mask=offs_m < Sq)
     # pass 2: dS = P (dP - delta), dQ = scale dS K
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, hi, BLOCK_N):
@@ -341,7 +349,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SQL, SKL,
 
 
 @triton.jit(do_not_specialize=["Hkv", "Sq", "Sk", "Q_PER_SPLIT", "SQ_KEY", "SK_KEY"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SQL, SKL,
+def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SQL, SKL,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                      sd_split, Hkv, G, Sq, Sk, qk_scale, softcap2, scale, Q_PER_SPLIT, SQ_KEY,
                      SK_KEY,
@@ -390,12 +398,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SQL, SKL,
             q = tl.load(q_base + offs_m64[:, None] * sqm + offs_d[None, :], mask=qm, other=0.0)
             do = tl.load(do_base + offs_m64[:, None] * sdom + offs_d[None, :], mask=qm,
                          other=0.0)
-            lse = tl.load(LSE + row_base + offs_m64, mask=rvalid, other=0.0)
-            delta = tl.load(DELTA + row_base + offs_m64, mask=rvalid, other=0.0)
-            lse2 = lse * 1.4426950408889634
             st, tt = _scores(_dot(k, tl.trans(q), PREC), qk_scale, softcap2,
                              HAS_SOFTCAP)  # (BLOCK_N, BLOCK_M)
-            pt = tl.exp2(st - lse2[None, :])
+            # the row statistics loaded where they are used (fewer registers across the dots)
+            m2 = tl.load(MROW + row_base + offs_m64, mask=rvalid, other=0.0)
+            l_inv = tl.load(LINV + row_base + offs_m64, mask=rvalid, other=0.0)
+            pt = tl.exp2(st - m2[None, :]) * l_inv[None, :]
             pt = tl.where(kvalid[:, None] & rvalid[None, :], pt, 0.0)
             if HAS_SOFTCAP:  # dS_raw = dS (1 - t²); pt itself dies at the dV dot
                 gt = pt * (1.0 - tt * tt)
@@ -403,6 +411,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SQL, SKL,
                 gt = pt
             dv += _dot(pt.to(do.dtype), do, PREC)
             dpt = _dot(v, tl.trans(do), PREC)
+            delta = tl.load(DELTA + row_base + offs_m64, mask=rvalid, other=0.0)
             dst = gt * (dpt - delta[None, :])
             # padding and one-key rows: exactly 0 (a NaN delta must not reach padded keys)
             dst = tl.where((Lk > 1) & kvalid[:, None] & rvalid[None, :], dst, 0.0)
@@ -433,9 +442,9 @@ def _key(S: int) -> int:
 
 
 def _prec(dtype):
-    if dtype == torch.float32:
-        return "ieee"
-    return "upcast" if (_interpret() and dtype == torch.bfloat16) else None
+    if _interpret():  # every dtype: see _dot
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _single_limit(block_d: int, fp32: bool = False) -> int:
@@ -679,7 +688,10 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, so
     bd = _block_d(D)
     prec = _prec(q.dtype)
     dev = q.device
-    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
+    # per row, from the dQ kernel for the dK/dV kernel: delta = rowsum(P dP), the row max of
+    # the scores (log2 units), 1 / sum exp2(S - max)
+    delta, mrow, linv = (torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
+                         for _ in range(3))
     dq = torch.empty(B, H, Sq, D, dtype=q.dtype, device=dev)
     sql, has_sq = _lens(seqlens_q, lse)
     skl, has_sk = _lens(seqlens_k, lse)
@@ -689,7 +701,7 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, so
     def grid_q(meta):
         return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
 
-    _dq[grid_q](q, k, v, out, dout, lse, delta, dq, sql, skl,
+    _dq[grid_q](q, k, v, out, dout, mrow, linv, delta, dq, sql, skl,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
                 out.stride(2),
@@ -721,7 +733,7 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, so
     def grid_k(meta):
         return (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv, split)
 
-    _dkdv[grid_k](q, k, v, dout, lse, delta, dk_buf, dv_buf, sql, skl,
+    _dkdv[grid_k](q, k, v, dout, mrow, linv, delta, dk_buf, dv_buf, sql, skl,
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2),
                   dout.stride(0), dout.stride(1), dout.stride(2),

@@ -43,8 +43,9 @@ Kernels
   _fwd_kernel       online softmax, fp32 accumulators, lse in fp32 (natural log); with
                     SPLIT_K each program takes a slice of the key blocks and writes
                     fp32 partials that _combine_kernel merges by lse (split-K decoding).
-  _bwd_delta_kernel delta = rowsum(dO * O)
-  _bwd_dq_kernel    one program per query block, loops over its key blocks
+  _bwd_dq_kernel    one program per query block, two passes over its key blocks: the row
+                    statistics (max m and sum l of the scores, delta = rowsum(P dP); stored
+                    for the dK/dV kernel), then dQ with P = exp2(S - m) / l
   _bwd_dkdv_kernel  one program per (key block, kv head), loops over the g query heads
                     that share the kv head and their query blocks (GQA reduced in registers)
   _bounds_rows_kernel  bounds mode only: the per-granule row table for _bwd_dkdv_kernel
@@ -112,10 +113,20 @@ _device_fn = (lambda f: f) if _INTERPRET else triton.jit
 @_device_fn
 def _dot(a, b, PREC: tl.constexpr):
     """tl.dot accumulating in fp32.  PREC "ieee" (fp32 inputs: true fp32, no tf32) or "tf32"
-    (fp16/bf16: ignored); "interp": upcast to fp32 first, because the numpy interpreter
-    multiplies bf16 operands as their raw uint16 bit patterns."""
+    (fp16/bf16: ignored); "interp" (every dtype under TRITON_INTERPRET): the product in fp64,
+    rounded once to fp32.
+
+    Why "interp": the backward recomputes the scores S and dP = dO Vᵀ in tiles of another
+    shape and orientation than the forward and the dQ kernel (K Qᵀ in dK/dV), and at logits
+    ~ 1e4 its P and dS = P (dP - delta) cancel only when those values match bit for bit
+    (issue 24).  A GPU's dot sums each element over the head dim in a fixed order whatever
+    the tile; numpy's BLAS (the interpreter's tl.dot) does not: it rounds a (64 x D)(D x 32)
+    tile differently from a (32 x D)(D x 64) one, and rows differently by their place in
+    the tile.  fp64 products of fp32 / 16-bit values are exact and their sum rounded once is
+    the same whatever the shape.  (numpy also multiplies bf16 operands as raw uint16 bit
+    patterns: the upcast fixes that too.)"""
     if PREC == "interp":
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        r = tl.dot(a.to(tl.float64), b.to(tl.float64), out_dtype=tl.float64).to(tl.float32)
     else:
         r = tl.dot(a, b, input_precision=PREC)
     return r
@@ -528,42 +539,58 @@ def _combine_kernel(OP, LP, O, LSE, Sq, D, n_splits,
 # ---------------------------------------------------------------- backward
 
 
-@triton.jit(do_not_specialize=["H", "Sq"])
-def _bwd_delta_kernel(O, DO, DELTA, SEQ_Q,
-                      stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
-                      H, Sq, D, HAS_SQ: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta[b, h, i] = sum_d dO * O (0 on padding rows; dO there may be NaN)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    if HAS_SQ:
-        Lq = tl.load(SEQ_Q + b).to(tl.int32)
-    else:
-        Lq = Sq + 0 * b
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    rows = offs_m.to(tl.int64)[:, None]
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows * stride_dm + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
+@_device_fn
+def _row_stats(q, do, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, offs_n,
+               d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left, right, G, qk_scale,
+               softcap2, lo_r, hi_r, lo_max, hi_min, km_base, CAUSAL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
+    """Pass 1 of the dQ kernel over the query block's key blocks, online: the row max m of S
+    (log2 units), l = sum exp2(S - m) and d = sum exp2(S - m) dP -> (m, l, d) (BLOCK_M,).
+
+    P = exp2(S - m) / l then sums to 1 to fp32 rounding at any logit size, and is exactly 1
+    where the row is one-hot; exp2(S - lse) with the forward's fp32 lse is not (at |S| ~ 1e4
+    the lse is an ulp of S, ~1e-3, off).  delta = d / l replaces rowsum(dO * O): it is built
+    from the same dP values as dS = P (dP - delta), so the two cancel where P is one-hot
+    (issue 24).  A masked pair has P = 0 and adds 0 even when its dP is not finite."""
+    m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    d_i = tl.zeros([BLOCK_M], tl.float32)
+    for t in range(0, n_glob + n_win):
+        start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
+        cols = start_n + offs_n
+        km, km_all = _key_mask_block(km_base, cols, Lk, KEY_MASK)
+        kv_mask = _kv_mask(cols, Lk, d_ok, km, KEY_MASK)
+        n64 = start_n.to(tl.int64)
+        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
+        s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
+        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, lo_max, hi_min,
+                           km_all, CAUSAL, BOUNDS, KEY_MASK, BLOCK_M, BLOCK_N)
+        if not full:
+            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G,
+                          lo_r[:, None], hi_r[:, None], km[None, :], CAUSAL, BOUNDS, KEY_MASK)
+            s = tl.where(ok, s, _NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row with nothing seen yet
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])  # masked -> exactly 0
+        dp = _dot(do, tl.trans(v), PREC)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        d_i = d_i * alpha + tl.sum(tl.where(p == 0.0, 0.0, p * dp), 1)
+        m_i = m_new
+    return m_i, l_i, d_i
 
 
 @_device_fn
-def _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m,
-             offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left, right, G,
-             qk_scale, softcap2, lo_r, hi_r, lo_max, hi_min, km_base, CAUSAL: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             PREC: tl.constexpr, EXACT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-             BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
-    """dQ / scale of one query block over its key blocks.  EXACT: masked pairs never meet a
-    non-finite K row (_dot_masked)."""
+def _dq_loop(q, do, m2, l_inv, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
+             offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left,
+             right, G, qk_scale, softcap2, lo_r, hi_r, lo_max, hi_min, km_base,
+             CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
+    """Pass 2: dQ / scale of one query block over its key blocks, P = exp2(S - m2) * l_inv
+    (_row_stats).  EXACT: masked pairs never meet a non-finite K row (_dot_masked)."""
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(0, n_glob + n_win):
         start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
@@ -582,9 +609,9 @@ def _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stri
             ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G,
                           lo_r[:, None], hi_r[:, None], km[None, :], CAUSAL, BOUNDS, KEY_MASK)
             s = tl.where(ok, s, _NEG_INF)
-        # masked (-inf) pairs get P = 0 even when the row's lse is NaN, and dS = 0 wherever
+        # masked (-inf) pairs get P = 0 even when the row's l is NaN, and dS = 0 wherever
         # P = 0 even when dP (a masked non-finite V) or delta is not finite
-        p = tl.where(s == _NEG_INF, 0.0, tl.exp2(s - lse2[:, None]))
+        p = tl.where(s == _NEG_INF, 0.0, tl.exp2(s - m2[:, None]) * l_inv[:, None])
         if HAS_SOFTCAP:  # dS_raw = dS_capped (1 - t²): the factor folded into P here
             p = tl.where(p == 0.0, 0.0, p * (1.0 - tc * tc))
         dp = _dot(do, tl.trans(v), PREC)
@@ -599,7 +626,7 @@ def _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stri
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K, FLAG, KLO, KHI, KM,
+def _bwd_dq_kernel(Q, K, V, DO, DELTA, MROW, LINV, DQ, SEQ_Q, SEQ_K, FLAG, KLO, KHI, KM,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -611,8 +638,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K, FLAG, KLO, KHI, KM
                    PREC: tl.constexpr, FLAGS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
     """dQ = scale · dS K over the key blocks of one query block, dS = P ∘ (dO Vᵀ − delta)
-    (∘ (1 - t²) with softcap).  FLAGS as in _fwd_kernel (1: flag non-finite dQ rows, 2:
-    recompute the flagged blocks); HAS_SOFTCAP, BOUNDS, KEY_MASK as there."""
+    (∘ (1 - t²) with softcap), in two passes over the key blocks: _row_stats (m, l, delta;
+    stored per row in MROW, LINV = 1 / l, DELTA (B*H, Sq) fp32 for the dK/dV kernel; the
+    forward's lse is not read), then _dq_loop.  FLAGS as in _fwd_kernel (1: flag non-finite
+    dQ rows, 2: recompute the flagged blocks, the row statistics as they were);
+    HAS_SOFTCAP, BOUNDS, KEY_MASK as there."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if FLAGS == 2:
@@ -640,9 +670,6 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K, FLAG, KLO, KHI, KM
     do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows * stride_dm + offs_d[None, :],
                  mask=row_mask, other=0.0)
     row_ok = offs_m < Lq
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)  # a row that sees nothing has p = 0
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
@@ -659,10 +686,30 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, SEQ_K, FLAG, KLO, KHI, KM
         km_base = K
     k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
     v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
-    dq = _dq_loop(q, do, lse2, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
-                  offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left,
-                  right, G, qk_scale, softcap2, lo_r, hi_r, lo_max, hi_min, km_base, CAUSAL,
-                  BLOCK_M, BLOCK_N, BLOCK_D, PREC, FLAGS == 2, HAS_SOFTCAP, BOUNDS, KEY_MASK)
+    rbase = pid_bh.to(tl.int64) * Sq
+    if FLAGS == 2:  # the statistics pass 1 stored (the same values: same tiles, same order)
+        m2 = tl.load(MROW + rbase + offs_m, mask=row_ok, other=0.0)
+        l_inv = tl.load(LINV + rbase + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + rbase + offs_m, mask=row_ok, other=0.0)
+    else:
+        m_i, l_i, d_i = _row_stats(q, do, k_base, v_base, k_tile, v_tile, stride_kn,
+                                   stride_vn, offs_m, offs_n, d_ok, start_m, lo, n_glob, n_win,
+                                   Lq, Lk, off, left, right, G, qk_scale, softcap2, lo_r, hi_r,
+                                   lo_max, hi_min, km_base, CAUSAL, BLOCK_M, BLOCK_N, PREC,
+                                   HAS_SOFTCAP, BOUNDS, KEY_MASK)
+        # a row that sees nothing (l = 0): P = 0; l NaN (a NaN / +inf score) propagates
+        seen = row_ok & (l_i != 0.0)
+        l_inv = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+        m2 = tl.where(seen, m_i, 0.0)
+        delta = d_i * l_inv
+        tl.store(MROW + rbase + offs_m, m2, mask=offs_m < Sq)
+        tl.store(LINV + rbase + offs_m, l_inv, mask=offs_m < Sq)
+        tl.store(DELTA + rbase + offs_m, delta, mask=offs_m < Sq)
+    dq = _dq_loop(q, do, m2, l_inv, delta, k_base, v_base, k_tile, v_tile, stride_kn,
+                  stride_vn, offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk,
+                  off, left, right, G, qk_scale, softcap2, lo_r, hi_r, lo_max, hi_min, km_base,
+                  CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, FLAGS == 2, HAS_SOFTCAP, BOUNDS,
+                  KEY_MASK)
     if FLAGS == 1:
         bad = tl.sum(tl.where(dq * 0.0 == 0.0, 0, 1), 1)  # (BLOCK_M,)
         tl.store(FLAG + pid_bh.to(tl.int64) * Sq + offs_m, (bad > 0).to(tl.int8),
@@ -708,7 +755,8 @@ def _bounds_rows_kernel(KLO, KHI, SEQ_Q, SEQ_K, FIRST, LAST, Sq, Sk,
 
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["HKV"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, KHI, KM, FIRST, LAST,
+def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, KHI, KM, FIRST,
+                     LAST,
                      stride_qb, stride_qh, stride_qm,
                      stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn,
@@ -723,8 +771,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, KHI, KM
                      KEY_MASK: tl.constexpr):
     """dV = Pᵀ dO, dK = scale · dSᵀ Q for one key block of kv head hk, summed over the GROUP
     query heads that read it and over their query blocks (in transposed form: Sᵀ = K Qᵀ).
-    HAS_SOFTCAP, BOUNDS, KEY_MASK as in _fwd_kernel; in bounds mode the query blocks are
-    those holding the rows FIRST .. LAST of _bounds_rows_kernel (of the block's granules)."""
+    P = exp2(Sᵀ - m) / l and delta from the dQ kernel's row statistics (MROW, LINV, DELTA):
+    where a row is one-hot, P is exactly 1 and dS exactly 0, as long as this kernel's Sᵀ and
+    dPᵀ = V dOᵀ equal the dQ kernel's S and dP bit for bit (a dot that sums over the head dim
+    in a fixed order whatever the tile shape and orientation; _dot).  HAS_SOFTCAP, BOUNDS,
+    KEY_MASK as in _fwd_kernel; in bounds mode the query blocks are those holding the rows
+    FIRST .. LAST of _bounds_rows_kernel (of the block's granules)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -789,9 +841,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, KHI, KM
                          mask=row_ok[None, :] & d_ok[:, None], other=0.0)
             do = tl.load(do_base + m64 * stride_dm + do_tile,
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=0.0)
-            lse2 = tl.where(lse == _NEG_INF, 0.0, lse * _LOG2E)
-            delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
             sT, tT = _scores(_dot(k, qT, PREC), qk_scale, softcap2, HAS_SOFTCAP)  # (BN, BM)
             lo_r, hi_r, lo_max, hi_min, _, _ = _row_bounds(KLO, KHI, b, rows, Sq, Lq, Lk,
                                                            BOUNDS, BLOCK_N)
@@ -803,14 +852,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, KHI, KM
                 sT = tl.where(ok, sT, _NEG_INF)
             # as in the dq kernel: P = 0 on masked pairs, dS = 0 wherever P = 0.  Unlike there,
             # a non-finite Q / dO row is not kept out of the dots (0 * NaN reaches the other
-            # keys of this block): at 255 registers on sm_90 any extra tile spills
-            pT = tl.where(sT == _NEG_INF, 0.0, tl.exp2(sT - lse2[None, :]))
+            # keys of this block): at 255 registers on sm_90 any extra tile spills.  The row
+            # statistics are loaded where they are used: three (BLOCK_M,) vectors live across
+            # the Sᵀ dot cost 8 registers each and spilled at D = 128
+            m2 = tl.load(MROW + bh * Sq + rows, mask=row_ok, other=0.0)
+            l_inv = tl.load(LINV + bh * Sq + rows, mask=row_ok, other=0.0)
+            pT = tl.where(sT == _NEG_INF, 0.0, tl.exp2(sT - m2[None, :]) * l_inv[None, :])
             if HAS_SOFTCAP:  # dS_raw = dS_capped (1 - t²); pT itself dies at the dV dot
                 gT = tl.where(pT == 0.0, 0.0, pT * (1.0 - tT * tT))
             else:
                 gT = pT
             dv += _dot(pT.to(do.dtype), do, PREC)
             dpT = _dot(v, tl.trans(do), PREC)
+            delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
             dsT = tl.where(gT == 0.0, 0.0, gT * (dpT - delta[None, :]))
             dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC)
     dk = dk * sm_scale
@@ -858,7 +912,8 @@ else:
         # (128, 64, 8, 2) spilled 1.7 KB on sm_80 (mma.sync keeps more in registers)
         "sm80": ((64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2),
                  (32, 32, 4, 1)),
-        "fp32": ((64, 32, 8, 2), (32, 32, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
+        # fp32: (64, 32, 8, 2) spilled 896 bytes at D = 128 once dQ made two passes (issue 24)
+        "fp32": ((32, 32, 8, 2), (64, 32, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
     }
     _DKDV = {
         # (32, 128, 8, 2) and (32, 64, 8, 2): the D = 128 configs that compile for sm_90
@@ -963,7 +1018,7 @@ def _tune_key(Sq, Sk, left, right, G):
 
 
 def _prec(dtype):
-    if _INTERPRET and dtype == torch.bfloat16:
+    if _INTERPRET:
         return "interp"
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -1101,7 +1156,9 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
                          global_tokens, scale, softcap=0.0, key_lo=None, key_hi=None,
                          key_mask=None):
     """Normalised backward: -> dq, dk, dv (contiguous, input dtypes).  Deterministic.
-    softcap, key_lo, key_hi, key_mask as in window_attention_fwd (lse: the forward's)."""
+    softcap, key_lo, key_hi, key_mask as in window_attention_fwd.  out and lse (the
+    forward's) are not read: the dQ kernel recomputes each row's max, sum and
+    delta = rowsum(P dP) from the scores (exact gradients at large logits, issue 24)."""
     B, H, Sq, D = q.shape
     HKV, Sk = k.shape[1], k.shape[2]
     dq = torch.empty((B, H, Sq, D), dtype=_store_dtype(q.dtype), device=q.device)
@@ -1123,12 +1180,10 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
     flags = dict(HAS_SQ=seqlens_q is not None, HAS_SK=seqlens_k is not None,
                  CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype), **feats)
 
-    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    BMD = 64 if BLOCK_D <= 128 else 32
-    _bwd_delta_kernel[(triton.cdiv(Sq, BMD), B * H)](
-        out, dout, delta, sq, out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2), H, Sq, D,
-        HAS_SQ=seqlens_q is not None, BLOCK_M=BMD, BLOCK_D=BLOCK_D)
+    # per row, written by the dQ kernel's first pass for its second and the dK/dV kernel:
+    # delta = rowsum(P dP), the row max of S (log2 units) and 1 / sum exp2(S - max)
+    delta, mrow, linv = (torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+                         for _ in range(3))
 
     tk = _tune_key(Sq, Sk, left, right, G)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -1136,7 +1191,7 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
                dout.stride(0), dout.stride(1), dout.stride(2))
     grid_q = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)  # noqa: E731
     flag = torch.empty((B * H, Sq), dtype=torch.int8, device=q.device)
-    args = (q, k, v, dout, lse, delta, dq, sq, sk, flag, klo, khi, km, *strides,
+    args = (q, k, v, dout, delta, mrow, linv, dq, sq, sk, flag, klo, khi, km, *strides,
             dq.stride(0), dq.stride(1), dq.stride(2),
             H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, float(scale), tk)
     _dq_tuned[grid_q](*args, FLAGS=1, **flags)
@@ -1153,7 +1208,7 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
             HAS_SK=seqlens_k is not None, GRANS=_GRANS, ROWS=_ROWS)
     grid_k = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * HKV)  # noqa: E731
     _dkdv_tuned[grid_k](
-        q, k, v, dout, lse, delta, dk, dv, sq, sk, klo, khi, km, first, last, *strides,
+        q, k, v, dout, mrow, linv, delta, dk, dv, sq, sk, klo, khi, km, first, last, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         H, HKV, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, float(scale), tk,
         **flags)

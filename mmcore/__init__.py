@@ -32,12 +32,14 @@ _map_folder("kernels")
 _map_folder("benchmarks")
 
 from .ops import cross_attention, lora_linear, window_attention  # noqa: E402
+from .ops.registry import exact_gradients  # noqa: E402
 from .nn.kv_cache import RollingKVCache  # noqa: E402
 from . import patch  # noqa: E402  (the package, callable: mmcore.patch(model), mmcore.patch.hf_interface)
 from .patch import LongContext, unpatch  # noqa: E402
 
-__all__ = ["window_attention", "cross_attention", "lora_linear", "RollingKVCache", "patch",
-           "unpatch", "LongContext", "read", "load_run", "index", "search", "__version__"]
+__all__ = ["window_attention", "cross_attention", "lora_linear", "exact_gradients",
+           "RollingKVCache", "patch", "unpatch", "LongContext", "read", "load_run", "index",
+           "search", "__version__"]
 
 
 def __getattr__(name):  # lazy: read / index / search without importing the model layer up front

@@ -408,6 +408,15 @@ def run_info(args) -> int:
               f"(the choices below are what auto would pick without it)")
     else:
         print("MMCORE_BACKEND=auto")
+    exact_ok = True
+    try:
+        exact = registry.exact_gradients_enabled()
+        print(f"{registry.EXACT_ENV}={'1' if exact else '0'}: attention calls that need "
+              "gradients " + ("use only the backends marked exact-grads below" if exact else
+                              "may use any backend (exact-grads: exact at any logit size)"))
+    except ValueError as e:
+        bad_env, exact_ok = bad_env or str(e), False
+        print(f"{registry.EXACT_ENV}={os.environ.get(registry.EXACT_ENV)!r}  <- INVALID: {e}")
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     for dev in devices:
         print(f"dispatch table ({dev}): {tables.describe(dev)}")
@@ -419,10 +428,13 @@ def run_info(args) -> int:
             hd = f" D<={lim['max_head_dim']}" if lim["max_head_dim"] else ""
             prio = ",".join(f"{d}={n}" for d, n in lim["priority"].items())
             print(f"  {backend:<8} {state}  devices={','.join(lim['devices'])} dtypes={dts}{hd}"
-                  f" bwd={'yes' if lim['backward'] else 'no'} priority {prio}"
+                  f" bwd={'yes' if lim['backward'] else 'no'}"
+                  + (" exact-grads" if lim["exact_grads"] and lim["backward"]
+                     and op in registry.SOFTMAX_OPS else "")
+                  + f" priority {prio}"
                   + (f" (per problem: {lim['priority_fn']})" if lim.get("priority_fn") else "")
                   + (f"  ({why})" if why else ""))
-    for line in _auto_report(devices):
+    for line in _auto_report(devices) if exact_ok else ():
         print(line)
     if bad_env:
         print(f"mmcore info: error: {bad_env}", file=sys.stderr)

@@ -15,9 +15,15 @@ with the facts of the failure.
 
 The same declarations drive the random-shape test generator (tests/kit.py), so dispatch,
 errors and tests cannot drift apart.
+
+Exact gradients (:func:`exact_gradients`, env ``MMCORE_EXACT_GRADIENTS=1``): an attention
+call that needs gradients is served only by a backend declaring ``exact_grads`` (gradients
+within the tolerance rule at any logit size; docs/robustness.md): ``auto`` skips the
+others, and naming one of them is refused with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -28,6 +34,52 @@ from . import failures, tables
 
 OPS = ("window_attention", "cross_attention", "lora_linear")
 BACKENDS = ("triton", "cuda", "sdpa", "flex", "composed", "cpu", "torch")
+SOFTMAX_OPS = ("window_attention", "cross_attention")  # what exact_gradients() governs
+
+EXACT_ENV = "MMCORE_EXACT_GRADIENTS"
+_exact_override = None  # set by exact_gradients(); None: the environment decides
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def exact_gradients_enabled() -> bool:
+    """Whether attention calls that need gradients must go to a backend that declares exact
+    gradients: the innermost :func:`exact_gradients` block, else env MMCORE_EXACT_GRADIENTS
+    (1 / true / yes / on; 0 / false / no / off / unset)."""
+    if _exact_override is not None:
+        return _exact_override
+    raw = os.environ.get(EXACT_ENV, "")
+    val = raw.strip().lower()
+    if val in _TRUE:
+        return True
+    if val in _FALSE:
+        return False
+    raise ValueError(f"{EXACT_ENV} must be one of 1, true, yes, on, 0, false, no, off; "
+                     f"got {raw!r}")
+
+
+@contextlib.contextmanager
+def exact_gradients(enabled: bool = True):
+    """Within the block, attention calls that need gradients use only backends whose
+    gradients meet the tolerance rule at any logit size (``OpImpl.exact_grads``: torch, cpu,
+    triton; not sdpa, whose backward takes P = exp(S - lse) from an fp32 lse, nor flex).
+
+    ``backend="auto"`` skips the others; naming one (``backend="sdpa"``, MMCORE_BACKEND)
+    raises BackendError saying why.  The choice is made at the forward call, and its
+    backward runs on the same backend wherever it runs.  Calls without gradients
+    (inference) are unaffected.  ``exact_gradients(False)`` turns it off inside a block;
+    process-wide (like torch.use_deterministic_algorithms); overrides env
+    MMCORE_EXACT_GRADIENTS.  Under torch.compile the setting is read while tracing."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"exact_gradients(enabled) takes a bool, got {type(enabled).__name__}")
+    global _exact_override
+    before = _exact_override
+    _exact_override = enabled
+    clear_cache()
+    try:
+        yield
+    finally:
+        _exact_override = before
+        clear_cache()
 
 
 @dataclass(frozen=True)
@@ -40,7 +92,8 @@ class Problem:
     ``dropout`` (attention dropout, only present when used),
     and for windows ``window`` (left, right), ``causal``, ``aligned`` (every sample has
     Lq = Lk), ``key_bounds``, ``key_mask`` (whether the call uses them);
-    lora_linear: M, N).
+    lora_linear: M, N).  exact: exact_gradients() was on at the call (read when the
+    Problem is built).
     """
 
     op: str
@@ -54,12 +107,13 @@ class Problem:
     rank: int = 0
     adapters: int = 1
     extra: dict = field(default_factory=dict)
+    exact: bool = field(default_factory=lambda: exact_gradients_enabled())
 
     def key(self) -> tuple:
         """A hashable identity of the problem (the dispatch cache key)."""
         return (self.op, self.device, self.dtype, self.head_dim, self.gqa, self.needs_grad,
                 self.global_tokens, self.seqlens, self.rank, self.adapters,
-                tuple(sorted(self.extra.items())))
+                tuple(sorted(self.extra.items())), self.exact)
 
 
 @dataclass
@@ -101,6 +155,10 @@ class OpImpl:
     # and a weight passed as the transposed view of an (K, N) matrix (transformers' Conv1D)
     supports_col_scale: bool = False
     supports_weight_t: bool = False
+    # attention: gradients within the tolerance rule at any logit size (|S| ~ 1e4 included:
+    # P renormalised from the scores, delta = rowsum(P dP) from the same dP), measured in
+    # tests/test_ops_grad_semantics.py; exact_gradients() serves only these
+    exact_grads: bool = False
     available: Callable[[], Optional[str]] = lambda: None
     check: Optional[Callable[[Problem], list]] = None
     # devices where the heuristics of backend="auto" may pick it (None: all of `devices`);
@@ -156,6 +214,9 @@ class OpImpl:
             r.append("no col_scale epilogue")
         if p.extra.get("weight_t") and not self.supports_weight_t:
             r.append("no transposed (Conv1D) weight")
+        if p.exact and p.needs_grad and p.op in SOFTMAX_OPS and not self.exact_grads:
+            r.append(f"gradients not exact at large logits ({EXACT_ENV} / "
+                     "mmcore.exact_gradients() is on)")
         if self.check is not None and not r:
             r.extend(self.check(p))
         return r
@@ -369,6 +430,7 @@ def report() -> dict:
                 "max_head_dim": impl.max_head_dim,
                 "backward": impl.supports_backward,
                 "gqa": impl.supports_gqa,
+                "exact_grads": impl.exact_grads,
                 # heuristic rank per device where auto may pick it without a table
                 "priority": {d: impl.priority_on(d) for d in sorted(impl.devices)
                              if impl.auto_devices is None or d in impl.auto_devices},

@@ -10,7 +10,7 @@ registry.register(registry.OpImpl(
     op="cross_attention", backend="torch", priority=0,
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=ref.cross_fwd, backward=ref.cross_bwd, supports_softcap=True,
-    supports_dropout=True,
+    supports_dropout=True, exact_grads=True,
 ))
 
 
@@ -38,6 +38,7 @@ registry.register(registry.OpImpl(
     devices=_loaders.triton_devices(), dtypes=frozenset({F16, BF16, F32}),
     forward=_triton_fwd, backward=_triton_bwd, max_head_dim=256, supports_softcap=True,
     available=_loaders.triton_error, auto_devices=frozenset({"cuda"}),
+    exact_grads=True,
 ))
 
 
@@ -58,6 +59,7 @@ registry.register(registry.OpImpl(
     devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32}),
     forward=_cpu_fwd, backward=_cpu_bwd, supports_softcap=True,
     available=lambda: _loaders.cpp_error("cross_attention_fwd"),
+    exact_grads=True,
 ))
 
 
@@ -79,4 +81,5 @@ registry.register(registry.OpImpl(
     op="cross_attention", backend="sdpa", priority=50, device_priority={"cpu": 10},
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=_sdpa_fwd, backward=_sdpa_bwd, check=sdpa.device_check,
+    exact_grads=False,  # its backward takes P = exp(S - lse): docs/robustness.md
 ))

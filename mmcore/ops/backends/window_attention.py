@@ -12,7 +12,7 @@ registry.register(registry.OpImpl(
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=ref.window_fwd, backward=ref.window_bwd,
     supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
-    supports_dropout=True,
+    supports_dropout=True, exact_grads=True,
 ))
 
 
@@ -47,6 +47,7 @@ registry.register(registry.OpImpl(
     supports_gqa=True, supports_global_tokens=True,
     supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
     available=_loaders.triton_error,
+    exact_grads=True,
 ))
 
 
@@ -71,6 +72,7 @@ registry.register(registry.OpImpl(
     forward=_cpu_fwd, backward=_cpu_bwd,
     supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
     available=lambda: _loaders.cpp_error("window_attention_fwd"),
+    exact_grads=True,
 ))
 
 
@@ -83,6 +85,7 @@ registry.register(registry.OpImpl(
     forward=sdpa.window_forward, backward=sdpa.window_backward,
     check=lambda p: sdpa.device_check(p) or sdpa.window_check(p),
     priority_fn=sdpa.cpu_dense_priority,
+    exact_grads=False,  # its backward takes P = exp(S - lse): docs/robustness.md
 ))
 
 
@@ -94,4 +97,5 @@ registry.register(registry.OpImpl(
     devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({F16, BF16, F32}),
     forward=flex.forward, backward=flex.backward, max_head_dim=256, check=flex.check,
     supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
+    exact_grads=False,  # its backward takes P from the forward's logsumexp, like sdpa
 ))

@@ -2,9 +2,11 @@
 declare it (registry.OpImpl.supports_dropout): validation, exactness against the float64
 oracle with the backend's own mask (every mask mode), determinism under torch.manual_seed,
 statistics of the mask, gradcheck with a fixed mask, and patched HF models in train mode."""
+import copy
 import math
 
 import pytest
+
 import torch
 
 from kit import assert_close, bounds_mask, window_mask, with_lengths
@@ -336,13 +338,17 @@ def test_patched_bert_training_with_dropout_matches_eager_with_the_same_mask():
     cfg.attention_probs_dropout_prob = 0.3
     cfg.hidden_dropout_prob = 0.1  # other dropouts draw from the same generator in both runs
     torch.manual_seed(0)
-    ref = cls._from_config(cfg, attn_implementation="mmcore_test_dropref").double().train()
-    m = cls._from_config(cfg, attn_implementation="eager").double().train()
+    # separate config objects: mmcore.patch switches the config of the model it patches
+    ref = cls._from_config(copy.deepcopy(cfg),
+                           attn_implementation="mmcore_test_dropref").double().train()
+    m = cls._from_config(copy.deepcopy(cfg), attn_implementation="eager").double().train()
     m.load_state_dict(ref.state_dict())
-    mmcore.patch(m)
+    mmcore.patch(m, backend="torch")  # "auto" keeps full-width dropout rows on the dense path
     ids = torch.randint(3, K.V, (3, 13))
     am = torch.ones(3, 13, dtype=torch.long)
-    am[1, 9:] = 0  # right padding: the op keeps the tensors' indices (seqlens, no gather)
+    # no padding: with padding the interface may pack or gather the valid tokens, and the op's
+    # mask then comes from other (sample, row, column) coordinates than eager's (the same
+    # distribution, another draw); padded batches are checked in test_patch_families
     res = []
     for model in (ref, m):
         hfi.STATS.reset()
@@ -353,7 +359,8 @@ def test_patched_bert_training_with_dropout_matches_eager_with_the_same_mask():
         res.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                    if p.grad is not None}, hfi.STATS.as_dict()))
         assert torch.isfinite(loss)
-    (o_ref, g_ref, _), (o_mm, g_mm, st) = res
+    (o_ref, g_ref, st_ref), (o_mm, g_mm, st) = res
+    assert st_ref["op_calls"] == 0 and st_ref["fallback_calls"] == 0, st_ref  # really HF's
     assert st["op_calls"] == cfg.num_hidden_layers and st["fallback_calls"] == 0, st
     valid = am.bool()
     assert (o_mm - o_ref)[valid].abs().max() < 1e-10
@@ -374,7 +381,7 @@ def test_patched_longformer_training_with_dropout_on_the_op():
     cfg.attention_probs_dropout_prob = 0.2
     torch.manual_seed(0)
     m = cls._from_config(cfg, attn_implementation="eager").train()
-    mmcore.patch(m)
+    mmcore.patch(m, backend="torch")  # "auto": window 8 of 16 keys is dense (wider than 1/4)
     for padding, glob in (("right", [0, 1]), ("holey", [3])):
         kw = K.inputs(kind, B=2, S=16, padding=padding, seed=2)
         gm = torch.zeros_like(kw["attention_mask"])
@@ -391,6 +398,11 @@ def test_patched_longformer_training_with_dropout_on_the_op():
         torch.manual_seed(1)
         again = m(**kw).last_hidden_state
         assert torch.equal(again, out)  # reproducible under the same seed
+    mmcore.patch(m)  # "auto": rows see 9 of 16 keys, HF's own forward with the reason
+    hfi.STATS.reset()
+    m(**kw).last_hidden_state.sum().backward()
+    assert hfi.STATS.fallback_reasons == {
+        hfi.dropout_dense_reason("auto", 9, 16): cfg.num_hidden_layers}, hfi.STATS
 
 
 def test_opcheck_with_dropout():

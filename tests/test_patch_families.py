@@ -96,6 +96,28 @@ def test_output_attentions_config_left():
     assert isinstance(cfg, T.BertConfig)
 
 
+def test_attention_dropout_training_on_the_op_under_auto_where_rows_are_narrow():
+    """Under "auto", a dropout call goes to the op only where its rows see at most
+    DROPOUT_OP_MAX_SHARE of the keys (the op's dropout runs on the torch backend, 2-2.5x the
+    dense path's time for equal work): Mistral's sliding window 6 over 32 tokens is on the op;
+    the same model at 12 tokens (rows see half the keys) is dense."""
+    cfg, cls, _ = K.build("mistral")
+    cfg.attention_dropout = 0.3
+    m = cls._from_config(cfg, attn_implementation="eager")
+    mmcore.patch(m)
+    m.train()
+    layers = cfg.num_hidden_layers
+    hfi.STATS.reset()
+    m(input_ids=torch.randint(3, K.V, (2, 32)))
+    assert hfi.STATS.op_calls == layers and hfi.STATS.fallback_calls == 0, hfi.STATS
+    hfi.STATS.reset()
+    m(input_ids=torch.randint(3, K.V, (2, 12)))
+    assert hfi.STATS.fallback_calls == layers and hfi.STATS.op_calls == 0, hfi.STATS
+    assert hfi.dropout_dense_reason("auto", 6, 12) in hfi.STATS.fallback_reasons
+    assert hfi.dropout_dense_reason("auto", 6, 32) is None
+    assert hfi.dropout_dense_reason("torch", 12, 12) is None  # a named backend is honoured
+
+
 @pytest.mark.parametrize("G", [0, 2])
 def test_longformer_window_and_global_projections(G):
     """Longformer: window attention_window/2 each side + a global prefix whose rows use the
@@ -219,6 +241,14 @@ def test_attention_dropout_training_on_the_op(monkeypatch):
     m = cls._from_config(cfg, attn_implementation="eager")
     mmcore.patch(m)
     m.train()
+    # "auto": full-width rows with dropout stay on the (faster) dense path, with the reason
+    hfi.STATS.reset()
+    m(input_ids=torch.randint(3, K.V, (1, 9)))
+    assert hfi.STATS.fallback_reasons == {hfi.dropout_dense_reason("auto", 9, 9): 2}, hfi.STATS
+    # the torch backend named: on the op
+    for mod in m.modules():
+        if hasattr(mod, "_mmcore_backend"):
+            monkeypatch.setattr(mod, "_mmcore_backend", "torch", raising=False)
     hfi.STATS.reset()
     m(input_ids=torch.randint(3, K.V, (1, 9)))
     assert hfi.STATS.op_calls == 2 and hfi.STATS.fallback_calls == 0, hfi.STATS

@@ -245,6 +245,25 @@ def _serves(backend, feature):
                         False))
 
 
+# Attention dropout while training is served by the op only where that is not slower than the
+# dense path.  Only the torch reference backend implements dropout_p today; measured (BERT-base
+# layer, S = 128, fwd + bwd, CPU) it takes 2-2.5x the dense eager path's time for the same
+# work, so under "auto" the op takes a dropout call only when its rows see at most this share
+# of the keys (a windowed layer doing >= 4x less work than dense).  A backend named by the
+# user (mmcore.patch(backend="torch"), MMCORE_BACKEND) is always honoured.
+DROPOUT_OP_MAX_SHARE = 0.25
+
+
+def dropout_dense_reason(backend, keys_per_row, Sk):
+    """-> the dense-path reason for a dropout-while-training call under "auto" whose rows see
+    `keys_per_row` of `Sk` keys, or None when the op takes it."""
+    from ..ops import registry
+    if registry.requested(backend) != "auto" or keys_per_row <= DROPOUT_OP_MAX_SHARE * Sk:
+        return None
+    return ("attention dropout while training (rows see most keys: the dense path is faster "
+            "than the op's dropout, which only the torch backend serves)")
+
+
 def _static_reason(module, query, value, dropout, softcap, training, kwargs, backend):
     if softcap is not None and not _serves(backend, "softcap"):
         return f"attention logit softcapping (backend {backend!r} does not serve softcap)"
@@ -271,6 +290,10 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     backend = getattr(module, "_mmcore_backend", None) or "auto"
     reason = _static_reason(module, query, value, dropout, softcap, training, kwargs, backend)
     drop = float(dropout) if (dropout and training) else 0.0  # the op's dropout_p
+    if drop and reason is None and (
+            (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4) or
+            hf_bounds.spec_of(attention_mask) is not None):
+        reason = dropout_dense_reason(backend, Sk, Sk)  # per-row intervals: not known cheap
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         out = None if reason else hf_bounds.attend_dense(module, query, key, value,
                                                          attention_mask, scaling, softcap,
@@ -310,6 +333,10 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
                                 backend=backend)
 
     out = None
+    if drop and reason is None:
+        keys = Sk if window[0] < 0 or (window[1] < 0 and not causal) else \
+            window[0] + (0 if causal else window[1]) + 1 + G
+        reason = dropout_dense_reason(backend, keys, Sk)
     if reason is None:
         out, reason = _attend(op, query, key, value, pm, spec, causal, window, G,
                               _serves(backend, "key_mask"))

@@ -76,6 +76,9 @@ def make_forward(mod, orig_forward, backend):
         if why is None and (attention_mask is None or attention_mask.dim() != 2 or
                             attention_mask.shape != hidden_states.shape[:2]):
             why = "Longformer attention mask not a (batch, seq) tensor"
+        if why is None and mod.training and mod.dropout > 0:
+            w = mod.one_sided_attn_window_size
+            why = hfi.dropout_dense_reason(backend, 2 * w + 1, hidden_states.shape[1])
         if why is not None:
             hfi.count(mod, why)
             return orig_forward(hidden_states, attention_mask=attention_mask,

@@ -135,6 +135,42 @@ def test_runner_reports_regressions_expected_differences_and_attention_calls(che
     assert md[2].startswith("| mistral | 6/1/1 | 4/3/1 | 2 |")
 
 
+# (text config, vision config) -> which attention the plugin hands to mmcore in mmcore mode
+PER_SUB_MODEL = [("eager", "sdpa"), ("sdpa", "eager"), ("sdpa", "sdpa"), ("eager", "eager")]
+
+
+@pytest.mark.parametrize("name", ["gemma3", "mllama"])
+@pytest.mark.parametrize("text, vision", PER_SUB_MODEL)
+def test_plugin_patches_only_the_sdpa_sub_models(name, text, vision, monkeypatch):
+    """The plugin's rule per sub-model of a composite model: the sub-models built on sdpa are
+    patched (their attention configs become "mmcore"), the eager ones stay eager (configs and
+    modules); all sdpa -> the whole model is patched, all eager -> nothing."""
+    import kit_vlm
+    import mmcore_hf_plugin as plugin
+    from transformers import PreTrainedModel
+
+    from mmcore.patch import families, hf_interface
+    monkeypatch.setattr(PreTrainedModel, "post_init", PreTrainedModel.post_init)  # restored
+    monkeypatch.setattr(plugin, "_patched", {"models": 0})
+    plugin._install_mmcore()
+    cfg, cls = kit_vlm.config(name)
+    cfg._attn_implementation = {"text_config": text, "vision_config": vision}
+    model = cls(cfg)
+    want = {"text_config": text, "vision_config": vision}
+    for key, impl in want.items():
+        sub = getattr(model.config, key)
+        assert sub._attn_implementation == ("mmcore" if impl == "sdpa" else "eager"), key
+        mods = [m for _, m in model.named_modules()
+                if "Attention" in type(m).__name__ and getattr(m, "config", None) is sub]
+        assert mods, key
+        assert all((hf_interface.STATS_ATTR in m.__dict__) == (impl == "sdpa") for m in mods)
+    # all sdpa: one patch of the whole composite (its inner PreTrainedModel, at its post_init)
+    whole = [m for m in model.modules() if getattr(m, families._STATE_ATTR, None) is not None
+             and {"vision_tower", "vision_model"} & set(dict(m.named_children()))]
+    assert bool(whole) == (text == vision == "sdpa")
+    assert (plugin._patched["models"] > 0) == ("sdpa" in (text, vision))
+
+
 def test_runner_base_mode_alone_has_no_attention_counts(checkout, capsys):
     rc = rhm.main(["mistral", "--tests-dir", str(checkout / "tests"), "--modes", "base",
                    "-k", "passes or tiny_llama"])

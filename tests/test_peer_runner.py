@@ -151,7 +151,7 @@ def test_plugin_patches_only_the_sdpa_sub_models(name, text, vision, monkeypatch
 
     from mmcore.patch import families, hf_interface
     monkeypatch.setattr(PreTrainedModel, "post_init", PreTrainedModel.post_init)  # restored
-    monkeypatch.setattr(plugin, "_patched", {"models": 0})
+    monkeypatch.setattr(plugin, "_patched", {"models": 0, "eager_parts_left": 0})
     plugin._install_mmcore()
     cfg, cls = kit_vlm.config(name)
     cfg._attn_implementation = {"text_config": text, "vision_config": vision}
@@ -169,6 +169,8 @@ def test_plugin_patches_only_the_sdpa_sub_models(name, text, vision, monkeypatch
              and {"vision_tower", "vision_model"} & set(dict(m.named_children()))]
     assert bool(whole) == (text == vision == "sdpa")
     assert (plugin._patched["models"] > 0) == ("sdpa" in (text, vision))
+    # counted: the models left partly eager (the top config is sdpa in all four cases)
+    assert (plugin._patched["eager_parts_left"] > 0) == ("eager" in (text, vision))
 
 
 def test_runner_base_mode_alone_has_no_attention_counts(checkout, capsys):

@@ -15,8 +15,10 @@ Environment:
                      for it, so its models are always "eager"; mmcore maps its own attention).
   MMCORE_PEER_OUT    a JSON-lines file: one line per test report ({"test", "outcome"}, with the
                      cumulative attention counters of ``mmcore.patch.hf_interface.STATS`` in
-                     mmcore mode), written as the run goes, so that a run killed by its timeout
-                     still leaves what it did.
+                     mmcore mode; "patched_models": models patched so far; "eager_parts_left":
+                     models finished with attention of an eager config left eager next to sdpa
+                     parts), written as the run goes, so a run killed by its timeout still
+                     leaves what it did.
   MMCORE_PEER_SHIMS  a JSON file {module: {name: value | null}}: names the test sources import
                      from transformers that the installed version lacks (tests of another
                      version); a value is set as is, null becomes a function that raises.
@@ -37,7 +39,7 @@ _MODE = os.environ.get("MMCORE_PEER_MODE", "base")
 _FORCE = os.environ.get("MMCORE_PEER_FORCE", "0") == "1"
 _OUT = os.environ.get("MMCORE_PEER_OUT")
 _SHIMS = os.environ.get("MMCORE_PEER_SHIMS")
-_patched = {"models": 0}
+_patched = {"models": 0, "eager_parts_left": 0}
 
 
 def _stub_module(name):
@@ -163,6 +165,7 @@ def _install_mmcore():
             for target in targets:
                 mmcore.patch(target, lora=False)
             _patched["models"] += bool(targets)
+            _patched["eager_parts_left"] += targets != [self]
         return out
     post_init.__wrapped__ = real
     PreTrainedModel.post_init = post_init
@@ -202,6 +205,7 @@ def pytest_runtest_logreport(report):
     if _MODE == "mmcore":
         rec["stats"] = _stats().as_dict()
         rec["patched_models"] = _patched["models"]
+        rec["eager_parts_left"] = _patched["eager_parts_left"]
     _write(rec)
 
 

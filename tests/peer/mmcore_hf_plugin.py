@@ -125,8 +125,8 @@ def patch_targets(model):
     in it is wanted (the whole model, as a user would patch it), else, per wanted config, the
     smallest sub-module holding all the attention modules of that config -- or, if that
     sub-module also holds attention of an unwanted (eager) config, each of its attention
-    modules alone.  Sub-modules already patched (at their own ``post_init``) are left as they
-    are."""
+    modules alone.  Configs already switched to "mmcore" (their sub-model was patched at its
+    own ``post_init``) are left as they are."""
     from mmcore.patch import families
     groups: dict = {}
     for name, mod, kind in families._attention_modules(model):
@@ -139,13 +139,15 @@ def patch_targets(model):
                 for name, _ in members}
     targets = []
     for config, members in wanted:
+        if _impl(config) == "mmcore":
+            continue
         prefix = _common_prefix([name for name, _ in members])
         inside = (lambda n, p=prefix: p == "" or n == p or n.startswith(p + "."))
         if any(inside(n) for n in unwanted):
-            picks = [(name, mod) for name, mod in members]
+            picks = [mod for _, mod in members]
         else:
-            picks = [(prefix, model.get_submodule(prefix) if prefix else model)]
-        for _, sub in picks:
+            picks = [model.get_submodule(prefix) if prefix else model]
+        for sub in picks:
             if getattr(sub, families._STATE_ATTR, None) is None and \
                     all(sub is not t for t in targets):
                 targets.append(sub)

@@ -173,6 +173,28 @@ def test_plugin_patches_only_the_sdpa_sub_models(name, text, vision, monkeypatch
     assert (plugin._patched["eager_parts_left"] > 0) == ("eager" in (text, vision))
 
 
+def test_plugin_interleaved_configs_patched_module_by_module():
+    """Attention of an sdpa config interleaved with an eager one (no sub-module holds only the
+    sdpa ones): each sdpa attention module is patched alone, the eager one is not."""
+    import mmcore_hf_plugin as plugin
+    from torch import nn
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    def cfg(impl):
+        c = LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1)
+        c._attn_implementation = impl
+        return c
+    sdpa, eager = cfg("sdpa"), cfg("eager")
+    model = nn.Module()
+    model.layers = nn.ModuleList([LlamaAttention(sdpa, 0), LlamaAttention(eager, 1),
+                                  LlamaAttention(sdpa, 2)])
+    targets = plugin.patch_targets(model)
+    assert [id(t) for t in targets] == [id(model.layers[0]), id(model.layers[2])]
+    model.layers = model.layers[::2]  # no eager one left: the whole model
+    assert plugin.patch_targets(model) == [model]
+
+
 def test_runner_base_mode_alone_has_no_attention_counts(checkout, capsys):
     rc = rhm.main(["mistral", "--tests-dir", str(checkout / "tests"), "--modes", "base",
                    "-k", "passes or tiny_llama"])

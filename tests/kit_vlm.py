@@ -17,45 +17,51 @@ _SIG = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_atten
 _CACHE: dict = {}
 
 
+def config(name):
+    """-> (config, model class) of the tiny `name` model (attention implementation unset)."""
+    import transformers as T
+    if name == "mllama":
+        vc = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1,
+                  attention_heads=4, intermediate_size=37, vision_output_dim=64,
+                  image_size=16, patch_size=8, max_num_tiles=4,
+                  intermediate_layers_indices=[0],
+                  supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2],
+                                           [3, 1], [4, 1]])
+        tc = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3,
+                  cross_attention_layers=[1], num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=37,
+                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2)
+        cfg = T.MllamaConfig(vision_config=vc, text_config=tc, image_token_index=IMG)
+        cls = T.MllamaForConditionalGeneration
+    elif name == "paligemma":
+        cfg = T.PaliGemmaConfig(
+            vision_config=_SIG, image_token_index=IMG, projection_dim=32,
+            text_config=dict(model_type="gemma", vocab_size=V, hidden_size=32,
+                             intermediate_size=37, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                             pad_token_id=0))
+        cls = T.PaliGemmaForConditionalGeneration
+    elif name == "gemma3":
+        cfg = T.Gemma3Config(
+            vision_config=_SIG, mm_tokens_per_image=4, image_token_index=IMG,
+            boi_token_index=94, eoi_token_index=95,
+            text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=37,
+                             num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=8, sliding_window=5,
+                             layer_types=["sliding_attention", "full_attention"],
+                             pad_token_id=0))
+        cls = T.Gemma3ForConditionalGeneration
+    else:
+        raise KeyError(name)
+    return cfg, cls
+
+
 def _model(name):
     """A fresh fp32 eager model of `name` (same weights every call)."""
-    import transformers as T
     if name not in _CACHE:
         torch.manual_seed(0)
-        if name == "mllama":
-            vc = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1,
-                      attention_heads=4, intermediate_size=37, vision_output_dim=64,
-                      image_size=16, patch_size=8, max_num_tiles=4,
-                      intermediate_layers_indices=[0],
-                      supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2],
-                                               [3, 1], [4, 1]])
-            tc = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3,
-                      cross_attention_layers=[1], num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=37,
-                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                      eos_token_id=2)
-            cfg = T.MllamaConfig(vision_config=vc, text_config=tc, image_token_index=IMG)
-            cls = T.MllamaForConditionalGeneration
-        elif name == "paligemma":
-            cfg = T.PaliGemmaConfig(
-                vision_config=_SIG, image_token_index=IMG, projection_dim=32,
-                text_config=dict(model_type="gemma", vocab_size=V, hidden_size=32,
-                                 intermediate_size=37, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                 pad_token_id=0))
-            cls = T.PaliGemmaForConditionalGeneration
-        elif name == "gemma3":
-            cfg = T.Gemma3Config(
-                vision_config=_SIG, mm_tokens_per_image=4, image_token_index=IMG,
-                boi_token_index=94, eoi_token_index=95,
-                text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=37,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=8, sliding_window=5,
-                                 layer_types=["sliding_attention", "full_attention"],
-                                 pad_token_id=0))
-            cls = T.Gemma3ForConditionalGeneration
-        else:
-            raise KeyError(name)
+        cfg, cls = config(name)
         _CACHE[name] = cls._from_config(cfg, attn_implementation="eager").eval()
     return copy.deepcopy(_CACHE[name])
 

@@ -54,3 +54,45 @@ def test_vlm_generate_matches_eager(name):
         assert_close(f"{name}.generate.logits[{step}]", a, o, b)
     assert st["fallback_calls"] == 0, st
     assert st["op_calls"] > 0
+
+
+def _attention(module):
+    return [mod for _, mod in module.named_modules()
+            if "Attention" in type(mod).__name__ and hasattr(mod, "config")]
+
+
+# (family, sub-model of model.model patched alone, its attention calls in one forward)
+SUB_MODELS = [("gemma3", "vision_tower", 1), ("gemma3", "language_model", 2),
+              ("mllama", "vision_model", 3), ("mllama", "language_model", 3)]
+
+
+@pytest.mark.parametrize("name, part, calls", SUB_MODELS)
+def test_patch_one_sub_model_of_a_composite_model(name, part, calls):
+    """mmcore.patch on one sub-model alone (the vision tower, or the text model): its attention
+    runs on the op, the rest of the model stays eager (configs and modules), the whole model
+    keeps the tolerance rule, and unpatch gives back the eager model exactly."""
+    m = KV._model(name)
+    kw, valid = KV.inputs(name)
+    with torch.no_grad():
+        before = m(**kw).logits
+    sub = getattr(m.model, part)
+    rest = [mod for mod in _attention(m) if all(mod is not s for s in _attention(sub))]
+    assert _attention(sub) and rest
+    rep = mmcore.patch(sub, lora=False)
+    assert len(rep.replaced) == len(_attention(sub))  # (+ SigLIP's pooling head, reported left)
+    assert {mod.config._attn_implementation for mod in _attention(sub)} == {"mmcore"}
+    assert {mod.config._attn_implementation for mod in rest} == {"eager"}
+    assert all(hfi.STATS_ATTR not in mod.__dict__ for mod in rest)
+    hfi.STATS.reset()
+    KV.compare(name, m, kw, valid)
+    assert hfi.STATS.fallback_calls == 0, hfi.STATS.fallback_reasons
+    assert hfi.STATS.op_calls == calls, hfi.STATS  # the sub-model's calls, no others
+    mmcore.unpatch(sub)
+    assert {mod.config._attn_implementation for mod in _attention(m)} == {"eager"}
+    assert all(hfi.STATS_ATTR not in mod.__dict__ and "_mmcore_backend" not in mod.__dict__
+               for mod in _attention(m))
+    hfi.STATS.reset()
+    with torch.no_grad():
+        after = m(**kw).logits
+    assert hfi.STATS.op_calls + hfi.STATS.fallback_calls == 0
+    assert torch.equal(after, before)

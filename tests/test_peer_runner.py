@@ -135,6 +135,66 @@ def test_runner_reports_regressions_expected_differences_and_attention_calls(che
     assert md[2].startswith("| mistral | 6/1/1 | 4/3/1 | 2 |")
 
 
+# (text config, vision config) -> which attention the plugin hands to mmcore in mmcore mode
+PER_SUB_MODEL = [("eager", "sdpa"), ("sdpa", "eager"), ("sdpa", "sdpa"), ("eager", "eager")]
+
+
+@pytest.mark.parametrize("name", ["gemma3", "mllama"])
+@pytest.mark.parametrize("text, vision", PER_SUB_MODEL)
+def test_plugin_patches_only_the_sdpa_sub_models(name, text, vision, monkeypatch):
+    """The plugin's rule per sub-model of a composite model: the sub-models built on sdpa are
+    patched (their attention configs become "mmcore"), the eager ones stay eager (configs and
+    modules); all sdpa -> the whole model is patched, all eager -> nothing."""
+    import kit_vlm
+    import mmcore_hf_plugin as plugin
+    from transformers import PreTrainedModel
+
+    from mmcore.patch import families, hf_interface
+    monkeypatch.setattr(PreTrainedModel, "post_init", PreTrainedModel.post_init)  # restored
+    monkeypatch.setattr(plugin, "_patched", {"models": 0, "eager_parts_left": 0})
+    plugin._install_mmcore()
+    cfg, cls = kit_vlm.config(name)
+    cfg._attn_implementation = {"text_config": text, "vision_config": vision}
+    model = cls(cfg)
+    want = {"text_config": text, "vision_config": vision}
+    for key, impl in want.items():
+        sub = getattr(model.config, key)
+        assert sub._attn_implementation == ("mmcore" if impl == "sdpa" else "eager"), key
+        mods = [m for _, m in model.named_modules()
+                if "Attention" in type(m).__name__ and getattr(m, "config", None) is sub]
+        assert mods, key
+        assert all((hf_interface.STATS_ATTR in m.__dict__) == (impl == "sdpa") for m in mods)
+    # all sdpa: one patch of the whole composite (its inner PreTrainedModel, at its post_init)
+    whole = [m for m in model.modules() if getattr(m, families._STATE_ATTR, None) is not None
+             and {"vision_tower", "vision_model"} & set(dict(m.named_children()))]
+    assert bool(whole) == (text == vision == "sdpa")
+    assert (plugin._patched["models"] > 0) == ("sdpa" in (text, vision))
+    # counted: the models left partly eager (the top config is sdpa in all four cases)
+    assert (plugin._patched["eager_parts_left"] > 0) == ("eager" in (text, vision))
+
+
+def test_plugin_interleaved_configs_patched_module_by_module():
+    """Attention of an sdpa config interleaved with an eager one (no sub-module holds only the
+    sdpa ones): each sdpa attention module is patched alone, the eager one is not."""
+    import mmcore_hf_plugin as plugin
+    from torch import nn
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    def cfg(impl):
+        c = LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1)
+        c._attn_implementation = impl
+        return c
+    sdpa, eager = cfg("sdpa"), cfg("eager")
+    model = nn.Module()
+    model.layers = nn.ModuleList([LlamaAttention(sdpa, 0), LlamaAttention(eager, 1),
+                                  LlamaAttention(sdpa, 2)])
+    targets = plugin.patch_targets(model)
+    assert [id(t) for t in targets] == [id(model.layers[0]), id(model.layers[2])]
+    model.layers = model.layers[::2]  # no eager one left: the whole model
+    assert plugin.patch_targets(model) == [model]
+
+
 def test_runner_base_mode_alone_has_no_attention_counts(checkout, capsys):
     rc = rhm.main(["mistral", "--tests-dir", str(checkout / "tests"), "--modes", "base",
                    "-k", "passes or tiny_llama"])

@@ -7,12 +7,18 @@ Environment:
                      ``mmcore.patch(model)`` at the end of its construction (``post_init``), so
                      its attention runs on ``attn_implementation="mmcore"``; models built with
                      "eager" (the reference side of transformers' eager-vs-sdpa tests) stay eager.
+                     The rule holds per sub-model: in a composite model whose sub-configs differ
+                     (e.g. the text model "eager", the vision tower "sdpa"), only the sub-modules
+                     holding the attention of an "sdpa" config are patched (``mmcore.patch`` on
+                     each such sub-module); the eager ones and their configs stay eager.
   MMCORE_PEER_FORCE  "1": patch eager models too (Longformer: transformers reports no SDPA support
                      for it, so its models are always "eager"; mmcore maps its own attention).
   MMCORE_PEER_OUT    a JSON-lines file: one line per test report ({"test", "outcome"}, with the
                      cumulative attention counters of ``mmcore.patch.hf_interface.STATS`` in
-                     mmcore mode), written as the run goes, so that a run killed by its timeout
-                     still leaves what it did.
+                     mmcore mode; "patched_models": models patched so far; "eager_parts_left":
+                     models finished with attention of an eager config left eager next to sdpa
+                     parts), written as the run goes, so a run killed by its timeout still
+                     leaves what it did.
   MMCORE_PEER_SHIMS  a JSON file {module: {name: value | null}}: names the test sources import
                      from transformers that the installed version lacks (tests of another
                      version); a value is set as is, null becomes a function that raises.
@@ -33,7 +39,7 @@ _MODE = os.environ.get("MMCORE_PEER_MODE", "base")
 _FORCE = os.environ.get("MMCORE_PEER_FORCE", "0") == "1"
 _OUT = os.environ.get("MMCORE_PEER_OUT")
 _SHIMS = os.environ.get("MMCORE_PEER_SHIMS")
-_patched = {"models": 0}
+_patched = {"models": 0, "eager_parts_left": 0}
 
 
 def _stub_module(name):
@@ -76,7 +82,18 @@ def _stats():
     return hf_interface.STATS
 
 
+def _impl(config):
+    return getattr(config, "_attn_implementation", None)
+
+
+def _wants(impl):
+    """Is an attention implementation one the plugin hands to mmcore?  ("mmcore": a sub-model
+    patched at its own ``post_init``, inside the model being finished now.)"""
+    return impl in ("sdpa", "mmcore") or (_FORCE and impl in ("eager", None))
+
+
 def _wants_mmcore(model):
+    """Does any (sub-)config of the model resolve to sdpa (or, forced, eager)?"""
     impls = set()
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -84,12 +101,57 @@ def _wants_mmcore(model):
     stack = [cfg]
     while stack:
         c = stack.pop()
-        impls.add(getattr(c, "_attn_implementation", None))
+        impls.add(_impl(c))
         for key in getattr(c, "sub_configs", {}) or {}:
             sub = getattr(c, key, None)
             if sub is not None and hasattr(sub, "_attn_implementation"):
                 stack.append(sub)
     return "sdpa" in impls or (_FORCE and impls <= {"eager", None})
+
+
+def _common_prefix(names):
+    """The dotted module path that holds all of `names` ("" = the model itself)."""
+    parts = [n.split(".") if n else [] for n in names]
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
+def patch_targets(model):
+    """-> the modules to hand to ``mmcore.patch``: [model] when the attention of every config
+    in it is wanted (the whole model, as a user would patch it), else, per wanted config, the
+    smallest sub-module holding all the attention modules of that config -- or, if that
+    sub-module also holds attention of an unwanted (eager) config, each of its attention
+    modules alone.  Configs already switched to "mmcore" (their sub-model was patched at its
+    own ``post_init``) are left as they are."""
+    from mmcore.patch import families
+    groups: dict = {}
+    for name, mod, kind in families._attention_modules(model):
+        if kind in ("interface", "own") and getattr(mod, "config", None) is not None:
+            groups.setdefault(id(mod.config), (mod.config, []))[1].append((name, mod))
+    wanted = [g for g in groups.values() if _wants(_impl(g[0]))]
+    if len(wanted) == len(groups):
+        return [model]
+    unwanted = {name for c, members in groups.values() if not _wants(_impl(c))
+                for name, _ in members}
+    targets = []
+    for config, members in wanted:
+        if _impl(config) == "mmcore":
+            continue
+        prefix = _common_prefix([name for name, _ in members])
+        inside = (lambda n, p=prefix: p == "" or n == p or n.startswith(p + "."))
+        if any(inside(n) for n in unwanted):
+            picks = [mod for _, mod in members]
+        else:
+            picks = [model.get_submodule(prefix) if prefix else model]
+        for sub in picks:
+            if getattr(sub, families._STATE_ATTR, None) is None and \
+                    all(sub is not t for t in targets):
+                targets.append(sub)
+    return targets
 
 
 def _install_mmcore():
@@ -101,8 +163,11 @@ def _install_mmcore():
     def post_init(self, *a, **k):
         out = real(self, *a, **k)
         if _wants_mmcore(self):
-            mmcore.patch(self, lora=False)
-            _patched["models"] += 1
+            targets = patch_targets(self)
+            for target in targets:
+                mmcore.patch(target, lora=False)
+            _patched["models"] += bool(targets)
+            _patched["eager_parts_left"] += targets != [self]
         return out
     post_init.__wrapped__ = real
     PreTrainedModel.post_init = post_init
@@ -142,6 +207,7 @@ def pytest_runtest_logreport(report):
     if _MODE == "mmcore":
         rec["stats"] = _stats().as_dict()
         rec["patched_models"] = _patched["models"]
+        rec["eager_parts_left"] = _patched["eager_parts_left"]
     _write(rec)
 
 

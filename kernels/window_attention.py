@@ -373,6 +373,34 @@ def _kv_mask(cols, Lk, d_ok, km, KEY_MASK: tl.constexpr):
 
 
 @_device_fn
+def _block_scores(q, k_base, k_tile, stride_kn, km_base, t, n_glob, lo, offs_m, offs_n, d_ok,
+                  start_m, Lq, Lk, off, left, right, G, qk_scale, softcap2, lo_r, hi_r, lo_max,
+                  hi_min, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr,
+                  KEY_MASK: tl.constexpr):
+    """Virtual key block t of a query block (the forward, the row statistics and dQ walk the
+    same blocks) -> (s (BLOCK_M, BLOCK_N) scores in log2 units, -inf where not allowed;
+    tc: tanh(raw / c) with softcap (else s); k (BLOCK_N, BLOCK_D) tile; kv_mask (its load
+    mask, for V too); n64: its first key (int64); start_n; full: no pair masked)."""
+    start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
+    cols = start_n + offs_n
+    km, km_all = _key_mask_block(km_base, cols, Lk, KEY_MASK)
+    kv_mask = _kv_mask(cols, Lk, d_ok, km, KEY_MASK)
+    n64 = start_n.to(tl.int64)
+    k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
+    # the scale right after the dot: triton 3.6's pipeliner fails to compile a wgmma whose
+    # result is read only inside the branches of a runtime if (issue 11)
+    s, tc = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
+    full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, lo_max, hi_min,
+                       km_all, CAUSAL, BOUNDS, KEY_MASK, BLOCK_M, BLOCK_N)
+    if not full:
+        ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G,
+                      lo_r[:, None], hi_r[:, None], km[None, :], CAUSAL, BOUNDS, KEY_MASK)
+        s = tl.where(ok, s, _NEG_INF)
+    return s, tc, k, kv_mask, n64, start_n, full
+
+
+@_device_fn
 def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, offs_n, offs_d,
               d_ok, start_m, lo, n_glob, t0, t1, Lq, Lk, off, left, right, G, qk_scale,
               softcap2, lo_r, hi_r, lo_max, hi_min, km_base,
@@ -385,21 +413,10 @@ def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, o
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(t0, t1):
-        start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
-        cols = start_n + offs_n
-        km, km_all = _key_mask_block(km_base, cols, Lk, KEY_MASK)
-        kv_mask = _kv_mask(cols, Lk, d_ok, km, KEY_MASK)
-        n64 = start_n.to(tl.int64)
-        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
-        # the scale right after the dot: triton 3.6's pipeliner fails to compile a wgmma whose
-        # result is read only inside the branches of a runtime if (issue 11)
-        s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
-        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, lo_max, hi_min,
-                           km_all, CAUSAL, BOUNDS, KEY_MASK, BLOCK_M, BLOCK_N)
-        if not full:
-            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G,
-                          lo_r[:, None], hi_r[:, None], km[None, :], CAUSAL, BOUNDS, KEY_MASK)
-            s = tl.where(ok, s, _NEG_INF)
+        s, tc, k, kv_mask, n64, start_n, full = _block_scores(
+            q, k_base, k_tile, stride_kn, km_base, t, n_glob, lo, offs_m, offs_n, d_ok,
+            start_m, Lq, Lk, off, left, right, G, qk_scale, softcap2, lo_r, hi_r, lo_max,
+            hi_min, CAUSAL, BLOCK_M, BLOCK_N, PREC, HAS_SOFTCAP, BOUNDS, KEY_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row with nothing seen yet
         p = tl.exp2(s - m_use[:, None])  # masked -> exactly 0
@@ -557,20 +574,11 @@ def _row_stats(q, do, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs
     l_i = tl.zeros([BLOCK_M], tl.float32)
     d_i = tl.zeros([BLOCK_M], tl.float32)
     for t in range(0, n_glob + n_win):
-        start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
-        cols = start_n + offs_n
-        km, km_all = _key_mask_block(km_base, cols, Lk, KEY_MASK)
-        kv_mask = _kv_mask(cols, Lk, d_ok, km, KEY_MASK)
-        n64 = start_n.to(tl.int64)
-        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
+        s, tc, k, kv_mask, n64, start_n, full = _block_scores(
+            q, k_base, k_tile, stride_kn, km_base, t, n_glob, lo, offs_m, offs_n, d_ok,
+            start_m, Lq, Lk, off, left, right, G, qk_scale, softcap2, lo_r, hi_r, lo_max,
+            hi_min, CAUSAL, BLOCK_M, BLOCK_N, PREC, HAS_SOFTCAP, BOUNDS, KEY_MASK)
         v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
-        s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
-        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, lo_max, hi_min,
-                           km_all, CAUSAL, BOUNDS, KEY_MASK, BLOCK_M, BLOCK_N)
-        if not full:
-            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G,
-                          lo_r[:, None], hi_r[:, None], km[None, :], CAUSAL, BOUNDS, KEY_MASK)
-            s = tl.where(ok, s, _NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row with nothing seen yet
         alpha = tl.exp2(m_i - m_use)
@@ -593,22 +601,11 @@ def _dq_loop(q, do, m2, l_inv, delta, k_base, v_base, k_tile, v_tile, stride_kn,
     (_row_stats).  EXACT: masked pairs never meet a non-finite K row (_dot_masked)."""
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(0, n_glob + n_win):
-        start_n = tl.where(t < n_glob, t * BLOCK_N, lo + (t - n_glob) * BLOCK_N)
-        cols = start_n + offs_n
-        km, km_all = _key_mask_block(km_base, cols, Lk, KEY_MASK)
-        kv_mask = _kv_mask(cols, Lk, d_ok, km, KEY_MASK)
-        n64 = start_n.to(tl.int64)
-        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
+        s, tc, k, kv_mask, n64, start_n, full = _block_scores(
+            q, k_base, k_tile, stride_kn, km_base, t, n_glob, lo, offs_m, offs_n, d_ok,
+            start_m, Lq, Lk, off, left, right, G, qk_scale, softcap2, lo_r, hi_r, lo_max,
+            hi_min, CAUSAL, BLOCK_M, BLOCK_N, PREC, HAS_SOFTCAP, BOUNDS, KEY_MASK)
         v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
-        # the scale right after the dot: triton 3.6's pipeliner fails to compile a wgmma whose
-        # result is read only inside the branches of a runtime if (issue 11)
-        s, tc = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
-        full = _block_full(start_m, start_n, Lq, Lk, off, left, right, G, lo_max, hi_min,
-                           km_all, CAUSAL, BOUNDS, KEY_MASK, BLOCK_M, BLOCK_N)
-        if not full:
-            ok = _allowed(offs_m[:, None], cols[None, :], off, Lq, Lk, left, right, G,
-                          lo_r[:, None], hi_r[:, None], km[None, :], CAUSAL, BOUNDS, KEY_MASK)
-            s = tl.where(ok, s, _NEG_INF)
         # masked (-inf) pairs get P = 0 even when the row's l is NaN, and dS = 0 wherever
         # P = 0 even when dP (a masked non-finite V) or delta is not finite
         p = tl.where(s == _NEG_INF, 0.0, tl.exp2(s - m2[:, None]) * l_inv[:, None])

@@ -118,8 +118,9 @@ def patch(model, *, attention=True, lora=True, long_context=None, backend="auto"
         such model) to the ``"mmcore"`` implementation; weights and the module tree are
         untouched.  Longformer's own self-attention (no AttentionInterface) is mapped by mmcore
         itself (window + global tokens wherever ``global_attention_mask`` marks them, any
-        padding).  Modules that cannot be served exactly (config.output_attentions=True,
-        attention modules that do not use the interface) are left and reported.
+        padding; output_attentions=True too).  Modules that cannot be served exactly
+        (config.output_attentions=True on AttentionInterface models, attention modules that
+        do not use the interface) are left and reported.
     lora: peft ``lora.Linear`` layers keep their class's whole API and run their forward on
         ``mmcore.ops.lora_linear`` (``mmcore.nn.convert_peft_model``); ``lora_route`` is kept
         for compatibility: "auto", "wrap" and "convert" all take this route.
@@ -160,11 +161,7 @@ def _patch_attention(model, report, state, long_context, backend):
     mods = _attention_modules(model)
     by_config = {}
     for name, mod, kind in mods:
-        if kind == "own":
-            why = _config_problem(mod.config)
-            if why is not None:
-                report.left.append((name, why))
-                continue
+        if kind == "own":  # Longformer: its wrapper serves output_attentions=True too
             state["longformer"].append(_longformer.wrap(mod, backend))
             state["modules"].append((mod, mod.__dict__.get(hfi.OVERRIDE_ATTR),
                                      mod.__dict__.get("_mmcore_backend")))

@@ -297,9 +297,22 @@ def _band_to_dense(probs, am, w):
     return dense
 
 
+def _dropout_backends():
+    """The CPU backends of window_attention that declare dropout (the weights' dropout mask
+    is rebuilt from the reference hash: each of them must reproduce it)."""
+    from mmcore.ops import registry
+    return [i.backend for i in registry.implementations("window_attention")
+            if i.supports_dropout and "cpu" in i.devices and i.available() is None]
+
+
+def test_dropout_backends_include_the_reference():
+    assert "torch" in _dropout_backends()
+
+
+@pytest.mark.parametrize("backend", _dropout_backends())
 @pytest.mark.parametrize("layout", ["prefix", "anywhere-holey", "prefix-none"])
-def test_dropout_attentions_are_the_ops_dropped_weights(layout):
-    """Training with attention dropout (backend torch, which serves it): the returned
+def test_dropout_attentions_are_the_ops_dropped_weights(layout, backend):
+    """Training with attention dropout (each backend that serves it): the returned
     weights are the dropped ones the op used -- the layer's output is exactly them times
     the values -- and a kept weight is the un-dropped one / (1 - p)."""
     padding, glob = LAYOUTS[layout]
@@ -307,7 +320,7 @@ def test_dropout_attentions_are_the_ops_dropped_weights(layout):
     cfg.attention_probs_dropout_prob = 0.3
     torch.manual_seed(0)
     m = cls._from_config(cfg, attn_implementation="eager").train()
-    mmcore.patch(m, backend="torch")
+    mmcore.patch(m, backend=backend)
     layer = m.encoder.layer[0].attention.self
     hs, am = _layer_inputs(24, 3, padding, glob, seed=7)
     hfi.STATS.reset()

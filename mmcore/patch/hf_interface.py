@@ -248,9 +248,10 @@ def _serves(backend, feature):
 # Attention dropout while training: under "auto" the op takes a dropout call whenever the
 # backend auto picks for it serves dropout at full speed (DROPOUT_FULL_SPEED: the C++ `cpu`
 # kernels, on CPU tensors).  Measured (benchmarks/bench_window_attention.py --dropout, BERT-base
-# shapes B = 8, H = 12, D = 64, fp32, forward + backward, 2 threads): the cpu backend with
-# dropout_p = 0.1 costs 1.0-1.1x itself without dropout and is faster than the dense eager path
-# (softmax, F.dropout, matmul) at S = 128 and 512 — see docs/huggingface.md.  Where auto would
+# shapes B = 8, H = 12, D = 64, fp32, forward + backward, 2 threads; benchmarks/RESULTS.md): the
+# cpu backend with dropout_p = 0.1 takes about 1.04x its time without dropout and 1.1-2.6x less
+# than the dense eager path (softmax, F.dropout, matmul) at S = 128 and 512, 12-16x less at
+# N = 4096 with a +-256 window.  Where auto would
 # land on the pure-PyTorch `torch` backend (CUDA tensors: triton / sdpa do not serve dropout;
 # a CPU build without mmcore._C) the old rule holds: its dropout takes 2-2.5x the dense eager
 # path's time for equal work, so the op takes the call only when its rows see at most this

@@ -279,3 +279,15 @@ def test_auto_serves_dropout_on_the_cpu_backend():
         p = registry.Problem(op, "cpu", torch.float32, head_dim=64, needs_grad=True,
                              extra={"Sq": 128, "Sk": 128, "window": (-1, -1), "dropout": True})
         assert registry.select(op, p).backend == "cpu"
+
+
+def test_opcheck_on_the_cpu_backend():
+    """The custom ops (schema, fake kernel, autograd registration) with dropout_p / seed on
+    the cpu backend (what torch.compile traces)."""
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 4, 2, 12, 12, 8, seed=10))
+    seed = D.draw_seed()
+    torch.library.opcheck(torch.ops.mmcore.window_attention_fwd.default,
+                          (q, k, v, None, None, 3, 3, False, 1, 0.25, "cpu", 0.0, None, None,
+                           None, 0.2, seed))
+    torch.library.opcheck(torch.ops.mmcore.cross_attention_fwd.default,
+                          (q, k, v, None, torch.tensor([7]), 0.25, "cpu", 0.0, 0.2, seed))

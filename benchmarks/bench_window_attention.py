@@ -414,6 +414,73 @@ def _cpu(quick, device, cases=None):
     return rows
 
 
+def _dropout_cases(quick):
+    """(label, B, H, N, D, window) of the attention-dropout comparison (fp32, fwd+bwd)."""
+    if quick:
+        return [("bert S=128", 2, 12, 128, 64, None)]
+    return [("bert S=128", 8, 12, 128, 64, None), ("bert S=512", 8, 12, 512, 64, None),
+            ("window N=4096 w=±256", 1, 12, 4096, 64, (256, 256))]
+
+
+def dropout_cpu(quick=False, repeats=7, p=0.1):
+    """Attention dropout on the CPU, fwd+bwd (autograd), fp32, interleaved: every repeat runs
+    each implementation once, in turn, and the rows report the median over repeats.
+
+      * mmcore:cpu dropout: the C++ kernels with dropout_p = p (the row the ratios are about);
+      * mmcore:cpu (no dropout): the same call without dropout (the floor: the mask's cost);
+      * dense-eager+dropout: HF's eager attention, softmax(QKᵀ·scale + mask) then
+        F.dropout(p) then @V (mmcore/patch/hf_interface.py `_dense_attention`, the path that
+        mmcore.patch falls back to); windowed cases add the (N, N) additive mask;
+      * mmcore:torch dropout: the pure-PyTorch reference backend with dropout_p = p.
+    BERT-base shapes (B = 8, H = 12, D = 64, S = 128 and 512) and one window case.  Ratios:
+    each baseline row's "mmcore x faster" is its time / mmcore:cpu dropout's."""
+    import time as _time
+
+    from mmcore.patch import hf_interface as hfi
+    rows = []
+    dtype = torch.float32
+    for label, B, H, N, D, win in _dropout_cases(quick):
+        left, right = win or (-1, -1)
+        pairs = allowed_pairs(N, left, right, False, 0) if win else N * N
+        flops = 4 * B * H * pairs * D * 3.5
+        shape = dict(B=B, H=H, N=N, D=D, left=left, right=right, G=0, pairs=pairs, p=p)
+        q, k, v, do = _mk(B, H, N, D, dtype, "cpu", True)
+        scale = D ** -0.5
+        add = None
+        if win:
+            m = _dense_mask(N, left, right, False, 0, "cpu")
+            add = torch.zeros(N, N).masked_fill(~m, torch.finfo(torch.float32).min)[None, None]
+        w = None if not win else (left, right)
+
+        def op(backend, dp):
+            return lambda q, k, v: mmcore.window_attention(q, k, v, window=w, dropout_p=dp,
+                                                           backend=backend)
+        impls = [("mmcore:cpu dropout", op("cpu", p)), ("mmcore:cpu (no dropout)", op("cpu", 0.0)),
+                 ("dense-eager+dropout", lambda q, k, v: hfi._dense_attention(
+                     q, k, v, add, scale, p, None, True)),
+                 ("mmcore:torch dropout", op("torch", p))]
+        fns = [(n, _runner(f, True, q, k, v, do)) for n, f in impls]
+        for _, fn in fns:  # warm-up
+            fn()
+        times = {n: [] for n, _ in fns}
+        for _ in range(2 if quick else repeats):
+            for n, fn in fns:
+                t0 = _time.perf_counter()
+                fn()
+                times[n].append((_time.perf_counter() - t0) * 1e3)
+        res = []
+        for n, _ in fns:
+            ts = sorted(times[n])
+            t = {"median_ms": ts[len(ts) // 2], "p20_ms": ts[int(0.2 * (len(ts) - 1))],
+                 "p80_ms": ts[int(round(0.8 * (len(ts) - 1)))]}
+            res.append(harness.row(OP, f"fwd+bwd dropout p={p} {label} D={D}", n, shape, dtype,
+                                   "cpu", t, flops=flops,
+                                   note="floor: no dropout" if "no dropout" in n else None))
+        rows += harness.compare(res, "mmcore:cpu dropout", exclude=("mmcore:cpu (no dropout)",))
+        del q, k, v, do, fns
+    return rows
+
+
 def smoke(device: str) -> list:
     """Two tiny CPU cases (fwd ±64, D=32, N=256 / 512): the runner's self-test in CI (about
     a second), not a measurement."""
@@ -431,5 +498,8 @@ if __name__ == "__main__":  # python benchmarks/bench_window_attention.py [--qui
     import sys
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    rs = run("--quick" in sys.argv, dev)
+    if "--dropout" in sys.argv:  # attention dropout on the CPU (interleaved, fwd+bwd)
+        rs = dropout_cpu("--quick" in sys.argv)
+    else:
+        rs = run("--quick" in sys.argv, dev)
     print(harness.markdown_table(rs))

@@ -9,7 +9,8 @@ this run forces the AVX2 one (ATen's kernels, which the tests' bases and oracles
 GEMMs, and mmcore._C's own vector code, which follows ATen's capability), so that a rounding
 difference between AVX2 and AVX-512 machines shows up on every machine.  The selection is the
 window, cross-attention and LoRA cases of the `cpu` backend: every random LoRA case, every
-`--every`-th random window / cross case (same seeds as the main run) and their edge cases.
+`--every`-th random window / cross case (same seeds as the main run) and their edge cases,
+and every attention-dropout case (the mask's hash loop has one build per capability).
 The header line says which capability the run had.  Exit status: pytest's.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ ROOT = os.path.dirname(HERE)
 SELECTION = ["tests/test_window_cpu.py::test_random", "tests/test_window_cpu.py::test_edge",
              "tests/test_cross_attention.py::test_cpu_random",
              "tests/test_cross_attention.py::test_cpu_edge",
-             "tests/test_lora_kernels.py::test_cpu_random", "tests/test_cpu_masks.py"]
+             "tests/test_lora_kernels.py::test_cpu_random", "tests/test_cpu_masks.py",
+             "tests/test_cpu_dropout.py"]
 THINNED = ("test_window_cpu.py::test_random[", "test_cross_attention.py::test_cpu_random[")
 
 

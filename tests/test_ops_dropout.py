@@ -33,10 +33,35 @@ def ref_path(request, monkeypatch):
     assert bool(calls) == (request.param == "batched"), (request.param, len(calls))
 
 
+# (backend, path): the torch backend on both of its paths, every other declaring backend
+# (the C++ cpu kernels) on its own
+BACKEND_PATHS = [("torch", "batched"), ("torch", "chunked")] + [
+    (b, "own") for b in DROPOUT_BACKENDS if b != "torch"]
+
+
+@pytest.fixture(params=BACKEND_PATHS, ids=[f"{b}-{p}" for b, p in BACKEND_PATHS])
+def backend(request, monkeypatch):
+    """A declaring backend's name; the torch backend runs on both of its paths (ref_path), and
+    another backend must never reach the reference's batched path."""
+    from mmcore.ops.reference import batched
+    name, path = request.param
+    calls = []
+    real = batched.forward
+    monkeypatch.setattr(batched, "forward", lambda *a: calls.append(1) or real(*a))
+    if path == "chunked":
+        monkeypatch.setattr(batched, "BUDGET", 0)
+    yield name
+    assert bool(calls) == (path == "batched"), (name, path, len(calls))
+
+
 def test_reference_backends_declare_dropout():
     """The parametrized tests below run on every declaring backend: never on none."""
     assert "torch" in DROPOUT_BACKENDS
     assert registry.get("cross_attention", "torch").supports_dropout
+    from mmcore.ops.backends import _loaders
+    if _loaders.cpp_error("window_attention_fwd") is None:  # the C++ kernels serve it too
+        assert "cpu" in DROPOUT_BACKENDS
+        assert registry.get("cross_attention", "cpu").supports_dropout
 
 
 def _qkv(B, Hq, Hkv, Sq, Sk, D_, dtype=torch.float32, seed=0):
@@ -96,9 +121,7 @@ WINDOW_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
 @pytest.mark.parametrize("case", sorted(WINDOW_CASES))
-@pytest.mark.usefixtures("ref_path")
 def test_window_dropout_matches_oracle(backend, case):
     kw = WINDOW_CASES[case]
     B, Hq, Hkv, S, Dh, p = 2, 4, 2, 23, 16, 0.3
@@ -113,8 +136,6 @@ def test_window_dropout_matches_oracle(backend, case):
     _check(fn, q, k, v, mask, scale, p, softcap=kw.get("softcap"))
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
-@pytest.mark.usefixtures("ref_path")
 def test_window_dropout_seqlens_offset(backend):
     """Per-sample lengths (Lq != Lk: bottom-right alignment), a sample with no keys."""
     B, Hq, Sq, Sk, Dh, p = 3, 2, 9, 14, 8, 0.45
@@ -132,8 +153,6 @@ def test_window_dropout_seqlens_offset(backend):
     assert torch.isfinite(out).all() and (out[2] == 0).all() and (out[1, :, 5:] == 0).all()
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
-@pytest.mark.usefixtures("ref_path")
 def test_window_dropout_key_bounds_key_mask(backend):
     B, Hq, S, Dh, p = 2, 2, 17, 8, 0.2
     q, k, v = _qkv(B, Hq, 1, S, S, Dh, seed=3)
@@ -154,8 +173,6 @@ def test_window_dropout_key_bounds_key_mask(backend):
     assert (fn(q, k, v)[0, :, 3] == 0).all()
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
-@pytest.mark.usefixtures("ref_path")
 def test_cross_dropout_matches_oracle(backend):
     B, Hq, Hkv, Sq, Sk, Dh, p = 2, 4, 1, 11, 7, 16, 0.35
     q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, Dh, seed=4)
@@ -169,8 +186,6 @@ def test_cross_dropout_matches_oracle(backend):
     _check(fn, q, k, v, mask, Dh ** -0.5, p, softcap=2.0)
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
-@pytest.mark.usefixtures("ref_path")
 def test_one_hot_values_reveal_dropped_weights(backend):
     """v = I (Sk <= D): out[i, j] = P_ij · M_ij / (1 − p), independent of the mask helper —
     every weight is either dropped (0) or scaled by exactly 1 / (1 − p), and the kept set is
@@ -225,7 +240,7 @@ def test_dropout_p_validation(bad, err):
 
 def test_backend_without_dropout_refuses():
     q, k, v = _qkv(1, 2, 2, 8, 8, 8)
-    for name in ("cpu", "sdpa"):
+    for name in ("sdpa",):
         with pytest.raises(registry.BackendError, match="no dropout"):
             window_attention(q, k, v, dropout_p=0.1, backend=name)
         with pytest.raises(registry.BackendError, match="no dropout"):
@@ -237,21 +252,24 @@ def test_backend_without_dropout_refuses():
     assert impls and all(i.supports_dropout for i in impls)
 
 
-def test_determinism_and_lse():
+@pytest.mark.parametrize("name", ["auto"] + DROPOUT_BACKENDS)
+def test_determinism_and_lse(name):
     q, k, v = _qkv(2, 2, 2, 20, 20, 8, seed=7)
     outs = {}
     for s in (1, 1, 2):
         torch.manual_seed(s)
-        o, lse = window_attention(q, k, v, window=(5, 5), dropout_p=0.5, return_lse=True)
+        o, lse = window_attention(q, k, v, window=(5, 5), dropout_p=0.5, return_lse=True,
+                                  backend=name)
         outs.setdefault(s, []).append(o)
-        _, lse0 = window_attention(q, k, v, window=(5, 5), return_lse=True, backend="torch")
-        assert torch.equal(lse, lse0)  # lse is the un-dropped softmax's
+        if name != "auto":  # lse is the un-dropped softmax's, on the same backend
+            _, lse0 = window_attention(q, k, v, window=(5, 5), return_lse=True, backend=name)
+            assert torch.equal(lse, lse0)
     assert torch.equal(outs[1][0], outs[1][1])
     assert not torch.allclose(outs[1][0], outs[2][0])
     # two calls in a row draw different seeds
     torch.manual_seed(1)
-    a = window_attention(q, k, v, window=(5, 5), dropout_p=0.5)
-    b = window_attention(q, k, v, window=(5, 5), dropout_p=0.5)
+    a = window_attention(q, k, v, window=(5, 5), dropout_p=0.5, backend=name)
+    b = window_attention(q, k, v, window=(5, 5), dropout_p=0.5, backend=name)
     assert not torch.allclose(a, b)
 
 
@@ -288,8 +306,6 @@ def test_expectation_is_the_undropped_output():
     assert ((mean - ref).abs() <= 5 * sd / math.sqrt(n) + 1e-12).all()
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
-@pytest.mark.usefixtures("ref_path")
 def test_gradcheck_fixed_mask(backend):
     q, k, v = _qkv(1, 2, 1, 6, 7, 4, dtype=torch.float64, seed=9)
     scale = torch.tensor(0.7, dtype=torch.float64)
@@ -373,7 +389,7 @@ def test_patched_bert_training_with_dropout_matches_eager_with_the_same_mask():
     assert (o_eval - o_mm)[valid].abs().max() > 1e-3
 
 
-def test_patched_longformer_training_with_dropout_on_the_op():
+def test_patched_longformer_training_with_dropout_on_the_op(monkeypatch):
     import kit_patch as K
     import mmcore
     from mmcore.patch import hf_interface as hfi
@@ -398,7 +414,21 @@ def test_patched_longformer_training_with_dropout_on_the_op():
         torch.manual_seed(1)
         again = m(**kw).last_hidden_state
         assert torch.equal(again, out)  # reproducible under the same seed
-    mmcore.patch(m)  # "auto": rows see 9 of 16 keys, HF's own forward with the reason
+    mmcore.patch(m)  # "auto"
+    from mmcore.ops.backends import _loaders
+    if _loaders.cpp_error("window_attention_fwd") is None:
+        # the C++ cpu kernels serve dropout at full speed: on the op
+        hfi.STATS.reset()
+        m(**kw).last_hidden_state.sum().backward()
+        assert hfi.STATS.op_calls == cfg.num_hidden_layers, hfi.STATS
+        assert hfi.STATS.fallback_calls == 0, hfi.STATS
+        from mmcore.ops import registry
+        for op in ("window_attention", "cross_attention"):  # as if only torch served it
+            monkeypatch.setattr(registry.get(op, "cpu"), "supports_dropout", False)
+        registry.clear_cache()
+        monkeypatch.setattr(registry, "_PLANS", {})
+    # auto landing on the torch backend: rows see 9 of 16 keys, HF's own forward with the
+    # reason
     hfi.STATS.reset()
     m(**kw).last_hidden_state.sum().backward()
     assert hfi.STATS.fallback_reasons == {

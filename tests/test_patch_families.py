@@ -96,17 +96,37 @@ def test_output_attentions_config_left():
     assert isinstance(cfg, T.BertConfig)
 
 
-def test_attention_dropout_training_on_the_op_under_auto_where_rows_are_narrow():
-    """Under "auto", a dropout call goes to the op only where its rows see at most
-    DROPOUT_OP_MAX_SHARE of the keys (the op's dropout runs on the torch backend, 2-2.5x the
-    dense path's time for equal work): Mistral's sliding window 6 over 32 tokens is on the op;
-    the same model at 12 tokens (rows see half the keys) is dense."""
+def _torch_only_dropout(monkeypatch):
+    """The registry as where only the torch reference serves dropout (CUDA tensors, or a CPU
+    build without mmcore._C): the C++ cpu kernels stop declaring it."""
+    from mmcore.ops import registry
+    for op in ("window_attention", "cross_attention"):
+        monkeypatch.setattr(registry.get(op, "cpu"), "supports_dropout", False)
+    registry.clear_cache()
+    monkeypatch.setattr(registry, "_PLANS", {})  # and again once the test is done
+
+
+def test_attention_dropout_training_on_the_op_under_auto_where_rows_are_narrow(monkeypatch):
+    """Under "auto" a dropout call goes to the op whenever auto's backend for it serves dropout
+    at full speed (the C++ cpu kernels on CPU tensors): Mistral's sliding window 6 over 32
+    tokens and over 12 tokens are both on the op.  Where auto would land on the torch backend
+    (2-2.5x the dense path's time for equal work) the op takes it only where its rows see at
+    most DROPOUT_OP_MAX_SHARE of the keys: 32 tokens on the op, 12 dense with the reason."""
     cfg, cls, _ = K.build("mistral")
     cfg.attention_dropout = 0.3
     m = cls._from_config(cfg, attn_implementation="eager")
     mmcore.patch(m)
     m.train()
     layers = cfg.num_hidden_layers
+    q12 = torch.empty(2, cfg.num_attention_heads, 12, cfg.head_dim or 8)
+    if hfi.auto_dropout_backend(q12) == "cpu":  # mmcore._C built: the C++ kernels serve it
+        assert hfi.dropout_dense_reason("auto", 12, 12, q12) is None
+        for S in (32, 12):
+            hfi.STATS.reset()
+            m(input_ids=torch.randint(3, K.V, (2, S)))
+            assert hfi.STATS.op_calls == layers and hfi.STATS.fallback_calls == 0, hfi.STATS
+        _torch_only_dropout(monkeypatch)
+    assert hfi.auto_dropout_backend(q12) == "torch"
     hfi.STATS.reset()
     m(input_ids=torch.randint(3, K.V, (2, 32)))
     assert hfi.STATS.op_calls == layers and hfi.STATS.fallback_calls == 0, hfi.STATS
@@ -114,6 +134,7 @@ def test_attention_dropout_training_on_the_op_under_auto_where_rows_are_narrow()
     m(input_ids=torch.randint(3, K.V, (2, 12)))
     assert hfi.STATS.fallback_calls == layers and hfi.STATS.op_calls == 0, hfi.STATS
     assert hfi.dropout_dense_reason("auto", 6, 12) in hfi.STATS.fallback_reasons
+    assert hfi.dropout_dense_reason("auto", 6, 12, q12) in hfi.STATS.fallback_reasons
     assert hfi.dropout_dense_reason("auto", 6, 32) is None
     assert hfi.dropout_dense_reason("torch", 12, 12) is None  # a named backend is honoured
 
@@ -245,7 +266,15 @@ def test_attention_dropout_training_on_the_op(monkeypatch):
     m = cls._from_config(cfg, attn_implementation="eager")
     mmcore.patch(m)
     m.train()
-    # "auto": full-width rows with dropout stay on the (faster) dense path, with the reason
+    from mmcore.ops.backends import _loaders
+    if _loaders.cpp_error("window_attention_fwd") is None:
+        # "auto" on CPU: the C++ cpu kernels serve dropout at full speed, on the op
+        hfi.STATS.reset()
+        m(input_ids=torch.randint(3, K.V, (1, 9)))
+        assert hfi.STATS.op_calls == 2 and hfi.STATS.fallback_calls == 0, hfi.STATS
+        _torch_only_dropout(monkeypatch)
+    # "auto" landing on the torch backend: full-width rows with dropout stay on the (faster)
+    # dense path, with the reason
     hfi.STATS.reset()
     m(input_ids=torch.randint(3, K.V, (1, 9)))
     assert hfi.STATS.fallback_reasons == {hfi.dropout_dense_reason("auto", 9, 9): 2}, hfi.STATS
@@ -256,7 +285,8 @@ def test_attention_dropout_training_on_the_op(monkeypatch):
     hfi.STATS.reset()
     m(input_ids=torch.randint(3, K.V, (1, 9)))
     assert hfi.STATS.op_calls == 2 and hfi.STATS.fallback_calls == 0, hfi.STATS
-    # a forced backend that does not serve dropout: the dense path, with the reason
+    # a forced backend that does not serve dropout (cpu, here without it): the dense path,
+    # with the reason
     for mod in m.modules():
         if hasattr(mod, "_mmcore_backend"):
             monkeypatch.setattr(mod, "_mmcore_backend", "cpu", raising=False)

@@ -14,7 +14,12 @@
 // GEMM formulation on ATen (MKL) ops (see below): ATen's CPU flash backward misses the
 // tolerance rule on dV, and parallelises over heads only.
 //
-// bf16 / fp16 inputs are computed in fp32 (this CPU has no fast half arithmetic).
+// bf16 / fp16 inputs are computed in fp32 (this CPU has no fast half arithmetic), fp64 in fp64.
+//
+// Attention dropout (dropout_p > 0 and a seed): the mask of common.h's Dropout, the
+// reference's (query head h, row i, key j) hash.  The forward is window attention's; the
+// backward builds each chunk's factor Z = keep / (1 - p) (C, Lk) and takes dV = (P∘Z)^T dO,
+// dP∘Z for delta and dS.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -55,8 +60,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   MMCORE_CHECK_ARG(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k",
                    "q, k, v must share a dtype");
   auto dt = q.scalar_type();
-  MMCORE_CHECK_ARG(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "q",
-                   "dtype must be float32, bfloat16 or float16");
+  MMCORE_CHECK_ARG(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf ||
+                       dt == at::kDouble, "q",
+                   "dtype must be float32, float64, bfloat16 or float16");
 }
 
 }  // namespace
@@ -64,7 +70,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& seqlens_q, const c10::optional<at::Tensor>& seqlens_k,
-    double scale, double softcap) {
+    double scale, double softcap, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inputs may require grad; no graph here
   check_inputs(q, k, v);
   const int64_t B = q.size(0), Sq = q.size(2), Sk = k.size(2);
@@ -80,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
   };
   return window_attention_fwd_cpu(q, k, v, as_long(seqlens_q), as_long(seqlens_k), -1, -1,
                                   false, 0, scale, softcap, c10::nullopt, c10::nullopt,
-                                  c10::nullopt);
+                                  c10::nullopt, dropout_p, dropout_seed);
 }
 
 // Backward with ATen GEMMs, one work unit = (sample, kv head, slice of the stacked query rows):
@@ -129,9 +136,32 @@ void add_at_b_pairwise(at::Tensor acc, const at::Tensor& a, const at::Tensor& b,
   acc.add_(parts.select(0, 0));
 }
 
+// Where a unit's rows sit, for the dropout mask: stacked row m0 + r of kv head hk of sample b
+// is query head hk * g + (m0 + r) / lq, row (m0 + r) % lq.
+struct DropRows {
+  const Dropout* drop;  // nullptr: no dropout
+  int64_t b, hk, g, lq, m0;
+};
+
+// z (c, Lk) = the dropout factor of stacked rows [m0, m0 + c) of the unit
+void drop_factors(const DropRows& dr, int64_t m0, int64_t c, at::Tensor z) {
+  const int64_t Lk = z.size(1);
+  int64_t hcur = -1;
+  uint32_t kh = 0;
+  for (int64_t r = 0; r < c; ++r) {
+    const int64_t m = dr.m0 + m0 + r, h = dr.hk * dr.g + m / dr.lq, i = m % dr.lq;
+    if (h != hcur) kh = dr.drop->kh(dr.b, h), hcur = h;
+    const uint32_t kr = Dropout::kr(kh, i);
+    if (z.scalar_type() == at::kDouble)
+      dr.drop->factor(z.data_ptr<double>() + r * Lk, 0, Lk, kr);
+    else
+      dr.drop->factor(z.data_ptr<float>() + r * Lk, 0, Lk, kr);
+  }
+}
+
 void unit_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& dout, double scale, double softcap, at::Tensor dq,
-                   at::Tensor dk, at::Tensor dv) {
+                   at::Tensor dk, at::Tensor dv, const DropRows& drop) {
   // q/dout/dq (M, D) rows of one kv head's stacked queries; k/v/dk/dv (Lk, D)
   const int64_t M = q.size(0), Lk = k.size(0), D = q.size(1);
   const int64_t C = std::max<int64_t>(16, std::min<int64_t>(256, (1 << 16) / std::max<int64_t>(1, Lk)));
@@ -141,6 +171,9 @@ void unit_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   at::Tensor dsbuf = at::empty({C, Lk}, k.options());
   at::Tensor gbuf = softcap != 0.0 ? at::empty({C, Lk}, k.options()) : at::Tensor();
   at::Tensor parts = at::empty({(C + kRows - 1) / kRows, Lk, D}, k.options());
+  // dropout: the factor Z and P∘Z of a chunk
+  at::Tensor zbuf = drop.drop ? at::empty({C, Lk}, k.options()) : at::Tensor();
+  at::Tensor pzbuf = drop.drop ? at::empty({C, Lk}, k.options()) : at::Tensor();
   for (int64_t m0 = 0; m0 < M; m0 += C) {
     const int64_t c = std::min(C, M - m0);
     at::Tensor qc = q.narrow(0, m0, c), doc = dout.narrow(0, m0, c);
@@ -154,8 +187,16 @@ void unit_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       at::mm_out(s, qc, kt).mul_(scale);
     }
     at::_softmax_out(p, s, -1, false);  // (c, Lk)
-    add_at_b_pairwise(dv, p, doc, parts);
-    at::mm_out(ds, doc, vt);                                         // dP (c, Lk)
+    if (drop.drop) {  // dV = (P∘Z)^T dO; dP∘Z below
+      at::Tensor z = zbuf.narrow(0, 0, c), pz = pzbuf.narrow(0, 0, c);
+      drop_factors(drop, m0, c, z);
+      at::mul_out(pz, p, z);
+      add_at_b_pairwise(dv, pz, doc, parts);
+      at::mm_out(ds, doc, vt).mul_(z);                               // dP∘Z (c, Lk)
+    } else {
+      add_at_b_pairwise(dv, p, doc, parts);
+      at::mm_out(ds, doc, vt);                                       // dP (c, Lk)
+    }
     at::Tensor delta = at::mul_out(s, p, ds).sum(-1, true);  // (c, 1); s is free now
     ds.sub_(delta).mul_(p).mul_(scale);
     if (softcap != 0.0) ds.mul_(gbuf.narrow(0, 0, c));
@@ -174,7 +215,8 @@ void unit_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& seqlens_q,
-    const c10::optional<at::Tensor>& seqlens_k, double scale, double softcap) {
+    const c10::optional<at::Tensor>& seqlens_k, double scale, double softcap, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inputs may require grad; no graph here
   check_inputs(q, k, v);
   MMCORE_CHECK_ARG(std::isfinite(softcap) && softcap >= 0.0, "softcap",
@@ -190,11 +232,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
   const int64_t Hkv = k.size(1), Sk = k.size(2), g = Hq / Hkv;
   auto Lq = valid_lengths(seqlens_q, B, Sq, "seqlens_q");
   auto Lk = valid_lengths(seqlens_k, B, Sk, "seqlens_k");
+  const Dropout drop = make_dropout(dropout_p, dropout_seed, Sk);
   at::Tensor dq = at::zeros({B, Hq, Sq, D}, q.options());
   at::Tensor dk = at::zeros({B, Hkv, Sk, D}, k.options());
   at::Tensor dv = at::zeros({B, Hkv, Sk, D}, v.options());
   if (dq.numel() == 0 || dk.numel() == 0) return {dq, dk, dv};
-  auto f32 = q.options().dtype(at::kFloat);
+  // compute dtype: fp32 (fp64 for fp64 inputs)
+  const at::ScalarType acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto f32 = q.options().dtype(acc);
   // per sample: fp32 (Hkv, g*Lq, D) stacked views / copies (a sample with Lk = 1 has a
   // constant softmax: dQ = dK = 0 exactly, only dV is computed)
   std::vector<at::Tensor> Q(B), DO(B), K(B), V(B), GQ(B);
@@ -204,14 +249,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
     if (lq == 0 || lk == 0) continue;
     ++active;
     auto grp = [&](const at::Tensor& t) {
-      return t.select(0, b).narrow(1, 0, lq).to(at::kFloat).reshape({Hkv, g * lq, D});
+      return t.select(0, b).narrow(1, 0, lq).to(acc).reshape({Hkv, g * lq, D});
     };
     Q[b] = grp(q);
     DO[b] = grp(dout);
-    K[b] = k.select(0, b).narrow(1, 0, lk).to(at::kFloat);
-    V[b] = v.select(0, b).narrow(1, 0, lk).to(at::kFloat);
+    K[b] = k.select(0, b).narrow(1, 0, lk).to(acc);
+    V[b] = v.select(0, b).narrow(1, 0, lk).to(acc);
     // dQ straight into the output when it is fp32 and the stacked view exists
-    const bool direct = q.scalar_type() == at::kFloat && lq == Sq && lk > 1;
+    const bool direct = q.scalar_type() == acc && lq == Sq && lk > 1;
     GQ[b] = direct ? dq.select(0, b).view({Hkv, g * lq, D}) : at::empty({Hkv, g * lq, D}, f32);
   }
   // work units: enough query slices that every thread has work
@@ -238,15 +283,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
       PK[u] = at::zeros({lk, D}, f32);
       PV[u] = at::zeros({lk, D}, f32);
       auto rows = [&](const at::Tensor& t) { return t.select(0, w.h).narrow(0, w.m0, n); };
+      const DropRows dr{drop.on ? &drop : nullptr, w.b, w.h, g, Lq[w.b], w.m0};
       unit_backward(rows(Q[w.b]), K[w.b].select(0, w.h), V[w.b].select(0, w.h),
-                    rows(DO[w.b]), scale, softcap, rows(GQ[w.b]), PK[u], PV[u]);
+                    rows(DO[w.b]), scale, softcap, rows(GQ[w.b]), PK[u], PV[u], dr);
     }
   });
   // fixed-order reduction of the partials; dQ / dK stay 0 for a single key (see above)
   for (int64_t b = 0; b < B; ++b) {
     if (!Q[b].defined()) continue;
     const int64_t lq = Lq[b], lk = Lk[b], split = count[b];
-    const bool direct = q.scalar_type() == at::kFloat && lq == Sq && lk > 1;
+    const bool direct = q.scalar_type() == acc && lq == Sq && lk > 1;
     if (lk > 1 && !direct) dq.select(0, b).narrow(1, 0, lq).copy_(GQ[b].view({Hq, lq, D}));
     for (int64_t h = 0; h < Hkv; ++h) {
       const int64_t u = first[b] + h * split;
@@ -266,10 +312,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
 
 TORCH_LIBRARY_FRAGMENT(mmcore_C, m) {
   m.def("cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? seqlens_q, Tensor? seqlens_k, "
-        "float scale, float softcap=0.0) -> (Tensor, Tensor)");
+        "float scale, float softcap=0.0, float dropout_p=0.0, Tensor? dropout_seed=None) "
+        "-> (Tensor, Tensor)");
   m.def("cross_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "Tensor? seqlens_q, Tensor? seqlens_k, float scale, float softcap=0.0) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor? seqlens_q, Tensor? seqlens_k, float scale, float softcap=0.0, "
+        "float dropout_p=0.0, Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmcore_C, CPU, m) {

@@ -66,6 +66,13 @@ struct Table {
   // dst (cols x rows, ld_dst) = transpose of src (rows x cols, ld_src)
   void (*transpose)(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
                     int64_t ld_dst);
+  // attention dropout (common.h: Dropout), u[j] = mix(kr ^ kc[j]) (the 32-bit mixer):
+  //   drop_row:    x[j] = u[j] >= thr ? x[j] * mul : 0
+  //   drop_factor: z[j] = u[j] >= thr ? v : 0
+  void (*drop_row)(float* x, const uint32_t* kc, int64_t n, uint32_t kr, uint32_t thr,
+                   float mul);
+  void (*drop_factor)(float* z, const uint32_t* kc, int64_t n, uint32_t kr, uint32_t thr,
+                      float v);
 };
 
 // The per-capability builds (nullptr where this compiler / CPU family has no such build).

@@ -31,6 +31,12 @@
 //   pass 1, one task per (b, query head, query block): delta = rowsum(P * dP), dQ.
 //   pass 2, one task per (b, kv head, key block): dK, dV summed over the query heads of the
 //   group and over exactly the query rows that can see the block's keys.
+// Attention dropout (dropout_p > 0, a seed; common.h: Dropout): the reference's counter-hash
+// mask, regenerated per key chunk from kc(j) (per call) and kr(b, h, i) (per row), never
+// stored.  Forward: P of the chunk is masked after its exp (l, m and lse stay the undropped
+// softmax's) and the row is scaled by 1 / (1 - p) with 1 / l at the end.  Backward: dP is
+// multiplied by Z = keep / (1 - p), delta = rowsum(P * dP∘Z) (= rowsum(dO * O)), dS = P (dP∘Z
+// - delta), and dV takes P∘Z.  Without dropout none of this runs (one test per row).
 // Tasks are handed out dynamically (an atomic counter) to the at::parallel_for workers.
 // Scratch memory is O(BQ * KC) per worker; no (Sq, Sk) buffer exists.
 #include <ATen/Parallel.h>
@@ -304,6 +310,7 @@ struct Problem {
   // kc[b, j] = how many keys of [0, j) key_mask keeps (interval counts in O(1))
   const bool* km = nullptr;
   std::vector<int32_t> kc;
+  Dropout drop;  // attention dropout (drop.on: dropout_p > 0)
 };
 
 struct Sample {
@@ -434,6 +441,13 @@ inline bool covers(const RowKeys& rk, int64_t c0, int64_t c1) {
   if (kept(rk, c0, c1) != c1 - c0) return false;
   if (rk.wlo <= rk.ghi) return c1 <= std::max(rk.ghi, rk.whi);  // one interval [0, .)
   return c1 <= rk.ghi || (c0 >= rk.wlo && c1 <= rk.whi);
+}
+
+// x[0:n) *= z[0:n) (the dropout factor of a row in the backward: a dropped NaN stays NaN, as
+// in the reference's dP * Z)
+template <typename acc_t>
+void mul_row(acc_t* __restrict x, const acc_t* __restrict z, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= z[j];
 }
 
 // Zeroes the entries of row `s` (keys [c0, c0 + n)) that rk does not allow.
@@ -603,6 +617,7 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const Scores<acc_t> sc(P);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t oscale = P.drop.on ? static_cast<acc_t>(P.drop.inv) : acc_t(1);  // 1 / (1 - p)
 
   // With the vec kernel (vec_gemm), S = Q K^T reads K^T: one transposed fp32 copy of K per
   // (b, kv head), (D, ldkt), made once up front and shared by every query block.  Its rows are
@@ -665,6 +680,11 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
     // rows whose scores met a NaN (2) or +inf (1): out NaN, lse NaN / +inf (IEEE softmax)
     int8_t bad[BQ] = {0};
     for (int64_t r = 0; r < nq; ++r) rks[r] = row_keys(P, s, i0 + r);
+    uint32_t krs[BQ];  // the rows' dropout keys
+    if (P.drop.on) {
+      const uint32_t kh = P.drop.kh(b, h);
+      for (int64_t r = 0; r < nq; ++r) krs[r] = Dropout::kr(kh, i0 + r);
+    }
     for (int si = 0; si < nseg; ++si) {
       for (int64_t c0 = segs[si].lo; c0 < segs[si].hi; c0 += KC) {
         const int64_t n = std::min(KC, segs[si].hi - c0);
@@ -704,6 +724,7 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
           l[r] = l[r] * alpha + sum;
           m[r] = mnew;
           if (alpha != acc_t(1)) scale_row(acc + r * D, D, alpha);
+          if (P.drop.on) P.drop.apply(sr, c0, n, krs[r], acc_t(1));  // after l: lse undropped
         }
         gemm_acc_masked<acc_t>(false, nq, D, n, S, lds, V, ldv, acc, D, all_ok,
                                [&](int64_t r, int64_t x) { return allowed(rks[r], c0 + x); });
@@ -718,7 +739,7 @@ void forward_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, co
         lrow[r] = bad[r] == 2 ? std::numeric_limits<float>::quiet_NaN()
                               : std::numeric_limits<float>::infinity();
       } else if (l[r] > acc_t(0)) {
-        store_row(acc + r * D, orow + r * D, D, acc_t(1) / l[r]);
+        store_row(acc + r * D, orow + r * D, D, acc_t(1) / l[r] * oscale);
         lrow[r] = static_cast<float>(m[r] + std::log(l[r]));
       }  // else: the row sees no key; out stays 0, lse -inf
     }
@@ -789,7 +810,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
     auto blks = blocks(P, BQ, /*keys=*/false);
     const int64_t ntask = static_cast<int64_t>(blks.size()) * P.Hq;
     struct Scratch {
-      std::vector<acc_t> q, d, k, v, s, dp, acc, gs;  // gs: the cap's derivative (softcap)
+      std::vector<acc_t> q, d, k, v, s, dp, acc, gs, z;  // gs: the cap's derivative (softcap)
     };
     auto init = [&] {
       Scratch w;
@@ -801,6 +822,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
       w.dp.resize(BQ * KC);
       w.acc.resize(BQ * D);
       w.gs.resize(cap ? BQ * KC : 0);
+      w.z.resize(P.drop.on ? KC : 0);
       return w;
     };
     run_tasks(ntask, init, [&](int64_t t, Scratch& w) {
@@ -820,6 +842,17 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
         L[r] = static_cast<acc_t>(lp[b * ls0 + h * ls1 + (i0 + r) * ls2]);
         rks[r] = row_keys(P, s, i0 + r);
       }
+      uint32_t krs[BQ];  // the rows' dropout keys
+      if (P.drop.on) {
+        const uint32_t kh = P.drop.kh(b, h);
+        for (int64_t r = 0; r < nq; ++r) krs[r] = Dropout::kr(kh, i0 + r);
+      }
+      // dP of row r over keys [c0, c0 + n) times the dropout factor Z
+      auto drop_dp = [&](acc_t* dr, int64_t c0, int64_t n, int64_t r) {
+        if (!P.drop.on) return;
+        P.drop.factor(w.z.data(), c0, n, krs[r]);
+        mul_row(dr, w.z.data(), n);
+      };
       Seg segs[2];
       const int nseg = key_segments(P, s, i0, blk.i1, segs);
       std::vector<Seg> chunks;  // (c0, n) of each key chunk
@@ -850,6 +883,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
           for (int64_t r = 0; r < nq; ++r) {
             acc_t *sr = S + r * c.hi, *dr = dP + r * c.hi, *gr = G + (cap ? r * c.hi : 0);
             if (probs(sr, gr, c.lo, c.hi, rks[r], L[r])) continue;
+            drop_dp(dr, c.lo, c.hi, r);
             zero_masked(dr, c.lo, c.hi, rks[r]);  // a masked non-finite V must not count
             dl[r] += dot(sr, dr, c.hi);
           }
@@ -875,6 +909,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
             std::fill(sr, sr + n, acc_t(0));
             continue;
           }
+          drop_dp(dr, c.lo, n, r);
           zero_masked(dr, c.lo, n, rks[r]);
           if (one) dl[r] = dot(sr, dr, n);
           dscores(sr, sr, dr, gr, n, dl[r]);
@@ -893,7 +928,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
     auto blks = blocks(P, BK, /*keys=*/true);
     const int64_t ntask = static_cast<int64_t>(blks.size()) * P.Hkv;
     struct Scratch {
-      std::vector<acc_t> k, v, q, d, s, dp, dk, dv, gs;  // gs: the cap's derivative
+      std::vector<acc_t> k, v, q, d, s, dp, dk, dv, gs, z;  // gs: the cap's derivative
     };
     auto init = [&] {
       Scratch w;
@@ -906,6 +941,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
       w.dk.resize(BK * D);
       w.dv.resize(BK * D);
       w.gs.resize(cap ? QC * BK : 0);
+      w.z.resize(P.drop.on ? BK : 0);
       return w;
     };
     // bounds mode: each key block's query rows (an O(Lq) scan), once for all kv heads
@@ -945,6 +981,7 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
       }
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
         const acc_t* dl = delta.data() + (b * P.Hq + h) * P.Sq;
+        const uint32_t kh = P.drop.on ? P.drop.kh(b, h) : 0u;
         for (int si = 0; si < nseg; ++si) {
           for (int64_t r0 = segs[si].lo; r0 < segs[si].hi; r0 += QC) {
             const int64_t nq = std::min(QC, segs[si].hi - r0);
@@ -961,14 +998,21 @@ void backward_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q
               acc_t *sr = S + r * nk, *dr = dP + r * nk, *gr = G + (cap ? r * nk : 0);
               const RowKeys rk = row_keys(P, s, i);
               all_ok = all_ok && covers(rk, j0, j0 + nk);
-              if (probs(sr, gr, j0, nk, rk,
-                        static_cast<acc_t>(lp[b * ls0 + h * ls1 + i * ls2]))) {
-                std::fill(dr, dr + nk, acc_t(0));
-                continue;
+              const bool single =
+                  probs(sr, gr, j0, nk, rk, static_cast<acc_t>(lp[b * ls0 + h * ls1 + i * ls2]));
+              acc_t* z = w.z.data();
+              if (P.drop.on) {  // dP <- dP * Z (before dS), P <- P * Z (after, for dV)
+                P.drop.factor(z, j0, nk, Dropout::kr(kh, i));
+                mul_row(dr, z, nk);
               }
-              // dr <- dS (scaled); sr keeps P for dV
-              dscores(dr, sr, dr, gr, nk, dl[i]);
-              zero_masked(dr, j0, nk, rk);
+              if (single) {
+                std::fill(dr, dr + nk, acc_t(0));
+              } else {
+                // dr <- dS (scaled); sr keeps P for dV
+                dscores(dr, sr, dr, gr, nk, dl[i]);
+                zero_masked(dr, j0, nk, rk);
+              }
+              if (P.drop.on) mul_row(sr, z, nk);
             }
             // dV += P^T dO, dK += dS^T Q over these rows; a row's masked keys take no part
             auto ok = [&](int64_t j, int64_t r) { return allowed(row_keys(P, s, r0 + r), j0 + j); };
@@ -1068,7 +1112,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      bool causal, int64_t global_tokens, double scale, double softcap,
                      const std::optional<at::Tensor>& key_lo,
                      const std::optional<at::Tensor>& key_hi,
-                     const std::optional<at::Tensor>& key_mask) {
+                     const std::optional<at::Tensor>& key_mask, double dropout_p,
+                     const std::optional<at::Tensor>& dropout_seed) {
   check_attn_tensor(q, "q");
   check_attn_tensor(k, "k");
   check_attn_tensor(v, "v");
@@ -1102,6 +1147,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   P.Lq = lengths(seqlens_q, "seqlens_q", P.B, P.Sq);
   P.Lk = lengths(seqlens_k, "seqlens_k", P.B, P.Sk);
   set_masks(P, softcap, key_lo, key_hi, key_mask);
+  P.drop = make_dropout(dropout_p, dropout_seed, P.Sk);
   return P;
 }
 
@@ -1112,10 +1158,11 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cpu(
     const std::optional<at::Tensor>& seqlens_q, const std::optional<at::Tensor>& seqlens_k,
     int64_t left, int64_t right, bool causal, int64_t global_tokens, double scale,
     double softcap, const std::optional<at::Tensor>& key_lo,
-    const std::optional<at::Tensor>& key_hi, const std::optional<at::Tensor>& key_mask) {
+    const std::optional<at::Tensor>& key_hi, const std::optional<at::Tensor>& key_mask,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   using namespace window;
   Problem P = make_problem(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
-                           scale, softcap, key_lo, key_hi, key_mask);
+                           scale, softcap, key_lo, key_hi, key_mask, dropout_p, dropout_seed);
   at::Tensor out = at::zeros({P.B, P.Hq, P.Sq, P.D}, q.options());
   at::Tensor lse = at::full({P.B, P.Hq, P.Sq}, -std::numeric_limits<float>::infinity(),
                             q.options().dtype(at::kFloat));
@@ -1135,10 +1182,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& seqlens_q,
     const std::optional<at::Tensor>& seqlens_k, int64_t left, int64_t right, bool causal,
     int64_t global_tokens, double scale, double softcap, const std::optional<at::Tensor>& key_lo,
-    const std::optional<at::Tensor>& key_hi, const std::optional<at::Tensor>& key_mask) {
+    const std::optional<at::Tensor>& key_hi, const std::optional<at::Tensor>& key_mask,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   using namespace window;
   Problem P = make_problem(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
-                           scale, softcap, key_lo, key_hi, key_mask);
+                           scale, softcap, key_lo, key_hi, key_mask, dropout_p, dropout_seed);
   check_attn_tensor(dout, "dout");
   check_attn_tensor(out, "out");
   MMCORE_CHECK_ARG(dout.sizes() == q.sizes(), "dout", "must have q's shape " + c10::str(q.sizes()));
@@ -1172,12 +1220,14 @@ TORCH_LIBRARY_FRAGMENT(mmcore_C, m) {
   m.def(
       "window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? seqlens_q, Tensor? seqlens_k, "
       "int left, int right, bool causal, int global_tokens, float scale, float softcap=0.0, "
-      "Tensor? key_lo=None, Tensor? key_hi=None, Tensor? key_mask=None) -> (Tensor, Tensor)");
+      "Tensor? key_lo=None, Tensor? key_hi=None, Tensor? key_mask=None, float dropout_p=0.0, "
+      "Tensor? dropout_seed=None) -> (Tensor, Tensor)");
   m.def(
       "window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? seqlens_q, Tensor? seqlens_k, int left, int right, bool causal, "
       "int global_tokens, float scale, float softcap=0.0, Tensor? key_lo=None, "
-      "Tensor? key_hi=None, Tensor? key_mask=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? key_hi=None, Tensor? key_mask=None, float dropout_p=0.0, "
+      "Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmcore_C, CPU, m) {

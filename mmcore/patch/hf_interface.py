@@ -245,23 +245,54 @@ def _serves(backend, feature):
                         False))
 
 
-# Attention dropout while training is served by the op only where that is not slower than the
-# dense path.  Only the torch reference backend implements dropout_p today; measured (BERT-base
-# layer, S = 128, fwd + bwd, CPU) it takes 2-2.5x the dense eager path's time for the same
-# work, so under "auto" the op takes a dropout call only when its rows see at most this share
-# of the keys (a windowed layer doing >= 4x less work than dense).  A backend named by the
-# user (mmcore.patch(backend="torch"), MMCORE_BACKEND) is always honoured.
+# Attention dropout while training: under "auto" the op takes a dropout call whenever the
+# backend auto picks for it serves dropout at full speed (DROPOUT_FULL_SPEED: the C++ `cpu`
+# kernels, on CPU tensors).  Measured (benchmarks/bench_window_attention.py --dropout, BERT-base
+# shapes B = 8, H = 12, D = 64, fp32, forward + backward, 2 threads; benchmarks/RESULTS.md): the
+# cpu backend with dropout_p = 0.1 takes about 1.04x its time without dropout and 1.1-2.6x less
+# than the dense eager path (softmax, F.dropout, matmul) at S = 128 and 512, 12-16x less at
+# N = 4096 with a +-256 window.  Where auto would
+# land on the pure-PyTorch `torch` backend (CUDA tensors: triton / sdpa do not serve dropout;
+# a CPU build without mmcore._C) the old rule holds: its dropout takes 2-2.5x the dense eager
+# path's time for equal work, so the op takes the call only when its rows see at most this
+# share of the keys (a windowed layer doing >= 4x less work than dense).  A backend named by
+# the user (mmcore.patch(backend="torch"), MMCORE_BACKEND) is always honoured.
 DROPOUT_OP_MAX_SHARE = 0.25
+DROPOUT_FULL_SPEED = frozenset({"cpu"})
 
 
-def dropout_dense_reason(backend, keys_per_row, Sk):
-    """-> the dense-path reason for a dropout-while-training call under "auto" whose rows see
-    `keys_per_row` of `Sk` keys, or None when the op takes it."""
+def auto_dropout_backend(query, key=None):
+    """The backend ``auto`` picks for a dropout window_attention call on tensors like query
+    (B, Hq, Sq, D) (and key (B, Hkv, Sk, D)), with gradients; None when none serves it."""
     from ..ops import registry
-    if registry.requested(backend) != "auto" or keys_per_row <= DROPOUT_OP_MAX_SHARE * Sk:
+    Sq = query.shape[2]
+    Sk = Sq if key is None else key.shape[2]
+    gqa = key is not None and key.shape[1] != query.shape[1]
+    p = registry.Problem(
+        "window_attention", query.device.type, query.dtype, head_dim=query.shape[-1], gqa=gqa,
+        needs_grad=True, extra={"Sq": Sq, "Sk": Sk, "window": (-1, -1), "causal": False,
+                                "aligned": Sq == Sk, "softcap": False, "key_bounds": False,
+                                "key_mask": False, "dropout": True})
+    impls, _ = registry.plan("window_attention", p)
+    return impls[0].backend if impls else None
+
+
+def dropout_dense_reason(backend, keys_per_row, Sk, query=None, key=None):
+    """-> the dense-path reason for a dropout-while-training call under "auto" whose rows see
+    `keys_per_row` of `Sk` keys, or None when the op takes it.
+
+    query / key: tensors of the call (device, dtype, head dim): when the backend auto picks
+    for them serves dropout at full speed (DROPOUT_FULL_SPEED) the op always takes the call;
+    without them (or on the torch backend) the DROPOUT_OP_MAX_SHARE rule decides."""
+    from ..ops import registry
+    if registry.requested(backend) != "auto":
+        return None
+    if query is not None and auto_dropout_backend(query, key) in DROPOUT_FULL_SPEED:
+        return None
+    if keys_per_row <= DROPOUT_OP_MAX_SHARE * Sk:
         return None
     return ("attention dropout while training (rows see most keys: the dense path is faster "
-            "than the op's dropout, which only the torch backend serves)")
+            "than the op's dropout on the torch backend, the only one serving this call)")
 
 
 def _static_reason(module, query, value, dropout, softcap, training, kwargs, backend):
@@ -293,7 +324,8 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     if drop and reason is None and (
             (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4) or
             hf_bounds.spec_of(attention_mask) is not None):
-        reason = dropout_dense_reason(backend, Sk, Sk)  # per-row intervals: not known cheap
+        # per-row intervals: not known cheap
+        reason = dropout_dense_reason(backend, Sk, Sk, query, key)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         out = None if reason else hf_bounds.attend_dense(module, query, key, value,
                                                          attention_mask, scaling, softcap,
@@ -336,7 +368,7 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     if drop and reason is None:
         keys = Sk if window[0] < 0 or (window[1] < 0 and not causal) else \
             window[0] + (0 if causal else window[1]) + 1 + G
-        reason = dropout_dense_reason(backend, keys, Sk)
+        reason = dropout_dense_reason(backend, keys, Sk, query, key)
     if reason is None:
         out, reason = _attend(op, query, key, value, pm, spec, causal, window, G,
                               _serves(backend, "key_mask"))

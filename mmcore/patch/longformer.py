@@ -87,7 +87,10 @@ def make_forward(mod, orig_forward, backend):
             why = "Longformer attention mask not a (batch, seq) tensor"
         if why is None and mod.training and mod.dropout > 0:
             w = mod.one_sided_attn_window_size
-            why = hfi.dropout_dense_reason(backend, 2 * w + 1, hidden_states.shape[1])
+            x = hidden_states  # (B, S, E): the op sees (B, H, S, head_dim) heads of it
+            why = hfi.dropout_dense_reason(
+                backend, 2 * w + 1, x.shape[1],
+                x.new_empty(0, mod.num_heads, x.shape[1], mod.head_dim))
             if why is None and output_attentions and hfi._compiling():
                 why = ("output_attentions=True with attention dropout under torch.compile (the "
                        "op's dropout seed is drawn inside the graph)")

@@ -92,20 +92,23 @@ using Fwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tens
                                                bool, int64_t, double, double,
                                                const std::optional<at::Tensor>&,
                                                const std::optional<at::Tensor>&,
+                                               const std::optional<at::Tensor>&, double,
                                                const std::optional<at::Tensor>&);
 using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     int64_t, int64_t, bool, int64_t, double, double, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+    const std::optional<at::Tensor>&);
 using CFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                 const at::Tensor&, const std::optional<at::Tensor>&,
                                                 const std::optional<at::Tensor>&, double,
-                                                double);
+                                                double, double,
+                                                const std::optional<at::Tensor>&);
 using CBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
-    double);
+    double, double, const std::optional<at::Tensor>&);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op(const char* name) {
@@ -136,11 +139,11 @@ void attention_case(const std::string& label, bool cross, at::ScalarType dt, int
   auto sq = at::tensor(Lq, at::kLong), sk = at::tensor(Lk, at::kLong);
   at::Tensor out, lse;
   if (cross)
-    std::tie(out, lse) = op<CFwd>("mmcore_C::cross_attention_fwd").call(q, k, v, sq, sk, scale, softcap);
+    std::tie(out, lse) = op<CFwd>("mmcore_C::cross_attention_fwd").call(q, k, v, sq, sk, scale, softcap, 0.0, std::nullopt);
   else
     std::tie(out, lse) = op<Fwd>("mmcore_C::window_attention_fwd")
                              .call(q, k, v, sq, sk, left, right, causal, G, scale, softcap,
-                                   std::nullopt, std::nullopt, kmo);
+                                   std::nullopt, std::nullopt, kmo, 0.0, std::nullopt);
   auto run_ref = [&](at::ScalarType t, bool grad) {
     auto a = (t == at::kDouble ? q64 : q).clone().requires_grad_(grad);
     auto b = (t == at::kDouble ? k64 : k).clone().requires_grad_(grad);
@@ -172,11 +175,12 @@ void attention_case(const std::string& label, bool cross, at::ScalarType dt, int
   at::Tensor dq, dk, dv;
   if (cross)
     std::tie(dq, dk, dv) = op<CBwd>("mmcore_C::cross_attention_bwd")
-                               .call(dout, q, k, v, out, lse, sq, sk, scale, softcap);
+                               .call(dout, q, k, v, out, lse, sq, sk, scale, softcap, 0.0,
+                                     std::nullopt);
   else
     std::tie(dq, dk, dv) = op<Bwd>("mmcore_C::window_attention_bwd")
                                .call(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale,
-                                     softcap, std::nullopt, std::nullopt, kmo);
+                                     softcap, std::nullopt, std::nullopt, kmo, 0.0, std::nullopt);
   check(label + " dq", dq, oracle[1], base32[1], true);
   check(label + " dk", dk, oracle[2], base32[2], true);
   check(label + " dv", dv, oracle[3], base32[3], true);

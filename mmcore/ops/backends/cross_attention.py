@@ -45,19 +45,22 @@ registry.register(registry.OpImpl(
 # ----------------------------------------------------------------------------- cpu (C++)
 
 
-def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0):
-    return torch.ops.mmcore_C.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap)
+# Dropout: reference/dropout.py's mask bit for bit (csrc/cpu/common.h: Dropout).
+def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0, dropout_p=0.0, seed=None):
+    return torch.ops.mmcore_C.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap,
+                                                  dropout_p, seed)
 
 
-def _cpu_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0):
+def _cpu_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0, dropout_p=0.0,
+             seed=None):
     return torch.ops.mmcore_C.cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q,
-                                                  seqlens_k, scale, softcap)
+                                                  seqlens_k, scale, softcap, dropout_p, seed)
 
 
 registry.register(registry.OpImpl(
     op="cross_attention", backend="cpu", priority=20,
-    devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32}),
-    forward=_cpu_fwd, backward=_cpu_bwd, supports_softcap=True,
+    devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32, F64}),
+    forward=_cpu_fwd, backward=_cpu_bwd, supports_softcap=True, supports_dropout=True,
     available=lambda: _loaders.cpp_error("cross_attention_fwd"),
     exact_grads=True,
 ))

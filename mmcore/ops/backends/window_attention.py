@@ -52,18 +52,23 @@ registry.register(registry.OpImpl(
 
 
 # ---------------------------------------------------------------- cpu: csrc/cpu/window_attention.cpp
+# Dropout (dropout_p, seed): the kernel regenerates reference/dropout.py's mask bit for bit,
+# so its outputs equal the torch backend's for the same seed (and double backward, which runs
+# the reference's backward, sees the same mask).
 def _cpu_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale,
-             softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
+             softcap=0.0, key_lo=None, key_hi=None, key_mask=None, dropout_p=0.0, seed=None):
     return torch.ops.mmcore_C.window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right,
                                                    causal, global_tokens, scale, softcap,
-                                                   key_lo, key_hi, key_mask)
+                                                   key_lo, key_hi, key_mask, dropout_p, seed)
 
 
 def _cpu_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal, global_tokens,
-             scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
+             scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None, dropout_p=0.0,
+             seed=None):
     return torch.ops.mmcore_C.window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k,
                                                    left, right, causal, global_tokens, scale,
-                                                   softcap, key_lo, key_hi, key_mask)
+                                                   softcap, key_lo, key_hi, key_mask, dropout_p,
+                                                   seed)
 
 
 registry.register(registry.OpImpl(
@@ -71,6 +76,7 @@ registry.register(registry.OpImpl(
     devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=_cpu_fwd, backward=_cpu_bwd,
     supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
+    supports_dropout=True,
     available=lambda: _loaders.cpp_error("window_attention_fwd"),
     exact_grads=True,
 ))

@@ -13,16 +13,30 @@ from kit import assert_close, bounds_mask, window_mask, with_lengths
 from mmcore.ops import cross_attention, registry, window_attention
 from mmcore.ops.reference import dropout as D
 
-DROPOUT_BACKENDS = [i.backend for i in registry.implementations("window_attention")
-                    if i.supports_dropout and not i.refuse(registry.Problem(
-                        "window_attention", "cpu", torch.float32, head_dim=16,
-                        extra={"dropout": True}))]
+def _declaring(dtype):
+    return [i.backend for i in registry.implementations("window_attention")
+            if i.supports_dropout and not i.refuse(registry.Problem(
+                "window_attention", "cpu", dtype, head_dim=16, extra={"dropout": True}))]
+
+
+# (the triton backend too where TRITON_INTERPRET=1 lets it serve CPU tensors, as in CI)
+DROPOUT_BACKENDS = _declaring(torch.float32)
+DROPOUT_BACKENDS_F64 = _declaring(torch.float64)  # the float64 tests (triton: fp32 at most)
+# (backend, reference path): the torch backend on both of its paths, any other once
+BACKEND_PATHS = [pytest.param(b, path, id=f"{path}-{b}" if path != "-" else b)
+                 for b in DROPOUT_BACKENDS
+                 for path in (("batched", "chunked") if b == "torch" else ("-",))]
+BACKEND_PATHS_F64 = [p for p in BACKEND_PATHS if p.values[0] in DROPOUT_BACKENDS_F64]
 
 
 @pytest.fixture(params=["batched", "chunked"])
 def ref_path(request, monkeypatch):
     """Runs a test on both paths of the torch backend: the whole-problem one for small calls
-    (reference/batched.py) and the chunked one (budget 0); checks the path was taken."""
+    (reference/batched.py) and the chunked one (budget 0); checks the path was taken.
+    "-" (another backend, through BACKEND_PATHS): nothing to select or check."""
+    if request.param == "-":
+        yield request.param
+        return
     from mmcore.ops.reference import batched
     calls = []
     real = batched.forward
@@ -36,6 +50,8 @@ def ref_path(request, monkeypatch):
 def test_reference_backends_declare_dropout():
     """The parametrized tests below run on every declaring backend: never on none."""
     assert "torch" in DROPOUT_BACKENDS
+    assert registry.get("window_attention", "triton").supports_dropout
+    assert registry.get("cross_attention", "triton").supports_dropout
     assert registry.get("cross_attention", "torch").supports_dropout
 
 
@@ -96,10 +112,9 @@ WINDOW_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS, indirect=["ref_path"])
 @pytest.mark.parametrize("case", sorted(WINDOW_CASES))
-@pytest.mark.usefixtures("ref_path")
-def test_window_dropout_matches_oracle(backend, case):
+def test_window_dropout_matches_oracle(backend, ref_path, case):
     kw = WINDOW_CASES[case]
     B, Hq, Hkv, S, Dh, p = 2, 4, 2, 23, 16, 0.3
     q, k, v = _qkv(B, Hq, Hkv, S, S, Dh, seed=1)
@@ -113,9 +128,8 @@ def test_window_dropout_matches_oracle(backend, case):
     _check(fn, q, k, v, mask, scale, p, softcap=kw.get("softcap"))
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
-@pytest.mark.usefixtures("ref_path")
-def test_window_dropout_seqlens_offset(backend):
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS, indirect=["ref_path"])
+def test_window_dropout_seqlens_offset(backend, ref_path):
     """Per-sample lengths (Lq != Lk: bottom-right alignment), a sample with no keys."""
     B, Hq, Sq, Sk, Dh, p = 3, 2, 9, 14, 8, 0.45
     q, k, v = _qkv(B, Hq, Hq, Sq, Sk, Dh, seed=2)
@@ -132,9 +146,8 @@ def test_window_dropout_seqlens_offset(backend):
     assert torch.isfinite(out).all() and (out[2] == 0).all() and (out[1, :, 5:] == 0).all()
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
-@pytest.mark.usefixtures("ref_path")
-def test_window_dropout_key_bounds_key_mask(backend):
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS, indirect=["ref_path"])
+def test_window_dropout_key_bounds_key_mask(backend, ref_path):
     B, Hq, S, Dh, p = 2, 2, 17, 8, 0.2
     q, k, v = _qkv(B, Hq, 1, S, S, Dh, seed=3)
     i = torch.arange(S)
@@ -154,9 +167,8 @@ def test_window_dropout_key_bounds_key_mask(backend):
     assert (fn(q, k, v)[0, :, 3] == 0).all()
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
-@pytest.mark.usefixtures("ref_path")
-def test_cross_dropout_matches_oracle(backend):
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS, indirect=["ref_path"])
+def test_cross_dropout_matches_oracle(backend, ref_path):
     B, Hq, Hkv, Sq, Sk, Dh, p = 2, 4, 1, 11, 7, 16, 0.35
     q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, Dh, seed=4)
     sq, sk = torch.tensor([11, 6]), torch.tensor([5, 7])
@@ -169,9 +181,8 @@ def test_cross_dropout_matches_oracle(backend):
     _check(fn, q, k, v, mask, Dh ** -0.5, p, softcap=2.0)
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
-@pytest.mark.usefixtures("ref_path")
-def test_one_hot_values_reveal_dropped_weights(backend):
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS_F64, indirect=["ref_path"])
+def test_one_hot_values_reveal_dropped_weights(backend, ref_path):
     """v = I (Sk <= D): out[i, j] = P_ij · M_ij / (1 − p), independent of the mask helper —
     every weight is either dropped (0) or scaled by exactly 1 / (1 − p), and the kept set is
     the one D.mask regenerates from the drawn seed."""
@@ -288,9 +299,8 @@ def test_expectation_is_the_undropped_output():
     assert ((mean - ref).abs() <= 5 * sd / math.sqrt(n) + 1e-12).all()
 
 
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
-@pytest.mark.usefixtures("ref_path")
-def test_gradcheck_fixed_mask(backend):
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS_F64, indirect=["ref_path"])
+def test_gradcheck_fixed_mask(backend, ref_path):
     q, k, v = _qkv(1, 2, 1, 6, 7, 4, dtype=torch.float64, seed=9)
     scale = torch.tensor(0.7, dtype=torch.float64)
 

@@ -975,6 +975,10 @@ else:
         # fp32 (FMA): operands must stream through shared memory (>= 2 stages); one stage
         # spilled 450 bytes at D = 128, (64, 64, 4, 3) 900
         "fp32": ((64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
+        # attention dropout on sm_80, D = 128: with softcap and key_mask as well, (128, 64, 8, 3)
+        # spilled 16 bytes under triton 3.6 (none without them, none under 3.9); (64, 32, 4, 2)
+        # spilled in neither (sm_90 keeps its default: no spill in any dropout variant)
+        "sm80_dropout": ((64, 32, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 1)),
     }
     _DQ = {
         "sm90": ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 2),
@@ -988,6 +992,10 @@ else:
         # (triton 3.9), plain / with softcap and key_mask: (128, 64, 8, 2) spilled 16 / 40
         # bytes, (64, 64, 8, 2) 0 / 64, (64, 64, 4, 2) 0 / 16; (64, 32, 4, 2) none
         "sm90_dropout": ((64, 32, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 1)),
+        # fp32 with dropout (D = 128, sm_90): with softcap and key_mask as well, (32, 32, 8, 2)
+        # spilled 312 bytes under triton 3.6; (64, 32, 8, 2) 912 under 3.9 (dropout alone);
+        # (16, 32, 8, 2) spilled in no dropout variant under either
+        "fp32_dropout": ((16, 32, 8, 2), (32, 32, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
     }
     _DKDV = {
         # (32, 128, 8, 2) and (32, 64, 8, 2): the D = 128 configs that compile for sm_90
@@ -1006,6 +1014,9 @@ else:
         # attention dropout, sm_90 at D = 128 (triton 3.9): (32, 128, 8, 2) spilled 48 bytes with
         # softcap and key_mask (none without), (32, 64, 8, 2) none in either
         "sm90_dropout": ((32, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
+        # sm_80: (64, 64, 8, 2) spilled 8 bytes with softcap and key_mask (triton 3.9);
+        # (32, 64, 8, 2) none in any dropout variant under 3.9 or 3.6
+        "sm80_dropout": ((32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
     }
 
 

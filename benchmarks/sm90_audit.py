@@ -26,8 +26,8 @@ Levels (what CI runs is ``ci``, under triton 3.9 and 3.6: tests/test_sm90_audit.
            config of every other launch (decode, combine, co-attention, LoRA
            low-rank / per-row / segment kernels, fp32, non-causal with lengths and global
            tokens, the issue-26 variants: softcap, key_bounds, key_mask, all three, window and
-           cross; attention dropout: window causal / with softcap + key_mask / decoding, cross
-           looped and short K); sm_80: the default config of each launch, bf16 (the issue-26
+           cross; attention dropout: window causal / with softcap + key_mask / bounds /
+           decoding, cross looped and short K); sm_80: the default config of each launch, bf16 (the issue-26
            and dropout variants in the full sweep only)
     full   every launch x config x dtype (bf16, fp16, fp32), D = 64, 128, 256, sm_90 and
            sm_80 (``./bootstrap.sh audit`` runs it under both Triton versions)
@@ -261,7 +261,7 @@ def _window_masks(rec, W, q, k, lens, D, dt):
     Gemma-2's softcap 50 on a causal window, key_bounds (a causal band of 4096 as (lo, hi)),
     a key_mask on a sliding window, all three at once, and decoding with all three.  Attention
     dropout (constexpr DROPOUT): on the causal window, with softcap and a key_mask on a
-    bidirectional one, and decoding (split-K)."""
+    bidirectional one, in bounds mode, and decoding (split-K)."""
     import torch
     S = q.shape[2]
     i = torch.arange(S, dtype=torch.int32)[None]
@@ -275,7 +275,9 @@ def _window_masks(rec, W, q, k, lens, D, dt):
                  (-1, -1, False)),
                 ("dropout", dict(dropout_p=0.1, seed=seed), (4096, 0, True)),
                 ("dropout+softcap+key_mask", dict(dropout_p=0.1, seed=seed, softcap=50.0,
-                                                  key_mask=km), (256, 256, False)))
+                                                  key_mask=km), (256, 256, False)),
+                ("dropout+bounds", dict(dropout_p=0.1, seed=seed, key_lo=lo, key_hi=hi),
+                 (-1, -1, False)))
     for name, kw, (left, right, causal) in variants:
         rec.label = f"window fwd {name} D={D} {dt}"
         _, lse = W.window_attention_fwd(q, k, k, None, lens, left, right, causal, 0, D ** -0.5,

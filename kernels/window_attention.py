@@ -38,6 +38,12 @@ Issue 26 features, each a constexpr (off: the kernels compile to what they were 
   KEY_MASK     key_mask (B, Sk) (uint8 here), AND-ed into allowed(i, j) in both modes; a
                block is "full" (no element mask) only when none of its keys is masked; a
                dK/dV program whose keys are all masked writes zeros at once.
+  DROPOUT      attention dropout with mmcore/ops/reference/dropout.py's mask, recomputed
+               wherever P is: u = mix(row key ^ column key) in uint32 (the seed level hashed
+               once on the host: dropout_args; per (b, h) and row once per query block, per
+               column once per key block), kept iff u >= round(p 2^32), Z = keep / (1 - p).
+               The lse and l stay the un-dropped softmax's; O = (P∘Z) V, dV = (P∘Z)ᵀ dO,
+               dP = (dO Vᵀ)∘Z, so delta = rowsum(P dP) = rowsum(dO∘O) as without dropout.
 
 Kernels
   _fwd_kernel       online softmax, fp32 accumulators, lse in fp32 (natural log); with

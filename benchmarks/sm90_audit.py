@@ -26,8 +26,9 @@ Levels (what CI runs is ``ci``, under triton 3.9 and 3.6: tests/test_sm90_audit.
            config of every other launch (decode, combine, co-attention, LoRA
            low-rank / per-row / segment kernels, fp32, non-causal with lengths and global
            tokens, the issue-26 variants: softcap, key_bounds, key_mask, all three, window and
-           cross); sm_80: the default config of each launch, bf16 (the issue-26 variants in
-           the full sweep only)
+           cross; attention dropout: window causal / with softcap + key_mask / bounds /
+           decoding, cross looped and short K); sm_80: the default config of each launch, bf16 (the issue-26
+           and dropout variants in the full sweep only)
     full   every launch x config x dtype (bf16, fp16, fp32), D = 64, 128, 256, sm_90 and
            sm_80 (``./bootstrap.sh audit`` runs it under both Triton versions)
 
@@ -58,7 +59,7 @@ HOT = {"_lora_mm_kernel", "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel",
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _BLOCK_KEYS = ("BLOCK", "NUM_SPLITS", "M_BLOCKS", "SPLIT", "GROUP_M", "SINGLE", "FUSE_T",
                "PER_ROW", "HAS_MAP", "CAUSAL", "HAS_SQ", "HAS_SK", "D", "HAS_SOFTCAP", "BOUNDS",
-               "KEY_MASK", "GRANS", "ROWS")
+               "KEY_MASK", "DROPOUT", "GRANS", "ROWS")
 
 
 def _jit_fn(fn):
@@ -258,16 +259,24 @@ def _window(rec, level, dtypes):
 def _window_masks(rec, W, q, k, lens, D, dt):
     """The issue-26 variants (constexpr HAS_SOFTCAP, BOUNDS, KEY_MASK), default configs:
     Gemma-2's softcap 50 on a causal window, key_bounds (a causal band of 4096 as (lo, hi)),
-    a key_mask on a sliding window, all three at once, and decoding with all three."""
+    a key_mask on a sliding window, all three at once, and decoding with all three.  Attention
+    dropout (constexpr DROPOUT): on the causal window, with softcap and a key_mask on a
+    bidirectional one, in bounds mode, and decoding (split-K)."""
     import torch
     S = q.shape[2]
     i = torch.arange(S, dtype=torch.int32)[None]
     lo, hi = (i - 4095).clamp(min=0), i + 1
     km = torch.ones(1, S, dtype=torch.bool)
+    seed = torch.tensor([12345, 678])
     variants = (("softcap", dict(softcap=50.0), (4096, 0, True)),
                 ("bounds", dict(key_lo=lo, key_hi=hi), (-1, -1, False)),
                 ("key_mask", dict(key_mask=km), (256, 256, False)),
                 ("softcap+bounds+key_mask", dict(softcap=50.0, key_lo=lo, key_hi=hi, key_mask=km),
+                 (-1, -1, False)),
+                ("dropout", dict(dropout_p=0.1, seed=seed), (4096, 0, True)),
+                ("dropout+softcap+key_mask", dict(dropout_p=0.1, seed=seed, softcap=50.0,
+                                                  key_mask=km), (256, 256, False)),
+                ("dropout+bounds", dict(dropout_p=0.1, seed=seed, key_lo=lo, key_hi=hi),
                  (-1, -1, False)))
     for name, kw, (left, right, causal) in variants:
         rec.label = f"window fwd {name} D={D} {dt}"
@@ -279,6 +288,9 @@ def _window_masks(rec, W, q, k, lens, D, dt):
     rec.label = f"window decode softcap+bounds+key_mask D={D} {dt}"
     W.window_attention_fwd(q[:, :, :1], k, k, None, lens, -1, -1, False, 0, 0.1, softcap=50.0,
                            key_lo=lo[:, -1:], key_hi=hi[:, -1:], key_mask=km)
+    rec.label = f"window decode dropout D={D} {dt}"
+    W.window_attention_fwd(q[:, :, :1], k, k, None, lens, 4096, 0, True, 0, 0.1, dropout_p=0.1,
+                           seed=seed)
 
 
 def _cross(rec, level, dtypes):
@@ -306,6 +318,14 @@ def _cross(rec, level, dtypes):
         C.cross_attention_bwd(q, q, k, k, q, lse, sq, sk, D ** -0.5, 50.0)
         rec.label = f"cross fwd short K softcap D={D} {dt}"
         C.cross_attention_fwd(q, k[:, :, :49], k[:, :, :49], None, None, D ** -0.5, 50.0)
+        seed = torch.tensor([12345, 678])  # attention dropout (constexpr DROPOUT)
+        rec.label = f"cross fwd dropout D={D} {dt}"
+        _, lse = C.cross_attention_fwd(q, k, k, sq, sk, D ** -0.5, dropout_p=0.1, seed=seed)
+        rec.label = f"cross bwd dropout D={D} {dt}"
+        C.cross_attention_bwd(q, q, k, k, q, lse, sq, sk, D ** -0.5, 0.0, 0.1, seed)
+        rec.label = f"cross fwd short K dropout D={D} {dt}"
+        C.cross_attention_fwd(q, k[:, :, :49], k[:, :, :49], None, None, D ** -0.5,
+                              dropout_p=0.1, seed=seed)
 
 
 OPS = {"lora": _lora, "window": _window, "cross": _cross}

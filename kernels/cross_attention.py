@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from ._autotune import autotune, config_class, smem_budget
-from .window_attention import _scores  # the capped scores (and their tanh), shared
+# the capped scores (and their tanh), and the dropout mask's keys, shared
+from .window_attention import _drop_cols, _drop_rows, _drop_tile, _scores, dropout_args
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -79,15 +80,19 @@ def _kv_block(k_base, v_base, kn, offs_d, dmask, Lk, skn, svn):
 
 
 @triton.jit
-def _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale, softcap2, PREC: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr):
-    """One key block of the online softmax (scores in log2 units)."""
+def _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale, softcap2, kr, kc, drop_thr, drop_rs,
+                  PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
+    """One key block of the online softmax (scores in log2 units).  DROPOUT: l sums the
+    un-dropped weights, acc the dropped ones times 1 / (1 - p) (kr / kc: the keys of the
+    block's rows and columns, window_attention._drop_rows / _drop_cols)."""
     s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap2, HAS_SOFTCAP)
     s = tl.where(kvalid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = p * _drop_tile(kr, kc, drop_thr, drop_rs)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
     return m_new, l_i, acc
 
@@ -121,12 +126,14 @@ def _fwd_epilogue(acc, m_i, l_i, offs_m, offs_d, dmask, Lq, Sq, o_base, som, or_
 def _fwd_program(pid_m, bh, Q, K, V, O, OR, R, LSE, SQL, SKL,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                  sorb, sorh, sorm, srb, srh, srm,
-                 H, G, Sq, Sk, qk_scale, softcap2,
+                 H, G, Sq, Sk, qk_scale, softcap2, drop_base, drop_thr, drop_rs,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, M_BLOCKS: tl.constexpr, SINGLE: tl.constexpr,
                  HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, HAS_RES: tl.constexpr,
-                 STORE_ATTN: tl.constexpr, PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """All work of one program: M_BLOCKS query blocks of (sample b, query head h)."""
+                 STORE_ATTN: tl.constexpr, PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 DROPOUT: tl.constexpr):
+    """All work of one program: M_BLOCKS query blocks of (sample b, query head h).
+    DROPOUT: window_attention's _fwd_kernel explains drop_base, drop_thr, drop_rs."""
     b = bh // H
     h = bh % H
     hk = h // G
@@ -153,6 +160,10 @@ def _fwd_program(pid_m, bh, Q, K, V, O, OR, R, LSE, SQL, SKL,
                     other=0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kvm,
                     other=0.0)
+        if DROPOUT:
+            kc = _drop_cols(offs_n)
+        else:
+            kc = offs_n
         for i in range(M_BLOCKS):
             offs_m = (pid_m * M_BLOCKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
             qm = (offs_m < Lq)[:, None] & dmask[None, :]
@@ -162,8 +173,10 @@ def _fwd_program(pid_m, bh, Q, K, V, O, OR, R, LSE, SQL, SKL,
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             if Lk > 0:
+                kr = _drop_rows(drop_base, b, h, offs_m, DROPOUT)
                 m_i, l_i, acc = _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale,
-                                              softcap2, PREC, HAS_SOFTCAP)
+                                              softcap2, kr, kc, drop_thr, drop_rs, PREC,
+                                              HAS_SOFTCAP, DROPOUT)
             _fwd_epilogue(acc, m_i, l_i, offs_m, offs_d, dmask, Lq, Sq, o_base, som, or_base,
                           sorm, r_base, srm, lse_base, HAS_RES, STORE_ATTN)
     else:
@@ -177,6 +190,7 @@ def _fwd_program(pid_m, bh, Q, K, V, O, OR, R, LSE, SQL, SKL,
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             hi = tl.where(start_m < Lq, Lk, 0)  # a block of padded queries reads no key
+            kr = _drop_rows(drop_base, b, h, offs_m, DROPOUT)
             for start_n in range(0, hi, BLOCK_N):
                 kn = start_n + offs_n
                 kvalid = kn < Lk
@@ -185,8 +199,13 @@ def _fwd_program(pid_m, bh, Q, K, V, O, OR, R, LSE, SQL, SKL,
                             other=0.0)
                 v = tl.load(v_base + kn[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kvm,
                             other=0.0)
+                if DROPOUT:
+                    kc = _drop_cols(kn)
+                else:
+                    kc = kn
                 m_i, l_i, acc = _softmax_step(q, k, v, kvalid, m_i, l_i, acc, qk_scale,
-                                              softcap2, PREC, HAS_SOFTCAP)
+                                              softcap2, kr, kc, drop_thr, drop_rs, PREC,
+                                              HAS_SOFTCAP, DROPOUT)
             _fwd_epilogue(acc, m_i, l_i, offs_m, offs_d, dmask, Lq, Sq, o_base, som, or_base,
                           sorm, r_base, srm, lse_base, HAS_RES, STORE_ATTN)
 
@@ -198,7 +217,7 @@ def _fwd_program(pid_m, bh, Q, K, V, O, OR, R, LSE, SQL, SKL,
 # head dim serves every sequence length (they bound loops and row masks only).  The GQA group
 # G stays specialised: G == 1 (no GQA, the common case) drops the loop over the group's heads
 # in dK/dV (223 registers instead of 242 at D = 128, sm_90)
-_NO_SPEC = ["H", "Sq", "Sk", "SQ_KEY", "SK_KEY"]
+_NO_SPEC = ["H", "Sq", "Sk", "SQ_KEY", "SK_KEY", "drop_base", "drop_thr"]
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -206,16 +225,20 @@ def _cross_fwd_kernel(Q, K, V, O, OR, R, LSE, SQL, SKL,
                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                       sorb, sorh, sorm, srb, srh, srm,
                       H, G, Sq, Sk, qk_scale, softcap2, SQ_KEY, SK_KEY,
+                      drop_base, drop_thr, drop_rs,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, M_BLOCKS: tl.constexpr, SINGLE: tl.constexpr,
                       HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, HAS_RES: tl.constexpr,
-                      STORE_ATTN: tl.constexpr, PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """HAS_SOFTCAP: qk_scale = scale / c, softcap2 = c·log2 e (_scores)."""
+                      STORE_ATTN: tl.constexpr, PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                      DROPOUT: tl.constexpr):
+    """HAS_SOFTCAP: qk_scale = scale / c, softcap2 = c·log2 e (_scores).  DROPOUT: attention
+    dropout (window_attention.dropout_args)."""
     _fwd_program(tl.program_id(0), tl.program_id(1), Q, K, V, O, OR, R, LSE, SQL, SKL,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                  sorb, sorh, sorm, srb, srh, srm, H, G, Sq, Sk, qk_scale, softcap2,
+                 drop_base, drop_thr, drop_rs,
                  D, BLOCK_M, BLOCK_N, BLOCK_D, M_BLOCKS, SINGLE, HAS_SQ, HAS_SK, HAS_RES,
-                 STORE_ATTN, PREC, HAS_SOFTCAP)
+                 STORE_ATTN, PREC, HAS_SOFTCAP, DROPOUT)
 
 
 @triton.jit(do_not_specialize=["BHA", "HA", "SqA", "SkA", "BHB", "HB", "SqB", "SkB", "SQ_KEY",
@@ -244,18 +267,18 @@ def _co_fwd_kernel(
         _fwd_program(pid % nma, pid // nma, QA, KA, VA, OA, ORA, RA, LSEA, SQLA, SKLA,
                      a_sqb, a_sqh, a_sqm, a_skb, a_skh, a_skn, a_svb, a_svh, a_svn,
                      a_sob, a_soh, a_som, a_sorb, a_sorh, a_sorm, a_srb, a_srh, a_srm,
-                     HA, GA, SqA, SkA, qk_scale, 0.0,
+                     HA, GA, SqA, SkA, qk_scale, 0.0, 0, 0, 1.0,
                      D, BLOCK_M, BLOCK_N_A, BLOCK_D, M_BLOCKS, SINGLE_A, HAS_SQ_A, HAS_SK_A,
-                     HAS_RES, STORE_ATTN, PREC, False)
+                     HAS_RES, STORE_ATTN, PREC, False, False)
     else:
         pb = pid - na
         nmb = tl.cdiv(SqB, BLOCK_M * M_BLOCKS)
         _fwd_program(pb % nmb, pb // nmb, QB, KB, VB, OB, ORB, RB, LSEB, SQLB, SKLB,
                      b_sqb, b_sqh, b_sqm, b_skb, b_skh, b_skn, b_svb, b_svh, b_svn,
                      b_sob, b_soh, b_som, b_sorb, b_sorh, b_sorm, b_srb, b_srh, b_srm,
-                     HB, GB, SqB, SkB, qk_scale, 0.0,
+                     HB, GB, SqB, SkB, qk_scale, 0.0, 0, 0, 1.0,
                      D, BLOCK_M, BLOCK_N_B, BLOCK_D, M_BLOCKS, SINGLE_B, HAS_SQ_B, HAS_SK_B,
-                     HAS_RES, STORE_ATTN, PREC, False)
+                     HAS_RES, STORE_ATTN, PREC, False, False)
 
 
 # ----------------------------------------------------------------------------- backward kernels
@@ -266,9 +289,10 @@ def _bwd_dq_kernel(Q, K, V, O, DO, MROW, LINV, DELTA, DQ, SQL, SKL,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                    sdob, sdoh, sdom,
                    H, G, Sq, Sk, qk_scale, softcap2, scale, SQ_KEY, SK_KEY,
+                   drop_base, drop_thr, drop_rs,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr,
-                   PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                   PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     """dQ for one query block, and the row statistics m, 1 / l and delta = rowsum(P * dP)
     (stored in MROW, LINV, DELTA (B*H, Sq) fp32 for the dK/dV kernel).
     With softcap (_scores) P and dP are those of the capped scores and dS = P (dP - delta)
@@ -281,7 +305,9 @@ def _bwd_dq_kernel(Q, K, V, O, DO, MROW, LINV, DELTA, DQ, SQL, SKL,
     delta = sum P dP (not rowsum(dO * O): O is rounded to the input dtype); pass 2 uses
     P = exp(S - m) / l, which sums to 1 to fp32 rounding.  The saved lse is unused (O too).
     The dK/dV kernel takes P and delta from these statistics: exact where a row is one-hot
-    as long as its scores equal these bit for bit (window_attention's _dot, issue 24)."""
+    as long as its scores equal these bit for bit (window_attention's _dot, issue 24).
+    DROPOUT (O = (P∘Z) V, Z = keep / (1 - p)): dP is the gradient of the un-dropped P,
+    (dO Vᵀ)∘Z, in both passes; delta = sum P dP is then rowsum(dO∘O) as without."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -307,6 +333,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, MROW, LINV, DELTA, DQ, SQL, SKL,
     k_base = K + b64 * skb + hk64 * skh
     v_base = V + b64 * svb + hk64 * svh
     hi = tl.where(pid_m * BLOCK_M < Lq, Lk, 0)
+    kr = _drop_rows(drop_base, b, h, offs_m, DROPOUT)
     # pass 1: m, l and delta (online over the key blocks, log2 units)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -320,6 +347,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, MROW, LINV, DELTA, DQ, SQL, SKL,
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         dp = tl.where(kvalid[None, :], _dot(do, tl.trans(v), PREC), 0.0)
+        if DROPOUT:
+            dp = dp * _drop_tile(kr, _drop_cols(start_n + offs_n), drop_thr, drop_rs)
         l_i = l_i * alpha + tl.sum(p, 1)
         d_i = d_i * alpha + tl.sum(p * dp, 1)
         m_i = m_new
@@ -340,6 +369,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, MROW, LINV, DELTA, DQ, SQL, SKL,
             p = p * (1.0 - tc * tc)
         p = tl.where(rvalid[:, None] & kvalid[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), PREC)
+        if DROPOUT:
+            dp = dp * _drop_tile(kr, _drop_cols(start_n + offs_n), drop_thr, drop_rs)
         ds = p * (dp - delta[:, None])
         ds = tl.where(Lk > 1, ds, 0.0)  # one key: softmax == 1, dQ is exactly 0
         dq += _dot(ds.to(k.dtype), k, PREC)
@@ -348,18 +379,20 @@ def _bwd_dq_kernel(Q, K, V, O, DO, MROW, LINV, DELTA, DQ, SQL, SKL,
              dq.to(DQ.dtype.element_ty), mask=(offs_m < Sq)[:, None] & dmask[None, :])
 
 
-@triton.jit(do_not_specialize=["Hkv", "Sq", "Sk", "Q_PER_SPLIT", "SQ_KEY", "SK_KEY"])
+@triton.jit(do_not_specialize=["Hkv", "Sq", "Sk", "Q_PER_SPLIT", "SQ_KEY", "SK_KEY",
+                               "drop_base", "drop_thr"])
 def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SQL, SKL,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                      sd_split, Hkv, G, Sq, Sk, qk_scale, softcap2, scale, Q_PER_SPLIT, SQ_KEY,
-                     SK_KEY,
+                     SK_KEY, drop_base, drop_thr, drop_rs,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr,
-                     PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                     PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     """dK, dV of one key block of (sample b, kv head hk), summed over the G query heads of the
     group and over the query rows of split pid_s (rows [pid_s*Q_PER_SPLIT, +Q_PER_SPLIT)).
 
-    DK/DV are (S, B, Hkv, Sk, D) with split stride sd_split (0 when unsplit)."""
+    DK/DV are (S, B, Hkv, Sk, D) with split stride sd_split (0 when unsplit).  DROPOUT:
+    dV = (P∘Z)ᵀ dO and dPᵀ = (V dOᵀ)∘Zᵀ (the dQ kernel's mask, from the same keys)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -382,6 +415,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SQL, SKL,
                 other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if DROPOUT:
+        kc = _drop_cols(offs_n)
+    else:
+        kc = offs_n
     q_lo = pid_s * Q_PER_SPLIT
     q_hi = tl.minimum(Lq, q_lo + Q_PER_SPLIT)
     q_hi = tl.where(pid_n * BLOCK_N < Lk, q_hi, q_lo)  # a block of padded keys reads nothing
@@ -409,8 +446,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SQL, SKL,
                 gt = pt * (1.0 - tt * tt)
             else:
                 gt = pt
-            dv += _dot(pt.to(do.dtype), do, PREC)
-            dpt = _dot(v, tl.trans(do), PREC)
+            if DROPOUT:
+                zt = _drop_tile(kc, _drop_rows(drop_base, b, h64, offs_m, DROPOUT), drop_thr,
+                                drop_rs)
+                dv += _dot((pt * zt).to(do.dtype), do, PREC)
+                dpt = _dot(v, tl.trans(do), PREC) * zt
+            else:
+                dv += _dot(pt.to(do.dtype), do, PREC)
+                dpt = _dot(v, tl.trans(do), PREC)
             delta = tl.load(DELTA + row_base + offs_m64, mask=rvalid, other=0.0)
             dst = gt * (dpt - delta[None, :])
             # padding and one-key rows: exactly 0 (a NaN delta must not reach padded keys)
@@ -538,14 +581,15 @@ def _prune(kind, table):
     return prune
 
 
-_KEY = ["SQ_KEY", "SK_KEY", "D", "HAS_SOFTCAP"]
+_KEY = ["SQ_KEY", "SK_KEY", "D", "HAS_SOFTCAP", "DROPOUT"]
 
 
 def _tuned(kernel, kind, table, make):
     if _interpret():
         return kernel
     keys = list(dict.fromkeys(k for ks in table.values() for k in ks))
-    tune_key = [a for a in _KEY if a in kernel.arg_names]  # co-attention: no HAS_SOFTCAP
+    tune_key = [a for a in _KEY if a in kernel.arg_names]  # co-attention: no HAS_SOFTCAP,
+    # no DROPOUT
     return autotune([make(c) for c in keys], tune_key, _prune(kind, table))(kernel)
 
 
@@ -594,13 +638,14 @@ def _softcap_args(scale, softcap):
 
 
 def cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0, residual=None,
-                        store_attn=True):
+                        store_attn=True, dropout_p=0.0, seed=None):
     """-> out (B, Hq, Sq, D) in q.dtype, lse (B, Hq, Sq) fp32 [, out_res = residual + out].
 
     seqlens_*: int64 (B,) or None.  softcap: c > 0 caps the scores to c·tanh(s / c) before
     the softmax (lse over the capped scores); 0 = off.  residual: (B, Hq, Sq, D) any strides
     (last contiguous); when given, returns (out or None, lse, out_res) — out only when
-    store_attn."""
+    store_attn.  dropout_p in [0, 1), seed (2,) int64 when dropout_p > 0: attention dropout
+    with mmcore/ops/reference/dropout.py's mask (lse stays the un-dropped softmax's)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     bd = _block_d(D)
@@ -617,10 +662,13 @@ def cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0, resid
         return (triton.cdiv(Sq, meta["BLOCK_M"] * meta["M_BLOCKS"]), B * H)
 
     qk_scale, softcap2, has_cap = _softcap_args(scale, softcap)
+    drop = dropout_args(dropout_p, seed)
     _fwd[grid](*args, H, m["G"], Sq, Sk, qk_scale, softcap2, _key(Sq), _key(Sk),
+               drop["drop_base"], drop["drop_thr"], drop["drop_rs"],
                D=D, BLOCK_N=bn, BLOCK_D=bd, SINGLE=single, HAS_SQ=m["has_sq"],
                HAS_SK=m["has_sk"], HAS_RES=has_res, STORE_ATTN=store_attn and has_res,
-               PREC=_prec(q.dtype), HAS_SOFTCAP=has_cap, **_fixed(_INTERP_FWD))
+               PREC=_prec(q.dtype), HAS_SOFTCAP=has_cap, DROPOUT=drop["DROPOUT"],
+               **_fixed(_INTERP_FWD))
     if has_res:
         return o, lse, orr
     return o, lse
@@ -679,9 +727,11 @@ def _n_sms(device) -> int:
     return 4
 
 
-def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0):
+def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0,
+                        dropout_p=0.0, seed=None):
     """-> dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D) in the input dtypes (out: the attention
-    output of the forward, without residual; softcap: the forward's, 0 = off)."""
+    output of the forward, without residual; softcap, dropout_p, seed: the forward's, 0 =
+    off)."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -697,6 +747,8 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, so
     skl, has_sk = _lens(seqlens_k, lse)
     lse = lse.contiguous()
     qk_scale, softcap2, has_cap = _softcap_args(scale, softcap)
+    drop = dropout_args(dropout_p, seed)
+    dscal = (drop["drop_base"], drop["drop_thr"], drop["drop_rs"])
 
     def grid_q(meta):
         return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
@@ -706,9 +758,9 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, so
                 v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
                 out.stride(2),
                 dout.stride(0), dout.stride(1), dout.stride(2),
-                H, G, Sq, Sk, qk_scale, softcap2, scale, _key(Sq), _key(Sk),
+                H, G, Sq, Sk, qk_scale, softcap2, scale, _key(Sq), _key(Sk), *dscal,
                 D=D, BLOCK_D=bd, HAS_SQ=has_sq, HAS_SK=has_sk, PREC=prec, HAS_SOFTCAP=has_cap,
-                **_fixed(_INTERP_BWD))
+                DROPOUT=drop["DROPOUT"], **_fixed(_INTERP_BWD))
 
     # split the query dim so that short-K problems still fill the device; each split owns an
     # fp32 partial of dK/dV, summed afterwards in a fixed order (deterministic)
@@ -738,8 +790,8 @@ def cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, so
                   v.stride(0), v.stride(1), v.stride(2),
                   dout.stride(0), dout.stride(1), dout.stride(2),
                   sd, Hkv, G, Sq, Sk, qk_scale, softcap2, scale, q_per, _key(Sq), _key(Sk),
-                  D=D, BLOCK_D=bd, HAS_SQ=has_sq, HAS_SK=has_sk, PREC=prec, HAS_SOFTCAP=has_cap,
-                  **_fixed(_INTERP_BWD))
+                  *dscal, D=D, BLOCK_D=bd, HAS_SQ=has_sq, HAS_SK=has_sk, PREC=prec,
+                  HAS_SOFTCAP=has_cap, DROPOUT=drop["DROPOUT"], **_fixed(_INTERP_BWD))
     if split > 1:
         dk = dk_buf.sum(0).to(k.dtype)
         dv = dv_buf.sum(0).to(v.dtype)

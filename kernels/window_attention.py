@@ -38,6 +38,12 @@ Issue 26 features, each a constexpr (off: the kernels compile to what they were 
   KEY_MASK     key_mask (B, Sk) (uint8 here), AND-ed into allowed(i, j) in both modes; a
                block is "full" (no element mask) only when none of its keys is masked; a
                dK/dV program whose keys are all masked writes zeros at once.
+  DROPOUT      attention dropout with mmcore/ops/reference/dropout.py's mask, recomputed
+               wherever P is: u = mix(row key ^ column key) in uint32 (the seed level hashed
+               once on the host: dropout_args; per (b, h) and row once per query block, per
+               column once per key block), kept iff u >= round(p 2^32), Z = keep / (1 - p).
+               The lse and l stay the un-dropped softmax's; O = (P∘Z) V, dV = (P∘Z)ᵀ dO,
+               dP = (dO Vᵀ)∘Z, so delta = rowsum(P dP) = rowsum(dO∘O) as without dropout.
 
 Kernels
   _fwd_kernel       online softmax, fp32 accumulators, lse in fp32 (natural log); with
@@ -76,7 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["window_attention_fwd", "window_attention_bwd", "DECODE_MAX_SQ"]
+__all__ = ["window_attention_fwd", "window_attention_bwd", "dropout_args", "DECODE_MAX_SQ"]
 
 from ._autotune import autotune, config_class, smem_budget
 
@@ -97,7 +103,8 @@ _GRAN = tl.constexpr(GRAN)
 # scalars that change between calls: never specialise (no recompiles, no constexpr ints).
 # D stays specialised: its divisibility by 16 lets the head-dim masks keep loads vectorised;
 # so does the GQA group GROUP: GROUP == 1 (no GQA) drops dK/dV's loop over the group's heads.
-_NO_SPEC = ["H", "Sq", "Sk", "left", "right", "G", "TUNE_KEY"]
+# the dropout seed key and threshold change every call: never specialised either
+_NO_SPEC = ["H", "Sq", "Sk", "left", "right", "G", "TUNE_KEY", "drop_base", "drop_thr"]
 MAX_SPLITS = 64  # split-K decoding: at most this many key slices per query block
 _ROW_STRIDE_LIMIT = 1 << 24  # row strides below this keep in-tile offsets within int32
 
@@ -160,6 +167,46 @@ def _scores(raw, qk_scale, softcap2, HAS_SOFTCAP: tl.constexpr):
         s = raw * qk_scale
         t = s
     return s, t
+
+
+@_device_fn
+def _mix32(x):
+    """The 32-bit xorshift-multiply mixer of mmcore/ops/reference/dropout.py (_mix) on uint32:
+    the products wrap mod 2^32 and the shifts are logical, as the reference's masked int64."""
+    x = x ^ (x >> 15)
+    x = x * 0x2C1B3C6D
+    x = x ^ (x >> 12)
+    x = x * 0x297A2D39
+    return x ^ (x >> 15)
+
+
+@_device_fn
+def _drop_rows(drop_base, b, h, rows, DROPOUT: tl.constexpr):
+    """Dropout, the row level of reference/dropout.py's keep: (R,) uint32 keys of query rows
+    `rows` (indices into the call's tensors) of sample b, query head h; drop_base is the
+    seed level (dropout_args, an int32 bit pattern).  Without DROPOUT: a dummy."""
+    if DROPOUT:
+        kh = _mix32((b.to(tl.uint32) * 65599 + h.to(tl.uint32))
+                    ^ drop_base.to(tl.uint32, bitcast=True))
+        kr = _mix32(kh ^ _mix32(rows.to(tl.uint32) + 0x632BE5AB))
+    else:
+        kr = rows
+    return kr
+
+
+@_device_fn
+def _drop_cols(cols):
+    """Dropout, the column level of keep: (N,) uint32 keys of key columns `cols`."""
+    return _mix32(cols.to(tl.uint32) * 0x3C6EF372 + 0x5BD1E995)
+
+
+@_device_fn
+def _drop_tile(ka, kb, drop_thr, drop_rs):
+    """(A, B) fp32 dropout factor of the pairs of row / column keys ka (A,), kb (B,) (either
+    order: the key of a pair is their xor): drop_rs = 1 / (1 - p) where u >= threshold
+    (drop_thr, an int32 bit pattern of round(p 2^32)), else 0."""
+    u = _mix32(ka[:, None] ^ kb[None, :])
+    return tl.where(u >= drop_thr.to(tl.uint32, bitcast=True), drop_rs, 0.0)
 
 
 @_device_fn
@@ -403,12 +450,15 @@ def _block_scores(q, k_base, k_tile, stride_kn, km_base, t, n_glob, lo, offs_m, 
 @_device_fn
 def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, offs_n, offs_d,
               d_ok, start_m, lo, n_glob, t0, t1, Lq, Lk, off, left, right, G, qk_scale,
-              softcap2, lo_r, hi_r, lo_max, hi_min, km_base,
+              softcap2, lo_r, hi_r, lo_max, hi_min, km_base, kr, drop_thr, drop_rs,
               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
+              HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr,
+              DROPOUT: tl.constexpr):
     """The online softmax over key blocks t0 .. t1 - 1 of one query block -> (m, l, acc).
-    EXACT: masked pairs never meet a non-finite V row (_dot_masked; slower, more registers)."""
+    EXACT: masked pairs never meet a non-finite V row (_dot_masked; slower, more registers).
+    DROPOUT: l sums the un-dropped weights (the lse is the un-dropped softmax's), acc the
+    dropped ones times 1 / (1 - p) (kr: the rows' keys, _drop_rows)."""
     m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -422,6 +472,8 @@ def _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, o
         p = tl.exp2(s - m_use[:, None])  # masked -> exactly 0
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = p * _drop_tile(kr, _drop_cols(start_n + offs_n), drop_thr, drop_rs)
         v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
         if EXACT:
             acc = _dot_masked(p, v, acc * alpha[:, None], full, v_base + n64 * stride_vn,
@@ -445,17 +497,21 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K, FLAG, KLO, KHI, KM,
                 stride_ob, stride_oh, stride_os, stride_om,
                 stride_lb, stride_lh, stride_ls,
                 H, GROUP, Sq, Sk, D, left, right, G, qk_scale, softcap2, TUNE_KEY, n_splits,
+                drop_base, drop_thr, drop_rs,
                 HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 SPLIT_K: tl.constexpr, PREC: tl.constexpr, FLAGS: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr,
+                DROPOUT: tl.constexpr):
     """FLAGS (the non-finite pass, module docstring): 0 none, 1 write FLAG (B*H, Sq) int8 = 1
     where a row's result is not finite, 2 the fix-up pass: only programs holding a flagged
     row run, with masked pairs kept out of the dots.
 
     HAS_SOFTCAP: qk_scale = scale / c, softcap2 = c·log2 e (_scores).  BOUNDS: KLO / KHI
     (B, Sq) int32 key bounds replace the window (left, right, G, CAUSAL unused); KEY_MASK:
-    KM (B, Sk) uint8, 0 = key never seen.  Absent features: None pointers."""
+    KM (B, Sk) uint8, 0 = key never seen.  Absent features: None pointers.  DROPOUT:
+    attention dropout with the seed key drop_base, threshold drop_thr (int32 bit patterns of
+    uint32 values) and drop_rs = 1 / (1 - p) (dropout_args); off, those are unused."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -505,11 +561,12 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, SEQ_K, FLAG, KLO, KHI, KM,
 
     k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
     v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
+    kr = _drop_rows(drop_base, b, h, offs_m, DROPOUT)
     m_i, l_i, acc = _fwd_loop(q, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m,
                               offs_n, offs_d, d_ok, start_m, lo, n_glob, t0, t1, Lq, Lk, off,
                               left, right, G, qk_scale, softcap2, lo_r, hi_r, lo_max, hi_min,
-                              km_base, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, FLAGS == 2,
-                              HAS_SOFTCAP, BOUNDS, KEY_MASK)
+                              km_base, kr, drop_thr, drop_rs, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D,
+                              PREC, FLAGS == 2, HAS_SOFTCAP, BOUNDS, KEY_MASK, DROPOUT)
     if FLAGS == 1:
         bad = tl.sum(tl.where(acc * 0.0 == 0.0, 0, 1), 1)  # (BLOCK_M,)
         tl.store(FLAG + pid_bh.to(tl.int64) * Sq + offs_m, (bad > 0).to(tl.int8),
@@ -559,9 +616,10 @@ def _combine_kernel(OP, LP, O, LSE, Sq, D, n_splits,
 @_device_fn
 def _row_stats(q, do, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs_m, offs_n,
                d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left, right, G, qk_scale,
-               softcap2, lo_r, hi_r, lo_max, hi_min, km_base, CAUSAL: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
+               softcap2, lo_r, hi_r, lo_max, hi_min, km_base, kr, drop_thr, drop_rs,
+               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr,
+               KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """Pass 1 of the dQ kernel over the query block's key blocks, online: the row max m of S
     (log2 units), l = sum exp2(S - m) and d = sum exp2(S - m) dP -> (m, l, d) (BLOCK_M,).
 
@@ -569,7 +627,9 @@ def _row_stats(q, do, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs
     where the row is one-hot; exp2(S - lse) with the forward's fp32 lse is not (at |S| ~ 1e4
     the lse is an ulp of S, ~1e-3, off).  delta = d / l replaces rowsum(dO * O): it is built
     from the same dP values as dS = P (dP - delta), so the two cancel where P is one-hot
-    (issue 24).  A masked pair has P = 0 and adds 0 even when its dP is not finite."""
+    (issue 24).  A masked pair has P = 0 and adds 0 even when its dP is not finite.
+    DROPOUT (O = (P∘Z) V, Z = keep / (1 - p)): dP is the gradient of the un-dropped P,
+    (dO Vᵀ)∘Z, so d = sum P dP = rowsum(dO∘O) still, and dS = P (dP - delta) below."""
     m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     d_i = tl.zeros([BLOCK_M], tl.float32)
@@ -584,6 +644,8 @@ def _row_stats(q, do, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])  # masked -> exactly 0
         dp = _dot(do, tl.trans(v), PREC)
+        if DROPOUT:
+            dp = dp * _drop_tile(kr, _drop_cols(start_n + offs_n), drop_thr, drop_rs)
         l_i = l_i * alpha + tl.sum(p, 1)
         d_i = d_i * alpha + tl.sum(tl.where(p == 0.0, 0.0, p * dp), 1)
         m_i = m_new
@@ -593,10 +655,11 @@ def _row_stats(q, do, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, offs
 @_device_fn
 def _dq_loop(q, do, m2, l_inv, delta, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
              offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk, off, left,
-             right, G, qk_scale, softcap2, lo_r, hi_r, lo_max, hi_min, km_base,
-             CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             right, G, qk_scale, softcap2, lo_r, hi_r, lo_max, hi_min, km_base, kr, drop_thr,
+             drop_rs, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-             HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
+             HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr,
+             DROPOUT: tl.constexpr):
     """Pass 2: dQ / scale of one query block over its key blocks, P = exp2(S - m2) * l_inv
     (_row_stats).  EXACT: masked pairs never meet a non-finite K row (_dot_masked)."""
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -612,6 +675,8 @@ def _dq_loop(q, do, m2, l_inv, delta, k_base, v_base, k_tile, v_tile, stride_kn,
         if HAS_SOFTCAP:  # dS_raw = dS_capped (1 - t²): the factor folded into P here
             p = tl.where(p == 0.0, 0.0, p * (1.0 - tc * tc))
         dp = _dot(do, tl.trans(v), PREC)
+        if DROPOUT:  # the gradient of the un-dropped P: (dO Vᵀ)∘Z
+            dp = dp * _drop_tile(kr, _drop_cols(start_n + offs_n), drop_thr, drop_rs)
         ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))
         if EXACT:
             dq = _dot_masked(ds, k, dq, full, k_base + n64 * stride_kn, stride_kn, offs_d, d_ok,
@@ -630,16 +695,17 @@ def _bwd_dq_kernel(Q, K, V, DO, DELTA, MROW, LINV, DQ, SEQ_Q, SEQ_K, FLAG, KLO, 
                    stride_db, stride_dh, stride_dm,
                    stride_dqb, stride_dqh, stride_dqm,
                    H, GROUP, Sq, Sk, D, left, right, G, qk_scale, softcap2, sm_scale, TUNE_KEY,
+                   drop_base, drop_thr, drop_rs,
                    HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    PREC: tl.constexpr, FLAGS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr):
+                   BOUNDS: tl.constexpr, KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """dQ = scale · dS K over the key blocks of one query block, dS = P ∘ (dO Vᵀ − delta)
     (∘ (1 - t²) with softcap), in two passes over the key blocks: _row_stats (m, l, delta;
     stored per row in MROW, LINV = 1 / l, DELTA (B*H, Sq) fp32 for the dK/dV kernel; the
     forward's lse is not read), then _dq_loop.  FLAGS as in _fwd_kernel (1: flag non-finite
     dQ rows, 2: recompute the flagged blocks, the row statistics as they were);
-    HAS_SOFTCAP, BOUNDS, KEY_MASK as there."""
+    HAS_SOFTCAP, BOUNDS, KEY_MASK, DROPOUT as there (with dropout dP = (dO Vᵀ)∘Z)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if FLAGS == 2:
@@ -684,6 +750,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DELTA, MROW, LINV, DQ, SEQ_Q, SEQ_K, FLAG, KLO, 
     k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
     v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
     rbase = pid_bh.to(tl.int64) * Sq
+    kr = _drop_rows(drop_base, b, h, offs_m, DROPOUT)
     if FLAGS == 2:  # the statistics pass 1 stored (the same values: same tiles, same order)
         m2 = tl.load(MROW + rbase + offs_m, mask=row_ok, other=0.0)
         l_inv = tl.load(LINV + rbase + offs_m, mask=row_ok, other=0.0)
@@ -692,8 +759,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DELTA, MROW, LINV, DQ, SEQ_Q, SEQ_K, FLAG, KLO, 
         m_i, l_i, d_i = _row_stats(q, do, k_base, v_base, k_tile, v_tile, stride_kn,
                                    stride_vn, offs_m, offs_n, d_ok, start_m, lo, n_glob, n_win,
                                    Lq, Lk, off, left, right, G, qk_scale, softcap2, lo_r, hi_r,
-                                   lo_max, hi_min, km_base, CAUSAL, BLOCK_M, BLOCK_N, PREC,
-                                   HAS_SOFTCAP, BOUNDS, KEY_MASK)
+                                   lo_max, hi_min, km_base, kr, drop_thr, drop_rs, CAUSAL,
+                                   BLOCK_M, BLOCK_N, PREC, HAS_SOFTCAP, BOUNDS, KEY_MASK,
+                                   DROPOUT)
         # a row that sees nothing (l = 0): P = 0; l NaN (a NaN / +inf score) propagates
         seen = row_ok & (l_i != 0.0)
         l_inv = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
@@ -705,8 +773,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DELTA, MROW, LINV, DQ, SEQ_Q, SEQ_K, FLAG, KLO, 
     dq = _dq_loop(q, do, m2, l_inv, delta, k_base, v_base, k_tile, v_tile, stride_kn,
                   stride_vn, offs_m, offs_n, offs_d, d_ok, start_m, lo, n_glob, n_win, Lq, Lk,
                   off, left, right, G, qk_scale, softcap2, lo_r, hi_r, lo_max, hi_min, km_base,
-                  CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, FLAGS == 2, HAS_SOFTCAP, BOUNDS,
-                  KEY_MASK)
+                  kr, drop_thr, drop_rs, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC, FLAGS == 2,
+                  HAS_SOFTCAP, BOUNDS, KEY_MASK, DROPOUT)
     if FLAGS == 1:
         bad = tl.sum(tl.where(dq * 0.0 == 0.0, 0, 1), 1)  # (BLOCK_M,)
         tl.store(FLAG + pid_bh.to(tl.int64) * Sq + offs_m, (bad > 0).to(tl.int8),
@@ -761,11 +829,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, 
                      stride_dkb, stride_dkh, stride_dkn,
                      stride_dvb, stride_dvh, stride_dvn,
                      H, HKV, GROUP, Sq, Sk, D, left, right, G, qk_scale, softcap2, sm_scale,
-                     TUNE_KEY,
+                     TUNE_KEY, drop_base, drop_thr, drop_rs,
                      HAS_SQ: tl.constexpr, HAS_SK: tl.constexpr, CAUSAL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BOUNDS: tl.constexpr,
-                     KEY_MASK: tl.constexpr):
+                     KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """dV = Pᵀ dO, dK = scale · dSᵀ Q for one key block of kv head hk, summed over the GROUP
     query heads that read it and over their query blocks (in transposed form: Sᵀ = K Qᵀ).
     P = exp2(Sᵀ - m) / l and delta from the dQ kernel's row statistics (MROW, LINV, DELTA):
@@ -773,7 +841,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, 
     dPᵀ = V dOᵀ equal the dQ kernel's S and dP bit for bit (a dot that sums over the head dim
     in a fixed order whatever the tile shape and orientation; _dot).  HAS_SOFTCAP, BOUNDS,
     KEY_MASK as in _fwd_kernel; in bounds mode the query blocks are those holding the rows
-    FIRST .. LAST of _bounds_rows_kernel (of the block's granules)."""
+    FIRST .. LAST of _bounds_rows_kernel (of the block's granules).  DROPOUT: dV = (P∘Z)ᵀ dO,
+    dPᵀ = (V dOᵀ)∘Zᵀ (Zᵀ from the same keys as the dQ kernel's Z)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -818,6 +887,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, 
         n_glob = tl.where(none, 0, n_glob)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if DROPOUT:
+        kc = _drop_cols(offs_n)
+    else:
+        kc = offs_n
     # in-tile offsets in int32 (the launcher guarantees BLOCK_M row strides fit): two int64
     # (BLOCK_M, BLOCK_D) tiles held across the loops cost 64 registers, and at D = 128 the
     # non-causal / global-token variant spilled; the tile bases below are int64
@@ -859,8 +932,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, MROW, LINV, DELTA, DK, DV, SEQ_Q, SEQ_K, KLO, 
                 gT = tl.where(pT == 0.0, 0.0, pT * (1.0 - tT * tT))
             else:
                 gT = pT
-            dv += _dot(pT.to(do.dtype), do, PREC)
-            dpT = _dot(v, tl.trans(do), PREC)
+            if DROPOUT:
+                zT = _drop_tile(kc, _drop_rows(drop_base, b, h64, rows, DROPOUT), drop_thr,
+                                drop_rs)
+                dv += _dot((pT * zT).to(do.dtype), do, PREC)
+                dpT = _dot(v, tl.trans(do), PREC) * zT
+            else:
+                dv += _dot(pT.to(do.dtype), do, PREC)
+                dpT = _dot(v, tl.trans(do), PREC)
             delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
             dsT = tl.where(gT == 0.0, 0.0, gT * (dpT - delta[None, :]))
             dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC)
@@ -902,6 +981,10 @@ else:
         # fp32 (FMA): operands must stream through shared memory (>= 2 stages); one stage
         # spilled 450 bytes at D = 128, (64, 64, 4, 3) 900
         "fp32": ((64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
+        # attention dropout on sm_80, D = 128: with softcap and key_mask as well, (128, 64, 8, 3)
+        # spilled 16 bytes under triton 3.6 (none without them, none under 3.9); (64, 32, 4, 2)
+        # spilled in neither (sm_90 keeps its default: no spill in any dropout variant)
+        "sm80_dropout": ((64, 32, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 1)),
     }
     _DQ = {
         "sm90": ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 2),
@@ -911,6 +994,14 @@ else:
                  (32, 32, 4, 1)),
         # fp32: (64, 32, 8, 2) spilled 896 bytes at D = 128 once dQ made two passes (issue 24)
         "fp32": ((32, 32, 8, 2), (64, 32, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
+        # attention dropout (the keep-mask tile in both passes), sm_90 compiles at D = 128
+        # (triton 3.9), plain / with softcap and key_mask: (128, 64, 8, 2) spilled 16 / 40
+        # bytes, (64, 64, 8, 2) 0 / 64, (64, 64, 4, 2) 0 / 16; (64, 32, 4, 2) none
+        "sm90_dropout": ((64, 32, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 1)),
+        # fp32 with dropout (D = 128, sm_90): with softcap and key_mask as well, (32, 32, 8, 2)
+        # spilled 312 bytes under triton 3.6; (64, 32, 8, 2) 912 under 3.9 (dropout alone);
+        # (16, 32, 8, 2) spilled in no dropout variant under either
+        "fp32_dropout": ((16, 32, 8, 2), (32, 32, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
     }
     _DKDV = {
         # (32, 128, 8, 2) and (32, 64, 8, 2): the D = 128 configs that compile for sm_90
@@ -926,6 +1017,12 @@ else:
         "sm80": ((64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
         # fp32: K and V stay in registers as FMA operands: 16 x 32 tiles (32 x 32 spilled)
         "fp32": ((16, 32, 8, 2), (32, 16, 8, 2), (16, 32, 4, 2)),
+        # attention dropout, sm_90 at D = 128 (triton 3.9): (32, 128, 8, 2) spilled 48 bytes with
+        # softcap and key_mask (none without), (32, 64, 8, 2) none in either
+        "sm90_dropout": ((32, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
+        # sm_80: (64, 64, 8, 2) spilled 8 bytes with softcap and key_mask (triton 3.9);
+        # (32, 64, 8, 2) none in any dropout variant under 3.9 or 3.6
+        "sm80_dropout": ((32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
     }
 
 
@@ -947,6 +1044,8 @@ def _prune(kind, table):
         order = table.get(cls) or table["any"]
         if kwargs.get("BOUNDS") and cls + "_bounds" in table:
             order = table[cls + "_bounds"]
+        if kwargs.get("DROPOUT") and cls + "_dropout" in table:
+            order = table[cls + "_dropout"]
         if bd > 128 and cls in ("sm90", "sm80") and kind in ("fwd", "dq") \
                 and _D256_DEFAULT in order:
             # D = 256: every larger 16-bit fwd / dQ tile spilled 136-496 bytes per thread
@@ -994,7 +1093,7 @@ def _all(table):
 
 
 # (+ the dtypes of the tensor arguments)
-_KEY = ["BLOCK_D", "TUNE_KEY", "CAUSAL", "HAS_SOFTCAP", "BOUNDS", "KEY_MASK"]
+_KEY = ["BLOCK_D", "TUNE_KEY", "CAUSAL", "HAS_SOFTCAP", "BOUNDS", "KEY_MASK", "DROPOUT"]
 _fwd_tuned = autotune(_all(_FWD), _KEY, _prune("fwd", _FWD))(_fwd_kernel)
 _dq_tuned = autotune(_all(_DQ), _KEY, _prune("dq", _DQ))(_bwd_dq_kernel)
 _dkdv_tuned = autotune(_all(_DKDV), _KEY, _prune("dkdv", _DKDV))(_bwd_dkdv_kernel)
@@ -1053,6 +1152,51 @@ def _store_dtype(dt):
     return torch.float32 if (_INTERPRET and dt == torch.bfloat16) else dt
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32_host(x: int) -> int:
+    """_mix32 on a Python int in [0, 2^32) (the seed level, computed once per call)."""
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & _M32
+    x ^= x >> 12
+    x = (x * 0x297A2D39) & _M32
+    return x ^ (x >> 15)
+
+
+def _as_i32(x: int) -> int:
+    """A uint32 value as the int32 with the same bits (the kernels bitcast it back)."""
+    return x - (1 << 32) if x >= (1 << 31) else x
+
+
+def dropout_args(dropout_p, seed):
+    """-> dict of the kernels' dropout arguments: drop_base (the seed level of
+    mmcore/ops/reference/dropout.py's keep, from seed (2,) int64: mix(mix(s1) ^ s0 ^
+    0x9E3779B9)), drop_thr (round(p 2^32): u below it is dropped), both int32 bit patterns,
+    drop_rs = 1 / (1 - p), and the constexpr DROPOUT.  dropout_p 0: DROPOUT False (the kernels
+    compile as without dropout; the scalars are unused)."""
+    p = float(dropout_p or 0.0)
+    if p <= 0.0:
+        return dict(drop_base=0, drop_thr=0, drop_rs=1.0, DROPOUT=False)
+    if not p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    if seed is None:
+        raise ValueError("dropout_p > 0 needs a seed ((2,) int64 tensor)")
+    s0, s1 = (int(x) & _M32 for x in (seed.tolist() if isinstance(seed, torch.Tensor) else seed))
+    base = _mix32_host((_mix32_host(s1) ^ s0 ^ 0x9E3779B9) & _M32)
+    thr = int(round(p * 2 ** 32))
+    rs = 1.0 / (1.0 - p)
+    if thr > _M32:  # p within 2^-33 of 1: every weight dropped, as the reference's u >= 2^32
+        thr, rs = _M32, 0.0
+    return dict(drop_base=_as_i32(base), drop_thr=_as_i32(thr), drop_rs=rs, DROPOUT=True)
+
+
+def _drop_launch(dropout_p, seed):
+    """dropout_args split into the positional scalars and the constexpr."""
+    d = dropout_args(dropout_p, seed)
+    return (d["drop_base"], d["drop_thr"], d["drop_rs"]), d["DROPOUT"]
+
+
 def _features(q, Sk, scale, softcap, key_lo, key_hi, key_mask):
     """The SPEC-26 extras as kernel arguments -> (qk_scale, softcap2, klo, khi, km, constexprs).
 
@@ -1080,16 +1224,19 @@ def _features(q, Sk, scale, softcap, key_lo, key_hi, key_mask):
 
 
 def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens,
-                         scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
+                         scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None,
+                         dropout_p=0.0, seed=None):
     """Normalised forward (see mmcore/ops/window_attention.py).
 
     q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) with stride(-1) == 1; left/right >= -1 (-1 =
     unbounded); seqlens int64 (B,) or None.  softcap: c > 0 caps the scores to c·tanh(s / c)
     (0 = off); key_lo / key_hi: int32 (B, Sq) key bounds (bounds mode: row i sees keys
     lo <= j < hi; left = right = -1, causal False, global_tokens 0) or None; key_mask: bool
-    (B, Sk), False = key never seen, or None.  Returns out (B, Hq, Sq, D) in q.dtype
-    (contiguous) and lse (B, Hq, Sq) float32 (natural log over the capped scores, -inf for
-    rows that see nothing)."""
+    (B, Sk), False = key never seen, or None.  dropout_p in [0, 1), seed (2,) int64 (CPU)
+    when dropout_p > 0: the weights dropped by mmcore/ops/reference/dropout.py's mask (element
+    (b, h, i, j): indices into these tensors), kept ones scaled by 1 / (1 - p).  Returns out
+    (B, Hq, Sq, D) in q.dtype (contiguous) and lse (B, Hq, Sq) float32 (natural log over the
+    capped, un-dropped scores, -inf for rows that see nothing)."""
     B, H, Sq, D = q.shape
     HKV, Sk = k.shape[1], k.shape[2]
     out = torch.empty((B, H, Sq, D), dtype=_store_dtype(q.dtype), device=q.device)
@@ -1104,8 +1251,10 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
     sq, sk = _seq_args(seqlens_q, seqlens_k, q)
     qk_scale, softcap2, klo, khi, km, feats = _features(q, Sk, scale, softcap, key_lo, key_hi,
                                                         key_mask)
+    drop, has_drop = _drop_launch(dropout_p, seed)
     common = dict(HAS_SQ=seqlens_q is not None, HAS_SK=seqlens_k is not None,
-                  CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype), **feats)
+                  CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype), DROPOUT=has_drop,
+                  **feats)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
 
@@ -1118,7 +1267,7 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
             _fwd_kernel[(1, B * H, 1)](
                 q, k, v, out, lse, sq, sk, lse, klo, khi, km, *strides,
                 out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
-                H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, 0, 1,
+                H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, 0, 1, *drop,
                 BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=False, FLAGS=0, num_warps=warps,
                 num_stages=2, **common)
             return out.to(q.dtype), lse
@@ -1128,7 +1277,7 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
             q, k, v, o_part, l_part, sq, sk, l_part, klo, khi, km, *strides,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
             l_part.stride(0), l_part.stride(1), l_part.stride(2),
-            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, 0, ns,
+            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, 0, ns, *drop,
             BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=True, FLAGS=0, num_warps=warps, num_stages=2,
             **common)
         _combine_kernel[(Sq, B * H)](o_part, l_part, out, lse, Sq, D, ns,
@@ -1140,7 +1289,7 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
     args = (q, k, v, out, lse, sq, sk, flag, klo, khi, km, *strides,
             out.stride(0), out.stride(1), 0, out.stride(2), lse.stride(0), lse.stride(1), 0,
             H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2,
-            _tune_key(Sq, Sk, left, right, G), 1)
+            _tune_key(Sq, Sk, left, right, G), 1, *drop)
     _fwd_tuned[grid](*args, SPLIT_K=False, FLAGS=1, **common)
     bm, bn, w, st = _fixup_config(_FWD, "fwd", q, BLOCK_D)
     _fwd_kernel[(triton.cdiv(Sq, bm), B * H, 1)](
@@ -1151,9 +1300,10 @@ def window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, glo
 
 def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
                          global_tokens, scale, softcap=0.0, key_lo=None, key_hi=None,
-                         key_mask=None):
+                         key_mask=None, dropout_p=0.0, seed=None):
     """Normalised backward: -> dq, dk, dv (contiguous, input dtypes).  Deterministic.
-    softcap, key_lo, key_hi, key_mask as in window_attention_fwd.  out and lse (the
+    softcap, key_lo, key_hi, key_mask, dropout_p, seed as in window_attention_fwd (the same
+    seed regenerates the forward's mask).  out and lse (the
     forward's) are not read: the dQ kernel recomputes each row's max, sum and
     delta = rowsum(P dP) from the scores (exact gradients at large logits, issue 24)."""
     B, H, Sq, D = q.shape
@@ -1174,8 +1324,10 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
         q, dout = q.contiguous(), dout.contiguous()
     qk_scale, softcap2, klo, khi, km, feats = _features(q, Sk, scale, softcap, key_lo, key_hi,
                                                         key_mask)
+    drop, has_drop = _drop_launch(dropout_p, seed)
     flags = dict(HAS_SQ=seqlens_q is not None, HAS_SK=seqlens_k is not None,
-                 CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype), **feats)
+                 CAUSAL=bool(causal), BLOCK_D=BLOCK_D, PREC=_prec(q.dtype), DROPOUT=has_drop,
+                 **feats)
 
     # per row, written by the dQ kernel's first pass for its second and the dK/dV kernel:
     # delta = rowsum(P dP), the row max of S (log2 units) and 1 / sum exp2(S - max)
@@ -1190,7 +1342,7 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
     flag = torch.empty((B * H, Sq), dtype=torch.int8, device=q.device)
     args = (q, k, v, dout, delta, mrow, linv, dq, sq, sk, flag, klo, khi, km, *strides,
             dq.stride(0), dq.stride(1), dq.stride(2),
-            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, float(scale), tk)
+            H, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, float(scale), tk, *drop)
     _dq_tuned[grid_q](*args, FLAGS=1, **flags)
     bm, bn, w, st = _fixup_config(_DQ, "dq", q, BLOCK_D)
     _bwd_dq_kernel[(triton.cdiv(Sq, bm), B * H)](
@@ -1208,5 +1360,5 @@ def window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, ri
         q, k, v, dout, mrow, linv, delta, dk, dv, sq, sk, klo, khi, km, first, last, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         H, HKV, H // HKV, Sq, Sk, D, left, right, G, qk_scale, softcap2, float(scale), tk,
-        **flags)
+        *drop, **flags)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

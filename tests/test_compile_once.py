@@ -60,9 +60,24 @@ SCRIPT = textwrap.dedent("""
             _, lse = C.cross_attention_fwd(q, k, k, sq, sk, 0.09)
             C.cross_attention_bwd(q, q, k, k, q, lse, sq, sk, 0.09)
 
+    def dropout():  # attention dropout: a new seed every call, two values of p; the seeds
+        # include ones whose seed key (drop_base) is a multiple of 16, which a specialised
+        # int argument would compile separately
+        seeds = [torch.tensor([s, 7]) for s in range(40)]
+        assert any(W.dropout_args(0.1, s)["drop_base"] % 16 == 0 for s in seeds)
+        q, k = torch.randn(2, 8, 300, 64, dtype=bf), torch.randn(2, 4, 300, 64, dtype=bf)
+        for i, s in enumerate(seeds):
+            p = (0.1, 0.25)[i % 2]
+            _, lse = W.window_attention_fwd(q, k, k, None, None, 64, 0, True, 0, 0.125,
+                                            dropout_p=p, seed=s)
+            W.window_attention_bwd(q, q, k, k, q, lse, None, None, 64, 0, True, 0, 0.125,
+                                   dropout_p=p, seed=s)
+            _, lse = C.cross_attention_fwd(q, k, k, None, None, 0.125, dropout_p=p, seed=s)
+            C.cross_attention_bwd(q, q, k, k, q, lse, None, None, 0.125, 0.0, p, s)
+
     print(json.dumps({n: compiles(f) for n, f in
                       [("lora", lora), ("window", window), ("decode", decode),
-                       ("cross", cross)]}))
+                       ("cross", cross), ("dropout", dropout)]}))
 """)
 
 
@@ -82,3 +97,7 @@ def test_one_compile_per_kernel_family():
     assert got["decode"] == {"_fwd_kernel": 1, "_combine_kernel": 1}, got["decode"]
     assert got["cross"] == {"_cross_fwd_kernel": 1, "_bwd_dq_kernel": 1,
                             "_bwd_dkdv_kernel": 1}, got["cross"]
+    # dropout: one compile per kernel whatever the seed and p (window fwd / dQ with the fix-up
+    # pass; both ops' dQ kernels are named _bwd_dq_kernel, likewise dK/dV)
+    assert got["dropout"] == {"_fwd_kernel": 2, "_bwd_dq_kernel": 3, "_bwd_dkdv_kernel": 2,
+                              "_cross_fwd_kernel": 1}, got["dropout"]

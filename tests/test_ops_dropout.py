@@ -13,16 +13,30 @@ from kit import assert_close, bounds_mask, window_mask, with_lengths
 from mmcore.ops import cross_attention, registry, window_attention
 from mmcore.ops.reference import dropout as D
 
-DROPOUT_BACKENDS = [i.backend for i in registry.implementations("window_attention")
-                    if i.supports_dropout and not i.refuse(registry.Problem(
-                        "window_attention", "cpu", torch.float32, head_dim=16,
-                        extra={"dropout": True}))]
+def _declaring(dtype):
+    return [i.backend for i in registry.implementations("window_attention")
+            if i.supports_dropout and not i.refuse(registry.Problem(
+                "window_attention", "cpu", dtype, head_dim=16, extra={"dropout": True}))]
+
+
+# (the triton backend too where TRITON_INTERPRET=1 lets it serve CPU tensors, as in CI)
+DROPOUT_BACKENDS = _declaring(torch.float32)
+DROPOUT_BACKENDS_F64 = _declaring(torch.float64)  # the float64 tests (triton: fp32 at most)
+# (backend, reference path): the torch backend on both of its paths, any other once
+BACKEND_PATHS = [pytest.param(b, path, id=f"{path}-{b}" if path != "-" else b)
+                 for b in DROPOUT_BACKENDS
+                 for path in (("batched", "chunked") if b == "torch" else ("-",))]
+BACKEND_PATHS_F64 = [p for p in BACKEND_PATHS if p.values[0] in DROPOUT_BACKENDS_F64]
 
 
 @pytest.fixture(params=["batched", "chunked"])
 def ref_path(request, monkeypatch):
     """Runs a test on both paths of the torch backend: the whole-problem one for small calls
-    (reference/batched.py) and the chunked one (budget 0); checks the path was taken."""
+    (reference/batched.py) and the chunked one (budget 0); checks the path was taken.
+    "-" (another backend, through BACKEND_PATHS): nothing to select or check."""
+    if request.param == "-":
+        yield request.param
+        return
     from mmcore.ops.reference import batched
     calls = []
     real = batched.forward
@@ -33,30 +47,11 @@ def ref_path(request, monkeypatch):
     assert bool(calls) == (request.param == "batched"), (request.param, len(calls))
 
 
-# (backend, path): the torch backend on both of its paths, every other declaring backend
-# (the C++ cpu kernels) on its own
-BACKEND_PATHS = [("torch", "batched"), ("torch", "chunked")] + [
-    (b, "own") for b in DROPOUT_BACKENDS if b != "torch"]
-
-
-@pytest.fixture(params=BACKEND_PATHS, ids=[f"{b}-{p}" for b, p in BACKEND_PATHS])
-def backend(request, monkeypatch):
-    """A declaring backend's name; the torch backend runs on both of its paths (ref_path), and
-    another backend must never reach the reference's batched path."""
-    from mmcore.ops.reference import batched
-    name, path = request.param
-    calls = []
-    real = batched.forward
-    monkeypatch.setattr(batched, "forward", lambda *a: calls.append(1) or real(*a))
-    if path == "chunked":
-        monkeypatch.setattr(batched, "BUDGET", 0)
-    yield name
-    assert bool(calls) == (path == "batched"), (name, path, len(calls))
-
-
 def test_reference_backends_declare_dropout():
     """The parametrized tests below run on every declaring backend: never on none."""
     assert "torch" in DROPOUT_BACKENDS
+    assert registry.get("window_attention", "triton").supports_dropout
+    assert registry.get("cross_attention", "triton").supports_dropout
     assert registry.get("cross_attention", "torch").supports_dropout
     from mmcore.ops.backends import _loaders
     if _loaders.cpp_error("window_attention_fwd") is None:  # the C++ kernels serve it too
@@ -121,8 +116,9 @@ WINDOW_CASES = {
 }
 
 
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS, indirect=["ref_path"])
 @pytest.mark.parametrize("case", sorted(WINDOW_CASES))
-def test_window_dropout_matches_oracle(backend, case):
+def test_window_dropout_matches_oracle(backend, ref_path, case):
     kw = WINDOW_CASES[case]
     B, Hq, Hkv, S, Dh, p = 2, 4, 2, 23, 16, 0.3
     q, k, v = _qkv(B, Hq, Hkv, S, S, Dh, seed=1)
@@ -136,7 +132,8 @@ def test_window_dropout_matches_oracle(backend, case):
     _check(fn, q, k, v, mask, scale, p, softcap=kw.get("softcap"))
 
 
-def test_window_dropout_seqlens_offset(backend):
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS, indirect=["ref_path"])
+def test_window_dropout_seqlens_offset(backend, ref_path):
     """Per-sample lengths (Lq != Lk: bottom-right alignment), a sample with no keys."""
     B, Hq, Sq, Sk, Dh, p = 3, 2, 9, 14, 8, 0.45
     q, k, v = _qkv(B, Hq, Hq, Sq, Sk, Dh, seed=2)
@@ -153,7 +150,8 @@ def test_window_dropout_seqlens_offset(backend):
     assert torch.isfinite(out).all() and (out[2] == 0).all() and (out[1, :, 5:] == 0).all()
 
 
-def test_window_dropout_key_bounds_key_mask(backend):
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS, indirect=["ref_path"])
+def test_window_dropout_key_bounds_key_mask(backend, ref_path):
     B, Hq, S, Dh, p = 2, 2, 17, 8, 0.2
     q, k, v = _qkv(B, Hq, 1, S, S, Dh, seed=3)
     i = torch.arange(S)
@@ -173,7 +171,8 @@ def test_window_dropout_key_bounds_key_mask(backend):
     assert (fn(q, k, v)[0, :, 3] == 0).all()
 
 
-def test_cross_dropout_matches_oracle(backend):
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS, indirect=["ref_path"])
+def test_cross_dropout_matches_oracle(backend, ref_path):
     B, Hq, Hkv, Sq, Sk, Dh, p = 2, 4, 1, 11, 7, 16, 0.35
     q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, Dh, seed=4)
     sq, sk = torch.tensor([11, 6]), torch.tensor([5, 7])
@@ -186,7 +185,8 @@ def test_cross_dropout_matches_oracle(backend):
     _check(fn, q, k, v, mask, Dh ** -0.5, p, softcap=2.0)
 
 
-def test_one_hot_values_reveal_dropped_weights(backend):
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS_F64, indirect=["ref_path"])
+def test_one_hot_values_reveal_dropped_weights(backend, ref_path):
     """v = I (Sk <= D): out[i, j] = P_ij · M_ij / (1 − p), independent of the mask helper —
     every weight is either dropped (0) or scaled by exactly 1 / (1 − p), and the kept set is
     the one D.mask regenerates from the drawn seed."""
@@ -306,7 +306,8 @@ def test_expectation_is_the_undropped_output():
     assert ((mean - ref).abs() <= 5 * sd / math.sqrt(n) + 1e-12).all()
 
 
-def test_gradcheck_fixed_mask(backend):
+@pytest.mark.parametrize("backend,ref_path", BACKEND_PATHS_F64, indirect=["ref_path"])
+def test_gradcheck_fixed_mask(backend, ref_path):
     q, k, v = _qkv(1, 2, 1, 6, 7, 4, dtype=torch.float64, seed=9)
     scale = torch.tensor(0.7, dtype=torch.float64)
 

@@ -142,7 +142,7 @@ def _ref_bwd(dout, q, k, v, out, lse, sq, sk, scale, backend=None, softcap=0.0, 
              seed=None):
     """The pure-PyTorch backward: differentiable, so double backward works on any backend
     (the backend name, in the custom op's argument order, is ignored; with dropout: only on
-    backends whose mask is the reference's bit for bit: torch and cpu)."""
+    backends whose mask is the reference's bit for bit: torch, cpu and triton)."""
     from .reference import attention as ref
 
     return ref.cross_bwd(dout, q, k, v, out, lse, sq, sk, scale, softcap, dropout_p, seed)

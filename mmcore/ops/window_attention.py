@@ -237,7 +237,7 @@ def _setup(ctx, inputs, output):
 def _ref_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale, softcap=0.0,
              key_lo=None, key_hi=None, key_mask=None, dropout_p=0.0, seed=None):
     """The pure-PyTorch backward: differentiable, so double backward works on any backend
-    (with dropout: on backends whose mask is the reference's bit for bit: torch and cpu)."""
+    (with dropout: on backends whose mask is the reference's bit for bit: torch, cpu, triton)."""
     from .reference import attention as ref
 
     return ref.window_bwd(dout, q, k, v, out, lse, sq, sk, left, right, causal, G, scale,

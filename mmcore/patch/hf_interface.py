@@ -252,10 +252,11 @@ def _serves(backend, feature):
 # cpu backend with dropout_p = 0.1 takes about 1.04x its time without dropout and 1.1-2.6x less
 # than the dense eager path (softmax, F.dropout, matmul) at S = 128 and 512, 12-16x less at
 # N = 4096 with a +-256 window.  Where auto would
-# land on the pure-PyTorch `torch` backend (CUDA tensors: triton / sdpa do not serve dropout;
-# a CPU build without mmcore._C) the old rule holds: its dropout takes 2-2.5x the dense eager
-# path's time for equal work, so the op takes the call only when its rows see at most this
-# share of the keys (a windowed layer doing >= 4x less work than dense).  A backend named by
+# land on the pure-PyTorch `torch` backend (a CPU build without mmcore._C) the old rule holds:
+# its dropout takes 2-2.5x the dense eager path's time for equal work, so the op takes the call
+# only when its rows see at most this share of the keys (a windowed layer doing >= 4x less
+# work than dense).  The same rule holds for `triton` (CUDA tensors) until its dropout path is
+# measured on a GPU.  A backend named by
 # the user (mmcore.patch(backend="torch"), MMCORE_BACKEND) is always honoured.
 DROPOUT_OP_MAX_SHARE = 0.25
 DROPOUT_FULL_SPEED = frozenset({"cpu"})
@@ -292,7 +293,7 @@ def dropout_dense_reason(backend, keys_per_row, Sk, query=None, key=None):
     if keys_per_row <= DROPOUT_OP_MAX_SHARE * Sk:
         return None
     return ("attention dropout while training (rows see most keys: the dense path is faster "
-            "than the op's dropout on the torch backend, the only one serving this call)")
+            "than the op's dropout on the backend serving this call, or not measured against it)")
 
 
 def _static_reason(module, query, value, dropout, softcap, training, kwargs, backend):

@@ -23,20 +23,24 @@ def _unsupported(name, softcap):
 from . import _loaders  # noqa: E402
 
 
-def _triton_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0):
+def _triton_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap=0.0, dropout_p=0.0, seed=None):
     from mmcore.kernels import cross_attention as K
-    return K.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap)
+    return K.cross_attention_fwd(q, k, v, seqlens_q, seqlens_k, scale, softcap,
+                                 dropout_p=dropout_p, seed=seed)
 
 
-def _triton_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0):
+def _triton_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0,
+                dropout_p=0.0, seed=None):
     from mmcore.kernels import cross_attention as K
-    return K.cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap)
+    return K.cross_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap,
+                                 dropout_p, seed)
 
 
 registry.register(registry.OpImpl(
     op="cross_attention", backend="triton", priority=40,
     devices=_loaders.triton_devices(), dtypes=frozenset({F16, BF16, F32}),
     forward=_triton_fwd, backward=_triton_bwd, max_head_dim=256, supports_softcap=True,
+    supports_dropout=True,  # the reference's counter-hash mask, regenerated in the kernels
     available=_loaders.triton_error, auto_devices=frozenset({"cuda"}),
     exact_grads=True,
 ))

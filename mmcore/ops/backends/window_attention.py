@@ -25,18 +25,20 @@ def _unsupported(name, softcap, key_lo, key_mask):
 
 # ------------------------------------------------------- triton (kernels/window_attention.py)
 def _triton_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal, global_tokens, scale,
-                softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
+                softcap=0.0, key_lo=None, key_hi=None, key_mask=None, dropout_p=0.0, seed=None):
     from mmcore.kernels import window_attention as kern  # imported late: needs TRITON_INTERPRET
     return kern.window_attention_fwd(q, k, v, seqlens_q, seqlens_k, left, right, causal,
-                                     global_tokens, scale, softcap, key_lo, key_hi, key_mask)
+                                     global_tokens, scale, softcap, key_lo, key_hi, key_mask,
+                                     dropout_p, seed)
 
 
 def _triton_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left, right, causal,
-                global_tokens, scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None):
+                global_tokens, scale, softcap=0.0, key_lo=None, key_hi=None, key_mask=None,
+                dropout_p=0.0, seed=None):
     from mmcore.kernels import window_attention as kern
     return kern.window_attention_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, left,
                                      right, causal, global_tokens, scale, softcap, key_lo,
-                                     key_hi, key_mask)
+                                     key_hi, key_mask, dropout_p, seed)
 
 
 registry.register(registry.OpImpl(
@@ -46,6 +48,7 @@ registry.register(registry.OpImpl(
     forward=_triton_fwd, backward=_triton_bwd,
     supports_gqa=True, supports_global_tokens=True,
     supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
+    supports_dropout=True,  # the reference's counter-hash mask, regenerated in the kernels
     available=_loaders.triton_error,
     exact_grads=True,
 ))

@@ -217,7 +217,8 @@ def _patch_attention(model, report, state, long_context, backend):
                             "(exact; counted in report.runtime) for mask patterns that are not "
                             "one key interval per query row (and any image / prefix mask under "
                             "torch.compile); attention dropout while training runs on the op's "
-                            "dropout_p")
+                            "dropout_p; a forward asked for output_attentions=True gets the "
+                            "weights from the dense path")
 
 
 def _apply_long_context(model, name, mod, lc, report, state):

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peer"))
@@ -20,6 +21,7 @@ import os
 import unittest
 
 import pytest
+import torch
 from transformers.testing_utils import _MMCORE_PEER_FAKE_CONSTANT, _mmcore_peer_fake_function
 
 MODE = os.environ["MMCORE_PEER_MODE"]
@@ -236,3 +238,37 @@ def test_bad_command_lines_exit_2_with_one_line(argv, message, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
 
+
+
+def test_plugin_forced_default_patches_only_eager_that_was_not_asked_for(monkeypatch):
+    """MMCORE_PEER_FORCE=default (Gemma-2: no SDPA, so transformers picks "eager"): a model
+    built with no implementation asked for is patched; one built with attn_implementation=
+    "eager", or from a config on which "eager" was set (test_attention_outputs sets it, then
+    config.output_attentions, which transformers allows on "eager" only), stays eager."""
+    import kit_patch as K
+    import mmcore_hf_plugin as plugin
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+    for cls, name in ((PreTrainedModel, "post_init"),
+                      (PreTrainedModel, "_check_and_adjust_attn_implementation"),
+                      (PreTrainedConfig, "_attn_implementation")):  # restored afterwards
+        monkeypatch.setattr(cls, name, cls.__dict__[name])
+    monkeypatch.setattr(plugin, "_patched", {"models": 0, "eager_parts_left": 0})
+    monkeypatch.setattr(plugin, "_FORCE_DEFAULT", True)
+    monkeypatch.setattr(plugin, "_DEFAULT_EAGER", {})
+    plugin._install_mmcore()
+    cfg, cls, _ = K.build("gemma2")
+    assert cls(cfg).config._attn_implementation == "mmcore"  # eager by default: patched
+    assert cls(cfg).config._attn_implementation == "mmcore"  # same config, built again
+    cfg2, _, _ = K.build("gemma2")
+    assert cls._from_config(cfg2, attn_implementation="eager").config._attn_implementation \
+        == "eager"
+    cfg3, _, _ = K.build("gemma2")
+    cls(cfg3)
+    cfg3._attn_implementation = "eager"  # asked for: no longer a default
+    cfg3.output_attentions = True
+    m = cls(cfg3)
+    assert m.config._attn_implementation == "eager" and plugin._patched["models"] == 2
+    with torch.no_grad():
+        out = m(torch.randint(3, K.V, (1, 7)))
+    assert len(out.attentions) == 2

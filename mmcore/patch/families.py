@@ -187,7 +187,8 @@ def _patch_attention(model, report, state, long_context, backend):
             for name, mod in members:
                 report.left.append((name, why))
             continue
-        state["configs"].append((config, _get_impl(config)))
+        prior = _get_impl(config)
+        state["configs"].append((config, prior))
         _set_impl(config, hfi.NAME)
         switched.append(config)
         for name, mod in members:
@@ -195,6 +196,9 @@ def _patch_attention(model, report, state, long_context, backend):
             state["modules"].append((mod, mod.__dict__.get(hfi.OVERRIDE_ATTR),
                                      mod.__dict__.get("_mmcore_backend")))
             mod._mmcore_backend = backend
+            # output_attentions=True gets the weights where the model's attention gave them
+            # (eager), None as with sdpa elsewhere (hf_interface.weights_wanted)
+            mod.__dict__[hfi.EAGER_WEIGHTS_ATTR] = prior == "eager"
             mod.__dict__[hfi.STATS_ATTR] = report.runtime
             what = f"{type(mod).__name__} ({fam}) -> attn_implementation='mmcore'"
             if long_context is not None:
@@ -214,7 +218,9 @@ def _patch_attention(model, report, state, long_context, backend):
                             "(exact; counted in report.runtime) for mask patterns that are not "
                             "one key interval per query row (and any image / prefix mask under "
                             "torch.compile); attention dropout while training runs on the op's "
-                            "dropout_p")
+                            "dropout_p; a forward asked for output_attentions=True gets the "
+                            "weights from the dense path where the model was on eager "
+                            "attention (None, as sdpa, where it was on sdpa)")
 
 
 def _apply_long_context(model, name, mod, lc, report, state):
@@ -256,6 +262,7 @@ def unpatch(model):
         restore_embeddings(undo)
     for mod, override, backend in state["modules"]:
         mod.__dict__.pop(hfi.STATS_ATTR, None)
+        mod.__dict__.pop(hfi.EAGER_WEIGHTS_ATTR, None)
         for attr, val in ((hfi.OVERRIDE_ATTR, override), ("_mmcore_backend", backend)):
             if val is None:
                 mod.__dict__.pop(attr, None)

@@ -213,8 +213,9 @@ def _dense_allowed(spec, override, pm, B, Sq, Sk, device):
     return m
 
 
-def _dense_attention(query, key, value, mask, scaling, dropout, softcap, training):
-    """Eager-equivalent attention (GQA by repeat) with an additive finfo.min mask."""
+def _dense_attention(query, key, value, mask, scaling, dropout, softcap, training, keep=None):
+    """Eager-equivalent attention (GQA by repeat) with an additive finfo.min mask.
+    keep: a list that gets the attention weights (B, Hq, Sq, Sk), as eager returns them."""
     Hq, Hkv = query.shape[1], key.shape[1]
     if Hq != Hkv:
         key = key.repeat_interleave(Hq // Hkv, dim=1)
@@ -230,6 +231,8 @@ def _dense_attention(query, key, value, mask, scaling, dropout, softcap, trainin
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout and training:
         w = torch.nn.functional.dropout(w, p=dropout, training=True)
+    if keep is not None:
+        keep.append(w)
     return torch.matmul(w, value)
 
 
@@ -296,7 +299,40 @@ def dropout_dense_reason(backend, keys_per_row, Sk, query=None, key=None):
             "than the op's dropout on the backend serving this call, or not measured against it)")
 
 
+WEIGHTS_REASON = "output_attentions=True needs the attention weights"  # as Longformer's
+
+
+# Set by mmcore.patch on each module it switches: did the model's attention return the weights
+# before (attn_implementation "eager")?  Only then does output_attentions=True get them.
+EAGER_WEIGHTS_ATTR = "_mmcore_eager_weights"
+_warned_no_weights = []
+
+
+def weights_wanted(module, kwargs) -> bool:
+    """Does this call have to return the attention weights?  ``output_attentions=True`` (given
+    to the model's forward: transformers passes it down to the attention function, or set on
+    the config) on a module whose implementation before mmcore.patch was "eager", which
+    returns them (Gemma-2's default): the op never forms the weights, so such a call takes the
+    dense path and returns them, (B, Hq, Sq, Sk).  Where mmcore replaces sdpa (or was chosen
+    with attn_implementation="mmcore"), it does what sdpa does: the call stays on the op, the
+    weights are None, with a warning once (docs/huggingface.md, "Attention weights")."""
+    asked = bool(kwargs.get("output_attentions")) or bool(
+        getattr(getattr(module, "config", None), "output_attentions", False))
+    if not asked:
+        return False
+    if module.__dict__.get(EAGER_WEIGHTS_ATTR, False):
+        return True
+    if not _warned_no_weights:
+        _warned_no_weights.append(True)
+        logger.warning("mmcore attention does not return attention weights "
+                     "(output_attentions=True), as sdpa, which it replaces here; patch a model "
+                     "loaded with attn_implementation='eager' to get them")
+    return False
+
+
 def _static_reason(module, query, value, dropout, softcap, training, kwargs, backend):
+    if weights_wanted(module, kwargs):
+        return WEIGHTS_REASON
     if softcap is not None and not _serves(backend, "softcap"):
         return f"attention logit softcapping (backend {backend!r} does not serve softcap)"
     if dropout and training and not _serves(backend, "dropout"):
@@ -312,7 +348,8 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
                              dropout=0.0, sliding_window=None, softcap=None, is_causal=None,
                              **kwargs):
     """AttentionInterface function: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) ->
-    (out (B, Sq, Hq, D), None)."""
+    (out (B, Sq, Hq, D), None), or (out, weights (B, Hq, Sq, Sk)) from the dense path when the
+    weights are requested (:func:`weights_wanted`)."""
     B, Hq, Sq, D = query.shape
     Sk = key.shape[2]
     if scaling is None:
@@ -321,6 +358,7 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     override = getattr(module, OVERRIDE_ATTR, None)
     backend = getattr(module, "_mmcore_backend", None) or "auto"
     reason = _static_reason(module, query, value, dropout, softcap, training, kwargs, backend)
+    keep = [] if reason == WEIGHTS_REASON else None  # the dense path's weights go here
     drop = float(dropout) if (dropout and training) else 0.0  # the op's dropout_p
     if drop and reason is None and (
             (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4) or
@@ -335,16 +373,16 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
               reason or "dense 4-D mask (pattern not expressible)")
         if out is None:
             out = _dense_attention(query, key, value, attention_mask, scaling, dropout, softcap,
-                                   training)
-        return out.transpose(1, 2).contiguous(), None
+                                   training, keep)
+        return out.transpose(1, 2).contiguous(), (keep[-1] if keep else None)
     bspec = hf_bounds.spec_of(attention_mask)
     if bspec is not None:  # per-row key bounds (mask patterns of hf_bounds)
         out, reason = hf_bounds.attend_tagged(
             module, query, key, value, attention_mask, bspec, scaling, softcap, reason,
             lambda m: _dense_attention(query, key, value, m, scaling, dropout, softcap,
-                                       training), dropout_p=drop)
+                                       training, keep), dropout_p=drop)
         count(module, reason)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous(), (keep[-1] if keep else None)
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"mmcore attention: unsupported attention_mask type "
                         f"{type(attention_mask).__name__} (expected a 2-D tensor or None)")
@@ -376,10 +414,11 @@ def mmcore_attention_forward(module, query, key, value, attention_mask, scaling=
     if reason is not None:
         count(module, reason)
         mask = _dense_allowed(spec, override, pm, B, Sq, Sk, query.device)
-        out = _dense_attention(query, key, value, mask, scaling, dropout, softcap, training)
+        out = _dense_attention(query, key, value, mask, scaling, dropout, softcap, training,
+                               keep)
     else:
         count(module)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), (keep[-1] if keep else None)
 
 
 def _attend(op, q, k, v, pm, spec, causal, window, G, masked_ok):

@@ -13,6 +13,14 @@ Environment:
                      each such sub-module); the eager ones and their configs stay eager.
   MMCORE_PEER_FORCE  "1": patch eager models too (Longformer: transformers reports no SDPA support
                      for it, so its models are always "eager"; mmcore maps its own attention).
+                     "default": patch the eager models whose "eager" is transformers' own choice
+                     (the family has no SDPA, and the model was built with no attention
+                     implementation asked for: Gemma-2), and leave those built with "eager"
+                     asked for (``attn_implementation="eager"``, ``config._attn_implementation =
+                     "eager"``): the reference side of a comparison, or a test that wants the
+                     attention weights (``config.output_attentions`` is only allowed on "eager"
+                     by transformers).  A config copied from one that defaulted counts as asked
+                     for (not known to be a default): such models stay eager.
   MMCORE_PEER_OUT    a JSON-lines file: one line per test report ({"test", "outcome"}, with the
                      cumulative attention counters of ``mmcore.patch.hf_interface.STATS`` in
                      mmcore mode; "patched_models": models patched so far; "eager_parts_left":
@@ -36,7 +44,12 @@ import sys
 import types
 
 _MODE = os.environ.get("MMCORE_PEER_MODE", "base")
-_FORCE = os.environ.get("MMCORE_PEER_FORCE", "0") == "1"
+_FORCE_MODE = os.environ.get("MMCORE_PEER_FORCE", "0")
+_FORCE = _FORCE_MODE == "1"
+_FORCE_DEFAULT = _FORCE_MODE == "default"
+# configs whose "eager" transformers chose itself at a model's construction (none asked for):
+# id(config) -> weakref (the identity is checked on lookup; ids of dead configs get reused)
+_DEFAULT_EAGER: dict = {}
 _OUT = os.environ.get("MMCORE_PEER_OUT")
 _SHIMS = os.environ.get("MMCORE_PEER_SHIMS")
 _patched = {"models": 0, "eager_parts_left": 0}
@@ -86,15 +99,22 @@ def _impl(config):
     return getattr(config, "_attn_implementation", None)
 
 
-def _wants(impl):
-    """Is an attention implementation one the plugin hands to mmcore?  ("mmcore": a sub-model
-    patched at its own ``post_init``, inside the model being finished now.)"""
-    return impl in ("sdpa", "mmcore") or (_FORCE and impl in ("eager", None))
+def _default_eager(config):
+    ref = _DEFAULT_EAGER.get(id(config))
+    return ref is not None and ref() is config and _impl(config) == "eager"
+
+
+def _wants(config):
+    """Is a config's attention implementation one the plugin hands to mmcore?  ("mmcore": a
+    sub-model patched at its own ``post_init``, inside the model being finished now.)"""
+    impl = _impl(config)
+    return impl in ("sdpa", "mmcore") or (_FORCE and impl in ("eager", None)) or \
+        (_FORCE_DEFAULT and _default_eager(config))
 
 
 def _wants_mmcore(model):
     """Does any (sub-)config of the model resolve to sdpa (or, forced, eager)?"""
-    impls = set()
+    impls, configs = set(), []
     cfg = getattr(model, "config", None)
     if cfg is None:
         return False
@@ -102,11 +122,13 @@ def _wants_mmcore(model):
     while stack:
         c = stack.pop()
         impls.add(_impl(c))
+        configs.append(c)
         for key in getattr(c, "sub_configs", {}) or {}:
             sub = getattr(c, key, None)
             if sub is not None and hasattr(sub, "_attn_implementation"):
                 stack.append(sub)
-    return "sdpa" in impls or (_FORCE and impls <= {"eager", None})
+    return "sdpa" in impls or (_FORCE and impls <= {"eager", None}) or \
+        (_FORCE_DEFAULT and any(_default_eager(c) for c in configs))
 
 
 def _common_prefix(names):
@@ -132,10 +154,10 @@ def patch_targets(model):
     for name, mod, kind in families._attention_modules(model):
         if kind in ("interface", "own") and getattr(mod, "config", None) is not None:
             groups.setdefault(id(mod.config), (mod.config, []))[1].append((name, mod))
-    wanted = [g for g in groups.values() if _wants(_impl(g[0]))]
+    wanted = [g for g in groups.values() if _wants(g[0])]
     if len(wanted) == len(groups):
         return [model]
-    unwanted = {name for c, members in groups.values() if not _wants(_impl(c))
+    unwanted = {name for c, members in groups.values() if not _wants(c)
                 for name, _ in members}
     targets = []
     for config, members in wanted:
@@ -154,9 +176,45 @@ def patch_targets(model):
     return targets
 
 
+def _track_default_eager():
+    """Record the configs whose "eager" transformers chose at a model's construction (no
+    implementation asked for), and forget a config once an implementation is set on it."""
+    import weakref
+
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+    real_check = PreTrainedModel._check_and_adjust_attn_implementation
+
+    def check(self, attn_implementation, *a, **k):
+        out = real_check(self, attn_implementation, *a, **k)
+        init = k.get("is_init_check", a[0] if a else False)
+        if init and attn_implementation is None and out == "eager":
+            _DEFAULT_EAGER[id(self.config)] = weakref.ref(self.config)
+        return out
+    check.__wrapped__ = real_check
+    PreTrainedModel._check_and_adjust_attn_implementation = check
+
+    prop = PreTrainedConfig.__dict__["_attn_implementation"]
+
+    def setter(self, value):
+        stack = [self]
+        while stack:  # the setter sets the sub-configs too
+            c = stack.pop()
+            _DEFAULT_EAGER.pop(id(c), None)
+            for key in getattr(c, "sub_configs", {}) or {}:
+                sub = getattr(c, key, None)
+                if sub is not None and hasattr(sub, "_attn_implementation"):
+                    stack.append(sub)
+        prop.fset(self, value)
+    PreTrainedConfig._attn_implementation = property(prop.fget, setter, prop.fdel, prop.__doc__)
+
+
 def _install_mmcore():
     import mmcore
     from transformers import PreTrainedModel
+
+    if _FORCE_DEFAULT:
+        _track_default_eager()
 
     real = PreTrainedModel.post_init
 

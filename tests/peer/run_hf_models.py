@@ -19,7 +19,8 @@ Each family's ``tests/models/<family>/test_modeling_<family>.py`` runs in two py
 whose attention resolves to "sdpa" is patched with ``mmcore.patch`` when it is built (the eager
 reference models of the eager-vs-sdpa tests stay eager, and so do the eager sub-models of a
 composite model whose other parts are on sdpa: only the sdpa parts are patched; Longformer,
-which transformers never runs on sdpa, is patched whatever its implementation: FORCE_PATCH).
+which transformers never runs on sdpa, is patched whatever its implementation, and Gemma-2,
+also never on sdpa, wherever its "eager" was not asked for: FORCE_PATCH).
 Reported per family: passed / failed / skipped per mode, REGRESSIONS (pass in base, not in
 mmcore), the expected differences (EXPECTED_DIFFERENT: tests that assert the
 implementation's name is "sdpa"), and the attention calls mmcore served with its op vs. its dense
@@ -55,11 +56,14 @@ REPO_URL = "https://github.com/huggingface/transformers"
 FAMILIES = ("mistral", "gemma3", "mllama", "paligemma", "qwen2", "llava_onevision", "longformer",
             "gemma2", "modernbert", "llama", "llava", "llava_next", "idefics3", "vipllava",
             "clip", "siglip", "bert", "roberta", "gpt2")
-# transformers never selects sdpa for these: patch their models whatever the implementation.
-# (Not gemma2, also never on sdpa: forced, its test_attention_outputs -- eager asked for on
-# purpose, to get the weights -- fails, as the HF attention interface does not tell mmcore
-# that the weights are wanted; so its default-selection tests run unpatched.)
-FORCE_PATCH = {"longformer"}
+# transformers never selects sdpa for these, so their models are "eager"; patch them anyway:
+# "1" = whatever the implementation (Longformer: mmcore maps its own attention); "default" =
+# where "eager" is transformers' own choice, not asked for (Gemma-2: a model built with
+# attn_implementation="eager" -- the reference of a comparison, test_attention_outputs, which
+# wants the weights and sets config.output_attentions, allowed by transformers on "eager"
+# only -- stays eager).  A patched model asked for output_attentions=True in its forward
+# returns the weights from mmcore's dense path (counted as a dense call with that reason).
+FORCE_PATCH = {"longformer": "1", "gemma2": "default"}
 SELECTIONS = {"default": ({}, None),
               "slow": ({"RUN_SLOW": "1"}, "eager_matches_sdpa")}
 # Tests whose failure with mmcore is expected, by test function name: each asserts that the
@@ -266,7 +270,7 @@ def run_family(tests, family, mode, select="default", k=None, timeout=900.0, shi
         with open(ini, "w") as f:
             f.write("[pytest]\naddopts =\n")
         env = dict(os.environ, MMCORE_PEER_MODE=mode, MMCORE_PEER_OUT=out,
-                   MMCORE_PEER_FORCE="1" if family in FORCE_PATCH else "0",
+                   MMCORE_PEER_FORCE=FORCE_PATCH.get(family, "0"),
                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    TRANSFORMERS_VERBOSITY="error", PYTHONDONTWRITEBYTECODE="1", **env_sel)
         env.pop("MMCORE_PEER_SHIMS", None)

@@ -56,11 +56,12 @@ def with_lengths(B, Sq, Sk, seqlens_q=None, seqlens_k=None):
         (torch.arange(Sk)[None, None, :] < Lk[:, None, None])
 
 
-def attention_dense(q, k, v, mask, scale, dtype, softcap=None):
+def attention_dense(q, k, v, mask, scale, dtype, softcap=None, keep=None, p=0.0):
     """Plain dense attention in `dtype` with explicit mask; fully masked rows -> 0, lse -inf.
 
     q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), mask (B, 1, Sq, Sk); softcap c: scores capped to
-    c·tanh(s / c) before masking.  Returns out, lse."""
+    c·tanh(s / c) before masking; keep (B, Hq, Sq, Sk) bool: attention dropout's mask, the
+    weights times keep / (1 - p) (lse stays the undropped softmax's).  Returns out, lse."""
     g = q.shape[1] // k.shape[1]
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     # zero what the mask hides so NaN poison in padding cannot leak into the reference
@@ -75,8 +76,10 @@ def attention_dense(q, k, v, mask, scale, dtype, softcap=None):
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, -1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(s - safe[..., None])
-    return p @ v, lse
+    w = torch.exp(s - safe[..., None])
+    if keep is not None:
+        w = w * keep.to(dtype) / (1 - p)
+    return w @ v, lse
 
 
 def oracle_attention(q, k, v, mask, scale, dout=None, softcap=None):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kit import assert_close, bounds_mask, window_mask, with_lengths
+from kit import assert_close, attention_dense, bounds_mask, window_mask, with_lengths
 from mmcore.ops import cross_attention, window_attention
 from mmcore.ops.backends import _loaders
 from mmcore.ops.reference import attention as ref
@@ -25,21 +25,6 @@ def _qkv(B, Hq, Hkv, Sq, Sk, Dh, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
     return mk(B, Hq, Sq, Dh), mk(B, Hkv, Sk, Dh), mk(B, Hkv, Sk, Dh)
-
-
-def _dense(q, k, v, mask, scale, dtype, keep, p, softcap=None):
-    """Dense attention in `dtype`, mask (B, 1, Sq, Sk), weights times keep / (1 - p); a row
-    that sees no key gives 0."""
-    g = q.shape[1] // k.shape[1]
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap:
-        s = torch.tanh(s / softcap) * softcap
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    w = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    return (w * keep.to(dtype) / (1 - p)) @ v
 
 
 def _check(fn, q, k, v, mask, scale, p, softcap=None, seed=11, vs_torch=True):
@@ -63,7 +48,7 @@ def _check(fn, q, k, v, mask, scale, p, softcap=None, seed=11, vs_torch=True):
     dense = {}
     for name, dt in (("oracle", torch.float64), ("base", q.dtype)):
         ts = [t.detach().clone().to(dt).requires_grad_() for t in (q, k, v)]
-        o = _dense(*ts, mask, scale, dt, keep, p, softcap)
+        o = attention_dense(*ts, mask, scale, dt, softcap, keep, p)[0]
         dense[name] = (o, *torch.autograd.grad(o, ts, dout.to(dt)))
     for i, n in enumerate(("out", "dq", "dk", "dv")):
         assert_close(n, res["cpu"][i], dense["oracle"][i], dense["base"][i], grad=i > 0)

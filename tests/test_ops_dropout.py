@@ -9,7 +9,7 @@ import pytest
 
 import torch
 
-from kit import assert_close, bounds_mask, window_mask, with_lengths
+from kit import assert_close, attention_dense, bounds_mask, window_mask, with_lengths
 from mmcore.ops import cross_attention, registry, window_attention
 from mmcore.ops.reference import dropout as D
 
@@ -65,22 +65,6 @@ def _qkv(B, Hq, Hkv, Sq, Sk, D_, dtype=torch.float32, seed=0):
     return mk(B, Hq, Sq, D_), mk(B, Hkv, Sk, D_), mk(B, Hkv, Sk, D_)
 
 
-def _dense_drop(q, k, v, mask, scale, dtype, keep, p, softcap=None):
-    """Dense attention in `dtype` with mask (B, 1, Sq, Sk) and the weights multiplied by
-    keep (B, Hq, Sq, Sk) / (1 - p); fully masked rows 0."""
-    g = q.shape[1] // k.shape[1]
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap:
-        s = torch.tanh(s / softcap) * softcap
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    w = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    w = w * keep.to(dtype) / (1 - p)
-    return w @ v
-
-
 def _check(fn, q, k, v, mask, scale, p, softcap=None, seed=11):
     """fn(q, k, v) (the op with dropout_p=p) vs the float64 oracle / float32 base built with
     the mask regenerated from the seed the op draws after torch.manual_seed(seed)."""
@@ -97,7 +81,7 @@ def _check(fn, q, k, v, mask, scale, p, softcap=None, seed=11):
     res = {}
     for name, dt in (("oracle", torch.float64), ("base", q.dtype)):
         ts = [t.detach().clone().to(dt).requires_grad_() for t in (q, k, v)]
-        o = _dense_drop(*ts, mask, scale, dt, keep, p, softcap)
+        o = attention_dense(*ts, mask, scale, dt, softcap, keep, p)[0]
         res[name] = (o, *torch.autograd.grad(o, ts, dout.to(dt)))
     assert_close("out", out, res["oracle"][0], res["base"][0])
     for n, gr, i in zip(("dq", "dk", "dv"), grads, (1, 2, 3)):

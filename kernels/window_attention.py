@@ -1152,18 +1152,6 @@ def _store_dtype(dt):
     return torch.float32 if (_INTERPRET and dt == torch.bfloat16) else dt
 
 
-_M32 = 0xFFFFFFFF
-
-
-def _mix32_host(x: int) -> int:
-    """_mix32 on a Python int in [0, 2^32) (the seed level, computed once per call)."""
-    x ^= x >> 15
-    x = (x * 0x2C1B3C6D) & _M32
-    x ^= x >> 12
-    x = (x * 0x297A2D39) & _M32
-    return x ^ (x >> 15)
-
-
 def _as_i32(x: int) -> int:
     """A uint32 value as the int32 with the same bits (the kernels bitcast it back)."""
     return x - (1 << 32) if x >= (1 << 31) else x
@@ -1175,19 +1163,17 @@ def dropout_args(dropout_p, seed):
     0x9E3779B9)), drop_thr (round(p 2^32): u below it is dropped), both int32 bit patterns,
     drop_rs = 1 / (1 - p), and the constexpr DROPOUT.  dropout_p 0: DROPOUT False (the kernels
     compile as without dropout; the scalars are unused)."""
+    from mmcore.ops.reference import dropout as ref_dropout  # the mask's one definition
+
     p = float(dropout_p or 0.0)
     if p <= 0.0:
         return dict(drop_base=0, drop_thr=0, drop_rs=1.0, DROPOUT=False)
-    if not p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
-    if seed is None:
-        raise ValueError("dropout_p > 0 needs a seed ((2,) int64 tensor)")
-    s0, s1 = (int(x) & _M32 for x in (seed.tolist() if isinstance(seed, torch.Tensor) else seed))
-    base = _mix32_host((_mix32_host(s1) ^ s0 ^ 0x9E3779B9) & _M32)
-    thr = int(round(p * 2 ** 32))
+    # p in (0, 1) and the seed: validated by mmcore/ops (_validate.dropout_p, draw_seed)
+    base = ref_dropout.seed_base(seed)
+    thr = ref_dropout.threshold(p)
     rs = 1.0 / (1.0 - p)
-    if thr > _M32:  # p within 2^-33 of 1: every weight dropped, as the reference's u >= 2^32
-        thr, rs = _M32, 0.0
+    if thr > 0xFFFFFFFF:  # p within 2^-33 of 1: every weight dropped, as the reference's
+        thr, rs = 0xFFFFFFFF, 0.0  # u >= 2^32
     return dict(drop_base=_as_i32(base), drop_thr=_as_i32(thr), drop_rs=rs, DROPOUT=True)
 
 

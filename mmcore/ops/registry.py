@@ -151,6 +151,10 @@ class OpImpl:
     # and seed ((2,) int64 CPU tensor) after key_mask (window) / softcap (cross), and must
     # regenerate the same mask in the backward from the seed
     supports_dropout: bool = False
+    # dropout at about the cost of the same call without it, and not slower than a dense
+    # eager layer with F.dropout (measured: benchmarks/bench_window_attention.py --dropout);
+    # mmcore.patch then sends full-width dropout calls to the op under auto
+    dropout_full_speed: bool = False
     # lora_linear: a per-output-column scale epilogue (col_scale, DoRA's magnitude / norm)
     # and a weight passed as the transposed view of an (K, N) matrix (transformers' Conv1D)
     supports_col_scale: bool = False

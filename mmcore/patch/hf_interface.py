@@ -249,7 +249,7 @@ def _serves(backend, feature):
 
 
 # Attention dropout while training: under "auto" the op takes a dropout call whenever the
-# backend auto picks for it serves dropout at full speed (DROPOUT_FULL_SPEED: the C++ `cpu`
+# backend auto picks for it serves dropout at full speed (OpImpl.dropout_full_speed: the C++ `cpu`
 # kernels, on CPU tensors).  Measured (benchmarks/bench_window_attention.py --dropout, BERT-base
 # shapes B = 8, H = 12, D = 64, fp32, forward + backward, 2 threads; benchmarks/RESULTS.md): the
 # cpu backend with dropout_p = 0.1 takes about 1.04x its time without dropout and 1.1-2.6x less
@@ -262,21 +262,15 @@ def _serves(backend, feature):
 # measured on a GPU.  A backend named by
 # the user (mmcore.patch(backend="torch"), MMCORE_BACKEND) is always honoured.
 DROPOUT_OP_MAX_SHARE = 0.25
-DROPOUT_FULL_SPEED = frozenset({"cpu"})
 
 
 def auto_dropout_backend(query, key=None):
     """The backend ``auto`` picks for a dropout window_attention call on tensors like query
     (B, Hq, Sq, D) (and key (B, Hkv, Sk, D)), with gradients; None when none serves it."""
     from ..ops import registry
-    Sq = query.shape[2]
-    Sk = Sq if key is None else key.shape[2]
-    gqa = key is not None and key.shape[1] != query.shape[1]
-    p = registry.Problem(
-        "window_attention", query.device.type, query.dtype, head_dim=query.shape[-1], gqa=gqa,
-        needs_grad=True, extra={"Sq": Sq, "Sk": Sk, "window": (-1, -1), "causal": False,
-                                "aligned": Sq == Sk, "softcap": False, "key_bounds": False,
-                                "key_mask": False, "dropout": True})
+    from ..ops.window_attention import problem
+    p = problem(query, query if key is None else key, None, None, -1, -1, False, 0, True,
+                   dropout_p=0.5)
     impls, _ = registry.plan("window_attention", p)
     return impls[0].backend if impls else None
 
@@ -286,13 +280,16 @@ def dropout_dense_reason(backend, keys_per_row, Sk, query=None, key=None):
     `keys_per_row` of `Sk` keys, or None when the op takes it.
 
     query / key: tensors of the call (device, dtype, head dim): when the backend auto picks
-    for them serves dropout at full speed (DROPOUT_FULL_SPEED) the op always takes the call;
+    for them declares dropout at full speed (OpImpl.dropout_full_speed: the C++ cpu kernels)
+    the op always takes the call;
     without them (or on the torch backend) the DROPOUT_OP_MAX_SHARE rule decides."""
     from ..ops import registry
     if registry.requested(backend) != "auto":
         return None
-    if query is not None and auto_dropout_backend(query, key) in DROPOUT_FULL_SPEED:
-        return None
+    if query is not None:
+        name = auto_dropout_backend(query, key)
+        if name is not None and registry.get("window_attention", name).dropout_full_speed:
+            return None
     if keys_per_row <= DROPOUT_OP_MAX_SHARE * Sk:
         return None
     return ("attention dropout while training (rows see most keys: the dense path is faster "

@@ -64,7 +64,7 @@ def _cpu_bwd(dout, q, k, v, out, lse, seqlens_q, seqlens_k, scale, softcap=0.0, 
 registry.register(registry.OpImpl(
     op="cross_attention", backend="cpu", priority=20,
     devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32, F64}),
-    forward=_cpu_fwd, backward=_cpu_bwd, supports_softcap=True, supports_dropout=True,
+    forward=_cpu_fwd, backward=_cpu_bwd, supports_softcap=True, supports_dropout=True, dropout_full_speed=True,
     available=lambda: _loaders.cpp_error("cross_attention_fwd"),
     exact_grads=True,
 ))

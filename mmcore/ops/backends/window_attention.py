@@ -79,7 +79,7 @@ registry.register(registry.OpImpl(
     devices=frozenset({"cpu"}), dtypes=frozenset({F16, BF16, F32, F64}),
     forward=_cpu_fwd, backward=_cpu_bwd,
     supports_softcap=True, supports_key_bounds=True, supports_key_mask=True,
-    supports_dropout=True,
+    supports_dropout=True, dropout_full_speed=True,
     available=lambda: _loaders.cpp_error("window_attention_fwd"),
     exact_grads=True,
 ))

@@ -42,14 +42,21 @@ def threshold(p: float) -> int:
     return int(round(p * 2 ** 32))
 
 
+def seed_base(seed) -> int:
+    """The seed level of the hash, a uint32 Python int, from seed (2,) int64 (or a pair of
+    ints): mix(mix(s1) ^ s0 ^ 0x9E3779B9) on their low 32 bits (the Triton launcher passes it
+    to the kernels; csrc/cpu/common.h computes the same in C++)."""
+    s0, s1 = (int(x) for x in (seed.tolist() if isinstance(seed, torch.Tensor) else seed))
+    return _mix((_mix(s1 & _M32) ^ (s0 & _M32) ^ 0x9E3779B9) & _M32)
+
+
 def keep(seed, b, heads, rows, cols, p: float):
     """bool (H, R, N): element (b, heads[h], rows[r], cols[n]) kept; or (B, H, R, N) when b
     is an int64 tensor (B,) of samples.
 
     seed: (2,) int64 tensor (or a pair of ints); heads / rows / cols: int64 tensors (H,), (R,),
     (N,) on the device the mask is wanted on."""
-    s0, s1 = (int(x) for x in (seed.tolist() if isinstance(seed, torch.Tensor) else seed))
-    base = _mix((_mix(s1 & _M32) ^ (s0 & _M32) ^ 0x9E3779B9) & _M32)
+    base = seed_base(seed)
     bs = b[:, None] if isinstance(b, torch.Tensor) else b
     kh = _mix((heads + bs * 65599) & _M32 ^ base)  # (H,) or (B, H)
     kr = _mix(kh[..., None] ^ _mix((rows + 0x632BE5AB) & _M32))  # (.., H, R)
